@@ -1,0 +1,97 @@
+"""Gated softmax attention as in Qwen3-Next (letter A), and its sliding-window form (letter W).
+
+q_proj makes the queries and, per head, a sigmoid output gate; GQA keys/values; per-head RMSNorm
+on q and k; partial rotary; o = softmax(q k^T) v * sigmoid(gate), then the output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridlm.cache import KVSlot, ring_slots
+from hybridlm.config import HybridConfig
+from hybridlm.layers.norms import RMSNorm
+from hybridlm.layers.rotary import RotaryEmbedding
+from hybridlm.layers.step import Tokens
+from hybridlm.ops import softmax_attention
+
+
+class GatedAttention(nn.Module):
+    """Softmax attention with GQA, q/k norm, partial rotary and an optional sigmoid output gate.
+
+    Args:
+        config: uses hidden_size, num_attention_heads (H), num_key_value_heads (HKV), head_dim (D),
+            qk_norm, attn_output_gate, attention_bias, rotary_dim, rope_theta, rms_norm_eps,
+            norm_zero_centered and, when ``sliding`` is set, sliding_window.
+        sliding: attend only to the last ``config.sliding_window`` positions (letter W).
+
+    Example::
+
+        layer = GatedAttention(HybridConfig())
+        x = torch.randn(2, 7, 64)
+        pos = torch.arange(7).expand(2, 7)
+        y = layer(x, Tokens(pos, None))              # [2, 7, 64]
+    """
+
+    def __init__(self, config: HybridConfig, sliding: bool = False) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.gated = config.attn_output_gate
+        self.window = config.sliding_window if sliding else None
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        q_out = self.num_heads * hd * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(d, q_out, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_zero_centered)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_zero_centered)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+
+    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
+        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
+
+        Returns [B, T, hidden] in x's dtype. With a slot, the new keys/values are written to it.
+        """
+        B, T, _ = x_BTD.shape
+        hd = self.head_dim
+        q_proj = self.q_proj(x_BTD).view(B, T, self.num_heads, -1)
+        q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
+        k_BTHD = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
+        v_BTHD = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
+        if self.q_norm is not None:
+            q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
+        # Pads carry position -1: rotated as position 0, their keys invisible (k_pos < 0) and
+        # their queries see no key, which the op answers with zeros.
+        rot_pos = tokens.pos_BT.clamp(min=0)
+        q_BTHD, k_BTHD = self.rotary(q_BTHD, rot_pos), self.rotary(k_BTHD, rot_pos)
+        k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
+        o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
+        if gate_BTHD is not None:
+            o_BTHD = o_BTHD * torch.sigmoid(gate_BTHD)
+        return self.o_proj(o_BTHD.reshape(B, T, -1))
+
+    def _keys(self, k_BTHD, v_BTHD, tokens: Tokens, slot: KVSlot | None):
+        """Keys, values and key positions this call attends over; stores the new ones in the slot."""
+        if slot is None:
+            return k_BTHD, v_BTHD, tokens.pos_BT
+        T, start = k_BTHD.shape[1], tokens.start
+        if not slot.ring:
+            slot.k[:, start:start + T] = k_BTHD
+            slot.v[:, start:start + T] = v_BTHD
+            k_all, v_all = slot.k[:, :start + T], slot.v[:, :start + T]
+            return k_all.to(k_BTHD.dtype), v_all.to(v_BTHD.dtype), slot.k_pos[:, :start + T]
+        # Ring: attend over (ring as it was) + (new tokens); the window mask on positions drops
+        # whatever is too old, so slot order does not matter. Then keep the newest in the ring.
+        k_all = torch.cat([slot.k.to(k_BTHD.dtype), k_BTHD], dim=1)
+        v_all = torch.cat([slot.v.to(v_BTHD.dtype), v_BTHD], dim=1)
+        k_pos = torch.cat([slot.k_pos.to(tokens.pos_BT.dtype), tokens.pos_BT], dim=1)
+        slots, idx = ring_slots(start, T, slot.k.shape[1], k_BTHD.device)
+        slot.k[:, slots] = k_BTHD[:, idx].to(slot.k.dtype)
+        slot.v[:, slots] = v_BTHD[:, idx].to(slot.v.dtype)
+        return k_all, v_all, k_pos

@@ -1,0 +1,63 @@
+"""Depthwise causal conv1d + SiLU (the short conv of Gated DeltaNet), full and streaming.
+
+Streaming keeps the last ``kernel_size - 1`` inputs of each channel as a window ``[B, C, W]``:
+a call prepends the window to its inputs, convolves without padding and keeps the new last
+``W`` inputs. Prefill and one-token decode are the same code, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution of width ``kernel_size`` followed by SiLU.
+
+    Args:
+        channels: C, the number of channels (each has its own filter).
+        kernel_size: filter width (>= 1).
+
+    Example::
+
+        conv = ShortConv(8, 4)
+        y = conv(torch.randn(2, 10, 8))                   # [2, 10, 8], zero history
+        window = torch.zeros(2, 8, 3)
+        y1 = conv(torch.randn(2, 6, 8), window)           # window now holds inputs 3..5
+    """
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size: expected >= 1, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        # Same layout as nn.Conv1d(groups=C), so checkpoints map one to one.
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = self.kernel_size ** -0.5  # nn.Conv1d's default for fan_in = kernel_size
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x_BTC: torch.Tensor, window_BCW: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve x causally; with a window, continue from it and update it in place.
+
+        Args:
+            x_BTC: [B, T, C] float inputs.
+            window_BCW: optional [B, C, kernel_size - 1] (any float dtype), the inputs before x;
+                None means zero history and nothing is kept.
+        Returns:
+            [B, T, C] in x's dtype.
+        """
+        width = self.kernel_size - 1
+        x_BCT = x_BTC.transpose(1, 2)
+        if window_BCW is None:
+            x_ext = F.pad(x_BCT, (width, 0))
+        else:
+            x_ext = torch.cat([window_BCW.to(x_BCT.dtype), x_BCT], dim=2)
+            if width:
+                window_BCW.copy_(x_ext[:, :, -width:])
+        y_BCT = F.conv1d(x_ext, self.weight.to(x_BCT.dtype), groups=self.channels)
+        return F.silu(y_BCT).transpose(1, 2)

@@ -1,0 +1,120 @@
+"""Gated DeltaNet as in Qwen3-Next (letter G) and DeltaNet (letter D: the same layer, no decay).
+
+x -> q, k (H heads of K), v, z (HV heads of V), a, b (HV each); q, k, v go through a depthwise
+causal conv of width 4 + SiLU; q and k are l2-normalised by the op; per value head
+g = -exp(A_log) * softplus(a + dt_bias) (the log-decay, <= 0) and beta = sigmoid(b);
+o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(z) per head; output projection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from hybridlm.cache import RecurrentSlot, conv_channels
+from hybridlm.config import HybridConfig
+from hybridlm.layers.conv import ShortConv
+from hybridlm.layers.norms import GatedRMSNorm
+from hybridlm.layers.step import Tokens
+from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
+
+
+class GatedDeltaNet(nn.Module):
+    """The linear-attention mixer of Qwen3-Next; ``gated=False`` gives plain DeltaNet (g = 0).
+
+    Args:
+        config: uses hidden_size, linear_num_key_heads (H), linear_num_value_heads (HV),
+            linear_key_head_dim (K), linear_value_head_dim (V), linear_conv_kernel_dim,
+            chunk_size, rms_norm_eps.
+        gated: learn a per-token decay (G); without it the state never forgets (D).
+
+    Example::
+
+        layer = GatedDeltaNet(HybridConfig())
+        y = layer(torch.randn(2, 9, 64), Tokens(torch.arange(9).expand(2, 9), None))  # [2, 9, 64]
+    """
+
+    def __init__(self, config: HybridConfig, gated: bool = True) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.gated = gated
+        self.num_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.key_dim, self.value_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.chunk_size = config.chunk_size
+        qk, vv = self.num_heads * self.key_dim, self.num_v_heads * self.value_dim
+        self.q_proj = nn.Linear(d, qk, bias=False)
+        self.k_proj = nn.Linear(d, qk, bias=False)
+        self.v_proj = nn.Linear(d, vv, bias=False)
+        self.z_proj = nn.Linear(d, vv, bias=False)
+        self.b_proj = nn.Linear(d, self.num_v_heads, bias=False)
+        channels = conv_channels(config, "G")
+        self.conv = ShortConv(channels, config.linear_conv_kernel_dim) if channels else None
+        if gated:
+            self.a_proj = nn.Linear(d, self.num_v_heads, bias=False)
+            self.A_log = nn.Parameter(torch.empty(self.num_v_heads))
+            self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
+        self.o_proj = nn.Linear(vv, d, bias=False)
+        self.reset_decay()
+
+    def reset_decay(self) -> None:
+        """Qwen3-Next's decay init: A ~ U[1, 16]; dt = exp(U[log 1e-3, log 0.1]), dt_bias = softplus^-1(dt)."""
+        if not self.gated:
+            return
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
+            log_dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1))
+            dt = log_dt.exp().clamp(min=1e-4)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: RecurrentSlot | None = None) -> torch.Tensor:
+        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's state or None.
+
+        Returns [B, T, hidden] in x's dtype. With a slot, its state and conv window are updated
+        in place: T == 1 runs the single-step op, T > 1 the chunked op.
+        """
+        B, T, _ = x_BTD.shape
+        H, HV, K, V = self.num_heads, self.num_v_heads, self.key_dim, self.value_dim
+        # Zeroing pads before the conv makes a left-padded row's window what it would be alone.
+        qkv = tokens.zero_pads(torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], -1))
+        qkv = self.conv(qkv, None if slot is None else slot.conv) if self.conv is not None else F.silu(qkv)
+        q_BTHK, k_BTHK, v_BTHV = torch.split(qkv, [H * K, H * K, HV * V], dim=-1)
+        q_BTHK, k_BTHK = q_BTHK.reshape(B, T, H, K), k_BTHK.reshape(B, T, H, K)
+        k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
+        # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
+        beta_BTH = tokens.zero_pads(torch.sigmoid(self.b_proj(x_BTD).float()))
+        g_BTH = self._log_decay(x_BTD, tokens)
+        o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot)
+        z_BTHV = self.z_proj(x_BTD).view(B, T, HV, V)
+        return self.o_proj(self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
+
+    def _log_decay(self, x_BTD: torch.Tensor, tokens: Tokens) -> torch.Tensor | None:
+        """g [B, T, HV] float32 (<= 0), 0 at pads; None for DeltaNet."""
+        if not self.gated:
+            return None
+        a = self.a_proj(x_BTD).float() + self.dt_bias.float()
+        return tokens.zero_pads(-self.A_log.float().exp() * F.softplus(a))
+
+    def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None) -> torch.Tensor:
+        """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V]."""
+        if slot is not None and q.shape[1] == 1:
+            state = slot.state.float()
+            if self.gated:
+                o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
+                                                     use_qk_l2norm=True)
+            else:
+                o, new_state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, use_qk_l2norm=True)
+            slot.state.copy_(new_state)
+            return o[:, None]
+        kw = dict(initial_state=None if slot is None else slot.state.float(),
+                  output_final_state=slot is not None, chunk_size=self.chunk_size, use_qk_l2norm=True)
+        if self.gated:
+            o, new_state = gated_delta_rule(q, k, v, g, beta, **kw)
+        else:
+            o, new_state = delta_rule(q, k, v, beta, **kw)
+        if slot is not None:
+            slot.state.copy_(new_state)
+        return o

@@ -1,0 +1,73 @@
+"""RMSNorm and the gated RMSNorm of Gated DeltaNet's output.
+
+Both compute in float32 whatever the input dtype (the mean of squares of bf16 activations loses
+too many bits) and return the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * w over the last dimension.
+
+    ``zero_centered=True`` stores the weight as an offset from one, y = x_hat * (1 + w), as
+    Qwen3-Next does (weight decay then pulls the scale toward 1, not 0).
+
+    Args:
+        dim: size of the normalised (last) dimension.
+        eps: added to the mean of squares.
+        zero_centered: weight parameterisation (see above).
+
+    Example::
+
+        norm = RMSNorm(64)
+        y = norm(torch.randn(2, 5, 64))   # [2, 5, 64]
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, zero_centered: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.zero_centered = zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(0.0 if self.zero_centered else 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., dim], any float dtype -> [..., dim] in x's dtype."""
+        x32 = x.float()
+        x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        scale = 1.0 + w if self.zero_centered else w
+        return (x_hat * scale).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of o, multiplied by SiLU(z) (Gated DeltaNet's output gate).
+
+    The weight is shared across heads (one value per channel of a head), as in Qwen3-Next.
+
+    Args:
+        head_dim: channels per head (the normalised dimension).
+        eps: added to the mean of squares.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype."""
+        o32 = o.float()
+        o_hat = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (o_hat * self.weight.float() * F.silu(z.float())).to(o.dtype)

@@ -1,0 +1,28 @@
+"""What every mixer layer is told about the tokens of one forward call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Tokens:
+    """Positions and padding of the T tokens in this call.
+
+    pos_BT: int64 [B, T] rotary position of each token, -1 at padding.
+    mask_BT: bool [B, T], True = real token; None when every token is real (no masking work).
+    start: cache slots used before this call (0 without a cache).
+    """
+
+    pos_BT: torch.Tensor
+    mask_BT: torch.Tensor | None
+    start: int = 0
+
+    def zero_pads(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, ...] with every padded token set to 0 (where, not a product: pads may hold inf/NaN)."""
+        if self.mask_BT is None:
+            return x
+        mask = self.mask_BT.view(*self.mask_BT.shape, *([1] * (x.dim() - 2)))
+        return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -1,0 +1,161 @@
+"""HybridLM: embedding, pre-norm residual blocks (a mixer chosen by layer letter + MLP or MoE),
+final norm, LM head. The layout comes from ``HybridConfig.layer_types``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybridlm.cache import HybridCache
+from hybridlm.config import LAYER_LETTERS, HybridConfig
+from hybridlm.layers import GatedAttention, GatedDeltaNet, LinearAttention, MoE, RMSNorm, SwiGLU, Tokens
+
+
+def make_mixer(config: HybridConfig, letter: str) -> nn.Module:
+    """The token mixer of one layer letter (see hybridlm.config.LAYER_LETTERS)."""
+    if letter == "G":
+        return GatedDeltaNet(config, gated=True)
+    if letter == "D":
+        return GatedDeltaNet(config, gated=False)
+    if letter == "X":
+        return LinearAttention(config)
+    if letter in "AW":
+        return GatedAttention(config, sliding=letter == "W")
+    raise NotImplementedError(
+        f"layer letter {letter!r} ({LAYER_LETTERS.get(letter, 'unknown')}) has no layer yet; "
+        f"implemented letters: G, D, X, A, W"
+    )
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: HybridConfig, index: int) -> None:
+        super().__init__()
+        eps, zc = config.rms_norm_eps, config.norm_zero_centered
+        self.letter = config.layer_types[index]
+        self.mixer_norm = RMSNorm(config.hidden_size, eps, zc)
+        self.mixer = make_mixer(config, self.letter)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps, zc)
+        self.mlp = MoE(config) if config.layer_uses_moe(index) else SwiGLU(config.hidden_size,
+                                                                            config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, tokens: Tokens, slot) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), tokens, slot)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HybridLM(nn.Module):
+    """A hybrid language model built from a HybridConfig.
+
+    Example::
+
+        model = HybridLM(HybridConfig.preset("tiny-hybrid-3to1"))
+        ids = torch.randint(0, 256, (2, 10))
+        logits = model(ids)                               # [2, 10, 256], full forward
+        cache = model.new_cache(2, 32)
+        logits = model(ids, cache=cache)                  # prefill
+        logits = model(ids[:, -1:], cache=cache)          # one decode step
+    """
+
+    def __init__(self, config: HybridConfig) -> None:
+        super().__init__()
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"config: expected a HybridConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_zero_centered)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._init_weights()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _init_weights(self) -> None:
+        """Normal(0, initializer_range) for projections and embeddings; layers keep their own
+        init for everything else (norm weights, conv filters, the decay parameters)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Number of parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int, device=None, dtype: torch.dtype | None = None) -> HybridCache:
+        """An empty HybridCache for ``batch_size`` rows of up to ``max_len`` tokens.
+
+        device, dtype default to the model's (dtype is that of keys/values and conv windows; the
+        recurrent state uses config.state_dtype).
+        """
+        p = self.embed_tokens.weight
+        return HybridCache(self.config, batch_size, max_len, device=p.device if device is None else device,
+                           dtype=p.dtype if dtype is None else dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every position.
+
+        Args:
+            input_ids: [B, T] integer token ids in [0, vocab_size).
+            cache: optional HybridCache; the T tokens are appended to it (prefill when T > 1,
+                a decode step when T == 1).
+            attention_mask: optional [B, T] 0/1 (or bool) for the tokens of this call, 1 = real
+                token. Padding goes on the left; padded tokens never touch a state or a key.
+        Returns:
+            logits [B, T, vocab_size] in the model dtype.
+        """
+        self._check_ids(input_ids)
+        mask_BT = self._check_mask(attention_mask, input_ids.shape)
+        tokens = self._tokens(input_ids, mask_BT, cache)
+        x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            x = block(x, tokens, None if cache is None else cache.layers[i])
+        if cache is not None:
+            n_real = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask_BT is None \
+                else mask_BT.sum(1)
+            cache.end(tokens.pos_BT, n_real)
+        return self.lm_head(self.norm(x))
+
+    def _tokens(self, input_ids: torch.Tensor, mask_BT: torch.Tensor | None, cache: HybridCache | None) -> Tokens:
+        """Per-row positions: each row counts only its real tokens, continuing from the cache."""
+        B, T = input_ids.shape
+        base = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device) if cache is None \
+            else cache.next_position.long()[:, None]
+        if mask_BT is None:
+            pos_BT = base + torch.arange(T, device=input_ids.device)
+        else:
+            pos_BT = torch.where(mask_BT, base + mask_BT.long().cumsum(1) - 1, -1)
+        start = 0 if cache is None else cache.begin(pos_BT)
+        return Tokens(pos_BT, mask_BT, start)
+
+    def _check_ids(self, input_ids) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor [B, T] of token ids, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected rank 2 [B, T], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected an integer dtype (torch.long), got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: expected at least one token (T >= 1), got T = 0")
+        if input_ids.device.type != "meta":
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids: expected ids in [0, {self.config.vocab_size}), got values in [{lo}, {hi}]")
+
+    @staticmethod
+    def _check_mask(attention_mask, shape) -> torch.Tensor | None:
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask: expected a torch.Tensor [B, T] of 0/1, got {type(attention_mask).__name__}")
+        if tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(shape)} (that of input_ids), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.dtype != torch.bool and ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("attention_mask: expected only 0 and 1 values")
+        return attention_mask.bool()
