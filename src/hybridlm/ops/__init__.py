@@ -1,0 +1,40 @@
+"""Pure functions on tensors: the math of the linear-attention family and of softmax attention.
+
+Layout [B, T, H, D]; every stateful op returns (o, final_state). Public entry points dispatch on
+``backend``; the ``*_naive`` (token loop) and ``*_chunked`` forms are exported for tests and readers.
+"""
+
+from hybridlm.ops.delta_rule import (
+    delta_rule,
+    delta_rule_chunked,
+    delta_rule_naive,
+    delta_rule_step,
+    gated_delta_rule,
+    gated_delta_rule_chunked,
+    gated_delta_rule_naive,
+    gated_delta_rule_step,
+)
+from hybridlm.ops.linear_attention import (
+    linear_attention,
+    linear_attention_chunked,
+    linear_attention_naive,
+    linear_attention_step,
+)
+from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference
+
+__all__ = [
+    "delta_rule",
+    "delta_rule_chunked",
+    "delta_rule_naive",
+    "delta_rule_step",
+    "gated_delta_rule",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_naive",
+    "gated_delta_rule_step",
+    "linear_attention",
+    "linear_attention_chunked",
+    "linear_attention_naive",
+    "linear_attention_step",
+    "softmax_attention",
+    "softmax_attention_reference",
+]

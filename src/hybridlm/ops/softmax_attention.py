@@ -1,0 +1,125 @@
+"""Softmax attention with GQA, positions (padding, caches, decode) and an optional sliding window.
+
+A key is visible to a query when k_pos >= 0 (negative = padding or an empty cache slot),
+k_pos <= q_pos (causal) and |q_pos - k_pos| < window (when set). A query that sees no key at all
+(a padding query) gets zeros, never NaN.
+
+Legend: B batch, T queries, S keys, H query heads, HKV key/value heads (H a multiple of HKV),
+D head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm.ops import _checks as ck
+
+SOFTMAX_BACKENDS = ("auto", "sdpa", "reference")
+
+
+def _check(q, k, v, scale, causal, window, q_pos, k_pos, backend):
+    ck.check_backend(backend, SOFTMAX_BACKENDS)
+    ck.check_float_tensor("q", q, 4, "[B, T, H, D]")
+    ck.check_float_tensor("k", k, 4, "[B, S, HKV, D]")
+    ck.check_float_tensor("v", v, 4, "[B, S, HKV, Dv]")
+    ck.check_same("k", k, "q", q)
+    ck.check_same("v", v, "q", q)
+    ck.check_scale(scale)
+    B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B, S, HKV, D] with B = {B}, D = {D} as in q, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in [B, S, HKV] = {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if H % k.shape[2]:
+        raise ValueError(f"k must have a number of heads HKV dividing q's H = {H}, got HKV = {k.shape[2]}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    for name, pos, n in (("q_pos", q_pos, T), ("k_pos", k_pos, k.shape[1])):
+        if pos is None:
+            continue
+        if not isinstance(pos, torch.Tensor) or pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor [B, {'T' if n == T else 'S'}], got "
+                            f"{getattr(pos, 'dtype', type(pos).__name__)}")
+        if tuple(pos.shape) != (B, n):
+            raise ValueError(f"{name} must have shape {(B, n)}, got {tuple(pos.shape)}")
+        ck.check_same(name, pos, "q", q, dtype=False)
+
+
+def visibility_mask(q_pos, k_pos, causal: bool, window):
+    """[B, T, S] bool: which key each query may attend to (see the module docstring)."""
+    rel = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = (k_pos >= 0)[:, None, :].expand_as(rel)
+    if causal:
+        mask = mask & (rel >= 0)
+    if window is not None:
+        mask = mask & (rel.abs() < window)
+    return mask
+
+
+def _positions(q, k, q_pos, k_pos):
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if q_pos is None:
+        q_pos = (S - T + torch.arange(T, device=q.device)).expand(B, T)
+    if k_pos is None:
+        k_pos = torch.arange(S, device=q.device).expand(B, S)
+    return q_pos, k_pos
+
+
+def softmax_attention_reference(q, k, v, *, scale=None, causal=True, window=None, q_pos=None, k_pos=None):
+    """Plain masked softmax attention in float32 (float64 for float64 inputs): the readable reference.
+
+    Arguments and result as in :func:`softmax_attention`.
+    """
+    _check(q, k, v, scale, causal, window, q_pos, k_pos, "reference")
+    ct = ck.compute_dtype(q.dtype)
+    r = q.shape[2] // k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q_, k_, v_ = (x.transpose(1, 2).to(ct) for x in (q, k, v))
+    k_, v_ = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1)
+    mask = visibility_mask(*_positions(q, k, q_pos, k_pos), causal, window)[:, None]
+    scores = (q_ @ k_.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    # a row with no visible key is all -inf, and softmax gives NaN there; the contract says zeros
+    p = torch.softmax(scores, -1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return (p @ v_).transpose(1, 2).to(v.dtype)
+
+
+def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=None, k_pos=None, backend="auto"):
+    """Softmax attention over keys/values [B, S, HKV, D] for queries [B, T, H, D]; returns o [B, T, H, Dv].
+
+    Args:
+        q: [B, T, H, D] float; k: [B, S, HKV, D] and v: [B, S, HKV, Dv], q's dtype; H a multiple of HKV
+            (query head h reads key/value head h // (H // HKV)).
+        scale: float, default D ** -0.5.
+        causal: mask keys at later positions than the query.
+        window: optional positive int; a key is visible only when |q_pos - k_pos| < window.
+        q_pos: optional integer [B, T], default S - T + arange(T) (queries are the last T positions).
+        k_pos: optional integer [B, S], default arange(S); negative marks padding / an empty slot.
+        backend: "auto" (= "sdpa", torch's scaled_dot_product_attention) or "reference".
+    Returns:
+        o [B, T, H, Dv] in q's dtype; zeros for a query that sees no key.
+
+    Example::
+
+        >>> q, k, v = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
+        >>> softmax_attention(q, k, v, window=3).shape
+        torch.Size([1, 5, 4, 16])
+    """
+    _check(q, k, v, scale, causal, window, q_pos, k_pos, backend)
+    if backend == "reference":
+        return softmax_attention_reference(q, k, v, scale=scale, causal=causal, window=window, q_pos=q_pos,
+                                           k_pos=k_pos)
+    T, S = q.shape[1], k.shape[1]
+    gqa = q.shape[2] != k.shape[2]
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
+    if q_pos is None and k_pos is None and window is None and (not causal or S == T):
+        o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2)
+    mask = visibility_mask(*_positions(q, k, q_pos, k_pos), causal, window)
+    seen = mask.any(-1, keepdim=True)  # [B, T, 1]
+    # SDPA returns NaN for a fully masked row; open such rows to every key, then zero their output
+    mask = (mask | ~seen)[:, None]
+    o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2) * seen[..., None].to(o.dtype)
