@@ -81,6 +81,36 @@ def _cmd_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- generate
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt of token ids with a (random-weight) preset",
+                       description="Build a preset with seeded random weights and print the ids it generates "
+                                   "after --prompt-ids (prefill, then one token at a time through the cache).")
+    p.add_argument("--preset", default="tiny-hybrid-3to1", help="preset name (default: %(default)s)")
+    p.add_argument("--prompt-ids", type=parse_int_list, required=True, help='token ids, e.g. "1 2 3"')
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sampler (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from hybridlm.config import HybridConfig
+    from hybridlm.generate import generate
+    from hybridlm.model import HybridLM
+
+    torch.manual_seed(args.seed)
+    model = HybridLM(HybridConfig.preset(args.preset)).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    new = generate(model, [args.prompt_ids], args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, generator=generator)
+    print(" ".join(str(t) for t in new[0].tolist()))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -99,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "info": (_add_info, _cmd_info),
+    "generate": (_add_generate, _cmd_generate),
 }
 
 

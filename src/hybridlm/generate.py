@@ -1,0 +1,144 @@
+"""Text generation: one batched prefill through the chunked path, then one token at a time
+through the single-step path, with greedy, temperature, top-k and top-p sampling.
+
+Kept as small separate functions (as in gpt-fast) so a later CUDA-graph capture can wrap
+``decode_one_token`` alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hybridlm.cache import HybridCache
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of token ids -> (input_ids [B, T] long, attention_mask [B, T] long), padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("input_ids: expected a non-empty list of non-empty token lists")
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), T), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, T - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HybridCache) -> torch.Tensor:
+    """Run the whole prompt [B, T] through the model (chunked path); logits of its last position [B, vocab]."""
+    return model(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+
+
+@torch.no_grad()
+def decode_one_token(model, token_B: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    """Append one token per row [B] (step path); logits of the next token [B, vocab]."""
+    return model(token_B[:, None], cache=cache)[:, -1]
+
+
+def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row [B] long from logits [B, vocab]: argmax when temperature == 0, else a
+    draw from softmax(logits / temperature) restricted to the top-k tokens and then to the smallest
+    set whose probability reaches top_p (the most likely token always stays)."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+        drop_sorted = before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: Sequence[int] | None = None, pad_token_id: int = 0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a HybridLM (anything with ``new_cache`` and ``forward(ids, cache, attention_mask)``).
+        input_ids: LongTensor [B, T] (left-padded if ``attention_mask`` is given) or a list of B
+            token-id lists of any lengths (left-padded here).
+        max_new_tokens: N >= 1.
+        attention_mask: optional [B, T] 0/1 for a tensor input, 1 = real token, padding on the left.
+        temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+        top_k: optional int >= 1, sample among the k most likely tokens.
+        top_p: optional float in (0, 1], nucleus sampling.
+        stop_tokens: optional token ids; a row stops after emitting one (it is kept in the output).
+        pad_token_id: fills the input padding and every position after a row stopped.
+        generator: optional torch.Generator for reproducible sampling.
+    Returns:
+        LongTensor [B, N] of new tokens (prompts not included); positions after a row's stop
+        token hold pad_token_id. Generation ends early when every row has stopped.
+
+    Example::
+
+        model = HybridLM(HybridConfig.preset("tiny-hybrid-3to1"))
+        new = generate(model, [[1, 2, 3], [4, 5]], 8)                 # [2, 8]
+    """
+    ids, mask = _as_batch(model, input_ids, attention_mask, pad_token_id)
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    B, T = ids.shape
+    stops = torch.as_tensor(list(stop_tokens or []), dtype=torch.long, device=ids.device)
+    cache = model.new_cache(B, T + max_new_tokens)
+    out = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    logits = prefill(model, ids, mask, cache)
+    for i in range(max_new_tokens):
+        token = sample(logits, temperature, top_k, top_p, generator)
+        token = torch.where(done, torch.full_like(token, pad_token_id), token)
+        out[:, i] = token
+        done |= torch.isin(token, stops)
+        if i + 1 == max_new_tokens or bool(done.all()):
+            break
+        logits = decode_one_token(model, token, cache)
+    return out
+
+
+def _as_batch(model, input_ids, attention_mask, pad_token_id):
+    """(ids [B, T] long, mask [B, T] or None) on the model's device; lists are left-padded."""
+    if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id: expected a non-negative int, got {pad_token_id!r}")
+    device = next(model.parameters()).device
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask: give it only with a tensor input_ids (lists are padded here)")
+        return left_pad(input_ids, pad_token_id, device)
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a LongTensor [B, T] or a list of token lists, "
+                        f"got {type(input_ids).__name__}")
+    if attention_mask is None:
+        return input_ids.to(device), None
+    mask = torch.as_tensor(attention_mask, device=device)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask: expected the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    m = mask.long()
+    if (m[:, 1:] < m[:, :-1]).any():
+        raise ValueError("attention_mask: expected left padding (each row 0...0 1...1)")
+    if (m[:, -1] == 0).any():
+        raise ValueError("attention_mask: every row needs at least one real token")
+    return input_ids.to(device), mask
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k: expected None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p: expected None or a number in (0, 1], got {top_p!r}")
