@@ -1,0 +1,239 @@
+"""Triton decode step of the gated delta rule: one token per sequence, state read once, written once.
+
+Legend: B batch, H query/key heads, HV value heads (a multiple of H), K key size, V value size.
+The rule per step (see ``hybridlm.ops.gated_delta_rule``):
+
+    S = exp(g) S;   S = S + beta k (v - S^T k)^T;   o = scale S^T q
+
+Each program owns one (sequence, value head, block of BV value columns) tile of the state. The
+columns of S are independent under the rule (``S^T k`` reduces over K, never over V), so splitting V
+needs no communication, and at batch 1 small BV gives enough programs to occupy every multiprocessor:
+decode is bound by state bandwidth, and a half-idle card halves it.
+
+The op is registered with ``torch.library`` (``hybridlm::gdn_decode_step`` and, mutating its state,
+``hybridlm::gdn_decode_step_``) so ``torch.compile(fullgraph=True)`` traces through it and a decode step
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# A constexpr global: compiled Triton kernels may read no other kind of module-level value.
+L2NORM_EPS = tl.constexpr(1e-6)
+
+
+@triton.jit
+def _gdn_decode_kernel(
+    q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H,
+    state_in, state_out, o_BHV, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr,
+):
+    i_v = tl.program_id(0)
+    # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
+    i_bhv = tl.program_id(1).to(tl.int64)
+    i_b = i_bhv // HV
+    i_hv = i_bhv % HV
+    i_h = i_hv // (HV // H)
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+
+    # The state load goes first: it is the only large transfer, and issuing it before the small
+    # loads and the norms below lets them hide under its latency.
+    p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
+    b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
+
+    b_q = tl.load(q_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v_BHV + i_bhv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_g = tl.load(g_BH + i_bhv).to(tl.float32)
+    b_beta = tl.load(beta_BH + i_bhv).to(tl.float32)
+
+    if RAW_GATE:
+        # g = -exp(A_log) * softplus(a + dt_bias), softplus with torch's threshold of 20; below -15
+        # log(1 + exp(x)) rounds to 0 in float32, while exp(x) is its value to within 1e-7.
+        b_a = b_g
+        if HAS_DT_BIAS:
+            b_a = b_a + tl.load(dt_bias_H + i_hv).to(tl.float32)
+        b_sp = tl.where(b_a > 20.0, b_a, tl.log(1.0 + tl.exp(tl.minimum(b_a, 20.0))))
+        b_sp = tl.where(b_a < -15.0, tl.exp(b_a), b_sp)
+        b_g = -tl.exp(tl.load(A_log_H + i_hv).to(tl.float32)) * b_sp
+    if BETA_IS_LOGIT:
+        b_beta = tl.sigmoid(b_beta)
+    if USE_L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
+
+    b_S = b_S * tl.exp(b_g)
+    b_u = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))
+    b_S = b_S + b_k[:, None] * b_u[None, :]
+    b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)
+
+    tl.store(state_out + p_state, b_S, mask=m_kv)
+    tl.store(o_BHV + i_bhv * V + o_v, b_o.to(o_BHV.dtype.element_ty), mask=m_v)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> tuple[int, int]:
+    """Value-block width and warps: the widest block that still gives every multiprocessor
+    several programs (latency hiding needs many loads in flight per SM)."""
+    bv_max = min(64, triton.next_power_of_2(V))
+    bv = bv_max
+    while bv > 8 and batch * num_v_heads * triton.cdiv(V, bv) < 4 * _num_sms(device):
+        bv //= 2
+    return bv, (4 if bv >= 32 else 2)
+
+
+def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
+                beta_is_logit, block_v=None, num_warps=None) -> None:
+    """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
+
+    ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
+    heuristic (used by the benchmark's tuning sweep)."""
+    B, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    bv, warps = _pick_blocks(B, HV, V, q.device)
+    bv = block_v or bv
+    warps = num_warps or warps
+    grid = (triton.cdiv(V, bv), B * HV)
+    _gdn_decode_kernel[grid](
+        q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
+        state_in, state_out, o, scale,
+        H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
+        USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
+        BETA_IS_LOGIT=beta_is_logit, num_warps=warps,
+    )
+
+
+@torch.library.custom_op("hybridlm::gdn_decode_step", mutates_args=())
+def _decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                    beta: torch.Tensor, state: torch.Tensor, scale: float, use_qk_l2norm: bool,
+                    A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                    beta_is_logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    o = torch.empty_like(v)
+    new_state = torch.empty_like(state)
+    decode_into(q, k, v, g, beta, state, new_state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
+    return o, new_state
+
+
+@_decode_step_op.register_fake
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
+    return torch.empty_like(v), torch.empty_like(state)
+
+
+@torch.library.custom_op("hybridlm::gdn_decode_step_", mutates_args=("state",))
+def _decode_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                            beta: torch.Tensor, state: torch.Tensor, scale: float,
+                            use_qk_l2norm: bool, A_log: Optional[torch.Tensor],
+                            dt_bias: Optional[torch.Tensor], beta_is_logit: bool) -> torch.Tensor:
+    o = torch.empty_like(v)
+    decode_into(q, k, v, g, beta, state, state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
+                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
+    return o
+
+
+@_decode_step_inplace_op.register_fake
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
+    return torch.empty_like(v)
+
+
+def _check_shape(name: str, t, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q must be a 3-D tensor [B, H, K], got {getattr(q, 'shape', type(q))}")
+    if not isinstance(v, torch.Tensor) or v.dim() != 3:
+        raise ValueError(f"v must be a 3-D tensor [B, HV, V], got {getattr(v, 'shape', type(v))}")
+    B, H, K = q.shape
+    HV, V = v.shape[1], v.shape[2]
+    if v.shape[0] != B:
+        raise ValueError(f"v must have batch {B} like q, got {v.shape[0]}")
+    if H == 0 or HV % H != 0:
+        raise ValueError(f"v's head count HV={HV} must be a multiple of q's H={H}")
+    _check_shape("q", q, (B, H, K))
+    _check_shape("k", k, (B, H, K))
+    _check_shape("v", v, (B, HV, V))
+    _check_shape("g", g, (B, HV))
+    _check_shape("beta", beta, (B, HV))
+    _check_shape("state", state, (B, HV, K, V))
+    if state.dtype != torch.float32:
+        raise TypeError(f"state must be float32, got {state.dtype}")
+    if inplace and not state.is_contiguous():
+        raise ValueError("state must be contiguous when inplace=True")
+    if dt_bias is not None and A_log is None:
+        raise ValueError("dt_bias is only used with A_log (the fused gate); pass A_log too")
+    if A_log is not None:
+        _check_shape("A_log", A_log, (HV,))
+    if dt_bias is not None:
+        _check_shape("dt_bias", dt_bias, (HV,))
+    for name, t in (("k", k), ("v", v), ("g", g), ("beta", beta), ("state", state),
+                    ("A_log", A_log), ("dt_bias", dt_bias)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, expected q's device {q.device}")
+
+
+def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False,
+                                          inplace=False, A_log=None, dt_bias=None, beta_is_logit=False):
+    """One decode step of the gated delta rule for every sequence of a batch.
+
+    Args:
+        q, k: [B, H, K] float32/bf16/fp16 queries and keys of the new token.
+        v: [B, HV, V] values (HV a multiple of H; value head i reads q/k head i // (HV // H)).
+        g: [B, HV] log-decay (<= 0), any float dtype. With ``A_log`` given, ``g`` is instead the raw
+            gate input ``a`` and the kernel computes g = -exp(A_log) * softplus(a + dt_bias).
+        beta: [B, HV] write strength in (0, 1); with ``beta_is_logit=True`` its logit (the kernel
+            applies the sigmoid).
+        state: [B, HV, K, V] float32 recurrent state before the token.
+        scale: output scale, default K ** -0.5.
+        use_qk_l2norm: l2-normalise q and k in the kernel (x / sqrt(sum x^2 + 1e-6)).
+        inplace: write the new state into ``state`` (contiguous) instead of a new tensor.
+        A_log, dt_bias: [HV] float gate parameters (dt_bias optional, needs A_log).
+        beta_is_logit: see ``beta``.
+
+    Returns:
+        (o, new_state): o [B, HV, V] in v's dtype; new_state [B, HV, K, V] float32 (``state`` itself
+        when inplace). All math runs in float32.
+
+    Example:
+        >>> B, H, HV, K, V = 2, 2, 4, 16, 16
+        >>> q, k = torch.randn(B, H, K), torch.randn(B, H, K)
+        >>> v, state = torch.randn(B, HV, V), torch.zeros(B, HV, K, V)
+        >>> g, beta = -torch.rand(B, HV), torch.rand(B, HV)
+        >>> o, state = fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
+    """
+    _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous())
+    gate = (None if A_log is None else A_log.contiguous(),
+            None if dt_bias is None else dt_bias.contiguous())
+    if inplace:
+        o = _decode_step_inplace_op(*args, state, scale, bool(use_qk_l2norm), *gate, bool(beta_is_logit))
+        return o, state
+    return _decode_step_op(*args, state.contiguous(), scale, bool(use_qk_l2norm), *gate,
+                           bool(beta_is_logit))
