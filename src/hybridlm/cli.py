@@ -111,6 +111,160 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- memory
+def _add_memory(sub) -> None:
+    p = sub.add_parser("memory", help="analytic cache memory, crossover and n^2 tax of a preset or config",
+                       description="Cache bytes (KV + recurrent state) at each context and batch, against the "
+                                   "model's all-attention twin (or --vs PRESET): reduction, crossover context, "
+                                   "prefill FLOPs and bytes read per decoded token.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="qwen3-next-80b-a3b", help="preset name (default: %(default)s)")
+    src.add_argument("--config", help="a Hugging Face config.json (or its folder) or a saved HybridConfig JSON")
+    p.add_argument("--context", type=parse_size_list, default=[4096, 32768, 131072, 262144],
+                   help="context lengths, e.g. 4k,32k,128k,262144 (default: %(default)s)")
+    p.add_argument("--batch", type=parse_int_list, default=[1], help="batch sizes, e.g. 1,8 (default: %(default)s)")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16", "float16", "float64"), default=None,
+                   help="recurrent state dtype (default: the config's, float32)")
+    p.add_argument("--kv-dtype", choices=("bfloat16", "float16", "float32", "float64"), default="bfloat16",
+                   help="dtype of K/V, latents and conv windows (default: %(default)s)")
+    p.add_argument("--vs", metavar="PRESET", help="compare against this preset instead of the all-attention twin")
+    p.add_argument("--cap", type=parse_size, default=32768, help="context cap for the n^2-tax line (default: 32k)")
+    p.add_argument("--plot", metavar="PNG", help="draw memory vs context for the model and its baseline")
+    p.add_argument("--log", action="store_true", help="log-scale memory axis in --plot")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+
+
+def _cmd_memory(args) -> int:
+    from hybridlm import memory
+    from hybridlm.config import HybridConfig
+
+    if any(b <= 0 for b in args.batch) or not args.batch:
+        raise ValueError(f"--batch: expected positive integers, got {args.batch}")
+    if args.config:
+        from hybridlm.hf_config import load_config
+
+        cfg, name = load_config(args.config), args.config
+    else:
+        cfg, name = HybridConfig.preset(args.preset), args.preset
+    base = HybridConfig.preset(args.vs) if args.vs else memory.attention_twin(cfg)
+    base_name = args.vs or "all-attention twin"
+    rows = memory.memory_rows(cfg, name, args.context, args.batch, base, args.kv_dtype, args.state_dtype)
+    if args.plot:
+        memory.plot_memory(cfg, name, base, base_name, args.plot, max(args.context), args.batch[0],
+                           args.kv_dtype, args.state_dtype, log=args.log)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    gib = 1024**3
+    print(f"{name}: {cfg.num_layers} layers {cfg.layer_types}; kv {args.kv_dtype}, "
+          f"state {args.state_dtype or cfg.state_dtype}; baseline: {base_name}")
+    print(f"{'context':>9} {'batch':>5} {'KV GiB':>9} {'state GiB':>9} {'total GiB':>9} "
+          f"{'baseline':>9} {'reduction':>9} {'prefill PFLOP':>13} {'n^2 share':>9} {'decode GB/tok':>13}")
+    for r in rows:
+        f = r["prefill_flops"]
+        print(f"{r['context']:>9,} {r['batch']:>5} {r['kv_bytes'] / gib:>9.3f} {r['state_bytes'] / gib:>9.3f} "
+              f"{r['total_bytes'] / gib:>9.3f} {r['baseline_total_bytes'] / gib:>9.3f} {r['reduction']:>9.1%} "
+              f"{f['total'] / 1e15:>13.3f} {f['quadratic'] / f['total']:>9.1%} "
+              f"{r['decode_bytes_per_token']['total'] / 1e9:>13.3f}")
+    cross = rows[0]["crossover_context"]
+    print(f"crossover: the cache falls below the baseline's from {cross:,} tokens" if cross else
+          "crossover: the cache never falls below the baseline's")
+    print(memory.n2_tax_line(cfg, max(args.context), args.cap, args.batch[0], args.kv_dtype, args.state_dtype))
+    if args.plot:
+        print(f"plot: {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------- calculator
+def _add_calculator(sub) -> None:
+    p = sub.add_parser("calculator", help="serve the interactive cache-memory calculator page locally",
+                       description="Serve the calculator page (hybridlm/web) on localhost and print its address.")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a web browser")
+
+
+def _cmd_calculator(args) -> int:
+    from hybridlm.calculator import serve
+
+    serve(args.port, open_browser=not args.no_browser)
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a synthetic task or a text file",
+                       description="Train a preset (with optional overrides) on a recall task or, with --text, "
+                                   "byte-level on a text file. Runs data-parallel under torchrun. "
+                                   "Checkpoints go to --out; --resume continues the newest one exactly.")
+    p.add_argument("--preset", default="tiny-hybrid-3to1", help="model preset (default: %(default)s)")
+    p.add_argument("--pattern", default=None, help="override the layer pattern, e.g. GGGA")
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--hidden", type=int, default=None, help="override hidden_size")
+    p.add_argument("--task", default="mqar", help="mqar | copy | needle | multihop (default: %(default)s)")
+    p.add_argument("--text", default=None, help="train byte-level on this text file instead of a task")
+    p.add_argument("--task-vocab", type=int, default=64, help="token ids the task uses (default: %(default)s)")
+    p.add_argument("--pairs", type=int, default=8, help="mqar: key-value pairs (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=None, help="mqar/needle/text: sequence length")
+    p.add_argument("--length", type=int, default=16, help="copy: string length (default: %(default)s)")
+    p.add_argument("--hops", type=int, default=2, help="multihop: hops per chain (default: %(default)s)")
+    p.add_argument("--chains", type=int, default=2, help="multihop: chains (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per rank and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="warmup steps (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: %(default)s)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: at the end)")
+    p.add_argument("--eval-batches", type=int, default=4, help="test batches per evaluation")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: %(default)s)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/train-<task>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from hybridlm.config import HybridConfig
+    from hybridlm.model import HybridLM
+    from hybridlm.tasks import ByteText, make_task
+    from hybridlm.train import TrainConfig, init_distributed, train, write_summary
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.text:
+        data = ByteText(args.text, seq_len=args.seq_len or 128)
+    else:
+        data = make_task(args.task, args.task_vocab, seq_len=args.seq_len, num_pairs=args.pairs,
+                         length=args.length, hops=args.hops, num_chains=args.chains)
+    overrides = {k: v for k, v in (("layer_pattern", args.pattern), ("num_layers", args.layers),
+                                   ("hidden_size", args.hidden)) if v is not None}
+    config = HybridConfig.preset(args.preset, vocab_size=data.vocab_size, **overrides)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                      warmup_steps=args.warmup, weight_decay=args.weight_decay, grad_clip=args.clip,
+                      eval_every=args.eval_every, eval_batches=args.eval_batches,
+                      checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep, seed=args.seed)
+    rank, world, device = init_distributed()
+    torch.manual_seed(args.seed)
+    model = HybridLM(config).to(device)
+    out = args.out or f"runs/train-{'text' if args.text else args.task}"
+    meta = {"model": config.to_dict(), "data": repr(data)}
+    result = train(model, data, cfg, out_dir=out, resume=args.resume, stop_after=args.stop_after, meta=meta)
+    if rank == 0:
+        write_summary(f"{out}/summary.json", result, {"world_size": world, **meta})
+        last = result.evals[-1] if result.evals else None
+        if last is not None:
+            print(f"test loss {last['loss']:.4f}  accuracy {last['accuracy']:.3f}  (step {last['step']})")
+        print(f"{len(result.losses)} steps, {result.tokens_per_s:,.0f} tokens/s; checkpoints in {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -130,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "info": (_add_info, _cmd_info),
     "generate": (_add_generate, _cmd_generate),
+    "train": (_add_train, _cmd_train),
+    "memory": (_add_memory, _cmd_memory),
+    "calculator": (_add_calculator, _cmd_calculator),
 }
 
 

@@ -418,6 +418,39 @@ def memory_rows(cfg: HybridConfig, name: str, contexts: list[int], batches: list
     return rows
 
 
+def plot_memory(cfg: HybridConfig, name: str, baseline: HybridConfig, baseline_name: str, path: str,
+                max_context: int, batch: int = 1, kv_dtype: str = "bfloat16", state_dtype: str | None = None,
+                log: bool = False) -> None:
+    """PNG of cache GiB vs context (log-scale context) for ``cfg`` and ``baseline``; matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _check_positive("max_context", max_context)
+    contexts = sorted({max(1, round(2 ** (e / 8))) for e in range(0, 8 * max_context.bit_length() + 1)
+                       if 2 ** (e / 8) <= max_context} | {max_context})
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for model, label in ((cfg, name), (baseline, baseline_name)):
+        gib = [cache_bytes(model, batch, n, kv_dtype, state_dtype).total_bytes / 2**30 for n in contexts]
+        ax.plot(contexts, gib, label=label, linewidth=2)
+    cross = crossover_context(cfg, baseline, kv_dtype, state_dtype)
+    if cross and cross <= max_context:
+        ax.axvline(cross, color="grey", linestyle=":", label=f"crossover {cross:,} tokens")
+    ax.set_xscale("log", base=2)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"cache GiB (batch {batch}, KV {kv_dtype}, state {state_dtype or cfg.state_dtype})")
+    red = reduction(cfg, baseline, batch, max_context, kv_dtype, state_dtype)
+    ax.set_title(f"{name}: {red:.0%} less cache than {baseline_name} at {max_context:,}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------ web export
 WEB_FIELDS = (
     "num_layers", "layer_pattern", "hidden_size", "num_attention_heads", "num_key_value_heads",
