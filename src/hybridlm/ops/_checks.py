@@ -176,13 +176,15 @@ def run_per_sequence(core, tensors_BHT: list, state0: torch.Tensor, bounds: list
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
-def load_kernel(name: str, backend: str, on_cuda: bool):
-    """The Triton entry point ``name`` when ``backend`` asks for it and it can run, else None.
+def load_kernel(name: str, backend: str, x: torch.Tensor):
+    """The Triton entry point ``name`` when ``backend`` asks for it and it can run on x, else None.
 
-    "auto" takes the kernel only for CUDA tensors and when ``hybridlm.ops.triton`` imports and
-    provides ``name``; "triton" raises RuntimeError saying why when it cannot.
+    "auto" takes the kernel only for CUDA tensors of a dtype the kernels compute in (not float64)
+    and when ``hybridlm.ops.triton`` imports and provides ``name``; "triton" raises RuntimeError
+    saying why when it cannot.
     """
-    if backend == "reference" or (backend == "auto" and not on_cuda):
+    on_cuda = isinstance(x, torch.Tensor) and x.is_cuda
+    if backend == "reference" or (backend == "auto" and (not on_cuda or x.dtype == torch.float64)):
         return None
     try:
         from hybridlm.ops import triton as kernels

@@ -145,20 +145,16 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      cu_seqlens=None, chunk_size=64, use_qk_l2norm=False, backend="auto", check_inputs=False):
-    ck.check_backend(backend)
     ck.check_chunk_size(chunk_size)
-    on_cuda = isinstance(q, torch.Tensor) and q.is_cuda
-    kernel = ck.load_kernel("chunk_gated_delta_rule", backend, on_cuda)
-    if kernel is None:
-        return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                        chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm,
-                                        check_inputs=check_inputs)
     _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, backend, check_inputs)
-    if g is None:
-        g = torch.zeros_like(beta, dtype=torch.float32)
-    return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    kernel = ck.load_kernel("chunk_gated_delta_rule", backend, q)
+    if kernel is not None:
+        g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
+        return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                    chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
 
 
 def delta_rule(q, k, v, beta, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -208,7 +204,7 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     ck.check_state("state", state, (B, HV, K, V), q)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    kernel = ck.load_kernel("fused_recurrent_gated_delta_rule_step", backend, q.is_cuda)
+    kernel = ck.load_kernel("fused_recurrent_gated_delta_rule_step", backend, q)
     if kernel is not None:
         g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
         return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, inplace=inplace)

@@ -168,16 +168,15 @@ def linear_attention_chunked(q, k, v, g=None, *, feature_map="identity", normali
 def linear_attention(q, k, v, g=None, *, feature_map="identity", normalize=False, scale=None, initial_state=None,
                      output_final_state=False, cu_seqlens=None, chunk_size=64, backend="auto",
                      check_inputs=False):
-    ck.check_backend(backend)
     ck.check_chunk_size(chunk_size)
-    kernel = ck.load_kernel("chunk_linear_attention", backend, q.is_cuda if isinstance(q, torch.Tensor) else False)
+    _check(q, k, v, g, feature_map, normalize, scale, initial_state, cu_seqlens, backend, check_inputs)
+    kernel = ck.load_kernel("chunk_linear_attention", backend, q)
     if kernel is not None:
-        _check(q, k, v, g, feature_map, normalize, scale, initial_state, cu_seqlens, backend, check_inputs)
         return kernel(q, k, v, g, feature_map=feature_map, normalize=normalize, scale=scale,
                       initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return linear_attention_chunked(q, k, v, g, feature_map=feature_map, normalize=normalize, scale=scale,
                                     initial_state=initial_state, output_final_state=output_final_state,
-                                    cu_seqlens=cu_seqlens, chunk_size=chunk_size, check_inputs=check_inputs)
+                                    cu_seqlens=cu_seqlens, chunk_size=chunk_size)
 
 
 def linear_attention_step(q, k, v, state, g=None, *, feature_map="identity", normalize=False, scale=None,
@@ -196,14 +195,15 @@ def linear_attention_step(q, k, v, state, g=None, *, feature_map="identity", nor
         >>> o, s = linear_attention_step(q, k, v, torch.zeros(1, 2, 8, 8))
     """
     ck.check_backend(backend)
-    if backend == "triton":
-        ck.load_kernel("fused_recurrent_linear_attention_step", backend, False)
     ck.check_qkv(q, k, v, token_axis=False)
     if g is not None:
         ck.check_gate("g", g, v.shape[:2], "[B, HV]", q)
-        g = g[:, None]
-    o, S = linear_attention_naive(q[:, None], k[:, None], v[:, None], g, feature_map=feature_map,
-                                  normalize=normalize, scale=scale, initial_state=state, output_final_state=True)
+    kernel = ck.load_kernel("fused_recurrent_linear_attention_step", backend, q)
+    if kernel is not None:
+        return kernel(q, k, v, state, g, feature_map=feature_map, normalize=normalize, scale=scale)
+    o, S = linear_attention_naive(q[:, None], k[:, None], v[:, None], None if g is None else g[:, None],
+                                  feature_map=feature_map, normalize=normalize, scale=scale, initial_state=state,
+                                  output_final_state=True)
     return o[:, 0], S
 
 
