@@ -70,6 +70,8 @@ class GatedAttention(nn.Module):
         # their queries see no key, which the op answers with zeros.
         rot_pos = tokens.pos_BT.clamp(min=0)
         q_BTHD, k_BTHD = self.rotary(q_BTHD, rot_pos), self.rotary(k_BTHD, rot_pos)
+        # Zero keys/values of pads too: masked scores still multiply their values (0 * NaN = NaN).
+        k_BTHD, v_BTHD = tokens.zero_pads(k_BTHD), tokens.zero_pads(v_BTHD)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
         o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
         if gate_BTHD is not None:

@@ -22,13 +22,13 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
         router: "softmax" (probabilities over all experts) or "sigmoid" (independent scores).
         norm_topk_prob: renormalise the k kept weights to sum to one.
     Returns:
-        (weights_NK float32 [N, k], experts_NK int64 [N, k]), experts in descending score order,
+        (weights_NK [N, k] float32 or float64, experts_NK int64 [N, k]), experts in descending score order,
         ties broken by lower index.
     """
     if router == "softmax":
-        scores = logits_NE.float().softmax(dim=-1)
+        scores = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).softmax(dim=-1)
     elif router == "sigmoid":
-        scores = logits_NE.float().sigmoid()
+        scores = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).sigmoid()
     else:
         raise ValueError(f"router: expected 'softmax' or 'sigmoid', got {router!r}")
     sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)

@@ -1,7 +1,7 @@
 """RMSNorm and the gated RMSNorm of Gated DeltaNet's output.
 
-Both compute in float32 whatever the input dtype (the mean of squares of bf16 activations loses
-too many bits) and return the input dtype.
+Both compute in at least float32 (the mean of squares of bf16 activations loses too many bits;
+float64 stays float64) and return the input dtype.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., dim], any float dtype -> [..., dim] in x's dtype."""
-        x32 = x.float()
+        ct = torch.promote_types(x.dtype, torch.float32)
+        x32 = x.to(ct)
         x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()
+        w = self.weight.to(ct)
         scale = 1.0 + w if self.zero_centered else w
         return (x_hat * scale).to(x.dtype)
 
@@ -68,6 +69,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype."""
-        o32 = o.float()
+        ct = torch.promote_types(o.dtype, torch.float32)
+        o32 = o.to(ct)
         o_hat = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (o_hat * self.weight.float() * F.silu(z.float())).to(o.dtype)
+        return (o_hat * self.weight.to(ct) * F.silu(z.to(ct))).to(o.dtype)

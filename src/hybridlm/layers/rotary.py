@@ -37,14 +37,16 @@ class RotaryEmbedding(nn.Module):
         r = self.rotary_dim
         if r == 0:
             return x_BTHD
-        # Angles in float32 (and frequencies computed here, not stored: a model built on the
-        # meta device has no buffers to fill in later).
-        exponent = torch.arange(0, r, 2, device=x_BTHD.device, dtype=torch.float32) / r
+        # Angles in float32 (float64 for float64 inputs), never in bf16: position * frequency
+        # needs the mantissa. Frequencies are computed here, not stored, so a model built on the
+        # meta device has no buffers to fill in later.
+        ct = torch.float64 if x_BTHD.dtype == torch.float64 else torch.float32
+        exponent = torch.arange(0, r, 2, device=x_BTHD.device, dtype=ct) / r
         inv_freq = self.theta ** -exponent
-        angle_BTF = pos_BT.to(torch.float32)[..., None] * inv_freq
+        angle_BTF = pos_BT.to(ct)[..., None] * inv_freq
         cos = angle_BTF.cos()[:, :, None, :]
         sin = angle_BTF.sin()[:, :, None, :]
-        x_rot = x_BTHD[..., :r].float()
+        x_rot = x_BTHD[..., :r].to(ct)
         x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2 :]
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return torch.cat([rotated.to(x_BTHD.dtype), x_BTHD[..., r:]], dim=-1)
