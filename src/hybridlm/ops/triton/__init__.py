@@ -1,0 +1,15 @@
+"""Triton kernels for the gated delta rule (GPU, or the CPU interpreter with TRITON_INTERPRET=1).
+
+Same signatures as the reference ops in ``hybridlm.ops``; the dispatcher there picks these for
+``backend="triton"`` (and ``"auto"`` on CUDA tensors).
+"""
+
+from hybridlm.ops.triton.chunk import chunk_gated_delta_rule
+
+__all__ = ["chunk_gated_delta_rule"]
+
+try:  # the decode kernel lives in its own module, written separately
+    from hybridlm.ops.triton.decode import fused_recurrent_gated_delta_rule_step
+    __all__.append("fused_recurrent_gated_delta_rule_step")
+except ImportError:
+    pass

@@ -1,0 +1,173 @@
+"""Chunked gated delta rule on the GPU: public entry point, custom ops and autograd.
+
+Legend: B batch, T tokens, N sequences, NTOK = B * T flat tokens, NC chunks, H q/k heads,
+HV value heads, K key size, V value size.
+
+Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum and WY transform) then
+``chunk_fwd`` (sequential over chunks: output and states). Backward recomputes both, storing the
+state entering every chunk, runs the state gradient from the last chunk to the first
+(``chunk_bwd_state``) and finishes with chunk-local gradients (``chunk_bwd_local``).
+
+Both directions are ``torch.library`` custom ops (``hybridlm::chunk_gdr_fwd`` and
+``hybridlm::chunk_gdr_bwd``), so ``torch.compile(fullgraph=True)`` traces through them.
+The q/k l2-norm and the gate g = -exp(A_log) softplus(g + dt_bias) run as PyTorch ops around the
+custom op, so autograd differentiates them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm.ops import _checks as ck
+from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
+from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
+from hybridlm.ops.triton.chunk_fwd import chunk_fwd
+from hybridlm.ops.triton.chunk_prep import chunk_prep
+from hybridlm.ops.triton.utils import sequence_tables
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _tables(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+    B, T = q.shape[:2]
+    bounds = None if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
+    return sequence_tables(B, T, bounds, q.device)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
+
+
+@torch.library.custom_op("hybridlm::chunk_gdr_fwd", mutates_args=())
+def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                  initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V]); inputs as the entry point."""
+    cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
+    HV = v.shape[2]
+    beta_f = _flat(beta)
+    gc, t = chunk_prep(_flat(k), _flat(g), beta_f, chunk_bounds, HV)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    o, ht, _ = chunk_fwd(_flat(q), _flat(k), _flat(v), gc, beta_f, t, h0, cu, chunk_offsets, scale)
+    return o.view(v.shape), ht
+
+
+@chunk_gdr_fwd.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    state = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+    return torch.empty_like(v), state
+
+
+@torch.library.custom_op("hybridlm::chunk_gdr_bwd", mutates_args=())
+def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                  initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
+                  do: torch.Tensor, dht: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dg, dbeta, dh0) in the dtypes of (q, k, v, g, beta, float32 state)."""
+    cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
+    HV = v.shape[2]
+    NC = chunk_bounds.shape[0]
+    qf, kf, vf, beta_f = _flat(q), _flat(k), _flat(v), _flat(beta)
+    gc, t = chunk_prep(kf, _flat(g), beta_f, chunk_bounds, HV)
+    h0 = None if initial_state is None else initial_state.contiguous()
+    _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, h0, cu, chunk_offsets, scale, store_chunks=NC)
+    dof = _flat(do.to(v.dtype))
+    dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, dht, cu, chunk_offsets, scale, NC)
+    dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, dof, h, dh, dvn, chunk_bounds, scale)
+    return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape).to(g.dtype),
+            dbeta.view(beta.shape).to(beta.dtype), dh0)
+
+
+@chunk_gdr_bwd.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, do, dht):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dh0 = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(beta), dh0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, cu_seqlens, scale = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    ctx.scale = scale
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale,
+                                               do.contiguous(), None if dht is None else dht.contiguous())
+    return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None
+
+
+chunk_gdr_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log, dt_bias):
+    B, H, K, HV, V = ck.check_qkv(q, k, v)
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"q must be float32, bfloat16 or float16 for the Triton kernel, got {q.dtype} "
+                        "(use backend='reference' for float64)")
+    if chunk_size != 64:
+        raise ValueError(f"chunk_size must be 64 for the Triton kernel, got {chunk_size}")
+    if K > 128 or V > 128 or K < 1 or V < 1:
+        raise ValueError(f"q's key size K and v's value size V must lie in 1..128, got K = {K}, V = {V}")
+    ck.check_scale(scale)
+    T = q.shape[1]
+    ck.check_gate("g", g, (B, T, HV), "[B, T, HV]", q)
+    ck.check_gate("beta", beta, (B, T, HV), "[B, T, HV]", q)
+    bounds = ck.check_cu_seqlens(cu_seqlens, B, T)
+    N = B if bounds is None else len(bounds) - 1
+    if initial_state is not None:
+        ck.check_state("initial_state", initial_state, (N, HV, K, V), q)
+    if (A_log is None) != (dt_bias is None):
+        raise ValueError("A_log and dt_bias must be given together (raw gate) or both left None")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        if x is not None:
+            ck.check_float_tensor(name, x, 1, "[HV]")
+            if x.shape[0] != HV:
+                raise ValueError(f"{name} must have shape [HV] = ({HV},), got {tuple(x.shape)}")
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                           cu_seqlens=None, chunk_size=64, use_qk_l2norm=False, A_log=None, dt_bias=None):
+    """Chunked gated delta rule (Triton): S = exp(g) S; S += beta k (v - S^T k)^T; o = scale S^T q.
+
+    Args:
+        q, k: [B, T, H, K] float32/bfloat16/float16 (one dtype with v), K <= 128.
+        v: [B, T, HV, V], HV a multiple of H (value head i reads q/k head i // (HV // H)), V <= 128.
+        g: [B, T, HV] log-decay (<= 0), any float dtype; with ``A_log`` and ``dt_bias`` it is the raw
+            gate input and the log-decay is -exp(A_log) * softplus(g + dt_bias).
+        beta: [B, T, HV] write strength in [0, 1], any float dtype.
+        scale: float, default K ** -0.5.
+        initial_state: optional [B, HV, K, V] (or [N, HV, K, V] with cu_seqlens), read as float32.
+        output_final_state: also return the final state, float32 [B or N, HV, K, V].
+        cu_seqlens: optional int32/int64 [N + 1] boundaries of N sequences packed along T (B == 1).
+        chunk_size: must be 64.
+        use_qk_l2norm: l2-normalise q and k over K (float32, eps 1e-6) first.
+        A_log, dt_bias: optional [HV] float tensors of the fused gate (see g).
+    Returns:
+        o [B, T, HV, V] in v's dtype and the final state (or None). Differentiable in q, k, v, g, beta,
+        initial_state, A_log and dt_bias.
+
+    Example::
+
+        >>> q, k = torch.randn(1, 100, 2, 64, device="cuda"), torch.randn(1, 100, 2, 64, device="cuda")
+        >>> v, g = torch.randn(1, 100, 4, 64, device="cuda"), -torch.rand(1, 100, 4, device="cuda")
+        >>> o, s = chunk_gated_delta_rule(q, k, v, g, torch.rand(1, 100, 4, device="cuda"),
+        ...                               use_qk_l2norm=True, output_final_state=True)
+    """
+    _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log, dt_bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if use_qk_l2norm:
+        q = ck.l2norm(q.float()).to(v.dtype)
+        k = ck.l2norm(k.float()).to(v.dtype)
+    if A_log is not None:
+        g = -A_log.float().exp() * F.softplus(g.float() + dt_bias.float())
+    h0 = None if initial_state is None else initial_state.float()
+    o, final_state = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                   beta.contiguous(), h0, cu_seqlens, scale)
+    return o, (final_state if output_final_state else None)

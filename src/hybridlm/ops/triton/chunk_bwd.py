@@ -1,0 +1,89 @@
+"""Backward state pass of the chunked gated delta rule: the state gradient, carried from the last
+chunk to the first.
+
+Legend as in ``chunk_fwd``. With dS' the gradient of the state leaving a chunk and dO the output
+gradient, the chunk's own products give (forward in ``chunk_fwd``'s docstring)
+
+    dV_new = scale (Q K^T * exp(gc_i - gc_j), i >= j)^T dO + (K * exp(gc_last - gc)) dS'
+    dS     = exp(gc_last) dS' + scale (diag(exp(gc)) Q)^T dO - (diag(beta exp(gc)) K)^T (T^T dV_new)
+
+(the last term is W^T dV_new with W = T diag(beta exp(gc)) K, reassociated so every product stays
+BV wide). The pass stores dS' for every chunk and dV_new for every token; with the forward's chunk
+states the remaining gradients are local to each chunk (``chunk_bwd_local``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.triton.chunk_fwd import causal_decay, load_chunk_common, pick_block_v, state_program
+from hybridlm.ops.triton.chunk_prep import dot_precision
+
+
+@triton.jit
+def chunk_bwd_state_kernel(
+    q_ptr, k_ptr, do_ptr, gc_ptr, beta_ptr, t_ptr, dht_ptr, dh_ptr, dh0_ptr, dvn_ptr,
+    cu, chunk_offsets, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
+):
+    i_hv, i_h, bos, eos, c_first, o_v, m_kv, off_kv, state_row, b_ds = state_program(
+        cu, chunk_offsets, dht_ptr, HAS_DHT, H, HV, K, V, BK, BV)
+    nt = tl.cdiv(eos - bos, 64)
+    DT = q_ptr.dtype.element_ty
+
+    for i in range(0, nt):
+        i_c = nt - 1 - i
+        t0 = bos + i_c * 64
+        tl.store(dh_ptr + ((c_first + i_c).to(tl.int64) * HV + i_hv) * K * V + off_kv, b_ds, mask=m_kv)
+        b_q, b_k, b_gc, b_beta, b_t, b_gl = load_chunk_common(
+            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
+        o_t = t0 + tl.arange(0, 64)
+        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
+        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
+        b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
+
+        b_decay = tl.exp(b_gc)
+        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * causal_decay(b_gc)
+        b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
+        b_dvn = scale * tl.dot(tl.trans(b_m.to(DT)), b_do.to(DT), input_precision=PREC)
+        b_dvn += tl.dot(b_kd, b_ds.to(DT), input_precision=PREC)
+        tl.store(dvn_ptr + row_v, b_dvn, mask=m_tv)
+
+        b_y = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
+        b_qg = (b_q * b_decay[:, None]).to(DT)
+        b_kb = (b_k * (b_beta * b_decay)[:, None]).to(DT)
+        b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
+        b_ds -= tl.dot(tl.trans(b_kb), b_y.to(DT), input_precision=PREC)
+
+    tl.store(dh0_ptr + state_row + off_kv, b_ds, mask=m_kv)
+
+
+def chunk_bwd_state(q, k, do, gc, beta, t, dht, cu, chunk_offsets, scale: float, num_chunks: int,
+                    block_v: int | None = None):
+    """Reverse state pass.
+
+    Args:
+        q, k: [NTOK, H, K]; do: [NTOK, HV, V] output gradient (q's dtype); gc, beta, t as in ``chunk_fwd``.
+        dht: float32 [N, HV, K, V] gradient of the final state, or None.
+        num_chunks: NC, total chunk count.
+    Returns:
+        dh: float32 [NC, HV, K, V] gradient of the state leaving each chunk;
+        dh0: float32 [N, HV, K, V] gradient of the initial state;
+        dvn: float32 [NTOK, HV, V] gradient of V_new.
+    """
+    NTOK, H, K = q.shape
+    HV, V = do.shape[1:]
+    N = cu.shape[0] - 1
+    dh = torch.empty(num_chunks, HV, K, V, device=q.device, dtype=torch.float32)
+    dh0 = torch.empty(N, HV, K, V, device=q.device, dtype=torch.float32)
+    dvn = torch.empty(NTOK, HV, V, device=q.device, dtype=torch.float32)
+    BV = block_v or pick_block_v(N * HV, V, q.device)
+    chunk_bwd_state_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, do, gc, beta, t, dht, dh, dh0, dvn, cu, chunk_offsets, scale,
+        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=4,
+    )
+    return dh, dh0, dvn

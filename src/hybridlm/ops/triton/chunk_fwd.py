@@ -1,0 +1,167 @@
+"""Forward state pass of the chunked gated delta rule: the only part that is sequential in T.
+
+Legend: NTOK flat tokens, N sequences, NC chunks (all sequences), H q/k heads, HV value heads,
+K key size, V value size, C = 64 chunk length, BV value columns per program.
+
+One program owns one (sequence, value head, block of BV value columns): the columns of the state
+are independent under the rule (every product reduces over K or over tokens, never over V), so
+splitting V needs no communication and gives B * HV * V / BV programs, enough to fill the card at
+batch 1. The state stays in float32 registers across chunks. Per chunk, with S the entering state,
+gc the in-chunk cumulative log-decay and T the chunk's WY transform (``chunk_prep``):
+
+    V_new = T [diag(beta) (V - diag(exp(gc)) K S)]                what each position writes
+    O     = scale [diag(exp(gc)) Q S + (Q K^T * exp(gc_i - gc_j), i >= j) V_new]
+    S'    = exp(gc_last) S + (K * exp(gc_last - gc))^T V_new
+
+Writing T (K S) instead of (T K) S keeps every product at the width BV, so no program recomputes
+the [C, K] matrix W = T diag(beta exp(gc)) K that a V-split would otherwise repeat.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.triton.chunk_prep import dot_precision
+
+
+@triton.jit
+def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T [C, C], gc_last of a chunk."""
+    o_t = t0 + tl.arange(0, 64)
+    m_t = o_t < eos
+    o_k = tl.arange(0, BK)
+    m_qk = m_t[:, None] & (o_k < K)[None, :]
+    row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
+    b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
+    b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
+    row_hv = o_t.to(tl.int64) * HV + i_hv
+    last = tl.minimum(t0 + 64, eos) - 1
+    b_gl = tl.load(gc_ptr + last.to(tl.int64) * HV + i_hv)
+    b_gc = tl.where(m_t, tl.load(gc_ptr + row_hv, mask=m_t, other=0.0), b_gl)
+    b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
+    o_c = tl.arange(0, 64)
+    b_t = tl.load(t_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
+    return b_q, b_k, b_gc, b_beta, b_t, b_gl
+
+
+@triton.jit
+def causal_decay(b_gc):
+    """[C, C] exp(gc_i - gc_j) for i >= j, else 0 (masked before exp so nothing overflows)."""
+    o = tl.arange(0, 64)
+    causal = o[:, None] >= o[None, :]
+    diff = b_gc[:, None] - b_gc[None, :]
+    return tl.where(causal, tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+
+
+@triton.jit
+def state_program(cu, chunk_offsets, init_ptr, HAS_INIT: tl.constexpr,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """What a (sequence, value head, value block) program of a state pass owns: its token range,
+    first chunk index, [BK, BV] tile offsets into a [.., HV, K, V] state, and the tile's start value
+    (``init_ptr``'s row, or zeros)."""
+    i_v = tl.program_id(0)
+    i_nh = tl.program_id(1)
+    i_n = i_nh // HV
+    i_hv = i_nh % HV
+    i_h = i_hv // (HV // H)
+    bos = tl.load(cu + i_n)
+    eos = tl.load(cu + i_n + 1)
+    c_first = tl.load(chunk_offsets + i_n)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    off_kv = o_k[:, None] * V + o_v[None, :]
+    state_row = (i_n.to(tl.int64) * HV + i_hv) * K * V
+    if HAS_INIT:
+        b_s = tl.load(init_ptr + state_row + off_kv, mask=m_kv, other=0.0).to(tl.float32)
+    else:
+        b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    return i_hv, i_h, bos, eos, c_first, o_v, m_kv, off_kv, state_row, b_s
+
+
+@triton.jit
+def chunk_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, h0_ptr, o_ptr, ht_ptr, h_ptr,
+    cu, chunk_offsets, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    i_hv, i_h, bos, eos, c_first, o_v, m_kv, off_kv, state_row, b_s = state_program(
+        cu, chunk_offsets, h0_ptr, HAS_H0, H, HV, K, V, BK, BV)
+    DT = q_ptr.dtype.element_ty
+
+    for t0 in range(bos, eos, 64):
+        if STORE_H:
+            i_c = c_first + (t0 - bos) // 64
+            tl.store(h_ptr + (i_c.to(tl.int64) * HV + i_hv) * K * V + off_kv, b_s, mask=m_kv)
+        b_q, b_k, b_gc, b_beta, b_t, b_gl = load_chunk_common(
+            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
+        o_t = t0 + tl.arange(0, 64)
+        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
+        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
+
+        b_sd = b_s.to(DT)
+        b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
+        b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
+        b_decay = tl.exp(b_gc)
+        b_x = b_beta[:, None] * (b_v - b_decay[:, None] * b_ks)
+        b_vn = tl.dot(b_t, b_x.to(DT), input_precision=PREC).to(DT)
+
+        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * causal_decay(b_gc)
+        b_o = b_decay[:, None] * b_qs + tl.dot(b_m.to(DT), b_vn, input_precision=PREC)
+        tl.store(o_ptr + row_v, (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
+
+        b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
+        b_s = b_s * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
+
+    tl.store(ht_ptr + state_row + off_kv, b_s, mask=m_kv)
+
+
+def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) -> int:
+    """Widest value block that still gives about two programs per multiprocessor (min 16).
+
+    Narrower blocks repeat the Q K^T product per block, so widen them when the batch already fills
+    the card.
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    bv = max(16, triton.next_power_of_2(V))
+    while bv > 16 and num_programs_without_split * triton.cdiv(V, bv) < 2 * sms:
+        bv //= 2
+    return bv
+
+
+def chunk_fwd(q, k, v, gc, beta, t, initial_state, cu, chunk_offsets, scale: float,
+              store_chunks: int = 0, block_v: int | None = None):
+    """Run the state pass over every sequence.
+
+    Args:
+        q, k: [NTOK, H, K]; v: [NTOK, HV, V] (float32/bfloat16/float16, one dtype, contiguous).
+        gc: float32 [NTOK, HV]; beta: [NTOK, HV]; t: [NTOK, HV, 64] from ``chunk_prep``.
+        initial_state: float32 [N, HV, K, V] or None. cu, chunk_offsets: int32 [N + 1].
+        store_chunks: NC, the total chunk count, to also return the state entering every chunk,
+            float32 [NC, HV, K, V] (for backward); 0 to skip it.
+    Returns:
+        o [NTOK, HV, V] in v's dtype, final state float32 [N, HV, K, V], chunk states or None.
+    """
+    NTOK, H, K = q.shape
+    HV, V = v.shape[1:]
+    N = cu.shape[0] - 1
+    o = torch.empty_like(v)
+    ht = torch.empty(N, HV, K, V, device=q.device, dtype=torch.float32)
+    h = None
+    if store_chunks:
+        h = torch.empty(store_chunks, HV, K, V, device=q.device, dtype=torch.float32)
+    BV = block_v or pick_block_v(N * HV, V, q.device)
+    chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, v, gc, beta, t, initial_state, o, ht, h, cu, chunk_offsets, scale,
+        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype),
+        num_warps=4,
+    )
+    return o, ht, h
