@@ -1,0 +1,15 @@
+"""Benchmarks that time hybridlm's kernels against the reference and peers (``hybridlm bench``).
+
+``kernels`` (the suite), ``check`` (correctness gate), ``timing`` (do_bench, CUDA graphs, FLOP and
+byte conventions), ``report`` (tables, JSON rows, markdown for benchmarks/RESULTS.md).
+"""
+
+
+def add_kernel_arguments(p) -> None:
+    """Options of the kernel suite, shared by ``hybridlm bench kernels`` and benchmarks/kernels.py
+    (here, away from torch, so ``hybridlm --help`` stays fast)."""
+    p.add_argument("--quick", action="store_true", help="a fast subset of the shapes")
+    p.add_argument("--json", metavar="PATH", help="write every row (and the checks) as JSON")
+    p.add_argument("--results", metavar="PATH", help="append a dated markdown section, e.g. benchmarks/RESULTS.md")
+    p.add_argument("--out", metavar="DIR", help="also write kernels.json and kernels.md into DIR")
+    p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when importable")
