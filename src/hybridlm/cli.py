@@ -265,6 +265,23 @@ def _cmd_train(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+def _add_bench(sub) -> None:
+    from hybridlm.bench import add_kernel_arguments
+
+    p = sub.add_parser("bench", help="kernel benchmarks against the reference and peers (GPU)",
+                       description="Check every Triton kernel against the reference, then time it against "
+                                   "flash-linear-attention, torch SDPA and the reference on one GPU.")
+    p.add_argument("suite", choices=["kernels"], help="what to benchmark")
+    add_kernel_arguments(p)
+
+
+def _cmd_bench(args) -> int:
+    from hybridlm.bench.kernels import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -287,6 +304,7 @@ COMMANDS = {
     "train": (_add_train, _cmd_train),
     "memory": (_add_memory, _cmd_memory),
     "calculator": (_add_calculator, _cmd_calculator),
+    "bench": (_add_bench, _cmd_bench),
 }
 
 
