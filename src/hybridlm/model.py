@@ -124,6 +124,8 @@ class HybridLM(nn.Module):
     def _tokens(self, input_ids: torch.Tensor, mask_BT: torch.Tensor | None, cache: HybridCache | None) -> Tokens:
         """Per-row positions: each row counts only its real tokens, continuing from the cache."""
         B, T = input_ids.shape
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"input_ids: batch {B} does not match the cache's batch_size {cache.batch_size}")
         base = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device) if cache is None \
             else cache.next_position.long()[:, None]
         if mask_BT is None:

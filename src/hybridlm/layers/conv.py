@@ -59,5 +59,8 @@ class ShortConv(nn.Module):
             x_ext = torch.cat([window_BCW.to(x_BCT.dtype), x_BCT], dim=2)
             if width:
                 window_BCW.copy_(x_ext[:, :, -width:])
-        y_BCT = F.conv1d(x_ext, self.weight.to(x_BCT.dtype), groups=self.channels)
+        # A sum over the few taps instead of F.conv1d(groups=C): same result, and much faster on
+        # CPU, where grouped conv1d of short inputs takes a slow generic path.
+        T, w_CK = x_BCT.shape[2], self.weight[:, 0].to(x_BCT.dtype)
+        y_BCT = sum(x_ext[:, :, j:j + T] * w_CK[:, j:j + 1] for j in range(self.kernel_size))
         return F.silu(y_BCT).transpose(1, 2)
