@@ -282,6 +282,68 @@ def _cmd_bench(args) -> int:
     return run(args)
 
 
+# --------------------------------------------------------------------------- study
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="train attention, linear and hybrid models of equal size; report recall vs memory",
+                       description="The trade-off study: trains models of (near) equal parameter count for several "
+                                   "layer patterns on multi-query associative recall, measures recall as pairs and "
+                                   "length grow past training, cache bytes and decode speed, and writes "
+                                   "runs/<name>/report.md with plots and results.json. The default finishes in "
+                                   "minutes on a laptop CPU; --scale gpu is sized for one H100.")
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="preset size (default: %(default)s)")
+    p.add_argument("--name", default=None, help="run name; output in runs/<name> (default: study or study-gpu)")
+    p.add_argument("--out", default=None, help="output directory (overrides runs/<name>)")
+    p.add_argument("--patterns", default=None, help="comma-separated layer patterns (default: A,G,GGGA,GGGGGGGA,X,D)")
+    p.add_argument("--ratios", type=parse_int_list, default=None,
+                   help="also sweep the hybrid ratio: r adds the pattern of r G layers then one A, e.g. 1,3,7")
+    p.add_argument("--gate-init", action="append", default=None, metavar="NAME=A_LO:A_HI:DT_LO:DT_HI",
+                   help="also train every G-containing pattern with this decay init (repeatable), "
+                        "e.g. slow=0.1:1:0.0001:0.001 (default init: A in [1, 16], dt in [0.001, 0.1])")
+    p.add_argument("--layers", type=int, default=None, help="layers of every model (default: longest pattern)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size of every model")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model")
+    p.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
+    p.add_argument("--train-len", type=int, default=None, help="training sequence length")
+    p.add_argument("--train-pairs", type=parse_int_list, default=None, help="pair counts trained on, e.g. 2,4,8")
+    p.add_argument("--eval-pairs", type=parse_int_list, default=None, help="pair counts evaluated")
+    p.add_argument("--eval-lens", type=parse_int_list, default=None, help="sequence lengths evaluated")
+    p.add_argument("--eval-len-pairs", type=int, default=None, help="pairs in the length sweep")
+    p.add_argument("--eval-batches", type=int, default=None, help="test batches per evaluation point")
+    p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
+    p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _cmd_study(args) -> int:
+    import dataclasses
+    import time
+
+    from hybridlm.study import SCALES, GateInit, run_study
+
+    t0 = time.perf_counter()
+    sc = SCALES[args.scale]
+    patterns = list(sc.patterns) if args.patterns is None else [p.strip() for p in args.patterns.split(",") if p.strip()]
+    patterns += ["G" * r + "A" for r in (args.ratios or []) if "G" * r + "A" not in patterns]
+    overrides = {
+        "patterns": tuple(patterns),
+        "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
+        "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
+    }
+    for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
+                         ("batch_size", args.batch_size), ("train_len", args.train_len),
+                         ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
+                         ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
+                         ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
+                         ("seed", args.seed), ("threads", args.threads)):
+        if value is not None:
+            overrides[field] = tuple(value) if isinstance(value, list) else value
+    sc = dataclasses.replace(sc, **overrides)
+    out = args.out or f"runs/{sc.name}"
+    results = run_study(sc, out)
+    print(f"study finished in {time.perf_counter() - t0:.0f} s; report: {out}/report.md")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -302,6 +364,7 @@ COMMANDS = {
     "info": (_add_info, _cmd_info),
     "generate": (_add_generate, _cmd_generate),
     "train": (_add_train, _cmd_train),
+    "study": (_add_study, _cmd_study),
     "memory": (_add_memory, _cmd_memory),
     "calculator": (_add_calculator, _cmd_calculator),
     "bench": (_add_bench, _cmd_bench),

@@ -4,7 +4,7 @@ Every task gives ``task.batch(batch_size, split, seed, index) -> (input_ids, tar
 [B, T] int64, with targets -100 wherever there is no loss (everything but the answer tokens).
 """
 
-from hybridlm.tasks.base import IGNORE, Example, Task, collate, split_of
+from hybridlm.tasks.base import IGNORE, Example, Mixture, Task, collate, split_of
 from hybridlm.tasks.copy import Copy
 from hybridlm.tasks.mqar import MQAR
 from hybridlm.tasks.multihop import MultiHop
@@ -13,7 +13,7 @@ from hybridlm.tasks.text import ByteText
 
 TASK_NAMES = ("mqar", "copy", "needle", "multihop")
 
-__all__ = ["IGNORE", "TASK_NAMES", "ByteText", "Example", "Task", "collate", "split_of", "make_task",
+__all__ = ["IGNORE", "TASK_NAMES", "ByteText", "Example", "Mixture", "Task", "collate", "split_of", "make_task",
            "Copy", "MQAR", "MultiHop", "Needle"]
 
 

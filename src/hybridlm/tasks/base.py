@@ -113,3 +113,30 @@ def content_range(start: int, count: int, vocab_size: int, what: str) -> range:
     if start + count > vocab_size:
         raise ValueError(f"vocab_size: {what} needs ids up to {start + count - 1}, got vocab_size={vocab_size}")
     return range(start, start + count)
+
+
+class Mixture:
+    """Batches drawn in turn from several tasks: batch ``index`` comes from ``tasks[index % n]``.
+
+    Each batch holds one task, so its sequences share a length. Used to train on a range of
+    difficulties (e.g. MQAR with 2..16 pairs). Example::
+
+        mix = Mixture([MQAR(4, seq_len=64), MQAR(16, seq_len=64)])
+        x, y = mix.batch(32, "train", seed=0, index=7)   # from MQAR(16, ...)
+    """
+
+    name = "mixture"
+
+    def __init__(self, tasks: list[Task]) -> None:
+        if not tasks or not all(isinstance(t, Task) for t in tasks):
+            raise TypeError("tasks: expected a non-empty list of Task objects")
+        self.tasks = list(tasks)
+        self.vocab_size = max(t.vocab_size for t in tasks)
+
+    def __repr__(self) -> str:
+        return f"Mixture({self.tasks!r})"
+
+    def batch(self, batch_size: int, split: str, seed: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index // n`` of task ``index % n``: (input_ids [B, T] int64, targets [B, T] int64)."""
+        n = len(self.tasks)
+        return self.tasks[index % n].batch(batch_size, split, seed, index // n)

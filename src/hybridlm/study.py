@@ -1,0 +1,297 @@
+"""The trade-off study: what linear layers save (cache bytes, decode speed) and where they fail (recall).
+
+For each layer pattern (all attention ``A``, all gated DeltaNet ``G``, the 3:1 and 7:1 hybrids,
+plain linear attention ``X``, DeltaNet ``D``; configurable) the study
+
+1. builds a model of (near) the same parameter count: every pattern gets the same depth (the
+   longest pattern's length, so ``GGGGGGGA`` fits once), hidden size and head shapes, and the
+   MLP width of each is then set so the totals match the largest within a fraction of a percent;
+2. trains it on MQAR with a range of pairs at one sequence length;
+3. evaluates recall as the number of pairs grows past the training range (at the training length)
+   and as the sequence grows past the training length (at a fixed number of pairs);
+4. measures the cache bytes a batch-1 sequence needs at several contexts (bf16 keys/values, fp32
+   recurrent state: ``model.new_cache(...).nbytes()`` on the meta device) and the decode tokens/s;
+5. writes ``runs/<name>/results.json``, ``report.md`` and PNG plots.
+
+Gated DeltaNet's decay init can be swept (``GateInit``): it is set on every G layer after
+construction: ``A_log = log U[a_lo, a_hi]``, ``dt_bias = softplus^-1(exp U[log dt_lo, log dt_hi])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hybridlm.config import HybridConfig
+from hybridlm.model import HybridLM
+from hybridlm.tasks import MQAR, Mixture
+from hybridlm.train import TrainConfig, evaluate, train
+
+DEFAULT_PATTERNS = ("A", "G", "GGGA", "GGGGGGGA", "X", "D")
+
+
+@dataclass(frozen=True)
+class GateInit:
+    """A decay init for G layers: A in [a_lo, a_hi], dt in [dt_lo, dt_hi] (log-uniform dt)."""
+
+    name: str
+    a_lo: float
+    a_hi: float
+    dt_lo: float
+    dt_hi: float
+
+    def __post_init__(self) -> None:
+        if not (0 < self.a_lo <= self.a_hi and 0 < self.dt_lo <= self.dt_hi):
+            raise ValueError(f"gate init {self.name!r}: expected 0 < a_lo <= a_hi and 0 < dt_lo <= dt_hi, got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> "GateInit":
+        """'name=a_lo:a_hi:dt_lo:dt_hi', e.g. 'slow=0.1:1:0.0001:0.001'."""
+        try:
+            name, spec = text.split("=", 1)
+            a_lo, a_hi, dt_lo, dt_hi = (float(v) for v in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"gate init: expected 'name=a_lo:a_hi:dt_lo:dt_hi', got {text!r}") from None
+        return cls(name, a_lo, a_hi, dt_lo, dt_hi)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything one study run does. ``SCALES`` holds the CPU default and the one-H100 size."""
+
+    name: str = "study"
+    patterns: tuple[str, ...] = DEFAULT_PATTERNS
+    num_layers: int | None = None  # default: the longest pattern's length, at least 2
+    hidden_size: int = 64
+    heads: int = 4  # attention heads (head_dim = hidden / heads); linear layers get the same width
+    vocab_size: int = 64  # token ids of the task (keys from one half, values from the other)
+    train_len: int = 64
+    train_pairs: tuple[int, ...] = (2, 4, 8, 12)
+    eval_pairs: tuple[int, ...] = (2, 4, 8, 12, 15)
+    eval_lens: tuple[int, ...] = (64, 128, 256)
+    eval_len_pairs: int = 8
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    eval_batches: int = 2
+    eval_batch_size: int = 32
+    cache_contexts: tuple[int, ...] = (1024, 4096, 16384, 65536, 262144)
+    decode_context: int = 256
+    decode_tokens: int = 32
+    gate_inits: tuple[GateInit, ...] = ()
+    seed: int = 0
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.patterns:
+            raise ValueError("patterns: expected at least one layer pattern")
+        for p in self.patterns:
+            HybridConfig(layer_pattern=p)  # raises on unknown letters
+        if self.num_layers is not None and self.num_layers < max(len(p) for p in self.patterns):
+            raise ValueError(f"num_layers: expected >= the longest pattern ({max(map(len, self.patterns))}), "
+                             f"got {self.num_layers}")
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size: expected a multiple of heads ({self.heads}), got {self.hidden_size}")
+        for n in (*self.train_pairs, *self.eval_pairs):
+            MQAR(n, seq_len=self.train_len, vocab_size=self.vocab_size)  # raises when they do not fit
+        MQAR(self.eval_len_pairs, seq_len=min(self.eval_lens), vocab_size=self.vocab_size)
+
+    @property
+    def layers(self) -> int:
+        return self.num_layers or max(2, *(len(p) for p in self.patterns))
+
+
+SCALES = {
+    "cpu": StudyConfig(),
+    # One H100, < 30 minutes: wider and deeper models, 4x the pairs, 4x the length, 10x the steps.
+    "gpu": StudyConfig(hidden_size=256, heads=8, vocab_size=8192, train_len=256, train_pairs=(4, 8, 16, 32, 48),
+                       eval_pairs=(8, 16, 32, 48, 63), eval_lens=(256, 512, 1024, 2048, 4096), eval_len_pairs=32,
+                       steps=3000, batch_size=64, lr=1e-3, warmup_steps=200, eval_batches=8, eval_batch_size=64,
+                       decode_context=4096, decode_tokens=128),
+}
+
+
+# --------------------------------------------------------------------------- models
+def base_config(pattern: str, sc: StudyConfig, intermediate_size: int | None = None) -> HybridConfig:
+    """The study's config for one pattern: shared depth, width and head shapes."""
+    head_dim = sc.hidden_size // sc.heads
+    return HybridConfig(
+        vocab_size=sc.vocab_size, hidden_size=sc.hidden_size, num_layers=sc.layers, layer_pattern=pattern,
+        num_attention_heads=sc.heads, num_key_value_heads=max(1, sc.heads // 2), head_dim=head_dim,
+        linear_num_key_heads=max(1, sc.heads // 2), linear_num_value_heads=sc.heads,
+        linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+        intermediate_size=intermediate_size or 2 * sc.hidden_size,
+    )
+
+
+def count_params(config: HybridConfig) -> int:
+    with torch.device("meta"):
+        return HybridLM(config).num_parameters()
+
+
+def matched_configs(sc: StudyConfig) -> dict[str, HybridConfig]:
+    """One config per pattern, MLP widths set so every parameter count is within one MLP column of the largest."""
+    configs = {p: base_config(p, sc) for p in sc.patterns}
+    counts = {p: count_params(c) for p, c in configs.items()}
+    target = max(counts.values())
+    per_column = 3 * sc.hidden_size * sc.layers  # SwiGLU: gate, up, down per layer
+    for p, c in configs.items():
+        extra = round((target - counts[p]) / per_column)
+        configs[p] = c.replace(intermediate_size=c.intermediate_size + extra)
+    return configs
+
+
+def apply_gate_init(model: HybridLM, gi: GateInit, generator: torch.Generator) -> int:
+    """Reset A_log and dt_bias of every gated DeltaNet layer; returns how many layers it changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "gated", False) and hasattr(module, "A_log") and hasattr(module, "dt_bias"):
+            with torch.no_grad():
+                n = module.A_log.numel()
+                a = torch.empty(n).uniform_(gi.a_lo, gi.a_hi, generator=generator)
+                log_dt = torch.empty(n).uniform_(math.log(gi.dt_lo), math.log(gi.dt_hi), generator=generator)
+                dt = log_dt.exp()
+                module.A_log.copy_(a.log())
+                module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1
+            changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------- measurements
+def cache_bytes(model: HybridLM, contexts: tuple[int, ...]) -> dict[int, int]:
+    """Bytes of a batch-1 cache at each context (bf16 keys/values, recurrent state in config.state_dtype)."""
+    return {n: model.new_cache(1, n, device="meta", dtype=torch.bfloat16).nbytes() for n in contexts}
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: HybridLM, context: int, tokens: int, seed: int = 0) -> float:
+    """Greedy decode speed at batch 1 after a ``context``-token prefill (median of 3 timed runs)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=gen).to(device)
+    rates = []
+    for _ in range(3):
+        cache = model.new_cache(1, context + tokens)
+        nxt = model(prompt, cache=cache)[:, -1].argmax(-1)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            nxt = model(nxt[:, None], cache=cache)[:, -1].argmax(-1)
+        _sync(device)
+        rates.append(tokens / (time.perf_counter() - t0))
+    return sorted(rates)[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def recall_grid(model: HybridLM, sc: StudyConfig) -> dict[str, dict[int, float]]:
+    """Test accuracy vs pairs (at train_len) and vs length (at eval_len_pairs)."""
+    def acc(task: MQAR) -> float:
+        return evaluate(model, task, sc.eval_batch_size, sc.eval_batches, seed=sc.seed + 1)["accuracy"]
+
+    return {
+        "pairs": {n: acc(MQAR(n, seq_len=sc.train_len, vocab_size=sc.vocab_size)) for n in sc.eval_pairs},
+        "length": {t: acc(MQAR(sc.eval_len_pairs, seq_len=t, vocab_size=sc.vocab_size)) for t in sc.eval_lens},
+    }
+
+
+# --------------------------------------------------------------------------- running
+@dataclass
+class Run:
+    """One trained model's numbers."""
+
+    label: str
+    pattern: str
+    layer_types: str
+    gate_init: str | None
+    params: int
+    intermediate_size: int
+    train_seconds: float
+    train_tokens_per_s: float
+    final_loss: float
+    recall: dict[str, dict[int, float]] = field(default_factory=dict)
+    cache_bytes: dict[int, int] = field(default_factory=dict)
+    decode_tokens_per_s: float = 0.0
+
+
+def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyConfig, device: torch.device,
+            log=print) -> Run:
+    """Train and measure one model."""
+    label = pattern if gi is None else f"{pattern}@{gi.name}"
+    torch.manual_seed(sc.seed)
+    model = HybridLM(config)
+    if gi is not None:
+        apply_gate_init(model, gi, torch.Generator().manual_seed(sc.seed))
+    model.to(device)
+    train_data = Mixture([MQAR(n, seq_len=sc.train_len, vocab_size=sc.vocab_size) for n in sc.train_pairs])
+    cfg = TrainConfig(steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, warmup_steps=sc.warmup_steps,
+                      eval_batches=1, log_every=max(1, sc.steps // 4), seed=sc.seed)
+    log(f"[{label}] {config.layer_types}  {model.num_parameters():,} params  training {sc.steps} steps")
+    result = train(model, train_data, cfg, progress=False)
+    model.eval()
+    run = Run(label=label, pattern=pattern, layer_types=config.layer_types, gate_init=None if gi is None else gi.name,
+              params=model.num_parameters(), intermediate_size=config.intermediate_size,
+              train_seconds=result.seconds, train_tokens_per_s=result.tokens_per_s,
+              final_loss=sum(result.losses[-10:]) / len(result.losses[-10:]))
+    run.recall = recall_grid(model, sc)
+    run.cache_bytes = cache_bytes(model, sc.cache_contexts)
+    run.decode_tokens_per_s = decode_tokens_per_s(model, sc.decode_context, sc.decode_tokens, sc.seed)
+    pairs = "  ".join(f"{n}:{a:.2f}" for n, a in run.recall["pairs"].items())
+    log(f"[{label}] {result.seconds:.0f}s  loss {run.final_loss:.3f}  recall by pairs {pairs}")
+    return run
+
+
+def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None = None, log=print) -> dict[str, Any]:
+    """Run the whole study; write results.json, report.md and plots into ``out_dir``. Returns the results."""
+    t0 = time.perf_counter()
+    if sc.threads:
+        torch.set_num_threads(sc.threads)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = matched_configs(sc)
+    runs = []
+    for pattern, config in configs.items():
+        inits = [None] + list(sc.gate_inits) if "G" in pattern and sc.gate_inits else [None]
+        runs.extend(run_one(pattern, config, gi, sc, device, log) for gi in inits)
+    results = {
+        "study": _jsonable(dataclasses.asdict(sc)),
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "runs": [_jsonable(dataclasses.asdict(r)) for r in runs],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    from hybridlm.study_report import write_report
+
+    results["files"] = write_report(results, out)
+    results["wall_seconds"] = time.perf_counter() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores visible)"
+
+
+def _jsonable(obj):
+    """dict keys to str (JSON), tuples to lists, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

@@ -1,0 +1,174 @@
+"""The study's report: markdown tables, a headline in numbers, and four PNG plots.
+
+Reads only the results dict that ``hybridlm.study.run_study`` builds (the same one it saves as
+results.json), so a report can be rebuilt from a saved run:
+
+    write_report(json.load(open("runs/study/results.json")), Path("runs/study"))
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("acc_vs_pairs.png", "acc_vs_length.png", "cache_vs_context.png", "acc_vs_cache.png")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _fmt_ctx(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _find(runs: list[dict], pattern: str) -> dict | None:
+    return next((r for r in runs if r["label"] == pattern), None)
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """Sentences with the numbers that answer the study's question (empty when the runs are missing)."""
+    sc, runs = results["study"], results["runs"]
+    hardest = str(max(sc["eval_pairs"]))
+    longest = str(max(sc["eval_lens"]))
+    ctx = str(max(sc["cache_contexts"]))
+    lines = [f"- Recall with **{hardest} pairs** (training went up to {max(sc['train_pairs'])}) and at "
+             f"**{longest} tokens** (training length {sc['train_len']}, {sc['eval_len_pairs']} pairs):"]
+    for r in runs:
+        lines.append(f"  - `{r['label']}`: {100 * r['recall']['pairs'][hardest]:.0f}% / "
+                     f"{100 * r['recall']['length'][longest]:.0f}%  (cache at {_fmt_ctx(int(ctx))}: "
+                     f"{_fmt_bytes(r['cache_bytes'][ctx])})")
+    attn, hybrid = _find(runs, "A"), _find(runs, "GGGA")
+    if attn and hybrid:
+        ratio = attn["cache_bytes"][ctx] / hybrid["cache_bytes"][ctx]
+        gap = 100 * (attn["recall"]["pairs"][hardest] - hybrid["recall"]["pairs"][hardest])
+        lines.append(f"- The 3:1 hybrid needs **{ratio:.1f}x less cache** than all-attention at "
+                     f"{_fmt_ctx(int(ctx))} tokens, for a recall gap of **{gap:+.0f} points** at {hardest} pairs.")
+    linear = [r for r in runs if set(r["pattern"]) <= set("GDXKL")]
+    if attn and linear:
+        best = max(linear, key=lambda r: r["recall"]["pairs"][hardest])
+        lines.append(f"- The best pure-linear model (`{best['label']}`) recalls "
+                     f"{100 * best['recall']['pairs'][hardest]:.0f}% at {hardest} pairs against all-attention's "
+                     f"{100 * attn['recall']['pairs'][hardest]:.0f}%; its state is "
+                     f"{_fmt_bytes(best['cache_bytes'][ctx])} at any context.")
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def tables(results: dict[str, Any]) -> list[str]:
+    sc, runs = results["study"], results["runs"]
+    trained = set(sc["train_pairs"])
+    top = max(sc["train_pairs"])
+    pair_cols = [str(n) + ("" if n in trained else (" (beyond)" if n > top else " (unseen)")) for n in sc["eval_pairs"]]
+    len_cols = [str(t) + ("" if t == sc["train_len"] else " (beyond)" if t > sc["train_len"] else "")
+                for t in sc["eval_lens"]]
+    ctxs = [str(c) for c in sc["cache_contexts"]]
+    out = ["## Recall vs number of pairs", "",
+           f"Test accuracy on MQAR query answers at {sc['train_len']} tokens.", ""]
+    out += _table(["model", *pair_cols], [[f"`{r['label']}`", *(f"{100 * a:.1f}%" for a in r["recall"]["pairs"].values())]
+                                          for r in runs])
+    out += ["", "## Recall vs sequence length", "",
+            f"Test accuracy with {sc['eval_len_pairs']} pairs; the filler between the pairs and the queries grows.", ""]
+    out += _table(["model", *len_cols], [[f"`{r['label']}`", *(f"{100 * a:.1f}%" for a in r["recall"]["length"].values())]
+                                         for r in runs])
+    out += ["", "## Size, cost and speed", "",
+            "Cache: batch 1, bf16 keys/values, fp32 recurrent state, measured with `model.new_cache(...).nbytes()`. "
+            f"Decode: greedy, batch 1, after a {sc['decode_context']}-token prompt.", ""]
+    header = ["model", "layers", "params", "MLP width", "train s", "final loss",
+              *(f"cache @{_fmt_ctx(int(c))}" for c in ctxs), "decode tok/s"]
+    rows = [[f"`{r['label']}`", f"`{r['layer_types']}`", f"{r['params']:,}", str(r["intermediate_size"]),
+             f"{r['train_seconds']:.0f}", f"{r['final_loss']:.3f}", *(_fmt_bytes(r["cache_bytes"][c]) for c in ctxs),
+             f"{r['decode_tokens_per_s']:.0f}"] for r in runs]
+    return out + _table(header, rows)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    """Write the four PNGs; returns their file names (empty without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    sc, runs = results["study"], results["runs"]
+    hardest, ctx = str(max(sc["eval_pairs"])), str(max(sc["cache_contexts"]))
+
+    def sweep(key: str, fname: str, xlabel: str, train_hi: float) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in runs:
+            xs = [int(k) for k in r["recall"][key]]
+            ax.plot(xs, [100 * v for v in r["recall"][key].values()], marker="o", label=r["label"])
+        ax.axvspan(min(ax.get_xlim()[0], train_hi), train_hi, color="0.9", zorder=0, label="trained")
+        ax.set(xlabel=xlabel, ylabel="recall accuracy (%)", ylim=(-3, 103))
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+
+    sweep("pairs", PLOTS[0], f"key-value pairs (at {sc['train_len']} tokens)", max(sc["train_pairs"]))
+    sweep("length", PLOTS[1], f"sequence length ({sc['eval_len_pairs']} pairs)", sc["train_len"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        xs = [int(c) for c in r["cache_bytes"]]
+        ax.loglog(xs, list(r["cache_bytes"].values()), marker="o", label=r["label"])
+    ax.set(xlabel="context (tokens)", ylabel="cache bytes (batch 1)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[2], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in runs:
+        x, y = r["cache_bytes"][ctx], 100 * r["recall"]["pairs"][hardest]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set(xlabel=f"cache bytes at {_fmt_ctx(int(ctx))} tokens", ylabel=f"recall at {hardest} pairs (%)",
+           ylim=(-3, 103))
+    fig.tight_layout()
+    fig.savefig(out / PLOTS[3], dpi=120)
+    plt.close(fig)
+    return list(PLOTS)
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[str]:
+    """Write report.md and the plots into ``out``; returns the file names written."""
+    sc = results["study"]
+    pngs = plots(results, out)
+    layers = {r["label"]: r["params"] for r in results["runs"]}
+    spread = (max(layers.values()) - min(layers.values())) / max(layers.values())
+    lines = [
+        f"# hybridlm study: {sc['name']}", "",
+        f"Device: {results['device']}, torch {results['torch']}, {results['threads']} threads; "
+        f"wall time {results['wall_seconds']:.0f} s.", "",
+        "## Setup", "",
+        f"- Every model has {sc['num_layers'] or max(2, *(len(p) for p in sc['patterns']))} layers "
+        f"(so the longest pattern fits once), hidden size {sc['hidden_size']}, "
+        f"{sc['heads']} heads; the MLP width of each is set so parameter counts match "
+        f"(spread {100 * spread:.1f}%).",
+        f"- Trained {sc['steps']} steps x {sc['batch_size']} sequences on MQAR at {sc['train_len']} tokens with "
+        f"{', '.join(map(str, sc['train_pairs']))} key-value pairs (one pair count per batch, in turn), "
+        f"vocabulary {sc['vocab_size']} (keys and values from disjoint halves); AdamW, lr {sc['lr']}, "
+        f"warmup + cosine; seed {sc['seed']}.",
+        f"- Evaluated on the held-out split: {sc['eval_batches']} x {sc['eval_batch_size']} sequences per point.",
+        "",
+        "## Headline", "",
+        *headline(results), "",
+        *tables(results), "",
+    ]
+    if pngs:
+        lines += ["## Plots", ""] + [f"![{p[:-4]}]({p})" for p in pngs] + [""]
+    else:
+        lines += ["(matplotlib is not installed: no plots; `pip install matplotlib`.)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return ["report.md", *pngs]
