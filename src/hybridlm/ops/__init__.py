@@ -14,6 +14,7 @@ from hybridlm.ops.delta_rule import (
     gated_delta_rule_naive,
     gated_delta_rule_step,
 )
+from hybridlm.ops.kda import kda, kda_chunked, kda_naive, kda_step
 from hybridlm.ops.linear_attention import (
     linear_attention,
     linear_attention_chunked,
@@ -31,6 +32,10 @@ __all__ = [
     "gated_delta_rule_chunked",
     "gated_delta_rule_naive",
     "gated_delta_rule_step",
+    "kda",
+    "kda_chunked",
+    "kda_naive",
+    "kda_step",
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_naive",
