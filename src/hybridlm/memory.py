@@ -428,7 +428,8 @@ def plot_memory(cfg: HybridConfig, name: str, baseline: HybridConfig, baseline_n
     import matplotlib.pyplot as plt
 
     _check_positive("max_context", max_context)
-    contexts = sorted({max(1, round(2 ** (e / 8))) for e in range(0, 8 * max_context.bit_length() + 1)
+    first = 8 * min(8, max_context.bit_length() - 1)  # from 256 tokens: below that nothing differs
+    contexts = sorted({round(2 ** (e / 8)) for e in range(first, 8 * max_context.bit_length() + 1)
                        if 2 ** (e / 8) <= max_context} | {max_context})
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for model, label in ((cfg, name), (baseline, baseline_name)):
