@@ -73,6 +73,9 @@ class HybridConfig:
     rope_theta: float = 10_000.0
     attn_output_gate: bool = True  # Qwen3-Next: o = o * sigmoid(W_g x)
     qk_norm: bool = True  # per-head RMSNorm on q and k
+    # "head": one RMSNorm over each head's head_dim (Qwen3); "all": over all heads at once, before the
+    # split into heads (MiniMax-M2: q_norm weight of num_attention_heads * head_dim).
+    qk_norm_scope: str = "head"
     attention_bias: bool = False
     sliding_window: int | None = None  # tokens, for W layers
 
@@ -95,6 +98,9 @@ class HybridConfig:
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     norm_topk_prob: bool = True
     router: str = "softmax"  # softmax | sigmoid
+    # A learned per-expert bias added to the scores for choosing experts only, not to their weights
+    # (DeepSeek-V3 / MiniMax-M2 e_score_correction_bias).
+    router_score_bias: bool = False
     first_dense_layers: int = 0  # leading layers that keep the dense MLP in an MoE model
 
     # --- multi-head latent attention (M; S on an MLA base) ---
@@ -212,6 +218,8 @@ class HybridConfig:
             raise ValueError(f"state_dtype: expected one of {DTYPES}, got {self.state_dtype!r}")
         if self.router not in ("softmax", "sigmoid"):
             raise ValueError(f"router: expected 'softmax' or 'sigmoid', got {self.router!r}")
+        if self.qk_norm_scope not in ("head", "all"):
+            raise ValueError(f"qk_norm_scope: expected 'head' or 'all', got {self.qk_norm_scope!r}")
         if self.sparse_base not in ("mla", "gqa"):
             raise ValueError(f"sparse_base: expected 'mla' or 'gqa', got {self.sparse_base!r}")
         if self.linear_conv_kernel_dim < 0:

@@ -22,7 +22,7 @@ class GatedAttention(nn.Module):
 
     Args:
         config: uses hidden_size, num_attention_heads (H), num_key_value_heads (HKV), head_dim (D),
-            qk_norm, attn_output_gate, attention_bias, rotary_dim, rope_theta, rms_norm_eps,
+            qk_norm, qk_norm_scope, attn_output_gate, attention_bias, rotary_dim, rope_theta, rms_norm_eps,
             norm_zero_centered and, when ``sliding`` is set, sliding_window.
         sliding: attend only to the last ``config.sliding_window`` positions (letter W).
 
@@ -48,9 +48,11 @@ class GatedAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
         self.q_norm = self.k_norm = None
+        self.qk_norm_all_heads = config.qk_norm_scope == "all"
         if config.qk_norm:
-            self.q_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_zero_centered)
-            self.k_norm = RMSNorm(hd, config.rms_norm_eps, config.norm_zero_centered)
+            q_dim, k_dim = (self.num_heads * hd, self.num_kv_heads * hd) if self.qk_norm_all_heads else (hd, hd)
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.norm_zero_centered)
+            self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.norm_zero_centered)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
@@ -64,7 +66,10 @@ class GatedAttention(nn.Module):
         q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
         k_BTHD = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
         v_BTHD = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_all_heads:
+            q_BTHD = self.q_norm(q_BTHD.reshape(B, T, -1)).view_as(q_BTHD)
+            k_BTHD = self.k_norm(k_BTHD.reshape(B, T, -1)).view_as(k_BTHD)
+        elif self.q_norm is not None:
             q_BTHD, k_BTHD = self.q_norm(q_BTHD), self.k_norm(k_BTHD)
         # Pads carry position -1: rotated as position 0, their keys invisible (k_pos < 0) and
         # their queries see no key, which the op answers with zeros.

@@ -13,7 +13,8 @@ from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
 
 
-def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool):
+def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool,
+          score_bias_E: torch.Tensor | None = None):
     """Pick each token's top-k experts and their weights.
 
     Args:
@@ -21,6 +22,8 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
         top_k: experts per token.
         router: "softmax" (probabilities over all experts) or "sigmoid" (independent scores).
         norm_topk_prob: renormalise the k kept weights to sum to one.
+        score_bias_E: optional [E] float bias added to the scores to choose the experts; the weights
+            stay the unbiased scores (DeepSeek-V3's load-balancing bias).
     Returns:
         (weights_NK [N, k] float32 or float64, experts_NK int64 [N, k]), experts in descending score order,
         ties broken by lower index.
@@ -31,8 +34,10 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
         scores = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).sigmoid()
     else:
         raise ValueError(f"router: expected 'softmax' or 'sigmoid', got {router!r}")
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    weights, experts = sorted_scores[:, :top_k], order[:, :top_k]
+    choice = scores if score_bias_E is None else scores + score_bias_E.to(scores.dtype)
+    order = torch.sort(choice, dim=-1, descending=True, stable=True).indices
+    experts = order[:, :top_k]
+    weights = scores.gather(1, experts)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, experts
@@ -42,7 +47,7 @@ class MoE(nn.Module):
     """Top-k routed SwiGLU experts (+ a shared expert scaled by sigmoid(W x) when configured).
 
     Uses config.num_experts, num_experts_per_tok, moe_intermediate_size, router, norm_topk_prob,
-    shared_expert_intermediate_size.
+    shared_expert_intermediate_size, router_score_bias.
 
     Example::
 
@@ -57,6 +62,8 @@ class MoE(nn.Module):
         self.router = config.router
         self.norm_topk_prob = config.norm_topk_prob
         self.gate = nn.Linear(d, config.num_experts, bias=False)
+        # A buffer, not a parameter: it is set by a balancing rule, not by gradients.
+        self.register_buffer("score_bias", torch.zeros(config.num_experts) if config.router_score_bias else None)
         self.experts = nn.ModuleList(SwiGLU(d, config.moe_intermediate_size) for _ in range(config.num_experts))
         self.shared_expert = None
         self.shared_expert_gate = None
@@ -67,7 +74,8 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """x_BTD: [B, T, D] -> [B, T, D], same dtype."""
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob)
+        weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
+                                         self.score_bias)
         out_ND = torch.zeros_like(x_ND)
         # One pass per expert over only the tokens routed to it: readable, and no dense
         # all-experts compute (a grouped GEMM kernel would replace this loop on the GPU).
