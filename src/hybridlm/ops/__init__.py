@@ -15,6 +15,13 @@ from hybridlm.ops.delta_rule import (
     gated_delta_rule_step,
 )
 from hybridlm.ops.kda import kda, kda_chunked, kda_naive, kda_step
+from hybridlm.ops.lightning import (
+    lightning_attention,
+    lightning_attention_chunked,
+    lightning_attention_naive,
+    lightning_attention_step,
+    lightning_slopes,
+)
 from hybridlm.ops.linear_attention import (
     linear_attention,
     linear_attention_chunked,
@@ -36,6 +43,11 @@ __all__ = [
     "kda_chunked",
     "kda_naive",
     "kda_step",
+    "lightning_attention",
+    "lightning_attention_chunked",
+    "lightning_attention_naive",
+    "lightning_attention_step",
+    "lightning_slopes",
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_naive",
