@@ -45,11 +45,11 @@ def _chunked_core(q, k, v, g, beta, S, C: int):
     qc, kc, vc, gc, bc = (split_chunks(x, C) for x in (q, k, v, g, beta))
     Gamma, to_start, to_end, whole = chunk_decays(gc)
     kb = kc * bc[..., None]
-    A = ((kb @ kc.transpose(-1, -2)) * Gamma).tril(-1)
-    eye = torch.eye(C, dtype=A.dtype, device=A.device)
-    rhs = torch.cat([kb * to_start[..., None], vc * bc[..., None]], -1)
-    WU = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    W, U = WU.split([kc.shape[-1], vc.shape[-1]], -1)
+    # A's strict lower triangle; unitriangular=True reads the diagonal as 1 and ignores the upper part,
+    # so no tril or added identity is needed (nor a gradient into the entries it ignores)
+    A = (kb @ kc.transpose(-1, -2)) * Gamma
+    W = torch.linalg.solve_triangular(A, kb * to_start[..., None], upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(A, vc * bc[..., None], upper=False, unitriangular=True)
     scores = (qc @ kc.transpose(-1, -2)) * Gamma  # causal incl. the diagonal
     k_end = (kc * to_end[..., None]).transpose(-1, -2)  # [B, HV, N, K, C]
     entering, v_new = [], []
