@@ -10,18 +10,9 @@ from hybridlm.config import HybridConfig
 from hybridlm.generate import decode_one_token, generate, left_pad, prefill, sample
 from hybridlm.model import HybridLM
 from hybridlm.presets import TINY_PRESETS
+from test_model import tiny  # same seeded tiny model with non-trivial weights
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 8, 250, 7], [3, 3, 3, 90, 12, 6, 1, 2, 200, 31, 4, 11]]
-
-
-def tiny(name):
-    torch.manual_seed(0)
-    model = HybridLM(HybridConfig.preset(name, chunk_size=16)).eval()
-    with torch.no_grad():  # weights large enough that greedy picks depend on the whole prompt
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(std=0.15)
-    return model
 
 
 @pytest.mark.parametrize("name", TINY_PRESETS)
