@@ -203,3 +203,17 @@ def test_cli_plot_and_errors(tmp_path, capsys):
 
 def test_presets_js_is_up_to_date():
     assert memory.PRESETS_JS.read_text() == memory.presets_js(), "run: python -m hybridlm.memory"
+
+
+def test_cli_config_from_hf_json(tmp_path, capsys):
+    hf = {"model_type": "qwen3_next", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+          "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+          "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
+          "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["memory", "--config", str(tmp_path), "--context", "1000", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    cfg = HybridConfig(vocab_size=1000, hidden_size=256, num_layers=8, layer_pattern="GGGA", num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=32, linear_value_head_dim=32)
+    assert row["total_bytes"] == cache_bytes(cfg, 1, 1000).total_bytes
