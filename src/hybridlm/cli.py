@@ -310,6 +310,7 @@ def _add_study(sub) -> None:
     p.add_argument("--eval-len-pairs", type=int, default=None, help="pairs in the length sweep")
     p.add_argument("--eval-batches", type=int, default=None, help="test batches per evaluation point")
     p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
+    p.add_argument("--decode-context", type=parse_size, default=None, help="prompt length before timing decode")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
@@ -334,6 +335,7 @@ def _cmd_study(args) -> int:
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
                          ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
+                         ("decode_context", args.decode_context),
                          ("seed", args.seed), ("threads", args.threads)):
         if value is not None:
             overrides[field] = tuple(value) if isinstance(value, list) else value

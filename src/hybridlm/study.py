@@ -237,9 +237,9 @@ def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyCo
     model.to(device)
     train_data = Mixture([MQAR(n, seq_len=sc.train_len, vocab_size=sc.vocab_size) for n in sc.train_pairs])
     cfg = TrainConfig(steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, warmup_steps=sc.warmup_steps,
-                      eval_batches=1, log_every=max(1, sc.steps // 4), seed=sc.seed)
+                      eval_batches=1, log_every=max(1, sc.steps // 5), seed=sc.seed)
     log(f"[{label}] {config.layer_types}  {model.num_parameters():,} params  training {sc.steps} steps")
-    result = train(model, train_data, cfg, progress=False)
+    result = train(model, train_data, cfg)
     model.eval()
     run = Run(label=label, pattern=pattern, layer_types=config.layer_types, gate_init=None if gi is None else gi.name,
               params=model.num_parameters(), intermediate_size=config.intermediate_size,

@@ -1,0 +1,73 @@
+"""The study: equal-size models, gate init knob, and an end-to-end micro run of `hybridlm study`."""
+
+import json
+
+import pytest
+import torch
+
+from hybridlm import HybridLM
+from hybridlm.cli import main
+from hybridlm.study import DEFAULT_PATTERNS, GateInit, StudyConfig, apply_gate_init, count_params, matched_configs
+
+
+def test_default_patterns_get_equal_depth_and_matched_parameters():
+    configs = matched_configs(StudyConfig())
+    assert set(configs) == set(DEFAULT_PATTERNS)
+    assert {c.num_layers for c in configs.values()} == {8}
+    counts = [count_params(c) for c in configs.values()]
+    assert (max(counts) - min(counts)) / max(counts) < 0.01
+    assert configs["GGGGGGGA"].layer_types == "GGGGGGGA" and configs["GGGA"].layer_types == "GGGAGGGA"
+
+
+def test_gate_init_sets_every_gated_layer():
+    sc = StudyConfig(patterns=("GGGA",), num_layers=4)
+    model = HybridLM(matched_configs(sc)["GGGA"])
+    gi = GateInit.parse("slow=0.5:0.75:0.0001:0.001")
+    assert apply_gate_init(model, gi, torch.Generator().manual_seed(0)) == 3
+    for layer in model.layers:
+        if layer.letter == "G":
+            a = layer.mixer.A_log.exp()
+            dt = torch.nn.functional.softplus(layer.mixer.dt_bias)
+            assert ((a >= 0.5 - 1e-6) & (a <= 0.75 + 1e-6)).all()
+            assert ((dt >= 1e-4 * 0.999) & (dt <= 1e-3 * 1.001)).all()
+
+
+@pytest.mark.parametrize("text", ["slow", "x=1:2:3", "x=2:1:0.1:0.2", "x=a:b:c:d"])
+def test_bad_gate_init_raises(text):
+    with pytest.raises(ValueError, match="gate init"):
+        GateInit.parse(text)
+
+
+@pytest.mark.parametrize("kw, match", [({"patterns": ()}, "patterns"), ({"patterns": ("GQ",)}, "layer_pattern"),
+                                       ({"num_layers": 4}, "num_layers"), ({"eval_pairs": (40,)}, "num_pairs"),
+                                       ({"hidden_size": 66}, "hidden_size")])
+def test_bad_study_config_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**kw)
+
+
+def test_micro_study_writes_report_plots_and_results(tmp_path, capsys):
+    out = tmp_path / "micro"
+    rc = main(["study", "--patterns", "A,G", "--ratios", "1", "--layers", "2", "--hidden", "32", "--steps", "3",
+               "--batch-size", "4", "--train-len", "24", "--train-pairs", "2,4", "--eval-pairs", "2,5",
+               "--eval-lens", "24,48", "--eval-len-pairs", "3", "--eval-batches", "1", "--cache-contexts", "64,256",
+               "--decode-context", "16", "--gate-init", "slow=0.5:1:0.0001:0.001", "--out", str(out)])
+    assert rc == 0
+    assert f"report: {out}/report.md" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in results["runs"]]
+    assert labels == ["A", "G", "G@slow", "GA", "GA@slow"]
+    for r in results["runs"]:
+        assert set(r["recall"]["pairs"]) == {"2", "5"} and set(r["recall"]["length"]) == {"24", "48"}
+        assert all(0.0 <= a <= 1.0 for a in r["recall"]["pairs"].values())
+        assert r["decode_tokens_per_s"] > 0
+    by = {r["label"]: r for r in results["runs"]}
+    # A recurrent state does not grow with the context; a KV cache does.
+    assert by["G"]["cache_bytes"]["64"] == by["G"]["cache_bytes"]["256"]
+    assert by["A"]["cache_bytes"]["256"] > 3 * by["A"]["cache_bytes"]["64"] > 0
+    report = (out / "report.md").read_text()
+    for label in labels:
+        assert f"| `{label}` |" in report
+    for png in ("acc_vs_pairs.png", "acc_vs_length.png", "cache_vs_context.png", "acc_vs_cache.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({png})" in report
