@@ -110,6 +110,8 @@ _DOC_ARGS = """
         output_final_state: return the final state (float32, float64 for float64 inputs).
         cu_seqlens: optional int32/int64 [N + 1] boundaries of N sequences packed along T (B == 1);
             each sequence starts from its own initial state and none sees another.
+        chunk_size (chunked forms): chunk length, a positive power of two (16, 32, 64 typical); it
+            changes rounding only, never the result. The Triton kernels pick their own.
         use_qk_l2norm: l2-normalise q and k over K in float32 (eps 1e-6) inside the op.
         check_inputs: also check g <= 0 and 0 <= beta <= 1 (reads the values: a device sync).
     Returns:

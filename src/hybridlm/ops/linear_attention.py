@@ -142,6 +142,8 @@ _DOC_ARGS = """
         initial_state: optional [B, HV, K, V(+1)] (or [N, ...] with cu_seqlens), any float dtype.
         output_final_state: return the final state (float32, float64 for float64 inputs).
         cu_seqlens: optional int32/int64 [N + 1] boundaries of N sequences packed along T (B == 1).
+        chunk_size (chunked forms): chunk length, a positive power of two.
+        check_inputs: also check g <= 0 (reads the values: a device sync).
     Returns:
         o [B, T, HV, V] in v's dtype, and the final state [B or N, HV, K, V(+1)] or None.
 """
@@ -221,5 +223,5 @@ linear_attention_chunked.__doc__ = ("Linear attention in chunks of ``chunk_size`
                                     "    intra-chunk products plus the state carried between chunks.\n" + _DOC_ARGS
                                     + _EXAMPLE.format(name="linear_attention_chunked"))
 linear_attention.__doc__ = ("Linear attention; ``backend`` 'auto' | 'reference' | 'triton' picks the implementation\n"
-                            "    (the reference is the chunked form). ``check_inputs`` also checks g <= 0.\n" + _DOC_ARGS
+                            "    (the reference is the chunked form).\n" + _DOC_ARGS
                             + _EXAMPLE.format(name="linear_attention"))
