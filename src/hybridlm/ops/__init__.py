@@ -28,6 +28,7 @@ from hybridlm.ops.linear_attention import (
     linear_attention_naive,
     linear_attention_step,
 )
+from hybridlm.ops.mla import mla_attention
 from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "linear_attention_chunked",
     "linear_attention_naive",
     "linear_attention_step",
+    "mla_attention",
     "softmax_attention",
     "softmax_attention_reference",
 ]
