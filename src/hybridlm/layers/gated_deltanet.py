@@ -102,12 +102,17 @@ class GatedDeltaNet(nn.Module):
         """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V]."""
         if slot is not None and q.shape[1] == 1:
             state = slot.state.float()
+            # A float32 cache state is updated where it lies (one read, one write per step);
+            # other state dtypes go through a float32 copy.
+            inplace = state is slot.state
             if self.gated:
                 o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
-                                                     use_qk_l2norm=True)
+                                                     use_qk_l2norm=True, inplace=inplace)
             else:
-                o, new_state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, use_qk_l2norm=True)
-            slot.state.copy_(new_state)
+                o, new_state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, use_qk_l2norm=True,
+                                               inplace=inplace)
+            if not inplace:
+                slot.state.copy_(new_state)
             return o[:, None]
         kw = dict(initial_state=None if slot is None else slot.state.float(),
                   output_final_state=slot is not None, chunk_size=self.chunk_size, use_qk_l2norm=True)
