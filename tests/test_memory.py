@@ -173,6 +173,14 @@ def test_bad_input(call, match):
         call(HybridConfig())
 
 
+@pytest.mark.parametrize("fn", [lambda c: cache_bytes(c, 1, 1), attention_twin, lambda c: memory.prefill_flops(c, 8),
+                                lambda c: memory.decode_bytes_per_token(c, 8),
+                                lambda c: crossover_context(HybridConfig(), c)])
+def test_not_a_config(fn):
+    with pytest.raises(TypeError, match="expected a HybridConfig"):
+        fn({"num_layers": 4})
+
+
 # -------------------------------------------------------------- CLI and export
 def test_cli_table_shows_reduction(capsys):
     assert main(["memory", "--preset", "qwen3-next-80b-a3b", "--context", "262144"]) == 0

@@ -40,6 +40,11 @@ def _dtype_bytes(name: str, arg: str) -> int:
     return DTYPE_BYTES[name]
 
 
+def _check_config(cfg: HybridConfig, name: str = "cfg") -> None:
+    if not isinstance(cfg, HybridConfig):
+        raise TypeError(f"{name}: expected a HybridConfig, got {type(cfg).__name__}")
+
+
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -132,6 +137,7 @@ class CacheBytes:
 def cache_bytes(cfg: HybridConfig, batch: int, context: int, kv_dtype: str = "bfloat16",
                 state_dtype: str | None = None) -> CacheBytes:
     """Bytes of a cache for ``batch`` sequences of ``context`` tokens (ints > 0)."""
+    _check_config(cfg)
     _check_positive("batch", batch)
     _check_positive("context", context)
     kv = state = 0
@@ -163,6 +169,7 @@ def attention_twin(cfg: HybridConfig) -> HybridConfig:
     Attention dimensions are the model's own, so the twin answers "what would this model cache
     without its linear layers?". W layers stay windowed: they are softmax attention already.
     """
+    _check_config(cfg)
     letter = attention_letter(cfg)
     pattern = "".join(letter if c in LINEAR_LETTERS else c for c in cfg.layer_types)
     return dataclasses.replace(cfg, layer_pattern=pattern, num_layers=len(pattern))
@@ -176,6 +183,8 @@ def crossover_context(cfg: HybridConfig, baseline: HybridConfig, kv_dtype: str =
     with breaks at sliding windows, so "stays below" only needs checking at n, at each window
     beyond n, and at the bound; that makes the predicate monotone and a binary search exact.
     """
+    _check_config(cfg)
+    _check_config(baseline, "baseline")
     breaks = sorted({c.cap for m in (cfg, baseline) for c in
                      [layer_cost(m, x, kv_dtype, state_dtype) for x in set(m.layer_types)]
                      + bookkeeping_costs(m) if c.cap})
@@ -301,6 +310,7 @@ def prefill_flops(cfg: HybridConfig, n: int) -> dict[str, int]:
     (token-mixer weights), ``mlp`` (active MLP/MoE weights), ``head`` (LM head of the last token),
     ``total``; and ``quadratic_<letter>`` per layer type that has one.
     """
+    _check_config(cfg)
     _check_positive("context", n)
     out = {"quadratic": 0, "mixing_linear": 0, "projections": 0, "mlp": 0}
     for i, letter in enumerate(cfg.layer_types):
@@ -326,6 +336,7 @@ def decode_bytes_per_token(cfg: HybridConfig, context: int, batch: int = 1,
     view: a large batch touches more experts). KV: every cached token a layer attends to (top-k
     tokens plus every index key for sparse layers). State: the recurrent state and conv window.
     """
+    _check_config(cfg)
     _check_positive("context", context)
     _check_positive("batch", batch)
     wb = _dtype_bytes(weight_dtype, "weight_dtype")
