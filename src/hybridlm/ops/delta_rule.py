@@ -90,9 +90,8 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     q_, k_ = ck.heads_first(q, HV, ct), ck.heads_first(k, HV, ct)
     if use_qk_l2norm:
         q_, k_ = ck.l2norm(q_), ck.l2norm(k_)
-    v_ = v.transpose(1, 2).to(ct)
-    beta_ = beta.transpose(1, 2).to(ct)
-    g_ = torch.zeros_like(beta_) if g is None else g.transpose(1, 2).to(ct)
+    v_, beta_ = ck.heads_first(v, HV, ct), ck.heads_first(beta, HV, ct)
+    g_ = torch.zeros_like(beta_) if g is None else ck.heads_first(g, HV, ct)
     S0 = torch.zeros(state_shape, dtype=ct, device=q.device) if initial_state is None else initial_state.to(ct)
     o, S = ck.run_per_sequence(core, [q_ * scale, k_, v_, g_, beta_], S0, bounds)
     return o.transpose(1, 2).to(v.dtype), (S if output_final_state else None)

@@ -117,10 +117,10 @@ def _run(core, q, k, v, g, feature_map, normalize, scale, initial_state, output_
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_ = _feature(ck.heads_first(q, HV, ct), feature_map) * scale
     k_ = _feature(ck.heads_first(k, HV, ct), feature_map)
-    v_ = v.transpose(1, 2).to(ct)
+    v_ = ck.heads_first(v, HV, ct)
     if normalize:  # z = sum of decayed phi(k) rides along as one more value column
         v_ = torch.cat([v_, torch.ones_like(v_[..., :1])], -1)
-    g_ = torch.zeros_like(v_[..., 0]) if g is None else g.transpose(1, 2).to(ct)
+    g_ = torch.zeros_like(v_[..., 0]) if g is None else ck.heads_first(g, HV, ct)
     S0 = torch.zeros(state_shape, dtype=ct, device=q.device) if initial_state is None else initial_state.to(ct)
     o, S = ck.run_per_sequence(core, [q_, k_, v_, g_], S0, bounds)
     if normalize:
