@@ -118,7 +118,8 @@ def test_hf_config_gives_the_preset(name, tmp_path):
     for n in (1, 4096, 262144):
         assert cache_bytes(ours, 2, n) == cache_bytes(preset, 2, n), n
     assert param_counts(ours) == param_counts(preset)
-    for field in ("num_experts", "num_experts_per_tok", "first_dense_layers", "router", "rope_theta",
+    for field in ("num_experts", "num_experts_per_tok", "first_dense_layers", "router", "router_score_bias",
+                  "qk_norm_scope", "attn_output_gate", "qk_norm", "rope_theta",
                   "partial_rotary_factor", "max_position_embeddings", "vocab_size"):
         assert getattr(ours, field) == getattr(preset, field), field
     assert load_config(path) == ours

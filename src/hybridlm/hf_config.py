@@ -111,6 +111,8 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
     qwen_hybrid = model_type.startswith("qwen3_next") or model_type.startswith("qwen3_5")
     kw.update(attn_output_gate=qwen_hybrid, qk_norm=model_type in ("qwen3", "minimax_m2") or qwen_hybrid,
               norm_zero_centered=qwen_hybrid)
+    if model_type == "minimax_m2":  # q/k norms span all heads at once (q_norm weight: heads * head_dim)
+        kw["qk_norm_scope"] = "all"
     if d.get("sliding_window") and "W" in kw["layer_pattern"]:
         kw["sliding_window"] = int(d["sliding_window"])
     if qwen_hybrid:
@@ -134,6 +136,8 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
                   index_head_dim=int(d.get("index_head_dim", 128)), index_topk=int(d.get("index_topk", 2048)),
                   index_key_bytes=float(d.get("index_head_dim", 128) + 4))  # fp8 key + fp32 scale
     kw.update(_moe_fields(d))
+    if model_type == "minimax_m2":  # q/k norms span all heads; experts chosen with a score bias
+        kw.update(qk_norm_scope="all", router_score_bias=bool(kw.get("num_experts")))
     return HybridConfig(**kw)
 
 
@@ -146,7 +150,9 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
     if not shared and d.get("n_shared_experts", d.get("num_shared_experts")):
         shared = moe * int(d.get("n_shared_experts", d.get("num_shared_experts")))
     sigmoid = d.get("scoring_func") == "sigmoid" or d.get("model_type") in ("deepseek_v32", "kimi_linear", "minimax_m2")
-    return dict(num_experts=int(experts), moe_intermediate_size=moe, shared_expert_intermediate_size=shared,
+    # DeepSeek-V3-style routers add a selection-only bias (e_score_correction_bias) per expert.
+    score_bias = d.get("model_type") in ("deepseek_v32", "kimi_linear", "minimax_m2")
+    return dict(num_experts=int(experts), router_score_bias=score_bias, moe_intermediate_size=moe, shared_expert_intermediate_size=shared,
                 num_experts_per_tok=int(d.get("num_experts_per_tok") or d.get("num_experts_per_token") or 1),
                 norm_topk_prob=bool(d.get("norm_topk_prob", True)), first_dense_layers=_first_dense(d),
                 router="sigmoid" if sigmoid else "softmax")

@@ -68,7 +68,7 @@ PRESETS.update({
         linear_num_key_heads=32, linear_num_value_heads=32, linear_key_head_dim=128,
         linear_value_head_dim=128, linear_conv_kernel_dim=4, intermediate_size=9216, num_experts=256,
         num_experts_per_tok=8, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
-        first_dense_layers=1, router="sigmoid"),
+        first_dense_layers=1, router="sigmoid", router_score_bias=True),
     "minimax-m1": _published(
         "https://huggingface.co/MiniMaxAI/MiniMax-M1-40k (config.json; transformers MiniMaxConfig)",
         vocab_size=200_064, hidden_size=6144, num_layers=80, layer_pattern="LLLLLLLA", rms_norm_eps=1e-5,
@@ -82,7 +82,8 @@ PRESETS.update({
         vocab_size=200_064, hidden_size=3072, num_layers=62, layer_pattern="A", max_position_embeddings=196_608,
         num_attention_heads=48, num_key_value_heads=8, head_dim=128, partial_rotary_factor=0.5,
         rope_theta=5_000_000.0, attn_output_gate=False, qk_norm=True, intermediate_size=1536,
-        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1536, router="sigmoid"),
+        num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1536, router="sigmoid",
+        router_score_bias=True, qk_norm_scope="all"),
     # 3 dense GQA layers, then block-sparse. The MoE split is not published: 256 x 1536 top-8 is a fit
     # to the 428B / 23B totals (it gives about 444B / 23B); the cache does not depend on it.
     "minimax-m3": _published(
@@ -102,7 +103,7 @@ PRESETS.update({
         mla_v_head_dim=128, sparse_base="mla", index_num_heads=64, index_head_dim=128, index_topk=2048,
         index_key_bytes=128 + 4, intermediate_size=18_432, num_experts=256, num_experts_per_tok=8,
         moe_intermediate_size=2048, shared_expert_intermediate_size=2048, first_dense_layers=3,
-        router="sigmoid"),
+        router="sigmoid", router_score_bias=True),
     "qwen3-32b": _published(
         "https://huggingface.co/Qwen/Qwen3-32B (config.json; transformers Qwen3Config)",
         vocab_size=151_936, hidden_size=5120, num_layers=64, layer_pattern="A", max_position_embeddings=40_960,
