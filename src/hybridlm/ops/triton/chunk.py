@@ -49,9 +49,10 @@ def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     beta_f = _flat(beta)
-    gc, t = chunk_prep(_flat(k), _flat(g), beta_f, chunk_bounds, HV)
+    qf, kf = _flat(q), _flat(k)
+    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht, _ = chunk_fwd(_flat(q), _flat(k), _flat(v), gc, beta_f, t, h0, cu, chunk_offsets, scale)
+    o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale)
     return o.view(v.shape), ht
 
 
@@ -72,11 +73,11 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     HV = v.shape[2]
     NC = chunk_bounds.shape[0]
     qf, kf, vf, beta_f = _flat(q), _flat(k), _flat(v), _flat(beta)
-    gc, t = chunk_prep(kf, _flat(g), beta_f, chunk_bounds, HV)
+    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
-    _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, h0, cu, chunk_offsets, scale, store_chunks=NC)
+    _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
     dof = _flat(do.to(v.dtype))
-    dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, dht, cu, chunk_offsets, scale, NC)
+    dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, m, dht, cu, chunk_offsets, scale, NC)
     dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, dof, h, dh, dvn, chunk_bounds, scale)
     return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape).to(g.dtype),
             dbeta.view(beta.shape).to(beta.dtype), dh0)

@@ -18,13 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.chunk_fwd import causal_decay, load_chunk_common, pick_block_v, state_program
+from hybridlm.ops.triton.chunk_fwd import load_chunk_common, pick_block_v, state_pass_stages, state_program
 from hybridlm.ops.triton.chunk_prep import dot_precision
 
 
 @triton.jit
 def chunk_bwd_state_kernel(
-    q_ptr, k_ptr, do_ptr, gc_ptr, beta_ptr, t_ptr, dht_ptr, dh_ptr, dh0_ptr, dvn_ptr,
+    q_ptr, k_ptr, do_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, dht_ptr, dh_ptr, dh0_ptr, dvn_ptr,
     cu, chunk_offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
@@ -38,17 +38,16 @@ def chunk_bwd_state_kernel(
         i_c = nt - 1 - i
         t0 = bos + i_c * 64
         tl.store(dh_ptr + ((c_first + i_c).to(tl.int64) * HV + i_hv) * K * V + off_kv, b_ds, mask=m_kv)
-        b_q, b_k, b_gc, b_beta, b_t, b_gl = load_chunk_common(
-            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
+        b_q, b_k, b_gc, b_beta, b_t, b_m, b_gl = load_chunk_common(
+            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
         o_t = t0 + tl.arange(0, 64)
         m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
         row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
         b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
 
         b_decay = tl.exp(b_gc)
-        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * causal_decay(b_gc)
         b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
-        b_dvn = scale * tl.dot(tl.trans(b_m.to(DT)), b_do.to(DT), input_precision=PREC)
+        b_dvn = scale * tl.dot(tl.trans(b_m), b_do.to(DT), input_precision=PREC)
         b_dvn += tl.dot(b_kd, b_ds.to(DT), input_precision=PREC)
         tl.store(dvn_ptr + row_v, b_dvn, mask=m_tv)
 
@@ -61,12 +60,12 @@ def chunk_bwd_state_kernel(
     tl.store(dh0_ptr + state_row + off_kv, b_ds, mask=m_kv)
 
 
-def chunk_bwd_state(q, k, do, gc, beta, t, dht, cu, chunk_offsets, scale: float, num_chunks: int,
+def chunk_bwd_state(q, k, do, gc, beta, t, m, dht, cu, chunk_offsets, scale: float, num_chunks: int,
                     block_v: int | None = None):
     """Reverse state pass.
 
     Args:
-        q, k: [NTOK, H, K]; do: [NTOK, HV, V] output gradient (q's dtype); gc, beta, t as in ``chunk_fwd``.
+        q, k: [NTOK, H, K]; do: [NTOK, HV, V] output gradient (q's dtype); gc, beta, t, m as in ``chunk_fwd``.
         dht: float32 [N, HV, K, V] gradient of the final state, or None.
         num_chunks: NC, total chunk count.
     Returns:
@@ -82,8 +81,8 @@ def chunk_bwd_state(q, k, do, gc, beta, t, dht, cu, chunk_offsets, scale: float,
     dvn = torch.empty(NTOK, HV, V, device=q.device, dtype=torch.float32)
     BV = block_v or pick_block_v(N * HV, V, q.device)
     chunk_bwd_state_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, do, gc, beta, t, dht, dh, dh0, dvn, cu, chunk_offsets, scale,
+        q, k, do, gc, beta, t, m, dht, dh, dh0, dvn, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=4,
+        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=4, num_stages=state_pass_stages(q.dtype),
     )
     return dh, dh0, dvn

@@ -27,9 +27,9 @@ from hybridlm.ops.triton.chunk_prep import dot_precision
 
 
 @triton.jit
-def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv,
+def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T [C, C], gc_last of a chunk."""
+    """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T and M [C, C], gc_last of a chunk."""
     o_t = t0 + tl.arange(0, 64)
     m_t = o_t < eos
     o_k = tl.arange(0, BK)
@@ -44,16 +44,8 @@ def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv,
     b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
     o_c = tl.arange(0, 64)
     b_t = tl.load(t_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
-    return b_q, b_k, b_gc, b_beta, b_t, b_gl
-
-
-@triton.jit
-def causal_decay(b_gc):
-    """[C, C] exp(gc_i - gc_j) for i >= j, else 0 (masked before exp so nothing overflows)."""
-    o = tl.arange(0, 64)
-    causal = o[:, None] >= o[None, :]
-    diff = b_gc[:, None] - b_gc[None, :]
-    return tl.where(causal, tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+    b_m = tl.load(m_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
+    return b_q, b_k, b_gc, b_beta, b_t, b_m, b_gl
 
 
 @triton.jit
@@ -85,7 +77,7 @@ def state_program(cu, chunk_offsets, init_ptr, HAS_INIT: tl.constexpr,
 
 @triton.jit
 def chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, h0_ptr, o_ptr, ht_ptr, h_ptr,
+    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, h0_ptr, o_ptr, ht_ptr, h_ptr,
     cu, chunk_offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
@@ -99,8 +91,8 @@ def chunk_fwd_kernel(
         if STORE_H:
             i_c = c_first + (t0 - bos) // 64
             tl.store(h_ptr + (i_c.to(tl.int64) * HV + i_hv) * K * V + off_kv, b_s, mask=m_kv)
-        b_q, b_k, b_gc, b_beta, b_t, b_gl = load_chunk_common(
-            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
+        b_q, b_k, b_gc, b_beta, b_t, b_m, b_gl = load_chunk_common(
+            q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
         o_t = t0 + tl.arange(0, 64)
         m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
         row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
@@ -113,14 +105,19 @@ def chunk_fwd_kernel(
         b_x = b_beta[:, None] * (b_v - b_decay[:, None] * b_ks)
         b_vn = tl.dot(b_t, b_x.to(DT), input_precision=PREC).to(DT)
 
-        b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * causal_decay(b_gc)
-        b_o = b_decay[:, None] * b_qs + tl.dot(b_m.to(DT), b_vn, input_precision=PREC)
+        b_o = b_decay[:, None] * b_qs + tl.dot(b_m, b_vn, input_precision=PREC)
         tl.store(o_ptr + row_v, (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
 
         b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
         b_s = b_s * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
 
     tl.store(ht_ptr + state_row + off_kv, b_s, mask=m_kv)
+
+
+def state_pass_stages(dtype: torch.dtype) -> int:
+    """Software-pipelining depth of the state passes: float32 tiles are twice as large, and three
+    stages of them overflow the 227 KB of shared memory a Hopper block may use."""
+    return 1 if dtype == torch.float32 else 3
 
 
 def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) -> int:
@@ -136,13 +133,13 @@ def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) 
     return bv
 
 
-def chunk_fwd(q, k, v, gc, beta, t, initial_state, cu, chunk_offsets, scale: float,
-              store_chunks: int = 0, block_v: int | None = None):
+def chunk_fwd(q, k, v, gc, beta, t, m, initial_state, cu, chunk_offsets, scale: float,
+              store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4):
     """Run the state pass over every sequence.
 
     Args:
         q, k: [NTOK, H, K]; v: [NTOK, HV, V] (float32/bfloat16/float16, one dtype, contiguous).
-        gc: float32 [NTOK, HV]; beta: [NTOK, HV]; t: [NTOK, HV, 64] from ``chunk_prep``.
+        gc: float32 [NTOK, HV]; beta: [NTOK, HV]; t, m: [NTOK, HV, 64] from ``chunk_prep``.
         initial_state: float32 [N, HV, K, V] or None. cu, chunk_offsets: int32 [N + 1].
         store_chunks: NC, the total chunk count, to also return the state entering every chunk,
             float32 [NC, HV, K, V] (for backward); 0 to skip it.
@@ -159,9 +156,9 @@ def chunk_fwd(q, k, v, gc, beta, t, initial_state, cu, chunk_offsets, scale: flo
         h = torch.empty(store_chunks, HV, K, V, device=q.device, dtype=torch.float32)
     BV = block_v or pick_block_v(N * HV, V, q.device)
     chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, v, gc, beta, t, initial_state, o, ht, h, cu, chunk_offsets, scale,
+        q, k, v, gc, beta, t, m, initial_state, o, ht, h, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
         HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
     )
     return o, ht, h

@@ -39,6 +39,15 @@ def _load_vec16(x_ptr, bos, eos, i_blk, stride, col):
 
 
 @triton.jit
+def causal_decay(b_gc):
+    """[C, C] exp(gc_i - gc_j) for i >= j, else 0 (masked before exp so nothing overflows)."""
+    o = tl.arange(0, 64)
+    causal = o[:, None] >= o[None, :]
+    diff = b_gc[:, None] - b_gc[None, :]
+    return tl.where(causal, tl.exp(tl.where(causal, diff, 0.0)), 0.0)
+
+
+@triton.jit
 def _store_vec16(x_ptr, bos, eos, i_blk, stride, col, x):
     o_t = bos + i_blk * 16 + tl.arange(0, 16)
     tl.store(x_ptr + o_t.to(tl.int64) * stride + col, x, mask=o_t < eos)
@@ -80,7 +89,7 @@ def _store_block(t_ptr, bos, eos, i_row, i_col, blk, HV: tl.constexpr, i_hv):
 
 @triton.jit
 def chunk_prep_kernel(
-    k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, chunk_bounds,
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, chunk_bounds,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
     i_c = tl.program_id(0)
@@ -152,31 +161,48 @@ def chunk_prep_kernel(
     _store_block(t_ptr, bos, eos, 3, 2, t32, HV, i_hv)
     _store_block(t_ptr, bos, eos, 3, 3, t33, HV, i_hv)
 
+    # the causal, decayed Q K^T does not depend on the state: forming it here takes a [C, K] x [K, C]
+    # product out of the sequential pass, which would otherwise repeat it per value block
+    o_t = bos + tl.arange(0, 64)
+    m_t = o_t < eos
+    o_k = tl.arange(0, BK)
+    row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
+    m_qk = m_t[:, None] & (o_k < K)[None, :]
+    b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
+    b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
+    b_gc = tl.cumsum(tl.load(g_ptr + o_t.to(tl.int64) * HV + i_hv, mask=m_t, other=0.0).to(tl.float32), 0)
+    b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * causal_decay(b_gc)
+    o_c = tl.arange(0, 64)
+    tl.store(m_ptr + (o_t[:, None].to(tl.int64) * HV + i_hv) * 64 + o_c[None, :],
+             b_m.to(m_ptr.dtype.element_ty), mask=m_t[:, None])
+
 
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs get exact float32 products; 16-bit inputs use the tensor cores (float32 sums)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def chunk_prep(k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
-               chunk_bounds: torch.Tensor, HV: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cumulative in-chunk log-decay and the WY transform of every chunk.
+def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
+               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4):
+    """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
-        k_NHK: [NTOK, H, K] keys (flat tokens), float32/bfloat16/float16, contiguous.
+        q_NHK, k_NHK: [NTOK, H, K] queries and keys (flat tokens), float32/bfloat16/float16, contiguous.
         g_NHV: [NTOK, HV] log-decay, any float dtype. beta_NHV: [NTOK, HV] write strength.
         chunk_bounds: int32 [NC, 2] flat token range of each chunk (``utils.sequence_tables``).
     Returns:
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
+        m: [NTOK, HV, 64] row i of its chunk's (Q K^T * exp(gc_i - gc_j), i >= j), in k's dtype.
     """
     NTOK, H, K = k_NHK.shape
     gc = torch.empty(NTOK, HV, device=k_NHK.device, dtype=torch.float32)
     t = torch.empty(NTOK, HV, CHUNK, device=k_NHK.device, dtype=k_NHK.dtype)
+    m = torch.empty_like(t)
     NC = chunk_bounds.shape[0]
     chunk_prep_kernel[(NC, HV)](
-        k_NHK, g_NHV, beta_NHV, gc, t, chunk_bounds,
+        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, chunk_bounds,
         H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
-    return gc, t
+    return gc, t, m

@@ -1,0 +1,172 @@
+"""Triton chunked gated delta rule vs the float64 token-by-token reference.
+
+Legend: B batch, T tokens, H q/k heads, HV value heads, K key size, V value size.
+On a machine without CUDA the kernels run under Triton's interpreter (float32, tiny shapes);
+on a GPU the same tests run natively and add bfloat16 and longer sequences.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import of the session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from hybridlm.ops.delta_rule import gated_delta_rule_naive  # noqa: E402
+from hybridlm.ops.triton import chunk_gated_delta_rule  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# relative RMS error allowed against the float64 reference
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+def rel_rms(x, ref):
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every torch.empty the kernels allocate starts as NaN, so an unwritten element fails the test."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_fill(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan_fill(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan_fill(empty_like(*a, **kw)))
+
+
+def make_inputs(B, T, H, HV, K, V, dtype, N=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k, v = r(B, T, H, K), torch.nn.functional.normalize(r(B, T, H, K), dim=-1), r(B, T, HV, V)
+    g = torch.nn.functional.logsigmoid(r(B, T, HV) + 2)
+    beta = torch.sigmoid(r(B, T, HV))
+    h0 = r(N or B, HV, K, V)
+    return [x.to(DEVICE, dtype) for x in (q, k, v)] + [x.to(DEVICE) for x in (g, beta, h0)]
+
+
+def run_both(xs, *, cu_seqlens=None, use_qk_l2norm=False, gate=None, seed=1):
+    """Outputs, final states and all gradients of the kernel and of the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    ours = [x.clone().requires_grad_() for x in xs]
+    ref = [x.detach().double().requires_grad_() for x in xs]
+    o, ht = chunk_gated_delta_rule(*ours[:5], initial_state=ours[5], output_final_state=True,
+                                   cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE)
+    dht = torch.randn(ht.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad((o.float() * do).sum() + (ht * dht).sum(), ours)
+    ro, rht = gated_delta_rule_naive(*ref[:5], initial_state=ref[5], output_final_state=True,
+                                     cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+    rgrads = torch.autograd.grad((ro * do.double()).sum() + (rht * dht.double()).sum(), ref)
+    return (o, ht, *grads), (ro, rht, *rgrads)
+
+
+def assert_close(got, want, tol):
+    for name, x, y in zip(("o", "final_state") + NAMES, got, want):
+        assert not torch.isnan(x).any(), f"{name} has NaN (an element was never written)"
+        err = rel_rms(x, y)
+        assert err < tol, f"{name}: relative RMS error {err:.2e} >= {tol:.0e}"
+
+
+CASES = [  # (B, T, H, HV, K, V): one token, a chunk short, a chunk over, several chunks; HV = H and 2H; K != V
+    (1, 1, 1, 2, 16, 16),
+    (2, 63, 1, 2, 16, 32),
+    (1, 65, 2, 2, 32, 16),
+    (1, 130, 1, 2, 16, 16),
+]
+GPU_CASES = [(2, 1000, 2, 4, 128, 128), (1, 300, 4, 4, 64, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CASES + (GPU_CASES if CUDA else []), ids=str)
+def test_outputs_states_and_gradients_match_reference(shape, dtype):
+    got, want = run_both(make_inputs(*shape, dtype))
+    assert_close(got, want, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_sequences_match_per_sequence_runs(dtype):
+    bounds = [0, 1, 64, 130] + ([1130] if CUDA else [])
+    cu = torch.tensor(bounds, device=DEVICE, dtype=torch.int32)
+    xs = make_inputs(1, bounds[-1], 1, 2, 16, 32, dtype, N=len(bounds) - 1)
+    got, want = run_both(xs, cu_seqlens=cu)
+    assert_close(got, want, TOL[dtype])
+    # each sequence alone gives the same output and final state as the packed call
+    for i, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:])):
+        o_i, ht_i = chunk_gated_delta_rule(*(x[:, bos:eos] for x in xs[:5]), initial_state=xs[5][i:i + 1],
+                                           output_final_state=True)
+        assert rel_rms(o_i, got[0][:, bos:eos]) < TOL[dtype]
+        assert rel_rms(ht_i, got[1][i:i + 1]) < TOL[dtype]
+
+
+def test_l2norm_gradients_match_reference():
+    xs = make_inputs(1, 70, 1, 2, 16, 16, DTYPES[-1])
+    xs[0], xs[1] = 3 * xs[0], 3 * xs[1]  # unnormalised inputs, so the norm matters
+    got, want = run_both(xs, use_qk_l2norm=True)
+    assert_close(got, want, TOL[DTYPES[-1]])
+
+
+def test_fused_gate_equals_gate_computed_outside():
+    q, k, v, a, beta, h0 = make_inputs(1, 40, 1, 2, 16, 16, torch.float32)
+    A_log = torch.tensor([0.3, -1.0], device=DEVICE, requires_grad=True)
+    dt_bias = torch.tensor([0.5, 0.1], device=DEVICE, requires_grad=True)
+    o1, _ = chunk_gated_delta_rule(q, k, v, a, beta, A_log=A_log, dt_bias=dt_bias)
+    g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias)
+    o2, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+    assert rel_rms(o1, o2) < 1e-6
+    d1 = torch.autograd.grad(o1.sum(), (A_log, dt_bias))
+    d2 = torch.autograd.grad(o2.sum(), (A_log, dt_bias))
+    assert all(rel_rms(x, y) < 1e-5 for x, y in zip(d1, d2))
+
+
+def test_no_initial_state_and_no_final_state():
+    q, k, v, g, beta, _ = make_inputs(2, 20, 1, 1, 16, 16, torch.float32)
+    o, ht = chunk_gated_delta_rule(q, k, v, g, beta)
+    assert ht is None
+    ro, _ = gated_delta_rule_naive(*(x.double() for x in (q, k, v, g, beta)))
+    assert rel_rms(o, ro) < TOL[torch.float32]
+
+
+def test_compiles_fullgraph():
+    q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 2, 16, 16, torch.float32)
+
+    def f(q, k, v, g, beta, h0):
+        o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                       use_qk_l2norm=True)
+        return o.sum() + ht.sum()
+
+    xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    # on CPU aot_eager still traces the custom ops' fake kernels and autograd formula, without a C compiler
+    compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
+    out = compiled(*xs)
+    grads = torch.autograd.grad(out, xs)
+    ys = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    ref = f(*ys)
+    rgrads = torch.autograd.grad(ref, ys)
+    assert rel_rms(out, ref) < 1e-5
+    assert all(rel_rms(a, b) < 1e-5 for a, b in zip(grads, rgrads))
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    q, k, v, g, beta, h0 = make_inputs(1, 8, 1, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=32)
+    with pytest.raises(TypeError, match="q"):
+        chunk_gated_delta_rule(q.double(), k.double(), v.double(), g, beta)
+    with pytest.raises(ValueError, match="beta"):
+        chunk_gated_delta_rule(q, k, v, g, beta[..., :1])
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0[:, :1])
+    with pytest.raises(ValueError, match="K"):
+        big = torch.zeros(1, 8, 1, 256, device=DEVICE)
+        chunk_gated_delta_rule(big, big, v, g, beta)
+    with pytest.raises(ValueError, match="dt_bias"):
+        chunk_gated_delta_rule(q, k, v, g, beta, A_log=torch.zeros(2, device=DEVICE))
