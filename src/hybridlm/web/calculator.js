@@ -232,14 +232,20 @@ function drawChart(inp, list) {
   for (let e = 8; e <= maxExp; e += 0.25) xs.push(Math.round(2 ** e));
   const series = list.map(([, cfg]) => xs.map((n) => Memory.cacheBytes(cfg, inp.batch, n, inp.kv_dtype, inp.state_dtype).total));
   const yMax = Math.max(...series.flat()) || 1;
+  const logY = document.getElementById("logy").checked;
+  const yMin = logY ? Math.max(1, Math.min(...series.flat().filter((y) => y > 0))) : 0;
   const px = (n) => L + (Math.log2(n) - 8) / (maxExp - 8) * (W - L - R);
-  const py = (y) => H - B - (y / yMax) * (H - T - B);
+  const frac = (y) => (logY ? Math.log(Math.max(y, yMin) / yMin) / Math.log(yMax / yMin || 2) : y / yMax);
+  const py = (y) => H - B - frac(y) * (H - T - B);
   ctx.strokeStyle = "#888"; ctx.fillStyle = "#333"; ctx.font = "12px sans-serif"; ctx.lineWidth = 1;
   ctx.beginPath(); ctx.moveTo(L, T); ctx.lineTo(L, H - B); ctx.lineTo(W - R, H - B); ctx.stroke();
   for (let e = 8; e <= maxExp; e += 2) {
     ctx.fillText(e >= 20 ? `${2 ** (e - 20)}M` : e >= 10 ? `${2 ** (e - 10)}k` : String(2 ** e), px(2 ** e) - 10, H - B + 16);
   }
-  for (let i = 0; i <= 4; i += 1) ctx.fillText(formatBytes(Math.round(yMax * i / 4)), 2, py(yMax * i / 4) + 4);
+  for (let i = 0; i <= 4; i += 1) {
+    const y = logY ? yMin * (yMax / yMin) ** (i / 4) : yMax * i / 4;
+    ctx.fillText(formatBytes(Math.round(y)), 2, py(y) + 4);
+  }
   ctx.fillText("context (tokens, log scale)", W / 2 - 70, H - 6);
   series.forEach((ys, k) => {
     ctx.strokeStyle = COLORS[k]; ctx.lineWidth = 2; ctx.beginPath();
@@ -282,6 +288,7 @@ function init() {
   select.value = "qwen3-next-80b-a3b" in PRESETS ? "qwen3-next-80b-a3b" : Object.keys(PRESETS)[0];
   select.addEventListener("change", fillFromPreset);
   for (const el of document.querySelectorAll("input, select.dtype")) el.addEventListener("input", render);
+  document.getElementById("logy").addEventListener("change", render);
   fillFromPreset();
 }
 
