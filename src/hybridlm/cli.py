@@ -136,7 +136,7 @@ def _add_memory(sub) -> None:
 
 def _cmd_memory(args) -> int:
     from hybridlm import memory
-    from hybridlm.config import HybridConfig
+    from hybridlm.config import LAYER_LETTERS, HybridConfig
 
     if any(b <= 0 for b in args.batch) or not args.batch:
         raise ValueError(f"--batch: expected positive integers, got {args.batch}")
@@ -166,6 +166,9 @@ def _cmd_memory(args) -> int:
               f"{r['total_bytes'] / gib:>9.3f} {r['baseline_total_bytes'] / gib:>9.3f} {r['reduction']:>9.1%} "
               f"{f['total'] / 1e15:>13.3f} {f['quadratic'] / f['total']:>9.1%} "
               f"{r['decode_bytes_per_token']['total'] / 1e9:>13.3f}")
+    last = rows[-1]
+    print(f"by layer type at {last['context']:,} tokens, batch {last['batch']}: " + ", ".join(
+        f"{LAYER_LETTERS[c]} x{cfg.layer_types.count(c)} {b / gib:.3f} GiB" for c, b in last["by_type"].items()))
     cross = rows[0]["crossover_context"]
     print(f"crossover: the cache falls below the baseline's from {cross:,} tokens" if cross else
           "crossover: the cache never falls below the baseline's")
@@ -304,6 +307,7 @@ def _add_study(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
     p.add_argument("--train-len", type=int, default=None, help="training sequence length")
+    p.add_argument("--vocab", type=int, default=None, help="token ids of the task (keys and values from two halves)")
     p.add_argument("--train-pairs", type=parse_int_list, default=None, help="pair counts trained on, e.g. 2,4,8")
     p.add_argument("--eval-pairs", type=parse_int_list, default=None, help="pair counts evaluated")
     p.add_argument("--eval-lens", type=parse_int_list, default=None, help="sequence lengths evaluated")
@@ -331,7 +335,7 @@ def _cmd_study(args) -> int:
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
     }
     for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
-                         ("batch_size", args.batch_size), ("train_len", args.train_len),
+                         ("batch_size", args.batch_size), ("train_len", args.train_len), ("vocab_size", args.vocab),
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
                          ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
