@@ -75,12 +75,27 @@ class HybridLM(nn.Module):
     def _init_weights(self) -> None:
         """Normal(0, initializer_range) for projections and embeddings; layers keep their own
         init for everything else (norm weights, conv filters, the decay parameters)."""
+        if self.embed_tokens.weight.is_meta:
+            return  # nothing to fill, and init on meta tensors is slow (~1 ms a call) for big presets
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "HybridLM":
+        """Load a Hugging Face or hybridlm checkpoint folder; see hybridlm.checkpoints.from_pretrained."""
+        from hybridlm.checkpoints import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, model_type: str | None = None, dtype=None):
+        """Write config.json + safetensors; see hybridlm.checkpoints.save_pretrained."""
+        from hybridlm.checkpoints import save_pretrained
+
+        return save_pretrained(self, path, model_type=model_type, dtype=dtype)
 
     def num_parameters(self) -> int:
         """Number of parameters (a tied embedding counts once)."""

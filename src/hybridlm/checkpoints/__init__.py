@@ -1,0 +1,11 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (sharded with an index).
+
+``from_pretrained(path)`` / ``save_pretrained(model, path)`` (also ``HybridLM.from_pretrained`` and
+``model.save_pretrained``). Model types: qwen3_next, qwen3_5 (text; dense and MoE), minimax_m2,
+qwen3, llama; kimi_linear, minimax and deepseek_v32 are refused as not supported yet.
+"""
+
+from hybridlm.checkpoints.pretrained import from_pretrained, save_pretrained
+from hybridlm.checkpoints.tokenizer import load_tokenizer
+
+__all__ = ["from_pretrained", "load_tokenizer", "save_pretrained"]
