@@ -78,7 +78,7 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
     dof = _flat(do.to(v.dtype))
     dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, m, dht, cu, chunk_offsets, scale, NC)
-    dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, dof, h, dh, dvn, chunk_bounds, scale)
+    dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, m, dof, h, dh, dvn, chunk_bounds, scale)
     return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape).to(g.dtype),
             dbeta.view(beta.shape).to(beta.dtype), dh0)
 

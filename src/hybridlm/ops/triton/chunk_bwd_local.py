@@ -1,125 +1,167 @@
-"""Chunk-local gradients of the chunked gated delta rule, batched over all chunks in PyTorch.
+"""Chunk-local gradients of the chunked gated delta rule, one program per (chunk, value head).
 
-Legend: NC chunks, C = 64, HV value heads, K key size, V value size. Once the state entering each
-chunk (S, from the forward pass) and the gradient of the state leaving it (dS', from
-``chunk_bwd_state``) are known, every chunk's gradients are independent. Forward per chunk:
+Legend: NTOK flat tokens, NC chunks, C = 64, H q/k heads, HV value heads, K key size, V value size.
+Once the state entering each chunk (S, stored by the forward pass) and the gradient of the state
+leaving it (dS', from ``chunk_bwd_state``) are known, every chunk's gradients are independent.
+Forward per chunk (gamma = exp(gc), e = exp(gc_last - gc), G_ij = exp(gc_i - gc_j)):
 
-    KS = K S;  X = diag(beta) (V - diag(gamma) KS);  V_new = T X;   gamma = exp(gc)
-    T = (I + A)^-1,  A = diag(beta) (K K^T * G_strict),  G_ij = exp(gc_i - gc_j)
-    O  = scale [diag(gamma) Q S + (Q K^T * G_causal) V_new]
-    S' = exp(gc_last) S + (diag(e) K)^T V_new,  e = exp(gc_last - gc)
+    KS = K S;  X = diag(beta) (V - diag(gamma) KS);  V_new = T X
+    T = (I + A)^-1,  A = diag(beta) (K K^T * G, i > j)
+    O  = scale [diag(gamma) Q S + M V_new],  M = Q K^T * G, i >= j
+    S' = exp(gc_last) S + (diag(e) K)^T V_new
 
-and this module differentiates those lines in reverse, then turns d(gc) into dg by a reverse
-cumulative sum inside each chunk (gc is the in-chunk cumulative sum of g).
+Differentiated line by line in reverse (dV_new comes from the state pass):
+
+    dX = T^T dV_new,  dT = dV_new X^T,  dA = -T^T dT T^T (strictly lower)
+    dV = diag(beta) dX,  dM = scale dO V_new^T
+    dQ = scale diag(gamma) dO S^T + (dM * G) K
+    dK = -diag(beta gamma) dX S^T + (dP * G + (dP * G)^T) K + (dM * G)^T Q + diag(e) V_new dS'^T,
+         dP = diag(beta) dA
+and d(gc) collects every place gc appears; dg is its reverse cumulative sum inside the chunk.
+Products that reduce over V are accumulated over blocks of BV value columns.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from hybridlm.ops.triton.utils import CHUNK
-
-
-def _gather(x_N: torch.Tensor, idx_CL: torch.Tensor, valid_CL: torch.Tensor) -> torch.Tensor:
-    """[NTOK, ...] -> [NC, C, ...] with zeros in padding rows."""
-    out = x_N[idx_CL]
-    return out * valid_CL.view(*valid_CL.shape, *([1] * (out.dim() - 2))).to(out.dtype)
+from hybridlm.ops.triton.chunk_prep import causal_decay, dot_precision
 
 
-def _heads_first(x_CLHD: torch.Tensor, HV: int) -> torch.Tensor:
-    """[NC, C, H, D] -> [NC, HV, C, D] float32; q/k head h serves value heads h r .. h r + r - 1."""
-    r = HV // x_CLHD.shape[2]
-    return x_CLHD.float().repeat_interleave(r, dim=2).transpose(1, 2)
+@triton.jit
+def chunk_bwd_local_kernel(
+    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, chunk_bounds,
+    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    i_hv = tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bounds + 2 * i_c)
+    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    DT = q_ptr.dtype.element_ty
+
+    o_t = bos + tl.arange(0, 64)
+    m_t = o_t < eos
+    o_k = tl.arange(0, BK)
+    m_qk = m_t[:, None] & (o_k < K)[None, :]
+    row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
+    b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
+    b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
+    row_hv = o_t.to(tl.int64) * HV + i_hv
+    b_gl = tl.load(gc_ptr + (eos - 1).to(tl.int64) * HV + i_hv)
+    b_gc = tl.where(m_t, tl.load(gc_ptr + row_hv, mask=m_t, other=0.0), b_gl)
+    b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
+    o_c = tl.arange(0, 64)
+    p_cc = row_hv[:, None] * 64 + o_c[None, :]
+    b_t = tl.load(t_ptr + p_cc, mask=m_t[:, None], other=0.0)
+    b_m = tl.load(m_ptr + p_cc, mask=m_t[:, None], other=0.0).to(tl.float32)
+    b_gamma = tl.exp(b_gc)
+    b_e = tl.exp(b_gl - b_gc)
+    state = (i_c.to(tl.int64) * HV + i_hv) * K * V
+
+    b_dq = tl.zeros([64, BK], dtype=tl.float32)     # dO S^T
+    b_dk = tl.zeros([64, BK], dtype=tl.float32)     # -diag(beta gamma) dX S^T + diag(e) V_new dS'^T
+    b_dt = tl.zeros([64, 64], dtype=tl.float32)     # dV_new X^T
+    b_dm = tl.zeros([64, 64], dtype=tl.float32)     # dO V_new^T
+    b_dbeta = tl.zeros([64], dtype=tl.float32)
+    b_dgamma = tl.zeros([64], dtype=tl.float32)
+    b_de = tl.zeros([64], dtype=tl.float32)
+    b_dlast = tl.zeros([BK], dtype=tl.float32)      # column sums of S * dS'
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+        p_kv = state + o_k[:, None] * V + o_v[None, :]
+        b_s = tl.load(h_ptr + p_kv, mask=m_kv, other=0.0)
+        b_ds = tl.load(dh_ptr + p_kv, mask=m_kv, other=0.0)
+        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dvn_ptr + row_v, mask=m_tv, other=0.0)
+
+        b_sd = b_s.to(DT)
+        b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
+        b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
+        b_r = b_v - b_gamma[:, None] * b_ks                     # X / beta
+        b_x = (b_beta[:, None] * b_r).to(DT)
+        b_vn = tl.dot(b_t, b_x, input_precision=PREC)
+        b_dx = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
+        tl.store(dv_ptr + row_v, (b_beta[:, None] * b_dx).to(dv_ptr.dtype.element_ty), mask=m_tv)
+
+        b_dt += tl.dot(b_dvn.to(DT), tl.trans(b_x), input_precision=PREC)
+        b_dm += tl.dot(b_do, tl.trans(b_vn.to(DT)), input_precision=PREC)
+        b_dq += tl.dot(b_do, tl.trans(b_sd), input_precision=PREC)
+        b_dsd = b_ds.to(DT)
+        b_dk += tl.dot((-(b_beta * b_gamma)[:, None] * b_dx).to(DT), tl.trans(b_sd), input_precision=PREC)
+        b_dk += tl.dot((b_e[:, None] * b_vn).to(DT), tl.trans(b_dsd), input_precision=PREC)
+        b_de += tl.sum(b_vn * tl.dot(b_k, b_dsd, input_precision=PREC), 1)
+        b_dbeta += tl.sum(b_dx * b_r, 1)
+        b_dgamma += scale * tl.sum(b_do.to(tl.float32) * b_qs, 1) - b_beta * tl.sum(b_dx * b_ks, 1)
+        b_dlast += tl.sum(b_s * b_ds, 1)
+
+    b_dm = b_dm * scale
+    b_decay = causal_decay(b_gc)
+    strict = o_c[:, None] > o_c[None, :]
+    b_kks = tl.where(strict, tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay, 0.0)
+    b_tt = tl.trans(b_t)
+    b_da = -tl.dot(b_tt, tl.dot(b_dt.to(DT), b_tt, input_precision=PREC).to(DT), input_precision=PREC)
+    b_da = tl.where(strict, b_da, 0.0)
+    b_dp = b_beta[:, None] * b_da
+    b_dbeta += tl.sum(b_da * b_kks, 1)
+    b_dkk = (b_dp * b_decay).to(DT)
+    b_dqk = (b_dm * b_decay).to(DT)
+
+    b_dq = scale * b_gamma[:, None] * b_dq + tl.dot(b_dqk, b_k, input_precision=PREC)
+    b_dk += tl.dot(b_dkk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
+
+    b_mm = b_dm * b_m
+    b_pk = b_dp * b_kks
+    b_dgc = b_dgamma * b_gamma + tl.sum(b_mm, 1) - tl.sum(b_mm, 0) + tl.sum(b_pk, 1) - tl.sum(b_pk, 0)
+    b_dgc -= b_de * b_e
+    # gc_last: a padding row carries it too, so adding at row 63 reaches every real row in the reverse cumsum
+    d_last = tl.sum(b_de * b_e, 0) + tl.sum(b_dlast, 0) * tl.exp(b_gl)
+    b_dgc += tl.where(o_c == 63, d_last, 0.0)
+    b_dg = tl.cumsum(b_dgc, 0, reverse=True)
+
+    p_qk = (o_t[:, None].to(tl.int64) * HV + i_hv) * K + o_k[None, :]
+    tl.store(dq_ptr + p_qk, b_dq, mask=m_qk)
+    tl.store(dk_ptr + p_qk, b_dk, mask=m_qk)
+    tl.store(dg_ptr + row_hv, b_dg, mask=m_t)
+    tl.store(dbeta_ptr + row_hv, b_dbeta, mask=m_t)
 
 
-def _scatter(out_N: torch.Tensor, x_CL: torch.Tensor, idx_CL: torch.Tensor, valid_CL: torch.Tensor):
-    out_N[idx_CL[valid_CL]] = x_CL[valid_CL].to(out_N.dtype)
-    return out_N
-
-
-def _rows_minus_cols(dG: torch.Tensor) -> torch.Tensor:
-    """Gradient of gc from G_ij = exp(gc_i - gc_j), given dG * G: row sums minus column sums."""
-    return dG.sum(-1) - dG.sum(-2)
-
-
-def chunk_bwd_local(q, k, v, gc, beta, t, do, h, dh, dvn, chunk_bounds, scale: float):
+def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float):
     """Gradients of q, k, v, g and beta from the chunk states and the state-gradient pass.
 
     Args:
-        q, k: [NTOK, H, K]; v, do: [NTOK, HV, V]; gc, beta: [NTOK, HV]; t: [NTOK, HV, 64] (``chunk_prep``).
-        h: float32 [NC, HV, K, V] state entering each chunk; dh: float32 [NC, HV, K, V] gradient of the
-        state leaving it; dvn: float32 [NTOK, HV, V] gradient of V_new (``chunk_bwd_state``).
-        chunk_bounds: int32 [NC, 2].
+        q, k: [NTOK, H, K]; v, do: [NTOK, HV, V] (one dtype); gc, beta: [NTOK, HV];
+        t, m: [NTOK, HV, 64] (``chunk_prep``); h: float32 [NC, HV, K, V] state entering each chunk;
+        dh: float32 [NC, HV, K, V] gradient of the state leaving it; dvn: float32 [NTOK, HV, V]
+        gradient of V_new (``chunk_bwd_state``); chunk_bounds: int32 [NC, 2].
     Returns:
-        dq, dk [NTOK, H, K], dv [NTOK, HV, V] in the inputs' dtype; dg, dbeta float32 [NTOK, HV].
+        dq, dk [NTOK, H, K] and dv [NTOK, HV, V] in the inputs' dtype; dg, dbeta float32 [NTOK, HV].
     """
     NTOK, H, K = q.shape
-    HV = v.shape[1]
-    start, end = chunk_bounds[:, 0].long(), chunk_bounds[:, 1].long()
-    idx = start[:, None] + torch.arange(CHUNK, device=q.device)
-    valid = idx < end[:, None]
-    idx = torch.where(valid, idx, start[:, None])
-
-    Q = _heads_first(_gather(q, idx, valid), HV)                     # [NC, HV, C, K]
-    Kc = _heads_first(_gather(k, idx, valid), HV)
-    Vc = _gather(v, idx, valid).float().transpose(1, 2)              # [NC, HV, C, V]
-    dO = _gather(do, idx, valid).float().transpose(1, 2)
-    dVn = _gather(dvn, idx, valid).transpose(1, 2)
-    b = _gather(beta, idx, valid).float().transpose(1, 2)            # [NC, HV, C]
-    gl = gc[end - 1][..., None]                                       # [NC, HV, 1]
-    G = torch.where(valid[:, None, :], gc[idx].transpose(1, 2), gl)  # padding rows carry gc_last
-    Tm = _gather(t, idx, valid).float().transpose(1, 2)              # [NC, HV, C, C]
-    S, dS1 = h, dh
-
-    gamma = G.exp()
-    e = (gl - G).exp()
-    i = torch.arange(CHUNK, device=q.device)
-    causal = i[:, None] >= i[None, :]
-    strict = i[:, None] > i[None, :]
-    D = G[..., :, None] - G[..., None, :]
-    Gc = torch.where(causal, torch.where(causal, D, 0.0).exp(), 0.0)
-    Gs = torch.where(strict, Gc, 0.0)
-
-    KS = Kc @ S
-    X = b[..., None] * (Vc - gamma[..., None] * KS)
-    Vn = Tm @ X
-    QS = Q @ S
-    QK = Q @ Kc.transpose(-1, -2)
-    KK = Kc @ Kc.transpose(-1, -2)
-
-    # V_new = T X, T = (I + A)^-1: dA = -T^T dT T^T on the strictly lower part
-    dX = Tm.transpose(-1, -2) @ dVn
-    dT = dVn @ X.transpose(-1, -2)
-    dA = -(Tm.transpose(-1, -2) @ dT @ Tm.transpose(-1, -2)) * strict
-    dP = b[..., None] * dA
-    dKK = dP * Gs
-    dbeta = (dA * KK * Gs).sum(-1) + (dX * (Vc - gamma[..., None] * KS)).sum(-1)
-    dV = b[..., None] * dX
-    dKS = -(b * gamma)[..., None] * dX
-    dgamma = -(b * (dX * KS).sum(-1))
-
-    dM = scale * dO @ Vn.transpose(-1, -2)
-    dQK = dM * Gc
-    dQ = scale * gamma[..., None] * (dO @ S.transpose(-1, -2)) + dQK @ Kc
-    dgamma = dgamma + scale * (dO * QS).sum(-1)
-
-    dKt = Vn @ dS1.transpose(-1, -2)                                  # d(diag(e) K)
-    de = (dKt * Kc).sum(-1)
-    dK = dKS @ S.transpose(-1, -2) + (dKK + dKK.transpose(-1, -2)) @ Kc
-    dK = dK + dQK.transpose(-1, -2) @ Q + e[..., None] * dKt
-
-    dgc = dgamma * gamma + _rows_minus_cols(dM * QK * Gc) + _rows_minus_cols(dP * KK * Gs) - de * e
-    d_last = (de * e).sum(-1) + (S * dS1).sum((-1, -2)) * gl[..., 0].exp()
-    dgc[..., -1] += d_last
-    dg = dgc.flip(-1).cumsum(-1).flip(-1)
-
+    HV, V = v.shape[1:]
+    NC = chunk_bounds.shape[0]
+    dq = torch.empty(NTOK, HV, K, device=q.device, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
+    dbeta = torch.empty_like(dg)
+    fp32 = q.dtype == torch.float32
+    chunk_bwd_local_kernel[(NC, HV)](
+        q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
+        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=min(32, max(16, triton.next_power_of_2(V))),
+        PREC=dot_precision(q.dtype), num_warps=4 if fp32 else 8, num_stages=1 if fp32 else 2,
+    )
+    # value heads of one group share q and k: their gradients add up
     r = HV // H
-    NC = Q.shape[0]
-    dQ = dQ.reshape(NC, H, r, CHUNK, K).sum(2).transpose(1, 2)       # [NC, C, H, K]
-    dK = dK.reshape(NC, H, r, CHUNK, K).sum(2).transpose(1, 2)
-    dq = _scatter(torch.empty_like(q), dQ, idx, valid)
-    dk = _scatter(torch.empty_like(k), dK, idx, valid)
-    dv = _scatter(torch.empty_like(v), dV.transpose(1, 2), idx, valid)
-    dg_N = _scatter(torch.empty(NTOK, HV, device=q.device), dg.transpose(1, 2), idx, valid)
-    dbeta_N = _scatter(torch.empty(NTOK, HV, device=q.device), dbeta.transpose(1, 2), idx, valid)
-    return dq, dk, dv, dg_N, dbeta_N
+    dq = dq.view(NTOK, H, r, K).sum(2).to(q.dtype)
+    dk = dk.view(NTOK, H, r, K).sum(2).to(k.dtype)
+    return dq, dk, dv, dg, dbeta
