@@ -30,8 +30,19 @@ from hybridlm.ops.linear_attention import (
 )
 from hybridlm.ops.mla import mla_attention
 from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference
+from hybridlm.ops.sparse_attention import (
+    block_indexer_scores,
+    block_indexer_topk,
+    indexer_topk,
+    lightning_indexer_scores,
+    select_topk,
+    sparse_attention,
+    sparse_attention_reference,
+)
 
 __all__ = [
+    "block_indexer_scores",
+    "block_indexer_topk",
     "delta_rule",
     "delta_rule_chunked",
     "delta_rule_naive",
@@ -40,6 +51,7 @@ __all__ = [
     "gated_delta_rule_chunked",
     "gated_delta_rule_naive",
     "gated_delta_rule_step",
+    "indexer_topk",
     "kda",
     "kda_chunked",
     "kda_naive",
@@ -48,12 +60,16 @@ __all__ = [
     "lightning_attention_chunked",
     "lightning_attention_naive",
     "lightning_attention_step",
+    "lightning_indexer_scores",
     "lightning_slopes",
     "linear_attention",
     "linear_attention_chunked",
     "linear_attention_naive",
     "linear_attention_step",
     "mla_attention",
+    "select_topk",
     "softmax_attention",
     "softmax_attention_reference",
+    "sparse_attention",
+    "sparse_attention_reference",
 ]
