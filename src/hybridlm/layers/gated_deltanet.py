@@ -62,7 +62,7 @@ class GatedDeltaNet(nn.Module):
 
     def reset_decay(self) -> None:
         """Qwen3-Next's decay init: A ~ U[1, 16]; dt = exp(U[log 1e-3, log 0.1]), dt_bias = softplus^-1(dt)."""
-        if not self.gated:
+        if not self.gated or self.A_log.is_meta:
             return
         with torch.no_grad():
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1.0, 16.0).log())
@@ -93,7 +93,7 @@ class GatedDeltaNet(nn.Module):
 
     def _log_decay(self, x_BTD: torch.Tensor, tokens: Tokens) -> torch.Tensor | None:
         """g [B, T, HV] float32 (<= 0), 0 at pads; None for DeltaNet."""
-        if not self.gated:
+        if not self.gated or self.A_log.is_meta:
             return None
         a = _at_least_fp32(self.a_proj(x_BTD))
         return tokens.zero_pads(-self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype)))
