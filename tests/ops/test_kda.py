@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ops_testing import assert_close, delta_inputs
 
 from hybridlm.ops import gated_delta_rule_naive, kda, kda_chunked, kda_naive, kda_step
@@ -34,6 +36,17 @@ def test_chunked_equals_naive_long(chunk_size=32):
     q, k, v, g, beta, s0 = kda_inputs(B=1, T=1000, H=1, HV=2)
     o_ref, s_ref = kda_naive(q, k, v, g, beta, initial_state=s0, output_final_state=True)
     o, s = kda_chunked(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=chunk_size)
+    assert_close(o, o_ref, F64, "o")
+    assert_close(s, s_ref, F64, "final state")
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(T=st.integers(1, 140), log2_chunk=st.integers(0, 7), seed=st.integers(0, 2**16))
+def test_chunked_equals_naive_for_any_chunk(T, log2_chunk, seed):
+    """Chunks below, at and above the 16-row sub-chunk, T not a multiple of anything."""
+    q, k, v, g, beta, s0 = kda_inputs(B=1, T=T, seed=seed)
+    o_ref, s_ref = kda_naive(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o, s = kda_chunked(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=2**log2_chunk)
     assert_close(o, o_ref, F64, "o")
     assert_close(s, s_ref, F64, "final state")
 
