@@ -171,7 +171,8 @@ def _misfits(c: HybridConfig, model_type: str) -> list[str]:
     """Every field of ``c`` that a ``model_type`` checkpoint cannot express."""
     hybrid = model_type in _QWEN_HYBRID
     want: dict[str, Any] = {
-        "attn_output_gate": hybrid, "norm_zero_centered": hybrid, "qk_norm": model_type != "llama",
+        # norm_zero_centered is not here: the layout converts RMSNorm weights between the forms.
+        "attn_output_gate": hybrid, "qk_norm": model_type != "llama",
         "attention_bias": False,
     }
     if model_type != "llama":

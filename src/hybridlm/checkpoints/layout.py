@@ -74,19 +74,20 @@ def hf_layout(config: HybridConfig, model_type: str) -> list[Entry]:
     check_model_type(model_type)
     D = config.hidden_size
     p = _MULTIMODAL_PREFIX if model_type in ("qwen3_5", "qwen3_5_moe") else "model."
+    norm = _norm_entry(model_type in QWEN_NEXT | QWEN_35, config.norm_zero_centered)
     entries = [rename(f"{p}embed_tokens.weight", "embed_tokens.weight", (config.vocab_size, D))]
     for i, letter in enumerate(config.layer_types):
         hf, ours = f"{p}layers.{i}.", f"layers.{i}."
-        entries += [rename(f"{hf}input_layernorm.weight", f"{ours}mixer_norm.weight", (D,)),
-                    rename(f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm.weight", (D,))]
+        entries += [norm(f"{hf}input_layernorm.weight", f"{ours}mixer_norm.weight", (D,)),
+                    norm(f"{hf}post_attention_layernorm.weight", f"{ours}mlp_norm.weight", (D,))]
         if letter == "A":
-            entries += _attention(config, f"{hf}self_attn.", f"{ours}mixer.")
+            entries += _attention(config, f"{hf}self_attn.", f"{ours}mixer.", norm)
         elif letter == "G" and model_type in QWEN_NEXT | QWEN_35:
             entries += _gated_deltanet(config, f"{hf}linear_attn.", f"{ours}mixer.", fused=model_type in QWEN_NEXT)
         else:
             raise ValueError(f"layer_types: layer {i} is {letter!r}, which a {model_type} checkpoint cannot hold")
         entries += _mlp(config, i, model_type, hf, f"{ours}mlp.")
-    entries.append(rename(f"{p}norm.weight", "norm.weight", (D,)))
+    entries.append(norm(f"{p}norm.weight", "norm.weight", (D,)))
     if not config.tie_word_embeddings:
         entries.append(rename("lm_head.weight", "lm_head.weight", (config.vocab_size, D)))
     return entries
@@ -96,7 +97,17 @@ def rename(hf_name: str, our_name: str, shape: tuple[int, ...]) -> Entry:
     return Entry(hf_name, shape, (our_name,), lambda t: (t,), lambda ts: ts[0])
 
 
-def _attention(c: HybridConfig, hf: str, ours: str) -> list[Entry]:
+def _norm_entry(hf_zero_centered: bool, ours_zero_centered: bool) -> Callable[..., Entry]:
+    """Entries for RMSNorm weights. Both forms scale by (offset + w), offset 1 when zero-centered,
+    so a model of either form converts exactly: w_ours = w_hf + (offset_hf - offset_ours)."""
+    shift = float(hf_zero_centered) - float(ours_zero_centered)
+    if shift == 0:
+        return rename
+    return lambda hf_name, our_name, shape: Entry(hf_name, shape, (our_name,), lambda t: (t + shift,),
+                                                  lambda ts: ts[0] - shift)
+
+
+def _attention(c: HybridConfig, hf: str, ours: str, norm: Callable[..., Entry]) -> list[Entry]:
     D, H, HKV, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q_rows = H * hd * (2 if c.attn_output_gate else 1)
     entries = [rename(f"{hf}q_proj.weight", f"{ours}q_proj.weight", (q_rows, D)),
@@ -105,8 +116,8 @@ def _attention(c: HybridConfig, hf: str, ours: str) -> list[Entry]:
                rename(f"{hf}o_proj.weight", f"{ours}o_proj.weight", (D, H * hd))]
     if c.qk_norm:
         q_dim, k_dim = (H * hd, HKV * hd) if c.qk_norm_scope == "all" else (hd, hd)
-        entries += [rename(f"{hf}q_norm.weight", f"{ours}q_norm.weight", (q_dim,)),
-                    rename(f"{hf}k_norm.weight", f"{ours}k_norm.weight", (k_dim,))]
+        entries += [norm(f"{hf}q_norm.weight", f"{ours}q_norm.weight", (q_dim,)),
+                    norm(f"{hf}k_norm.weight", f"{ours}k_norm.weight", (k_dim,))]
     return entries
 
 
