@@ -94,7 +94,7 @@ def infer_model_type(config: HybridConfig) -> str:
     if loaded:
         return _TEXT_TYPE.get(loaded, loaded)
     letters = set(config.layer_types)
-    if "G" in letters:
+    if "G" in letters and letters <= {"G", "A"}:
         return "qwen3_next" if config.num_experts else "qwen3_5_text"
     if letters == {"A"} and not config.qk_norm:
         return "llama"
