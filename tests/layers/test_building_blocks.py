@@ -130,6 +130,13 @@ def test_route_weights():
     torch.testing.assert_close(w[0], s / s.sum())
 
 
+def test_route_score_bias_chooses_but_does_not_weigh():
+    logits = torch.tensor([[3.0, 2.0, 1.0]])
+    w, e = route(logits, 1, "sigmoid", False, score_bias_E=torch.tensor([0.0, 0.0, 1.0]))
+    assert e.tolist() == [[2]]
+    torch.testing.assert_close(w, logits.sigmoid()[:, 2:])
+
+
 @pytest.mark.parametrize("router,shared", [("softmax", 0), ("sigmoid", 12)])
 def test_moe_matches_per_token_loop(router, shared):
     torch.manual_seed(0)

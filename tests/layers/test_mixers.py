@@ -19,6 +19,7 @@ MIXERS = {
     "X-normalize": dict(layer_pattern="X", linear_feature_map="relu", linear_normalize=True),
     "A": dict(layer_pattern="A"),
     "A-nogate": dict(layer_pattern="A", attn_output_gate=False, qk_norm=False, partial_rotary_factor=1.0),
+    "A-norm-all-heads": dict(layer_pattern="A", qk_norm_scope="all"),
     "W": dict(layer_pattern="W", sliding_window=5),
 }
 
