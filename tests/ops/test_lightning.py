@@ -140,3 +140,25 @@ def test_bad_inputs_name_the_argument():
         lightning_slopes(8, layer_idx=8, num_layers=8)
     with pytest.raises(TypeError, match="num_heads"):
         lightning_slopes(8.0)
+
+
+def test_matches_transformers_minimax_lightning_attention():
+    """Interop: transformers' MiniMax layer (blocks of 16) == its projections around our op; same slopes and state."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    cfg = tf.MiniMaxConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                           num_hidden_layers=4, block_size=16)
+    torch.manual_seed(0)
+    layer = MiniMaxLightningAttention(cfg, layer_idx=1)
+    assert torch.equal(layer.slope_rate.flatten(), lightning_slopes(4, layer_idx=1, num_layers=4))
+    layer = layer.double()
+    x = torch.randn(2, 37, 32, dtype=F64)
+    with torch.no_grad():
+        out_tf, state_tf = layer(x, None, None)
+        q, k, v = layer.act_fn(layer.qkv_proj(x)).view(2, 37, 4, 24).split(8, -1)
+        o, state = lightning_attention(q, k, v, layer.slope_rate.flatten(), output_final_state=True)
+        out = layer.out_proj(torch.sigmoid(layer.output_gate(x)) * layer.norm(o.reshape(2, 37, 32)))
+    # transformers builds its decay tables in float32 before .double(): agreement to ~1e-7, not 1e-10
+    assert_close(out, out_tf, F32, "layer output")
+    assert_close(state, state_tf, F32, "final state")

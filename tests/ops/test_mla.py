@@ -104,3 +104,22 @@ def test_bad_inputs_name_the_argument():
         mla_attention(q_nope, q_rope, c, k_rope, w, absorb=1)
     with pytest.raises(RuntimeError, match="triton"):
         mla_attention(q_nope, q_rope, c, k_rope, w, backend="triton")
+
+
+def test_matches_transformers_deepseek_v3_kv_expansion():
+    """Interop: the kv_b_proj layout and scale as transformers' DeepseekV3Attention expands and uses them."""
+    tf = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    cfg = tf.DeepseekV3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=12,
+                              q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                              num_hidden_layers=1)
+    layer = DeepseekV3Attention(cfg, 0).double()
+    q_nope, q_rope, c, k_rope, _ = mla_inputs(T=9)
+    with torch.no_grad():
+        k, v = layer.expand_kv(c[:, None], k_rope[:, None])  # [B, H, S, Dn + Dr], [B, H, S, Dv]
+        q = torch.cat([q_nope, q_rope], -1).transpose(1, 2)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=layer.scaling)
+        for absorb in (False, True):
+            o = mla_attention(q_nope, q_rope, c, k_rope, layer.kv_b_proj.weight, scale=layer.scaling, absorb=absorb)
+            assert_close(o, ref.transpose(1, 2), F64, f"absorb={absorb}")
