@@ -83,11 +83,15 @@ def _cmd_info(args) -> int:
 
 # --------------------------------------------------------------------------- generate
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt of token ids with a (random-weight) preset",
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint (--model) or a random-weight preset",
                        description="Build a preset with seeded random weights and print the ids it generates "
                                    "after --prompt-ids (prefill, then one token at a time through the cache).")
     p.add_argument("--preset", default="tiny-hybrid-3to1", help="preset name (default: %(default)s)")
-    p.add_argument("--prompt-ids", type=parse_int_list, required=True, help='token ids, e.g. "1 2 3"')
+    p.add_argument("--prompt-ids", type=parse_int_list, default=None, help='token ids, e.g. "1 2 3"')
+    p.add_argument("--model", metavar="PATH", default=None,
+                   help="checkpoint instead of --preset: a Hugging Face or hybridlm folder, or a training run")
+    p.add_argument("--prompt", metavar="TEXT", default=None,
+                   help="prompt text, encoded with the --model folder's tokenizer.json (instead of --prompt-ids)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sampler (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
@@ -102,12 +106,44 @@ def _cmd_generate(args) -> int:
     from hybridlm.generate import generate
     from hybridlm.model import HybridLM
 
+    from hybridlm.checkpoints.convert import load_model, prompt_ids, stop_tokens
+
+    ids, tokenizer = prompt_ids(args.model, args.prompt, args.prompt_ids)
     torch.manual_seed(args.seed)
-    model = HybridLM(HybridConfig.preset(args.preset)).eval()
+    model = load_model(args.model) if args.model else HybridLM(HybridConfig.preset(args.preset)).eval()
     generator = torch.Generator().manual_seed(args.seed)
-    new = generate(model, [args.prompt_ids], args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, generator=generator)
-    print(" ".join(str(t) for t in new[0].tolist()))
+    new = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, generator=generator, stop_tokens=stop_tokens(model))
+    print(tokenizer.decode(new[0].tolist()) if tokenizer else " ".join(str(t) for t in new[0].tolist()))
+    return 0
+
+
+# --------------------------------------------------------------------------- convert
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face checkpoints in and out",
+                       description="--from-hf IN: read a Hugging Face folder (qwen3_next, qwen3_5, minimax_m2, "
+                                   "qwen3, llama) and write it in hybridlm's own layout. --to-hf IN: read a "
+                                   "hybridlm or Hugging Face folder or a training run and write a Hugging Face "
+                                   "folder that transformers loads. Tokenizer files are copied along.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-hf", metavar="IN", help="Hugging Face checkpoint folder to import")
+    src.add_argument("--to-hf", metavar="IN", help="model to export: a folder with config.json or a training run")
+    p.add_argument("--out", metavar="OUT", required=True, help="output folder")
+    p.add_argument("--model-type", default=None,
+                   help="with --to-hf: qwen3_next, qwen3_5_text, qwen3_5_moe_text, minimax_m2, qwen3 or llama "
+                        "(default: the type it was loaded from, else inferred from the layers)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
+                   help="tensor dtype of the output (default: the input's)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None, metavar="BYTES",
+                   help="largest safetensors shard, e.g. 2g (default: 5g)")
+
+
+def _cmd_convert(args) -> int:
+    from hybridlm.checkpoints.convert import convert
+
+    out = convert(args.from_hf or args.to_hf, args.out, to_hf=args.to_hf is not None, model_type=args.model_type,
+                  dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    print(f"wrote {out}")
     return 0
 
 
@@ -369,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "info": (_add_info, _cmd_info),
     "generate": (_add_generate, _cmd_generate),
+    "convert": (_add_convert, _cmd_convert),
     "train": (_add_train, _cmd_train),
     "study": (_add_study, _cmd_study),
     "memory": (_add_memory, _cmd_memory),
