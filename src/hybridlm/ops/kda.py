@@ -54,30 +54,34 @@ def _masked_exp(diff, keep):
     return diff.masked_fill(~keep, float("-inf")).exp()
 
 
-def decayed_products(x_NCK, y_NCK, G_NCK, strict: bool):
-    """M_ij = sum_c x_ic y_jc exp(G_ic - G_jc) for j < i (strict) or j <= i, else 0: [.., C, C].
+def decayed_products(xs_NCK: list, y_NCK, G_NCK) -> list:
+    """M_ij = sum_c x_ic y_jc exp(G_ic - G_jc) for j <= i, else 0: one [.., C, C] per x in ``xs``.
 
     G is the in-chunk cumulative log-decay (non-increasing along C). Built from sub-chunks of 16
-    rows so that nothing but non-positive numbers is exponentiated (see the module docstring).
+    rows so that nothing but non-positive numbers is exponentiated (see the module docstring); the
+    y side (and its exponentials) is shared by every x.
     """
-    C = x_NCK.shape[-2]
+    C = y_NCK.shape[-2]
     c = min(SUB_CHUNK, C)
     n = C // c
-    dev = x_NCK.device
-    xs, ys, Gs = (t.unflatten(-2, (n, c)) for t in (x_NCK, y_NCK, G_NCK))  # [.., n, c, K]
+    dev = y_NCK.device
+    ys, Gs = y_NCK.unflatten(-2, (n, c)), G_NCK.unflatten(-2, (n, c))  # [.., n, c, K]
     # diagonal c x c blocks: the exact pairwise exponent, masked to the causal part
-    tri = torch.ones(c, c, dtype=torch.bool, device=dev).tril(-1 if strict else 0)
-    decay = _masked_exp(Gs[..., :, None, :] - Gs[..., None, :, :], tri[..., None])  # [.., n, c, c, K]
-    diag = (xs[..., :, None, :] * ys[..., None, :, :] * decay).sum(-1)  # [.., n, c, c]
+    tri = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    y_decay = ys[..., None, :, :] * _masked_exp(Gs[..., :, None, :] - Gs[..., None, :, :], tri[..., None])
     # columns before the row block: pivot p = first row of the block, both factors <= 1
     Gp = Gs[..., :, :1, :]  # [.., n, 1, K]
-    x_scaled = xs * (Gs - Gp).exp()
+    to_pivot = (Gs - Gp).exp()
     before = torch.arange(C, device=dev)[None, :] < (torch.arange(n, device=dev) * c)[:, None]  # [n, C]
     y_scaled = y_NCK[..., None, :, :] * _masked_exp(Gp - G_NCK[..., None, :, :], before[..., None])  # [.., n, C, K]
-    off = x_scaled @ y_scaled.transpose(-1, -2)  # [.., n, c, C]
-    eye_n = torch.eye(n, dtype=diag.dtype, device=dev)
-    diag_full = diag[..., :, :, None, :] * eye_n[:, None, :, None]  # [.., n, c, n, c]
-    return (off + diag_full.flatten(-2)).flatten(-3, -2)
+    eye_n = torch.eye(n, dtype=y_NCK.dtype, device=dev)[:, None, :, None]
+    out = []
+    for x in xs_NCK:
+        x_blocks = x.unflatten(-2, (n, c))
+        diag = (x_blocks[..., :, None, :] * y_decay).sum(-1)  # [.., n, c, c]
+        off = (x_blocks * to_pivot) @ y_scaled.transpose(-1, -2)  # [.., n, c, C]
+        out.append((off + (diag[..., :, :, None, :] * eye_n).flatten(-2)).flatten(-3, -2))
+    return out
 
 
 def _chunked_core(q, k, v, g, beta, S, C: int):
@@ -86,8 +90,8 @@ def _chunked_core(q, k, v, g, beta, S, C: int):
     qc, kc, vc, gc, bc = (split_chunks(x, C) for x in (q, k, v, g, beta))
     G = gc.cumsum(-2)  # [B, HV, N, C, K]
     kb = kc * bc[..., None]
-    A = decayed_products(kb, kc, G, strict=True)
-    P = decayed_products(qc, kc, G, strict=False)
+    kk, P = decayed_products([kb, qc], kc, G)
+    A = kk.tril(-1)  # the UT transform needs the strictly lower part
     eye = torch.eye(C, dtype=A.dtype, device=A.device)
     rhs = torch.cat([kb * G.exp(), vc * bc[..., None]], -1)
     WU = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
