@@ -65,19 +65,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def run(B: int, T: int, H: int, D: int, chunk_size: int, repeats: int) -> list[dict]:
+def run(B: int, T: int, H: int, D: int, chunk_sizes: list[int], repeats: int) -> list[dict]:
     q, k, v, g, beta = make_inputs(B, T, H, D)
-    forms = {
-        "naive token loop": lambda: gated_delta_rule_naive(q, k, v, g, beta, output_final_state=True),
-        f"chunked (C = {chunk_size})": lambda: gated_delta_rule_chunked(q, k, v, g, beta, output_final_state=True,
-                                                                      chunk_size=chunk_size),
-    }
+    forms = {"naive token loop": (lambda: gated_delta_rule_naive(q, k, v, g, beta, output_final_state=True), 1)}
+    for C in chunk_sizes:
+        forms[f"chunked (C = {C})"] = (lambda C=C: gated_delta_rule_chunked(q, k, v, g, beta, output_final_state=True,
+                                                                           chunk_size=C), C)
     with torch.inference_mode():
-        ms = {name: median_ms(fn, repeats) for name, fn in forms.items()}
+        ms = {name: median_ms(fn, repeats) for name, (fn, _) in forms.items()}
     base = ms["naive token loop"]
-    work = flops(B, T, H, D, chunk_size)
-    return [{"form": name, "ms": t, "tokens_per_s": B * T / t * 1e3, "gflop_per_s": work / t / 1e6,
-             "speedup_vs_naive": base / t} for name, t in ms.items()]
+    # the loop's useful work is the chunked count at C = 1
+    return [{"form": name, "chunk_size": C, "ms": ms[name], "tokens_per_s": B * T / ms[name] * 1e3,
+             "gflop_per_s": flops(B, T, H, D, C) / ms[name] / 1e6, "speedup_vs_naive": base / ms[name]}
+            for name, (_, C) in forms.items()]
 
 
 def table(rows: list[dict], T: int) -> str:
@@ -97,7 +97,7 @@ def main() -> int:
     p.add_argument("--B", type=int, default=1, help="batch (default: %(default)s)")
     p.add_argument("--H", type=int, default=4, help="heads (default: %(default)s)")
     p.add_argument("--D", type=int, default=64, help="head dim K = V (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=64, help="chunk length (default: %(default)s)")
+    p.add_argument("--chunk-sizes", default="16,32,64", help="chunk lengths to time (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per form, median kept (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)")
@@ -107,7 +107,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rows = run(args.B, args.T, args.H, args.D, args.chunk_size, args.repeats)
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
+    rows = run(args.B, args.T, args.H, args.D, chunk_sizes, args.repeats)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version(),
                "load_average_1min": os.getloadavg()[0]}
@@ -120,7 +121,8 @@ def main() -> int:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         section = (f"\n## CPU: gated delta rule, token loop vs chunked ({stamp})\n\n"
                    f"{machine['cpu']}, {machine['cores']} cores ({machine['torch_threads']} torch threads), "
-                   f"torch {machine['torch']}, Python {machine['python']}, load average {machine['load_average_1min']:.1f} "
+                   f"torch {machine['torch']}, Python {machine['python']}, "
+                   f"load average {machine['load_average_1min']:.1f} "
                    f"when run. {shape}. "
                    f"`python benchmarks/ops_cpu.py`. Cited rows: shared/reference/measured-anchors.md "
                    f"(same class of machine, not rerun).\n\n{text}\n")

@@ -213,3 +213,9 @@ def test_inputs_are_not_modified():
     gated_delta_rule_chunked(*inputs[:5], initial_state=inputs[5], use_qk_l2norm=True)
     assert all(torch.equal(a, b) for a, b in zip(inputs, copies))
 
+
+
+def test_output_is_contiguous_for_views():
+    q, k, v, g, beta, _ = delta_inputs(T=20, HV=4, dtype=F32)
+    for o, _ in (gated_delta_rule_chunked(q, k, v, g, beta), gated_delta_rule_naive(q, k, v, g, beta)):
+        assert o.is_contiguous()

@@ -97,3 +97,10 @@ def test_value_dim_may_differ_and_scale_is_used():
 def test_dtypes(dtype):
     q, k, v = _qkv(T=20, S=20, dtype=dtype)
     _both(q, k, v, window=5)
+
+
+def test_outputs_are_contiguous():
+    q, k, v = _qkv(T=6, S=6)
+    pos = torch.arange(6).expand(2, 6)
+    for kw in ({}, {"q_pos": pos, "k_pos": pos}, {"backend": "reference"}):
+        assert softmax_attention(q, k, v, **kw).is_contiguous()

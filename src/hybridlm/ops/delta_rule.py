@@ -94,7 +94,9 @@ def _run(core, q, k, v, g, beta, scale, initial_state, output_final_state, use_q
     g_ = torch.zeros_like(beta_) if g is None else ck.heads_first(g, HV, ct)
     S0 = torch.zeros(state_shape, dtype=ct, device=q.device) if initial_state is None else initial_state.to(ct)
     o, S = ck.run_per_sequence(core, [q_ * scale, k_, v_, g_, beta_], S0, bounds)
-    return o.transpose(1, 2).to(v.dtype), (S if output_final_state else None)
+    # contiguous, so callers may .view() the result as [B, T, HV * V]
+    o = o.transpose(1, 2).contiguous().to(v.dtype)
+    return o, (S if output_final_state else None)
 
 
 # --------------------------------------------------------------------------- public forms

@@ -125,7 +125,9 @@ def _run(core, q, k, v, g, feature_map, normalize, scale, initial_state, output_
     o, S = ck.run_per_sequence(core, [q_, k_, v_, g_], S0, bounds)
     if normalize:
         o = o[..., :V] / (o[..., V:] + NORMALIZE_EPS)
-    return o.transpose(1, 2).to(v.dtype), (S if output_final_state else None)
+    # contiguous, so callers may .view() the result as [B, T, HV * V]
+    o = o.transpose(1, 2).contiguous().to(v.dtype)
+    return o, (S if output_final_state else None)
 
 
 # --------------------------------------------------------------------------- public forms

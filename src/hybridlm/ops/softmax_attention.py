@@ -83,7 +83,7 @@ def softmax_attention_reference(q, k, v, *, scale=None, causal=True, window=None
     scores = (q_ @ k_.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
     # a row with no visible key is all -inf, and softmax gives NaN there; the contract says zeros
     p = torch.softmax(scores, -1).masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return (p @ v_).transpose(1, 2).to(v.dtype)
+    return (p @ v_).transpose(1, 2).contiguous().to(v.dtype)
 
 
 def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=None, k_pos=None, backend="auto"):
@@ -116,10 +116,10 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=No
     q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
     if q_pos is None and k_pos is None and window is None and (not causal or S == T):
         o = F.scaled_dot_product_attention(q_, k_, v_, is_causal=causal, scale=scale, enable_gqa=gqa)
-        return o.transpose(1, 2)
+        return o.transpose(1, 2).contiguous()
     mask = visibility_mask(*_positions(q, k, q_pos, k_pos), causal, window)
     seen = mask.any(-1, keepdim=True)  # [B, T, 1]
     # SDPA returns NaN for a fully masked row; open such rows to every key, then zero their output
     mask = (mask | ~seen)[:, None]
     o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o.transpose(1, 2) * seen[..., None].to(o.dtype)
+    return o.transpose(1, 2).contiguous() * seen[..., None].to(o.dtype)
