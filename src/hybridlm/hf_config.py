@@ -136,8 +136,6 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
                   index_head_dim=int(d.get("index_head_dim", 128)), index_topk=int(d.get("index_topk", 2048)),
                   index_key_bytes=float(d.get("index_head_dim", 128) + 4))  # fp8 key + fp32 scale
     kw.update(_moe_fields(d))
-    if model_type == "minimax_m2":  # q/k norms span all heads; experts chosen with a score bias
-        kw.update(qk_norm_scope="all", router_score_bias=bool(kw.get("num_experts")))
     return HybridConfig(**kw)
 
 
