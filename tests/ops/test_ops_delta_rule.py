@@ -13,7 +13,9 @@ from hybridlm.ops import (
     gated_delta_rule_chunked,
     gated_delta_rule_naive,
     gated_delta_rule_step,
+    linear_attention,
 )
+from hybridlm.ops._checks import load_kernel
 
 F64, F32 = torch.float64, torch.float32
 
@@ -157,9 +159,10 @@ def _grads(fn, inputs):
     return [x.grad for x in leaves]
 
 
+@pytest.mark.parametrize("T", [1, 45, 65])
 @pytest.mark.parametrize("HV", [2, 4])
-def test_chunked_gradients_equal_naive(HV):
-    inputs = delta_inputs(T=45, HV=HV)
+def test_chunked_gradients_equal_naive(T, HV):
+    inputs = delta_inputs(T=T, HV=HV)
     g_ref = _grads(gated_delta_rule_naive, inputs)
     g_chunk = _grads(lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=16, **kw), inputs)
     for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], g_chunk, g_ref):
@@ -201,10 +204,21 @@ def test_auto_backend_on_cpu_is_the_chunked_reference():
 def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, g, beta, s0 = delta_inputs(T=4, dtype=F32)
-    with pytest.raises(RuntimeError, match="backend='triton'"):
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable: .*(CUDA|import|provides)"):
         gated_delta_rule(q, k, v, g, beta, backend="triton")
-    with pytest.raises(RuntimeError, match="backend='triton'"):
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
         gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0, backend="triton")
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
+        linear_attention(q, k, v, backend="triton")
+
+
+def test_dispatch_picks_the_kernel_only_where_it_can_run(monkeypatch):
+    kernels = pytest.importorskip("hybridlm.ops.triton")
+    q = torch.zeros(1, 2, 1, 4)
+    assert load_kernel("chunk_gated_delta_rule", "auto", q) is None  # CPU tensors: the reference
+    assert load_kernel("chunk_gated_delta_rule", "reference", q) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs kernels on CPU tensors
+    assert load_kernel("chunk_gated_delta_rule", "triton", q) is kernels.chunk_gated_delta_rule
 
 
 def test_inputs_are_not_modified():
