@@ -42,6 +42,7 @@ class Block(nn.Module):
                                                                             config.intermediate_size)
 
     def forward(self, x: torch.Tensor, tokens: Tokens, slot) -> torch.Tensor:
+        """x: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache entry or None."""
         x = x + self.mixer(self.mixer_norm(x), tokens, slot)
         return x + self.mlp(self.mlp_norm(x))
 
