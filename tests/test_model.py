@@ -72,6 +72,17 @@ def test_logits_shape_dtype_and_tied_embeddings():
     assert model.double()(torch.randint(0, 256, (1, 2))).dtype == torch.float64
 
 
+def test_logits_to_keep():
+    model = tiny("tiny-hybrid-3to1")
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(ids, logits_to_keep=1), full[:, -1:])
+        torch.testing.assert_close(model(ids, logits_to_keep=20), full)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=0)
+
+
 def test_init_uses_initializer_range():
     torch.manual_seed(0)
     model = HybridLM(HybridConfig(hidden_size=128, initializer_range=0.05))

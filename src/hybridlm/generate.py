@@ -30,7 +30,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: HybridCache) -> torch.Tensor:
     """Run the whole prompt [B, T] through the model (chunked path); logits of its last position [B, vocab]."""
-    return model(input_ids, cache=cache, attention_mask=attention_mask)[:, -1]
+    return model(input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
 
 
 @torch.no_grad()

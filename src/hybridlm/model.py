@@ -113,8 +113,8 @@ class HybridLM(nn.Module):
                            dtype=p.dtype if dtype is None else dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of every position.
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int | None = None) -> torch.Tensor:
+        """Logits of every position (or of the last ``logits_to_keep``).
 
         Args:
             input_ids: [B, T] integer token ids in [0, vocab_size).
@@ -122,10 +122,15 @@ class HybridLM(nn.Module):
                 a decode step when T == 1).
             attention_mask: optional [B, T] 0/1 (or bool) for the tokens of this call, 1 = real
                 token. Padding goes on the left; padded tokens never touch a state or a key.
+            logits_to_keep: optional int >= 1: only the last n positions go through the LM head
+                (a prefill needs one; [B, T, vocab] logits of a long prompt can outweigh the model).
         Returns:
-            logits [B, T, vocab_size] in the model dtype.
+            logits [B, T, vocab_size] (T -> min(T, logits_to_keep) when given) in the model dtype.
         """
         self._check_ids(input_ids)
+        if logits_to_keep is not None and (not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool)
+                                           or logits_to_keep < 1):
+            raise ValueError(f"logits_to_keep: expected None or an int >= 1, got {logits_to_keep!r}")
         mask_BT = self._check_mask(attention_mask, input_ids.shape)
         tokens = self._tokens(input_ids, mask_BT, cache)
         x = self.embed_tokens(input_ids)
@@ -135,6 +140,8 @@ class HybridLM(nn.Module):
             n_real = input_ids.new_full((input_ids.shape[0],), input_ids.shape[1]) if mask_BT is None \
                 else mask_BT.sum(1)
             cache.end(tokens.pos_BT, n_real)
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
 
     def _tokens(self, input_ids: torch.Tensor, mask_BT: torch.Tensor | None, cache: HybridCache | None) -> Tokens:
