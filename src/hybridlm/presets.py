@@ -27,6 +27,10 @@ PRESETS: dict[str, Callable[[], HybridConfig]] = {
     "tiny-swa": _tiny(layer_pattern="GGGW", num_layers=4, sliding_window=8),
     "tiny-moe": _tiny(layer_pattern="GGGA", num_layers=4, num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    # Qwen3-Next's structure (zero-centred norms, gated attention, MoE + shared expert): exports to
+    # a transformers qwen3_next folder with `hybridlm convert --to-hf` / model.save_pretrained.
+    "tiny-qwen3-next": _tiny(layer_pattern="GGGA", num_layers=4, norm_zero_centered=True, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
 }
 
 TINY_PRESETS = tuple(n for n in PRESETS if n.startswith("tiny-"))

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from hf_tiny import build
 
@@ -14,3 +15,13 @@ def tiny_hf(tmp_path_factory):
         return made[model_type]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: with several intra-op threads, OpenMP start-up and barriers cost more
+    than the arithmetic (measured 70x slower for a decode step on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,12 +22,29 @@ def _ids(T: int, seed: int = 1) -> torch.Tensor:
 def test_logits_match_transformers(tiny_hf, model_type):
     hf, folder = tiny_hf(model_type)
     ours = HybridLM.from_pretrained(folder)
-    for T in (1, 65):
+    for T in (1, 63, 65, 1000):
         ids = _ids(T)
         with torch.no_grad():
             got = ours(ids)
         assert got.shape == (2, T, VOCAB)
         assert rel_err(hf_logits(hf, ids), got) < TOL
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_left_padded_batch_matches_transformers(tiny_hf, model_type):
+    """Rows of different lengths, padded on the left: transformers gets the same mask and the
+    per-row positions we use (each row counts only its real tokens)."""
+    hf, folder = tiny_hf(model_type)
+    ours = HybridLM.from_pretrained(folder)
+    ids = _ids(40, seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, position_ids=pos).logits
+        got = ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert rel_err(want[real], got[real]) < TOL
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -68,7 +68,8 @@ def test_hybridlm_layout_round_trip(tmp_path):
         assert torch.equal(model(IDS % 256), loaded(IDS % 256))
 
 
-@pytest.mark.parametrize("preset, model_type", [("tiny-moe", "qwen3_next"), ("tiny-hybrid-3to1", "qwen3_5_text")])
+@pytest.mark.parametrize("preset, model_type", [("tiny-qwen3-next", "qwen3_next"), ("tiny-moe", "qwen3_next"),
+                                                  ("tiny-hybrid-3to1", "qwen3_5_text")])
 def test_presets_export_to_transformers(preset, model_type, tmp_path):
     """Our plain-weight RMSNorms become Qwen's zero-centred ones on the way out, exactly."""
     torch.manual_seed(0)
