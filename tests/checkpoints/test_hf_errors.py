@@ -83,6 +83,7 @@ def test_unknown_model_type(folder):
     (lambda d: d.update(hidden_act="gelu"), "hidden_act 'gelu'"),
     (lambda d: d.update(attention_bias=True), "attention_bias=true"),
     (lambda d: d.update(mlp_only_layers=[1]), r"mlp_only_layers: only leading dense layers"),
+    (lambda d: d.update(quantization_config={"quant_method": "fp8"}), r"quantization_config \(fp8"),
 ])
 def test_features_we_do_not_compute_are_refused(folder, edit, message):
     _edit_config(folder, edit)
@@ -120,3 +121,14 @@ def test_bad_arguments(folder):
         from_pretrained(folder, dtype="int8")
     with pytest.raises(TypeError, match="path: expected a folder path"):
         from_pretrained(3)
+
+
+def test_tensor_in_two_shards(folder):
+    tensors = load_file(folder / "model.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, folder / "model-00002-of-00002.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {**{k: "model-00001-of-00002.safetensors" for k in tensors},
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"tensor model\.norm\.weight is in both model-00001-of-00002"):
+        from_pretrained(folder)

@@ -42,6 +42,9 @@ def read_hf_config(d: dict[str, Any]) -> tuple[HybridConfig, str]:
     check_model_type(model_type)
     text = d["text_config"] if isinstance(d.get("text_config"), dict) else d
     problems = _unsupported_features(text, model_type)
+    if d.get("quantization_config") or text.get("quantization_config"):
+        quant = (d.get("quantization_config") or text.get("quantization_config") or {}).get("quant_method", "?")
+        problems.append(f"quantization_config ({quant}: quantized weights; use a bf16/fp32 checkpoint)")
     if problems:
         raise ValueError(f"config.json ({model_type}): not supported here: {'; '.join(problems)}")
     config = config_from_hf(d)

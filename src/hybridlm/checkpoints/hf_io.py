@@ -49,6 +49,9 @@ def read_headers(folder: str | Path) -> dict[str, TensorInfo]:
             # safe_open checks that the header covers the whole file: a truncated shard fails here.
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
+                    if name in infos:
+                        raise ValueError(f"checkpoint: tensor {name} is in both {infos[name].shard.name} "
+                                         f"and {shard.name}")
                     sl = f.get_slice(name)
                     infos[name] = TensorInfo(shard, tuple(sl.get_shape()), sl.get_dtype())
         except SafetensorError as e:

@@ -13,6 +13,9 @@ and the two functions that convert between them. Most entries are renames. The f
 Formats that already match ours need no entry logic: the conv1d weight [C, 1, W] over the
 concatenated (q, k, v) channels, and the gated attention ``q_proj`` whose output is per head
 (query [D_h], gate [D_h]), the layout GatedAttention reads.
+
+RMSNorm weights convert between forms: Qwen3-Next / Qwen3.5 store them zero-centred (scale 1 + w),
+so a model of ours with plain norms (scale w) exports with w - 1, and loads back either way.
 """
 
 from __future__ import annotations
