@@ -342,6 +342,7 @@ def _add_study(sub) -> None:
     p.add_argument("--hidden", type=int, default=None, help="hidden size of every model")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--train-len", type=int, default=None, help="training sequence length")
     p.add_argument("--vocab", type=int, default=None, help="token ids of the task (keys and values from two halves)")
     p.add_argument("--train-pairs", type=parse_int_list, default=None, help="pair counts trained on, e.g. 2,4,8")
@@ -352,7 +353,8 @@ def _add_study(sub) -> None:
     p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
     p.add_argument("--decode-context", type=parse_size, default=None, help="prompt length before timing decode")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None, help="models trained at once on CPU (default: 2 on 2+ cores)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
 
 
 def _cmd_study(args) -> int:
@@ -371,12 +373,12 @@ def _cmd_study(args) -> int:
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
     }
     for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
-                         ("batch_size", args.batch_size), ("train_len", args.train_len), ("vocab_size", args.vocab),
+                         ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
                          ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
                          ("decode_context", args.decode_context),
-                         ("seed", args.seed), ("threads", args.threads)):
+                         ("seed", args.seed), ("jobs", args.jobs), ("threads", args.threads)):
         if value is not None:
             overrides[field] = tuple(value) if isinstance(value, list) else value
     sc = dataclasses.replace(sc, **overrides)

@@ -22,8 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +91,8 @@ class StudyConfig:
     decode_tokens: int = 32
     gate_inits: tuple[GateInit, ...] = ()
     seed: int = 0
-    threads: int | None = None
+    jobs: int = 0  # models trained at once on CPU (0: 2 when there are 2 cores or more)
+    threads: int | None = None  # torch threads per job (default: cores // jobs)
 
     def __post_init__(self) -> None:
         if not self.patterns:
@@ -239,7 +242,7 @@ def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyCo
     cfg = TrainConfig(steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, warmup_steps=sc.warmup_steps,
                       eval_batches=1, log_every=max(1, sc.steps // 5), seed=sc.seed)
     log(f"[{label}] {config.layer_types}  {model.num_parameters():,} params  training {sc.steps} steps")
-    result = train(model, train_data, cfg)
+    result = train(model, train_data, cfg, log=lambda line: log(f"[{label}] {line}"))
     model.eval()
     run = Run(label=label, pattern=pattern, layer_types=config.layer_types, gate_init=None if gi is None else gi.name,
               params=model.num_parameters(), intermediate_size=config.intermediate_size,
@@ -253,24 +256,38 @@ def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyCo
     return run
 
 
-def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None = None, log=print) -> dict[str, Any]:
-    """Run the whole study; write results.json, report.md and plots into ``out_dir``. Returns the results."""
+def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None = None, log=None) -> dict[str, Any]:
+    """Run the whole study; write results.json, report.md and plots into ``out_dir``. Returns the results.
+
+    On CPU, ``sc.jobs`` models train at once in worker processes of ``sc.threads`` threads each: these
+    models are so small that one thread per model keeps a core busier than two threads on one model.
+    """
     t0 = time.perf_counter()
-    if sc.threads:
-        torch.set_num_threads(sc.threads)
+    log = log or _log
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    jobs = 1 if device.type == "cuda" else (sc.jobs or min(2, os.cpu_count() or 1))
+    threads = sc.threads or max(1, (os.cpu_count() or 1) // jobs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    configs = matched_configs(sc)
-    runs = []
-    for pattern, config in configs.items():
-        inits = [None] + list(sc.gate_inits) if "G" in pattern and sc.gate_inits else [None]
-        runs.extend(run_one(pattern, config, gi, sc, device, log) for gi in inits)
+    work = [(p, c, gi) for p, c in matched_configs(sc).items()
+            for gi in ([None, *sc.gate_inits] if "G" in p and sc.gate_inits else [None])]
+    log(f"study {sc.name}: {len(work)} models, {jobs} at a time x {threads} threads, on {_device_name(device)}")
+    if jobs == 1:
+        torch.set_num_threads(threads)
+        runs = [run_one(p, c, gi, sc, device, log) for p, c, gi in work]
+    else:
+        # Longest first, so the last model to start is a short one.
+        order = sorted(range(len(work)), key=lambda i: -_cost(work[i][1]))
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+            futures = {i: ex.submit(run_one, *work[i], sc, device, _log) for i in order}
+            runs = [futures[i].result() for i in range(len(work))]
     results = {
         "study": _jsonable(dataclasses.asdict(sc)),
         "device": _device_name(device),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "jobs": jobs,
+        "threads": threads,
         "runs": [_jsonable(dataclasses.asdict(r)) for r in runs],
         "wall_seconds": time.perf_counter() - t0,
     }
@@ -280,6 +297,15 @@ def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None 
     results["wall_seconds"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def _cost(config: HybridConfig) -> int:
+    """Rough relative training cost of a config on CPU: delta-rule layers are the slow ones."""
+    return sum(3 if c in "GD" else 1 for c in config.layer_types)
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
 
 
 def _device_name(device: torch.device) -> str:

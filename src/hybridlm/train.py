@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -173,6 +173,7 @@ def train(
     meta: dict[str, Any] | None = None,
     eval_data: BatchSource | None = None,
     progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``cfg.steps`` optimizer steps.
 
@@ -187,7 +188,8 @@ def train(
         stop_after: end this call after this many steps of the run have been done (an interruption
             on purpose; the schedule still spans cfg.steps). A checkpoint is written there.
         meta: JSON values stored in checkpoints and required to match on resume (e.g. model config).
-        progress: show a progress bar / log lines (rank 0 only).
+        progress: show a progress bar (tqdm, on a terminal) or log lines (rank 0 only).
+        log: where log lines go (default print).
     Returns:
         TrainResult whose ``losses`` cover every step from 1 to where the run stopped, resumed
         steps included (they come from the checkpoint).
@@ -226,7 +228,7 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
         elif show and (done % cfg.log_every == 0 or done == end):
-            print(f"step {done}/{cfg.steps}  loss {loss:.4f}  lr {lr_at(step, cfg):.2e}  tok/s {rate:,.0f}", flush=True)
+            log(f"step {done}/{cfg.steps}  loss {loss:.4f}  lr {lr_at(step, cfg):.2e}  tok/s {rate:,.0f}")
         if out_dir is not None and rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
                 and done != end:
             _save(out_dir, done, core, optimizer, run_meta, result, cfg)
