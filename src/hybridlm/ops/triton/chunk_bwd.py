@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.chunk_fwd import load_chunk_common, pick_block_v, state_pass_stages, state_program
+from hybridlm.ops.triton.chunk_fwd import load_chunk_common, state_pass_stages, state_program
 from hybridlm.ops.triton.chunk_prep import dot_precision
 
 
@@ -33,35 +33,40 @@ def chunk_bwd_state_kernel(
         cu, chunk_offsets, dht_ptr, HAS_DHT, H, HV, K, V, BK, BV)
     nt = tl.cdiv(eos - bos, 64)
     DT = q_ptr.dtype.element_ty
+    # transposed: dS'^T [BV, K] is the left operand of every product on the sequential chain, so
+    # it stays in registers (2.4 -> 1.4 ms at B 4, T 16k, H 16 against the untransposed form)
+    b_dst = tl.trans(b_ds)
+    off_vk = tl.trans(off_kv)
+    m_vk = tl.trans(m_kv)
 
     for i in range(0, nt):
         i_c = nt - 1 - i
         t0 = bos + i_c * 64
-        tl.store(dh_ptr + ((c_first + i_c).to(tl.int64) * HV + i_hv) * K * V + off_kv, b_ds, mask=m_kv)
+        tl.store(dh_ptr + ((c_first + i_c).to(tl.int64) * HV + i_hv) * K * V + off_vk, b_dst, mask=m_vk)
         b_q, b_k, b_gc, b_beta, b_t, b_m, b_gl = load_chunk_common(
             q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
         o_t = t0 + tl.arange(0, 64)
-        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
-        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
-        b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
+        m_vt = (o_v < V)[:, None] & (o_t < eos)[None, :]
+        col_v = (o_t[None, :].to(tl.int64) * HV + i_hv) * V + o_v[:, None]
+        b_dot = tl.load(do_ptr + col_v, mask=m_vt, other=0.0).to(DT)
 
         b_decay = tl.exp(b_gc)
         b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
-        b_dvn = scale * tl.dot(tl.trans(b_m), b_do.to(DT), input_precision=PREC)
-        b_dvn += tl.dot(b_kd, b_ds.to(DT), input_precision=PREC)
-        tl.store(dvn_ptr + row_v, b_dvn, mask=m_tv)
-
-        b_y = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
         b_qg = (b_q * b_decay[:, None]).to(DT)
         b_kb = (b_k * (b_beta * b_decay)[:, None]).to(DT)
-        b_ds = b_ds * tl.exp(b_gl) + scale * tl.dot(tl.trans(b_qg), b_do.to(DT), input_precision=PREC)
-        b_ds -= tl.dot(tl.trans(b_kb), b_y.to(DT), input_precision=PREC)
+        b_dvnt = scale * tl.dot(b_dot, b_m, input_precision=PREC)
+        b_dvnt += tl.dot(b_dst.to(DT), tl.trans(b_kd), input_precision=PREC)
+        tl.store(dvn_ptr + col_v, b_dvnt, mask=m_vt)
 
-    tl.store(dh0_ptr + state_row + off_kv, b_ds, mask=m_kv)
+        b_yt = tl.dot(b_dvnt.to(DT), b_t, input_precision=PREC)
+        b_dst = b_dst * tl.exp(b_gl) + scale * tl.dot(b_dot, b_qg, input_precision=PREC)
+        b_dst -= tl.dot(b_yt.to(DT), b_kb, input_precision=PREC)
+
+    tl.store(dh0_ptr + state_row + off_vk, b_dst, mask=m_vk)
 
 
 def chunk_bwd_state(q, k, do, gc, beta, t, m, dht, cu, chunk_offsets, scale: float, num_chunks: int,
-                    block_v: int | None = None):
+                    block_v: int = 64, num_warps: int = 8):
     """Reverse state pass.
 
     Args:
@@ -79,10 +84,10 @@ def chunk_bwd_state(q, k, do, gc, beta, t, m, dht, cu, chunk_offsets, scale: flo
     dh = torch.empty(num_chunks, HV, K, V, device=q.device, dtype=torch.float32)
     dh0 = torch.empty(N, HV, K, V, device=q.device, dtype=torch.float32)
     dvn = torch.empty(NTOK, HV, V, device=q.device, dtype=torch.float32)
-    BV = block_v or pick_block_v(N * HV, V, q.device)
+    BV = max(16, min(block_v, triton.next_power_of_2(V)))
     chunk_bwd_state_kernel[(triton.cdiv(V, BV), N * HV)](
         q, k, do, gc, beta, t, m, dht, dh, dh0, dvn, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=4, num_stages=state_pass_stages(q.dtype),
+        HAS_DHT=dht is not None, PREC=dot_precision(q.dtype), num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
     )
     return dh, dh0, dvn

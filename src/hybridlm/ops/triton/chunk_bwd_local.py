@@ -37,8 +37,8 @@ def chunk_bwd_local_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    i_c = tl.program_id(0)
-    i_hv = tl.program_id(1)
+    i_hv = tl.program_id(0)
+    i_c = tl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c)
     eos = tl.load(chunk_bounds + 2 * i_c + 1)
@@ -135,7 +135,8 @@ def chunk_bwd_local_kernel(
     tl.store(dbeta_ptr + row_hv, b_dbeta, mask=m_t)
 
 
-def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float):
+def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float,
+                    block_v: int = 32, num_warps: int | None = None, num_stages: int | None = None):
     """Gradients of q, k, v, g and beta from the chunk states and the state-gradient pass.
 
     Args:
@@ -155,10 +156,11 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
     dbeta = torch.empty_like(dg)
     fp32 = q.dtype == torch.float32
-    chunk_bwd_local_kernel[(NC, HV)](
+    chunk_bwd_local_kernel[(HV, NC)](
         q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
-        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=min(32, max(16, triton.next_power_of_2(V))),
-        PREC=dot_precision(q.dtype), num_warps=4 if fp32 else 8, num_stages=1 if fp32 else 2,
+        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
+        BV=min(block_v, max(16, triton.next_power_of_2(V))), PREC=dot_precision(q.dtype),
+        num_warps=num_warps or (4 if fp32 else 8), num_stages=num_stages or (1 if fp32 else 2),
     )
     # value heads of one group share q and k: their gradients add up
     r = HV // H
