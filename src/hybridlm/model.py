@@ -92,11 +92,11 @@ class HybridLM(nn.Module):
 
         return from_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, model_type: str | None = None, dtype=None):
+    def save_pretrained(self, path, model_type: str | None = None, dtype=None, max_shard_bytes: int = 5 * 2**30):
         """Write config.json + safetensors; see hybridlm.checkpoints.save_pretrained."""
         from hybridlm.checkpoints import save_pretrained
 
-        return save_pretrained(self, path, model_type=model_type, dtype=dtype)
+        return save_pretrained(self, path, model_type=model_type, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
     def num_parameters(self) -> int:
         """Number of parameters (a tied embedding counts once)."""
