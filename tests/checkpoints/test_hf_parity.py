@@ -97,3 +97,7 @@ def test_multimodal_qwen3_5_folder_loads_its_text_model(tiny_hf, tmp_path):
         assert rel_err(hf_logits(hf, ids), ours(ids)) < TOL
     out = ours.save_pretrained(tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3_5_text"
+    # The text model alone, still under the nested prefix, reads the same.
+    (tmp_path / "config.json").write_text(json.dumps(text))
+    with torch.no_grad():
+        assert rel_err(hf_logits(hf, ids), HybridLM.from_pretrained(tmp_path)(ids)) < TOL

@@ -67,16 +67,22 @@ def check_model_type(model_type: str) -> None:
 def ignored_prefixes(model_type: str) -> tuple[str, ...]:
     """Checkpoint tensors that belong to parts HybridLM does not run (multi-token-prediction head,
     vision tower); transformers skips them too."""
-    if model_type in ("qwen3_5", "qwen3_5_moe"):
+    if model_type in QWEN_35:
         return ("mtp.", "model.visual.")
-    return ("mtp.",) if model_type in QWEN_NEXT | QWEN_35 else ()
+    return ("mtp.",) if model_type in QWEN_NEXT else ()
 
 
-def hf_layout(config: HybridConfig, model_type: str) -> list[Entry]:
-    """Every tensor of a ``model_type`` checkpoint of the model ``config`` describes."""
+def hf_layout(config: HybridConfig, model_type: str, names: frozenset[str] = frozenset()) -> list[Entry]:
+    """Every tensor of a ``model_type`` checkpoint of the model ``config`` describes.
+
+    names: the tensor names of the folder being read, if any: a Qwen3.5 text checkpoint cut out of
+    a multimodal one keeps the ``model.language_model.`` prefix, and is read with it.
+    """
     check_model_type(model_type)
     D = config.hidden_size
-    p = _MULTIMODAL_PREFIX if model_type in ("qwen3_5", "qwen3_5_moe") else "model."
+    nested = model_type in ("qwen3_5", "qwen3_5_moe") or (
+        model_type in QWEN_35 and f"{_MULTIMODAL_PREFIX}embed_tokens.weight" in names)
+    p = _MULTIMODAL_PREFIX if nested else "model."
     norm = _norm_entry(model_type in QWEN_NEXT | QWEN_35, config.norm_zero_centered)
     entries = [rename(f"{p}embed_tokens.weight", "embed_tokens.weight", (config.vocab_size, D))]
     for i, letter in enumerate(config.layer_types):

@@ -45,11 +45,16 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
 
         model = HybridLM.from_pretrained("Qwen3-Next-80B-A3B-Instruct", dtype="bfloat16", device="cuda")
     """
-    folder = _folder(path)
-    config, layout, ignore = _read_config(folder)
+    folder, requested = _folder(path), _dtype(dtype)
+    config, model_type = _read_config(folder)
     infos = read_headers(folder)
+    if model_type is None:
+        with torch.device("meta"):
+            layout, ignore = _native_layout(HybridLM(config)), ()
+    else:
+        layout, ignore = hf_layout(config, model_type, frozenset(infos)), ignored_prefixes(model_type)
     _check_names_and_shapes(infos, layout, ignore, folder)
-    target = _dtype(dtype) or torch_dtype(infos[layout[0].hf_name].dtype)
+    target = requested or torch_dtype(infos[layout[0].hf_name].dtype)
     model = _empty_model(config, target, torch.device("cpu") if device is None else torch.device(device))
     targets = _targets(model, layout)
     by_name = {e.hf_name: e for e in layout}
@@ -109,18 +114,17 @@ def _folder(path: str | Path) -> Path:
     return folder
 
 
-def _read_config(folder: Path) -> tuple[HybridConfig, list[Entry], tuple[str, ...]]:
-    """(config, tensor layout, ignored name prefixes) of a folder."""
+def _read_config(folder: Path) -> tuple[HybridConfig, str | None]:
+    """(config, HF model type or None for a hybridlm folder) from the folder's config.json."""
     try:
         d = json.loads((folder / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"config.json: {folder / 'config.json'} is not valid JSON ({e})") from None
     if isinstance(d, dict) and "model_type" in d:
-        config, model_type = read_hf_config(d)
-        return config, hf_layout(config, model_type), ignored_prefixes(model_type)
-    config = HybridConfig.from_dict(d)
-    with torch.device("meta"):
-        return config, _native_layout(HybridLM(config)), ()
+        return read_hf_config(d)
+    if not isinstance(d, dict):
+        raise ValueError(f"config.json: expected a JSON object, got {type(d).__name__}")
+    return HybridConfig.from_dict(d), None
 
 
 def _native_layout(model: HybridLM) -> list[Entry]:
