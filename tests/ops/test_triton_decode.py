@@ -101,6 +101,21 @@ def test_inplace_updates_state_and_out_of_place_leaves_it():
     torch.testing.assert_close(h0, s, rtol=0, atol=0)
 
 
+def test_strided_inputs_give_contiguous_results():
+    B, H, HV, K, V = SHAPES[1]
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
+    h0 = make_state(B, HV, K, V, gen)
+    # the same values laid out head-major (a transpose's view): every stride differs from contiguous
+    v_t = v.transpose(0, 1).contiguous().transpose(0, 1)
+    q_t, h_t = q.transpose(0, 1).contiguous().transpose(0, 1), h0.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not v_t.is_contiguous() and not h_t.is_contiguous()
+    o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
+    o, s = step(q_t, k, v_t, g, beta, h_t, use_qk_l2norm=True)
+    assert rel_err(o, o_ref) < TOL[torch.float32]
+    assert rel_err(s, s_ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("with_dt_bias", [True, False])
 def test_fused_gate_and_beta_logit(with_dt_bias):
     B, H, HV, K, V = SHAPES[1]

@@ -12,4 +12,6 @@ def add_kernel_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="write every row (and the checks) as JSON")
     p.add_argument("--results", metavar="PATH", help="append a dated markdown section, e.g. benchmarks/RESULTS.md")
     p.add_argument("--out", metavar="DIR", help="also write kernels.json and kernels.md into DIR")
+    p.add_argument("--max-minutes", type=float, default=6.0,
+                   help="skip the sections not started after this many minutes (default: %(default)s)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when importable")

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,13 +251,20 @@ def run(args) -> int:
     env["copy GB/s"] = round(bench.copy_rate / 1e9)
     print(f"device-to-device copy: {bench.copy_rate / 1e9:,.0f} GB/s (read + write, 1 GiB)\n{timing.FLOP_CONVENTION}")
     print(report.HEADER, flush=True)
-    for heads in plan.heads:
-        for T in plan.seq_lens:
-            bench_chunk(bench, heads, T, with_reference=(T == plan.seq_lens[0]))
-    for T in plan.long_seq_lens:
-        bench_long(bench, QWEN3_NEXT, T)
-    for B in plan.decode_batches:
-        bench_decode(bench, QWEN3_NEXT, B)
+    # cheapest first, so a run cut short by --max-minutes still has every section it reached
+    jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B)) for B in plan.decode_batches]
+    jobs += [(f"chunk {h.name} T={T}", lambda h=h, T=T: bench_chunk(bench, h, T, with_reference=T == plan.seq_lens[0]))
+             for h in plan.heads for T in plan.seq_lens]
+    jobs += [(f"fwd B=1 T={T}", lambda T=T: bench_long(bench, QWEN3_NEXT, T)) for T in plan.long_seq_lens]
+    start = time.perf_counter()
+    for name, job in jobs:
+        elapsed = time.perf_counter() - start
+        if elapsed > 60 * args.max_minutes:
+            print(f"skipped {name}: past --max-minutes {args.max_minutes} ({elapsed:.0f} s)", flush=True)
+            env.setdefault("skipped", []).append(name)
+            continue
+        job()
+        print(f"  [{name}: done at {time.perf_counter() - start:.0f} s]", flush=True)
     print("\n" + report.format_table(bench.rows))
     print(report.format_targets(bench.rows))
     _write(args, env, checks, bench.rows)

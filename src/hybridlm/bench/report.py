@@ -148,7 +148,7 @@ def environment(has_fla: bool) -> dict:
 
 
 def markdown_section(env: dict, checks: list[dict], rows: list[dict]) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "card"))
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "card", "skipped"))
     lines = [f"## GPU kernels, {env['date']}: {env['card']}", "",
              f"{versions}. bf16 inputs, float32 state; medians of `triton.testing.do_bench`. "
              f"Produced by `hybridlm bench kernels`.", "", FLOP_CONVENTION + ".", "",
@@ -167,6 +167,9 @@ def markdown_section(env: dict, checks: list[dict], rows: list[dict]) -> str:
         lines.append(f"| {r['section']} | {r['shape']} | {r['B']} | {r['T']:,} | {r['impl']} | {ms} | "
                      f"{_human(r['tokens_per_s'])} | {_num(r['tflops'], '.1f')} | {_num(r['gbps'], '.0f')} | "
                      f"{share} | {_num(ups.get(i), '.2f')} | {r['note']} |")
-    lines += ["", "'ours x': the peer's time over ours (> 1: ours is faster).", "", "### Targets (issue #3)", ""]
+    lines += ["", "'ours x': the peer's time over ours (> 1: ours is faster)."]
+    if env.get("skipped"):
+        lines += ["", "Not run (time limit of the run): " + ", ".join(env["skipped"]) + "."]
+    lines += ["", "### Targets (issue #3)", ""]
     lines += [f"- {t}" for t in targets(rows)] + [""]
     return "\n".join(lines)
