@@ -61,6 +61,8 @@ def test_convert_in_and_out(folder_with_tokenizer, tiny_hf, tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", "--to-hf", str(own), "--out", str(tmp_path / "x"), "--model-type", "llama"]) == 2
     assert "model_type 'llama' cannot hold this model" in capsys.readouterr().err
+    assert main(["convert", "--from-hf", str(own), "--out", str(tmp_path / "y")]) == 2
+    assert "is not a Hugging Face folder" in capsys.readouterr().err
 
 
 def test_convert_a_training_run(tmp_path):

@@ -6,6 +6,7 @@ folder (newest ``step-*.json``), or one training checkpoint's ``.json`` / ``.saf
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -46,12 +47,25 @@ def convert(src: str | Path, out: str | Path, to_hf: bool, model_type: str | Non
         raise ValueError(f"out: must differ from the input folder {src}")
     if not to_hf and model_type is not None:
         raise ValueError("model_type: only with to_hf (a hybridlm folder has one layout)")
+    if not to_hf and "model_type" not in _config_json(src):
+        raise ValueError(f"from_hf: {src} is not a Hugging Face folder (its config.json has no model_type)")
     model = load_model(src, dtype=dtype)
     kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
     folder = save_pretrained(model, out, model_type=model_type if to_hf else NATIVE, **kw)
     if Path(src).is_dir():
         copy_tokenizer_files(src, folder)
     return folder
+
+
+def _config_json(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"from_hf: no config.json in {folder}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"config.json: {path} is not valid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
 
 
 def stop_tokens(model: HybridLM) -> list[int]:
