@@ -71,3 +71,21 @@ def test_micro_study_writes_report_plots_and_results(tmp_path, capsys):
     for png in ("acc_vs_pairs.png", "acc_vs_length.png", "cache_vs_context.png", "acc_vs_cache.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in report
+
+
+def test_token_shift_adds_the_previous_token_and_keeps_cache_parity():
+    from hybridlm.study import build_model
+
+    sc = StudyConfig(patterns=("GGGA",), num_layers=4)
+    torch.manual_seed(0)
+    model = build_model(matched_configs(sc)["GGGA"], token_shift=True).eval()
+    ids = torch.randint(8, 64, (2, 11))
+    emb = model.embed_tokens
+    expected = emb.embed(ids) + emb.prev(torch.nn.functional.pad(ids[:, :-1], (1, 0)))
+    assert torch.equal(emb(ids), expected)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 11)
+        steps = [model(ids[:, :5], cache=cache)]
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(5, 11)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)

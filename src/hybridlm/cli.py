@@ -353,6 +353,8 @@ def _add_study(sub) -> None:
     p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
     p.add_argument("--decode-context", type=parse_size, default=None, help="prompt length before timing decode")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
+    p.add_argument("--no-token-shift", action="store_true",
+                   help="drop the previous-token embedding every model gets (see hybridlm.study.PrevTokenEmbedding)")
     p.add_argument("--jobs", type=int, default=None, help="models trained at once on CPU (default: 2 on 2+ cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
 
@@ -371,6 +373,7 @@ def _cmd_study(args) -> int:
         "patterns": tuple(patterns),
         "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
+        "token_shift": not args.no_token_shift,
     }
     for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
                          ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),

@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
 from hybridlm.tasks import MQAR, Mixture
+from hybridlm.tasks.base import PAD
 from hybridlm.train import TrainConfig, evaluate, train
 
 DEFAULT_PATTERNS = ("A", "G", "GGGA", "GGGGGGGA", "X", "D")
@@ -90,6 +93,7 @@ class StudyConfig:
     decode_context: int = 256
     decode_tokens: int = 32
     gate_inits: tuple[GateInit, ...] = ()
+    token_shift: bool = True  # every model gets PrevTokenEmbedding (see there for why)
     seed: int = 0
     jobs: int = 0  # models trained at once on CPU (0: 2 when there are 2 cores or more)
     threads: int | None = None  # torch threads per job (default: cores // jobs)
@@ -169,6 +173,50 @@ def apply_gate_init(model: HybridLM, gi: GateInit, generator: torch.Generator) -
     return changed
 
 
+class PrevTokenEmbedding(nn.Module):
+    """The study's input layer for every model: ``E[x_t] + P[x_{t-1}]`` (a width-2 causal conv on tokens).
+
+    Why: to answer an MQAR query a model must bind each value to the key before it. Gated DeltaNet
+    layers get the previous token for free from their short conv; an all-attention model must
+    first discover a previous-token head, which at CPU size takes far longer than the study's
+    budget (2-layer model, 9000 steps: still ~45% on 6 pairs, against ~300 steps for G+A). That
+    would measure how fast a mechanism is found, not how much a state can hold, so every model
+    gets the same previous-token embedding. ``--no-token-shift`` turns it off.
+
+    ``input_ids`` [B, T] int64 -> [B, T, hidden]. A call with T > 1 starts a sequence (previous of
+    the first token: PAD); a call with T == 1 continues from the last token of the call before,
+    which is how decoding through a cache calls it.
+    """
+
+    def __init__(self, embed: nn.Embedding, std: float) -> None:
+        super().__init__()
+        self.embed = embed
+        self.prev = nn.Embedding(embed.num_embeddings, embed.embedding_dim)
+        nn.init.normal_(self.prev.weight, std=std)
+        self._last: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # the model reads embed_tokens.weight for its device and dtype
+        return self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        last = self._last
+        if input_ids.shape[1] > 1 or last is None or last.shape[0] != input_ids.shape[0]:
+            prev = F.pad(input_ids[:, :-1], (1, 0), value=PAD)
+        else:
+            prev = last
+        self._last = input_ids[:, -1:].detach()
+        return self.embed(input_ids) + self.prev(prev)
+
+
+def build_model(config: HybridConfig, token_shift: bool) -> HybridLM:
+    """A HybridLM for ``config``, with the study's previous-token embedding when ``token_shift``."""
+    model = HybridLM(config)
+    if token_shift:
+        model.embed_tokens = PrevTokenEmbedding(model.embed_tokens, config.initializer_range)
+    return model
+
+
 # --------------------------------------------------------------------------- measurements
 def cache_bytes(model: HybridLM, contexts: tuple[int, ...]) -> dict[int, int]:
     """Bytes of a batch-1 cache at each context (bf16 keys/values, recurrent state in config.state_dtype)."""
@@ -234,7 +282,7 @@ def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyCo
     """Train and measure one model."""
     label = pattern if gi is None else f"{pattern}@{gi.name}"
     torch.manual_seed(sc.seed)
-    model = HybridLM(config)
+    model = build_model(config, sc.token_shift)
     if gi is not None:
         apply_gate_init(model, gi, torch.Generator().manual_seed(sc.seed))
     model.to(device)
