@@ -1,11 +1,11 @@
 """`hybridlm bench kernels`: check, then time, the gated delta rule kernels against their peers.
 
 One GPU run: (1) every Triton path against the reference on fresh random inputs (abort on a wrong
-number); (2) the device-to-device copy rate; (3) chunked forward and forward+backward at B x T = 64k
-for Qwen3-Next's heads (Hqk 16, Hv 32, d 128) and for H 16, d 128 — ours, flash-linear-attention
-(when importable), torch SDPA causal attention (flash backend, H = Hv heads) and the reference (T 2k
-only, it is slow); (4) B = 1 forward at long T; (5) decode steps at batch 1..256, eager and captured
-in a CUDA graph. Prints a table, writes JSON and a markdown section on request.
+number); (2) the device-to-device copy rate; (3) decode steps at batch 1..256, eager and captured in
+a CUDA graph; (4) chunked forward and forward+backward at B x T = 64k for Qwen3-Next's heads (Hqk 16,
+Hv 32, d 128) and for H 16, d 128 — ours, flash-linear-attention (when importable), torch SDPA causal
+attention (flash backend, H = Hv heads) and the reference (T 2k only, it is slow); (5) B = 1 forward
+at long T. Prints a table, writes JSON and a markdown section on request.
 """
 
 from __future__ import annotations
