@@ -136,7 +136,7 @@ def chunk_bwd_local_kernel(
 
 
 def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float,
-                    block_v: int = 32, num_warps: int | None = None, num_stages: int | None = None):
+                    block_v: int = 16, num_warps: int = 4, num_stages: int = 1):
     """Gradients of q, k, v, g and beta from the chunk states and the state-gradient pass.
 
     Args:
@@ -155,12 +155,13 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     dv = torch.empty_like(v)
     dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
     dbeta = torch.empty_like(dg)
-    fp32 = q.dtype == torch.float32
     chunk_bwd_local_kernel[(HV, NC)](
         q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
         BV=min(block_v, max(16, triton.next_power_of_2(V))), PREC=dot_precision(q.dtype),
-        num_warps=num_warps or (4 if fp32 else 8), num_stages=num_stages or (1 if fp32 else 2),
+        # 4 warps, 1 stage: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages;
+        # BV 16 with 8 warps faulted (illegal address) on Hopper with Triton 3.6, so avoid it
+        num_warps=num_warps, num_stages=num_stages,
     )
     # value heads of one group share q and k: their gradients add up
     r = HV // H

@@ -121,17 +121,18 @@ def state_pass_stages(dtype: torch.dtype) -> int:
 
 
 def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) -> int:
-    """Value-block width of the forward state pass: 32 while fewer than two programs per
-    multiprocessor would run at 64, else 64.
+    """Value-block width of the forward state pass: 32, or 16 when 32 would leave more than half
+    of the multiprocessors idle.
 
-    Every value block re-reads the chunk's q, k, T and M tiles (48 KB per chunk from L2), so narrow
-    blocks cost L2 bandwidth: at B 1, T 32k, Hv 32 BV 16 took 2.08 ms, BV 32 1.35 ms, BV 64 (64
-    programs on 132 multiprocessors) 1.5 ms. Wider than 64 spills the float32 state at 4 warps.
+    Every value block re-reads the chunk's q, k, T and M tiles (48 KB per chunk, from L2), so narrow
+    blocks cost L2 bandwidth, while wide ones leave multiprocessors idle at small batch. Measured
+    (H100, bf16): B 1, T 32k, Hv 32: BV 16 / 32 / 64 (8 warps) = 2.11 / 1.34 / 2.09 ms;
+    B 1, T 64k, Hv 16: 2.11 / 2.46 / 4.19 ms.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    width = max(16, min(64, triton.next_power_of_2(V)))
-    if width == 64 and num_programs_without_split * triton.cdiv(V, 64) < 2 * sms:
-        width = 32
+    width = max(16, min(32, triton.next_power_of_2(V)))
+    if width == 32 and num_programs_without_split * triton.cdiv(V, 32) < sms // 2:
+        width = 16
     return width
 
 
