@@ -3,9 +3,9 @@
 Legend: B batch, T tokens, N sequences, NTOK = B * T flat tokens, NC chunks, H q/k heads,
 HV value heads, K key size, V value size.
 
-Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum and WY transform) then
-``chunk_fwd`` (sequential over chunks: output and states). Backward recomputes both, storing the
-state entering every chunk, runs the state gradient from the last chunk to the first
+Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum, WY transform, causal Q K^T)
+then ``chunk_fwd`` (sequential over chunks: output and states). Backward reuses the prep outputs,
+reruns the state pass storing the state entering every chunk, runs the state gradient from the last chunk to the first
 (``chunk_bwd_state``) and finishes with chunk-local gradients (``chunk_bwd_local``).
 
 Both directions are ``torch.library`` custom ops (``hybridlm::chunk_gdr_fwd`` and
@@ -44,8 +44,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("hybridlm::chunk_gdr_fwd", mutates_args=())
 def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V]); inputs as the entry point."""
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V], and the prep outputs
+    gc, t, m of ``chunk_prep``, kept for the backward so it need not recompute them); inputs as the
+    entry point."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     beta_f = _flat(beta)
@@ -53,27 +55,28 @@ def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale)
-    return o.view(v.shape), ht
+    return o.view(v.shape), ht, gc, t, m
 
 
 @chunk_gdr_fwd.register_fake
 def _(q, k, v, g, beta, initial_state, cu_seqlens, scale):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    state = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
-    return torch.empty_like(v), state
+    NTOK, HV = q.shape[0] * q.shape[1], v.shape[2]
+    state = q.new_empty(N, HV, q.shape[3], v.shape[3], dtype=torch.float32)
+    t = q.new_empty(NTOK, HV, 64)
+    return torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t)
 
 
 @torch.library.custom_op("hybridlm::chunk_gdr_bwd", mutates_args=())
 def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
-                  do: torch.Tensor, dht: Optional[torch.Tensor]
+                  gc: torch.Tensor, t: torch.Tensor, m: torch.Tensor, do: torch.Tensor, dht: Optional[torch.Tensor]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0) in the dtypes of (q, k, v, g, beta, float32 state)."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     NC = chunk_bounds.shape[0]
     qf, kf, vf, beta_f = _flat(q), _flat(k), _flat(v), _flat(beta)
-    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
     _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
     dof = _flat(do.to(v.dtype))
@@ -84,7 +87,7 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
 
 
 @chunk_gdr_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, do, dht):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, gc, t, m, do, dht):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dh0 = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
@@ -93,13 +96,15 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, do, dht):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, initial_state, cu_seqlens, scale = inputs
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+    _, _, gc, t, m = output
+    ctx.mark_non_differentiable(gc, t, m)
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m)
     ctx.scale = scale
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale,
+def _backward(ctx, do, dht, _dgc, _dt, _dm):
+    q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale, gc, t, m,
                                                do.contiguous(), None if dht is None else dht.contiguous())
     return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None
 
@@ -169,6 +174,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     if A_log is not None:
         g = -A_log.float().exp() * F.softplus(g.float() + dt_bias.float())
     h0 = None if initial_state is None else initial_state.float()
-    o, final_state = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                   beta.contiguous(), h0, cu_seqlens, scale)
+    o, final_state, _, _, _ = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                            beta.contiguous(), h0, cu_seqlens, scale)
     return o, (final_state if output_final_state else None)
