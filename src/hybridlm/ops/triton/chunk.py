@@ -16,6 +16,7 @@ custom op, so autograd differentiates them.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -31,10 +32,17 @@ from hybridlm.ops.triton.utils import sequence_tables
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=64)
+def _uniform_tables(B: int, T: int, device: torch.device):
+    # the equal-length tables cost about eight small launches; a layer calls the op per step
+    return sequence_tables(B, T, None, device)
+
+
 def _tables(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     B, T = q.shape[:2]
-    bounds = None if cu_seqlens is None else [int(b) for b in cu_seqlens.tolist()]
-    return sequence_tables(B, T, bounds, q.device)
+    if cu_seqlens is None:
+        return _uniform_tables(B, T, q.device)
+    return sequence_tables(B, T, [int(b) for b in cu_seqlens.tolist()], q.device)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
