@@ -98,10 +98,10 @@ def test_meta_device_model_builds_without_memory():
     assert model.num_parameters() == HybridLM(HybridConfig.preset("tiny-moe")).num_parameters()
 
 
-@pytest.mark.parametrize("letter", list("KLMS"))
-def test_layers_not_built_yet_are_refused(letter):
-    with pytest.raises(NotImplementedError, match=rf"'{letter}'.*\w+"):
-        HybridLM(HybridConfig(layer_pattern="G" + letter, num_layers=2))
+def test_quantized_index_key_cache_is_refused():
+    model = HybridLM(HybridConfig(layer_pattern="S", num_layers=1, index_key_bytes=20.0))
+    with pytest.raises(NotImplementedError, match="index_key_bytes"):
+        model.new_cache(1, 4)
 
 
 def test_unknown_letter_is_refused():

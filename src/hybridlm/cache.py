@@ -21,9 +21,9 @@ _STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64,
 def conv_channels(config: HybridConfig, letter: str) -> int:
     """Channels that pass through a linear layer's short conv (0: the layer has no conv).
 
-    G and D convolve q, k and v; X layers have no conv.
+    G, D and K convolve q, k and v; L and X layers have no conv.
     """
-    if letter not in "GD" or config.linear_conv_kernel_dim == 0:
+    if letter not in "GDK" or config.linear_conv_kernel_dim == 0:
         return 0
     qk = config.linear_num_key_heads * config.linear_key_head_dim
     return 2 * qk + config.linear_num_value_heads * config.linear_value_head_dim
@@ -38,12 +38,26 @@ def state_value_dim(config: HybridConfig, letter: str) -> int:
 @dataclass
 class KVSlot:
     """Keys and values of one attention layer. ``k_pos`` is shared by every layer of its kind:
-    [B, max_len] for A layers, the ring's [B, window_slots] for W layers."""
+    [B, max_len] for A and S layers, the ring's [B, window_slots] for W layers. ``index_k``: the
+    sparse indexer's keys [B, max_len, index_head_dim] (S layers on a GQA base), else None."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_pos: torch.Tensor
     ring: bool
+    index_k: torch.Tensor | None = None
+
+
+@dataclass
+class LatentSlot:
+    """One MLA layer (M, or S on an MLA base): the normalised latents [B, max_len, kv_lora_rank], the
+    shared rotary key [B, max_len, rope_dim], the key positions [B, max_len] (shared with A layers) and,
+    for S layers, the indexer's keys [B, max_len, index_head_dim]."""
+
+    latent: torch.Tensor
+    k_rope: torch.Tensor
+    k_pos: torch.Tensor
+    index_k: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,15 +77,18 @@ class HybridCache:
 
     - per A layer: k and v, each [B, L, HKV, D] dt;
     - per W layer: k and v, each [B, min(L, sliding_window), HKV, D] dt (a ring buffer);
-    - per G, D, X layer: state [B, HV, K, V] sd ([B, HV, K, V + 1] for X with linear_normalize);
-    - per G, D layer with linear_conv_kernel_dim > 0: conv [B, 2*H*K + HV*V, kernel - 1] dt
+    - per M layer: latent [B, L, mla_kv_lora_rank] dt and rotary key [B, L, mla_qk_rope_head_dim] dt;
+    - per S layer: what its base caches (an M layer's two tensors, or an A layer's k and v) plus the
+      indexer's keys [B, L, index_head_dim] dt;
+    - per G, D, K, L, X layer: state [B, HV, K, V] sd ([B, HV, K, V + 1] for X with linear_normalize);
+    - per G, D, K layer with linear_conv_kernel_dim > 0: conv [B, 2*H*K + HV*V, kernel - 1] dt
       (H = linear_num_key_heads);
-    - if any A layer: positions [B, L] int32 (position of the key in each slot, -1 = empty/pad);
+    - if any A, M or S layer: positions [B, L] int32 (position of the key in each slot, -1 = empty/pad);
     - if any W layer: window positions [B, min(L, sliding_window)] int32 (same, for the ring);
     - always: next position [B] int32 (each row's next rotary position).
 
-    ``seq_len`` (a Python int) counts the slots used, padding included; K, L, M, S layers are not
-    supported yet (the model refuses them first).
+    ``seq_len`` (a Python int) counts the slots used, padding included. Index keys are stored in dt:
+    a config whose ``index_key_bytes`` asks for another size (DeepSeek's fp8 key + scale) is refused.
 
     Example::
 
@@ -94,24 +111,30 @@ class HybridCache:
         self.seq_len = 0
         kw = {"device": device}
         letters = config.layer_types
-        unsupported = sorted(set(letters) - set("GDXAW"))
-        if unsupported:
-            raise NotImplementedError(f"HybridCache: no cache layout yet for layer letters {unsupported}")
+        if "S" in letters and config.index_key_bytes:
+            raise NotImplementedError(
+                f"index_key_bytes: this cache stores index keys in its own dtype (index_key_bytes = 0); got "
+                f"{config.index_key_bytes} (a quantized index-key cache is not implemented)")
         B, hkv, d = batch_size, config.num_key_value_heads, config.head_dim
         self.window_slots = min(max_len, config.sliding_window) if "W" in letters else 0
-        self.positions = torch.full((B, max_len), -1, dtype=torch.int32, **kw) if "A" in letters else None
+        self.positions = (torch.full((B, max_len), -1, dtype=torch.int32, **kw) if set(letters) & set("AMS")
+                          else None)
         self.window_positions = (torch.full((B, self.window_slots), -1, dtype=torch.int32, **kw)
                                  if "W" in letters else None)
         self.next_position = torch.zeros(B, dtype=torch.int32, **kw)
-        self.layers: list[KVSlot | RecurrentSlot] = []
+        self.layers: list[KVSlot | LatentSlot | RecurrentSlot] = []
+        zeros = lambda *shape: torch.zeros(shape, dtype=dtype, **kw)  # noqa: E731
         for letter in letters:
-            if letter in ATTENTION_LETTERS:
+            index_k = zeros(B, max_len, config.index_head_dim) if letter == "S" else None
+            if letter == "M" or (letter == "S" and config.sparse_base == "mla"):
+                self.layers.append(LatentSlot(zeros(B, max_len, config.mla_kv_lora_rank),
+                                              zeros(B, max_len, config.mla_qk_rope_head_dim), self.positions, index_k))
+            elif letter in ATTENTION_LETTERS:
                 ring = letter == "W"
                 slots = self.window_slots if ring else max_len
                 k_pos = self.window_positions if ring else self.positions
                 shape = (B, slots, hkv, d)
-                self.layers.append(KVSlot(torch.zeros(shape, dtype=dtype, **kw),
-                                          torch.zeros(shape, dtype=dtype, **kw), k_pos, ring))
+                self.layers.append(KVSlot(zeros(*shape), zeros(*shape), k_pos, ring, index_k))
             else:
                 state_shape = (B, config.linear_num_value_heads, config.linear_key_head_dim,
                                state_value_dim(config, letter))
@@ -173,10 +196,14 @@ class HybridCache:
         for i, (letter, slot) in enumerate(zip(self.config.layer_types, self.layers)):
             if isinstance(slot, KVSlot):
                 groups[f"layer {i} ({letter}) kv"] = [slot.k, slot.v]
+            elif isinstance(slot, LatentSlot):
+                groups[f"layer {i} ({letter}) kv"] = [slot.latent, slot.k_rope]
             else:
                 groups[f"layer {i} ({letter}) state"] = [slot.state]
                 if slot.conv is not None:
                     groups[f"layer {i} ({letter}) conv"] = [slot.conv]
+            if getattr(slot, "index_k", None) is not None:  # per-token, so counted with the KV
+                groups[f"layer {i} ({letter}) kv"].append(slot.index_k)
         for name, t in (("positions", self.positions), ("window positions", self.window_positions),
                         ("next position", self.next_position)):
             if t is not None:

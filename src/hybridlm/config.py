@@ -102,6 +102,12 @@ class HybridConfig:
     # (DeepSeek-V3 / MiniMax-M2 e_score_correction_bias).
     router_score_bias: bool = False
     first_dense_layers: int = 0  # leading layers that keep the dense MLP in an MoE model
+    # DeepSeek-V3 / Kimi grouped routing: experts split into n_group groups, a token picks experts
+    # only from its topk_group best groups (a group scores the sum of its two best experts).
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed experts' weights (not the shared expert)
+    shared_expert_gate: bool = True  # Qwen: shared expert scaled by sigmoid(W x); DeepSeek / Kimi: added as is
 
     # --- multi-head latent attention (M; S on an MLA base) ---
     mla_q_lora_rank: int = 0  # 0: q is projected directly
@@ -109,6 +115,9 @@ class HybridConfig:
     mla_qk_nope_head_dim: int = 16
     mla_qk_rope_head_dim: int = 8
     mla_v_head_dim: int = 16
+    mla_use_nope: bool = False  # Kimi Linear: no rotary at all in MLA (the rope key is still cached)
+    # DeepSeek: rotary channels paired as (0, 1), (2, 3), ... instead of the two halves
+    mla_rope_interleave: bool = False
 
     # --- sparse attention (S): an indexer scores the history, each query keeps its top-k ---
     sparse_base: str = "mla"  # mla (DeepSeek V3.2) | gqa (MiniMax-M3)
@@ -232,3 +241,11 @@ class HybridConfig:
                     f"num_experts_per_tok: expected 1..num_experts ({self.num_experts}), got {self.num_experts_per_tok}"
                 )
             positive("moe_intermediate_size")
+            for name in ("n_group", "topk_group"):
+                positive(name)
+            if self.num_experts % self.n_group or self.topk_group > self.n_group:
+                raise ValueError(f"n_group, topk_group: expected n_group dividing num_experts ({self.num_experts}) "
+                                 f"and topk_group <= n_group, got {self.n_group}, {self.topk_group}")
+            if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(f"num_experts_per_tok: expected at most topk_group * experts per group "
+                                 f"({self.topk_group * (self.num_experts // self.n_group)}), got {self.num_experts_per_tok}")

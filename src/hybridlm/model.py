@@ -9,23 +9,30 @@ from torch import nn
 
 from hybridlm.cache import HybridCache
 from hybridlm.config import LAYER_LETTERS, HybridConfig
-from hybridlm.layers import GatedAttention, GatedDeltaNet, LinearAttention, MoE, RMSNorm, SwiGLU, Tokens
+from hybridlm.layers import (BlockSparseAttention, GatedAttention, GatedDeltaNet, KimiDeltaAttention, LatentAttention,
+                             LightningAttention, LinearAttention, MoE, RMSNorm, SparseLatentAttention, SwiGLU, Tokens)
 
 
-def make_mixer(config: HybridConfig, letter: str) -> nn.Module:
-    """The token mixer of one layer letter (see hybridlm.config.LAYER_LETTERS)."""
+def make_mixer(config: HybridConfig, letter: str, layer_idx: int = 0) -> nn.Module:
+    """The token mixer of one layer letter (see hybridlm.config.LAYER_LETTERS); layer_idx: its index
+    among all layers (lightning attention's decay depends on it)."""
     if letter == "G":
         return GatedDeltaNet(config, gated=True)
     if letter == "D":
         return GatedDeltaNet(config, gated=False)
+    if letter == "K":
+        return KimiDeltaAttention(config)
+    if letter == "L":
+        return LightningAttention(config, layer_idx)
     if letter == "X":
         return LinearAttention(config)
     if letter in "AW":
         return GatedAttention(config, sliding=letter == "W")
-    raise NotImplementedError(
-        f"layer letter {letter!r} ({LAYER_LETTERS.get(letter, 'unknown')}) has no layer yet; "
-        f"implemented letters: G, D, X, A, W"
-    )
+    if letter == "M":
+        return LatentAttention(config)
+    if letter == "S":
+        return SparseLatentAttention(config) if config.sparse_base == "mla" else BlockSparseAttention(config)
+    raise ValueError(f"letter: expected one of {', '.join(LAYER_LETTERS)}, got {letter!r}")
 
 
 class Block(nn.Module):
@@ -36,7 +43,7 @@ class Block(nn.Module):
         eps, zc = config.rms_norm_eps, config.norm_zero_centered
         self.letter = config.layer_types[index]
         self.mixer_norm = RMSNorm(config.hidden_size, eps, zc)
-        self.mixer = make_mixer(config, self.letter)
+        self.mixer = make_mixer(config, self.letter, index)
         self.mlp_norm = RMSNorm(config.hidden_size, eps, zc)
         self.mlp = MoE(config) if config.layer_uses_moe(index) else SwiGLU(config.hidden_size,
                                                                             config.intermediate_size)

@@ -31,6 +31,31 @@ PRESETS: dict[str, Callable[[], HybridConfig]] = {
     # a transformers qwen3_next folder with `hybridlm convert --to-hf` / model.save_pretrained.
     "tiny-qwen3-next": _tiny(layer_pattern="GGGA", num_layers=4, norm_zero_centered=True, num_experts=4,
                              num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    # The seed architectures' structures at tiny size (each exports to its transformers model type).
+    # Kimi Linear: KDA + NoPE MLA, first layer dense, sigmoid grouped routing + bias, plain shared expert.
+    "tiny-kimi-linear": _tiny(layer_pattern="KKKM", num_layers=4, linear_num_key_heads=4, linear_num_value_heads=4,
+                              attn_output_gate=False, qk_norm=False, num_key_value_heads=4, mla_use_nope=True,
+                              num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                              shared_expert_intermediate_size=32, shared_expert_gate=False, first_dense_layers=1,
+                              router="sigmoid", router_score_bias=True, n_group=2, topk_group=1,
+                              routed_scaling_factor=2.0),
+    # MiniMax-M1: lightning attention (no conv, heads = attention heads) 3:1 with GQA, softmax-routed MoE.
+    "tiny-minimax-m1": _tiny(layer_pattern="LLLA", num_layers=4, linear_num_key_heads=4, linear_num_value_heads=4,
+                             linear_conv_kernel_dim=0, attn_output_gate=False, qk_norm=False,
+                             partial_rotary_factor=0.5, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32),
+    # DeepSeek V3.2: sparse MLA (q LoRA, interleaved rope) with the lightning indexer keeping 8 tokens.
+    "tiny-deepseek-v3.2": _tiny(layer_pattern="S", num_layers=4, attn_output_gate=False, qk_norm=False,
+                                num_key_value_heads=4, mla_q_lora_rank=24, mla_rope_interleave=True,
+                                index_num_heads=4, index_head_dim=16, index_topk=8, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                shared_expert_gate=False, first_dense_layers=1, router="sigmoid",
+                                router_score_bias=True, n_group=2, topk_group=1, routed_scaling_factor=2.5),
+    # MiniMax-M3: a dense GQA layer, then block-sparse GQA (blocks of 4, 3 kept, the newest always).
+    "tiny-minimax-m3": _tiny(layer_pattern="ASSS", num_layers=4, attn_output_gate=False, partial_rotary_factor=0.5,
+                             sparse_base="gqa", index_num_heads=2, index_head_dim=16, index_topk=3,
+                             sparse_block_size=4, sparse_local_blocks=1, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=32, router="sigmoid"),
 }
 
 TINY_PRESETS = tuple(n for n in PRESETS if n.startswith("tiny-"))

@@ -60,6 +60,14 @@ class GatedAttention(nn.Module):
 
         Returns [B, T, hidden] in x's dtype. With a slot, the new keys/values are written to it.
         """
+        q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
+        k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
+        o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
+        return self.finish(o_BTHD, gate_BTHD)
+
+    def project(self, x_BTD: torch.Tensor, tokens: Tokens):
+        """(q [B, T, H, D], k and v [B, T, HKV, D], output gate [B, T, H, D] or None): normed, rotated,
+        keys and values zero at pads."""
         B, T, _ = x_BTD.shape
         hd = self.head_dim
         q_proj = self.q_proj(x_BTD).view(B, T, self.num_heads, -1)
@@ -76,12 +84,13 @@ class GatedAttention(nn.Module):
         rot_pos = tokens.pos_BT.clamp(min=0)
         q_BTHD, k_BTHD = self.rotary(q_BTHD, rot_pos), self.rotary(k_BTHD, rot_pos)
         # Zero keys/values of pads too: masked scores still multiply their values (0 * NaN = NaN).
-        k_BTHD, v_BTHD = tokens.zero_pads(k_BTHD), tokens.zero_pads(v_BTHD)
-        k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
-        o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
+        return q_BTHD, tokens.zero_pads(k_BTHD), tokens.zero_pads(v_BTHD), gate_BTHD
+
+    def finish(self, o_BTHD: torch.Tensor, gate_BTHD: torch.Tensor | None) -> torch.Tensor:
+        """Output gate and projection: [B, T, H, D] -> [B, T, hidden]."""
         if gate_BTHD is not None:
             o_BTHD = o_BTHD * torch.sigmoid(gate_BTHD)
-        return self.o_proj(o_BTHD.reshape(B, T, -1))
+        return self.o_proj(o_BTHD.flatten(2))
 
     def _keys(self, k_BTHD, v_BTHD, tokens: Tokens, slot: KVSlot | None):
         """Keys, values and key positions this call attends over; stores the new ones in the slot."""

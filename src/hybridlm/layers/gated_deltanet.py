@@ -18,7 +18,7 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.step import Tokens
+from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 
 
@@ -85,7 +85,7 @@ class GatedDeltaNet(nn.Module):
         q_BTHK, k_BTHK = q_BTHK.reshape(B, T, H, K), k_BTHK.reshape(B, T, H, K)
         k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
         # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
-        beta_BTH = tokens.zero_pads(torch.sigmoid(_at_least_fp32(self.b_proj(x_BTD))))
+        beta_BTH = tokens.zero_pads(torch.sigmoid(at_least_fp32(self.b_proj(x_BTD))))
         g_BTH = self._log_decay(x_BTD, tokens)
         o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot)
         z_BTHV = self.z_proj(x_BTD).view(B, T, HV, V)
@@ -95,7 +95,7 @@ class GatedDeltaNet(nn.Module):
         """g [B, T, HV] float32 (<= 0), 0 at pads; None for DeltaNet."""
         if not self.gated or self.A_log.is_meta:
             return None
-        a = _at_least_fp32(self.a_proj(x_BTD))
+        a = at_least_fp32(self.a_proj(x_BTD))
         return tokens.zero_pads(-self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype)))
 
     def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None) -> torch.Tensor:
@@ -123,8 +123,3 @@ class GatedDeltaNet(nn.Module):
         if slot is not None:
             slot.state.copy_(new_state)
         return o
-
-
-def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """Gates in float32 (bf16 loses the small decays), float64 kept for float64 checks."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))

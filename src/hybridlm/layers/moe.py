@@ -1,4 +1,9 @@
-"""Mixture of experts: top-k routing over SwiGLU experts, optional sigmoid-gated shared expert.
+"""Mixture of experts: top-k routing over SwiGLU experts, optional shared expert.
+
+Routers as the released models use them: softmax (Qwen, MiniMax) or sigmoid (DeepSeek-V3, Kimi,
+MiniMax-M2) scores; an optional selection-only bias; DeepSeek's grouped routing (keep the
+``topk_group`` best of ``n_group`` expert groups, a group scored by the sum of its two best experts);
+a scaling of the routed weights. The shared expert is sigmoid-gated (Qwen) or added as is (DeepSeek, Kimi).
 
 Routing ties break toward the lower expert index (a stable descending sort), so a token routed
 during prefill goes to the same experts when it is recomputed one token at a time.
@@ -14,7 +19,7 @@ from hybridlm.layers.mlp import SwiGLU
 
 
 def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool,
-          score_bias_E: torch.Tensor | None = None):
+          score_bias_E: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1):
     """Pick each token's top-k experts and their weights.
 
     Args:
@@ -24,6 +29,8 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
         norm_topk_prob: renormalise the k kept weights to sum to one.
         score_bias_E: optional [E] float bias added to the scores to choose the experts; the weights
             stay the unbiased scores (DeepSeek-V3's load-balancing bias).
+        n_group, topk_group: grouped routing; experts come only from the topk_group groups (of n_group
+            equal, consecutive groups) whose two best biased scores sum highest. n_group = 1: no grouping.
     Returns:
         (weights_NK [N, k] float32 or float64, experts_NK int64 [N, k]), experts in descending score order,
         ties broken by lower index.
@@ -35,6 +42,8 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
     else:
         raise ValueError(f"router: expected 'softmax' or 'sigmoid', got {router!r}")
     choice = scores if score_bias_E is None else scores + score_bias_E.to(scores.dtype)
+    if n_group > 1:
+        choice = _keep_best_groups(choice, n_group, topk_group)
     order = torch.sort(choice, dim=-1, descending=True, stable=True).indices
     experts = order[:, :top_k]
     weights = scores.gather(1, experts)
@@ -43,11 +52,21 @@ def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool
     return weights, experts
 
 
+def _keep_best_groups(choice_NE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """choice with -inf outside each token's topk_group best groups (ties to the lower group)."""
+    groups = choice_NE.unflatten(-1, (n_group, -1))  # [N, G, E / G]
+    best_two = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
+    kept = torch.sort(best_two, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    keep = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, kept, True)
+    return groups.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts (+ a shared expert scaled by sigmoid(W x) when configured).
 
     Uses config.num_experts, num_experts_per_tok, moe_intermediate_size, router, norm_topk_prob,
-    shared_expert_intermediate_size, router_score_bias.
+    shared_expert_intermediate_size, shared_expert_gate, router_score_bias, n_group, topk_group,
+    routed_scaling_factor.
 
     Example::
 
@@ -61,6 +80,8 @@ class MoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.router = config.router
         self.norm_topk_prob = config.norm_topk_prob
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.gate = nn.Linear(d, config.num_experts, bias=False)
         # A buffer, not a parameter: it is set by a balancing rule, not by gradients.
         self.register_buffer("score_bias", torch.zeros(config.num_experts) if config.router_score_bias else None)
@@ -69,13 +90,15 @@ class MoE(nn.Module):
         self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = SwiGLU(d, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(d, 1, bias=False)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """x_BTD: [B, T, D] -> [B, T, D], same dtype."""
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
-                                         self.score_bias)
+                                         self.score_bias, self.n_group, self.topk_group)
+        weights_NK = weights_NK * self.routed_scaling_factor
         out_ND = torch.zeros_like(x_ND)
         # One pass per expert over only the tokens routed to it: readable, and no dense
         # all-experts compute (a grouped GEMM kernel would replace this loop on the GPU).
@@ -86,7 +109,8 @@ class MoE(nn.Module):
             y = expert(x_ND.index_select(0, token_idx))
             w = weights_NK[token_idx, slot].to(y.dtype)[:, None]
             out_ND.index_add_(0, token_idx, y * w)
-        if self.shared_expert is not None:
-            gate = torch.sigmoid(self.shared_expert_gate(x_ND))
-            out_ND = out_ND + gate * self.shared_expert(x_ND)
+        if self.shared_expert_gate is not None:
+            out_ND = out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        elif self.shared_expert is not None:
+            out_ND = out_ND + self.shared_expert(x_ND)
         return out_ND.view_as(x_BTD)

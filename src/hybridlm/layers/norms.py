@@ -49,18 +49,22 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """Per-head RMSNorm of o, multiplied by SiLU(z) (Gated DeltaNet's output gate).
+    """Per-head RMSNorm of o, multiplied by SiLU(z) (Gated DeltaNet's output gate) or sigmoid(z) (Kimi's).
 
     The weight is shared across heads (one value per channel of a head), as in Qwen3-Next.
 
     Args:
         head_dim: channels per head (the normalised dimension).
         eps: added to the mean of squares.
+        gate: "silu" (Qwen3-Next) or "sigmoid" (Kimi delta attention).
     """
 
-    def __init__(self, head_dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, head_dim: int, eps: float = 1e-6, gate: str = "silu") -> None:
         super().__init__()
+        if gate not in ("silu", "sigmoid"):
+            raise ValueError(f"gate: expected 'silu' or 'sigmoid', got {gate!r}")
         self.eps = eps
+        self.gate = F.silu if gate == "silu" else torch.sigmoid
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def reset_parameters(self) -> None:
@@ -72,4 +76,4 @@ class GatedRMSNorm(nn.Module):
         ct = torch.promote_types(o.dtype, torch.float32)
         o32 = o.to(ct)
         o_hat = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (o_hat * self.weight.to(ct) * F.silu(z.to(ct))).to(o.dtype)
+        return (o_hat * self.weight.to(ct) * self.gate(z.to(ct))).to(o.dtype)

@@ -26,3 +26,8 @@ class Tokens:
             return x
         mask = self.mask_BT.view(*self.mask_BT.shape, *([1] * (x.dim() - 2)))
         return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Gates in float32 (bf16 loses the small decays), float64 kept for float64 checks."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

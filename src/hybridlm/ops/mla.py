@@ -65,13 +65,19 @@ def split_kv_b(w_kv_b: torch.Tensor, num_heads: int, nope_dim: int):
     return w[:, :nope_dim], w[:, nope_dim:]
 
 
-def _expanded(q_nope, q_rope, kv_latent, k_rope, w_k, w_v, **attn):
-    H = q_nope.shape[2]
+def expand_latents(kv_latent, k_rope, w_k, w_v):
+    """Per-head keys [B, S, H, Dn + Dr] and values [B, S, H, Dv] of cached latents.
+
+    kv_latent [B, S, R], k_rope [B, S, Dr]; w_k [H, Dn, R], w_v [H, Dv, R] from :func:`split_kv_b`.
+    """
     k_nope = torch.einsum("bsr,hdr->bshd", kv_latent, w_k)
     v = torch.einsum("bsr,hdr->bshd", kv_latent, w_v)
-    k = torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, H, -1)], -1)
-    q = torch.cat([q_nope, q_rope], -1)
-    return _attend(q, k, v, **attn)
+    return torch.cat([k_nope, k_rope[:, :, None, :].expand(-1, -1, w_k.shape[0], -1)], -1), v
+
+
+def _expanded(q_nope, q_rope, kv_latent, k_rope, w_k, w_v, **attn):
+    k, v = expand_latents(kv_latent, k_rope, w_k, w_v)
+    return _attend(torch.cat([q_nope, q_rope], -1), k, v, **attn)
 
 
 def _absorbed(q_nope, q_rope, kv_latent, k_rope, w_k, w_v, **attn):
