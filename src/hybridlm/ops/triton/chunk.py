@@ -5,8 +5,9 @@ HV value heads, K key size, V value size.
 
 Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum, WY transform, causal Q K^T)
 then ``chunk_fwd`` (sequential over chunks: output and states). Backward reuses the prep outputs,
-reruns the state pass storing the state entering every chunk, runs the state gradient from the last chunk to the first
-(``chunk_bwd_state``) and finishes with chunk-local gradients (``chunk_bwd_local``).
+reruns the state pass storing the state entering every chunk, carries the state gradient from the
+last chunk to the first (``chunk_bwd_state``) and ends with chunk-local gradients
+(``chunk_bwd_local``).
 
 Both directions are ``torch.library`` custom ops (``hybridlm::chunk_gdr_fwd`` and
 ``hybridlm::chunk_gdr_bwd``), so ``torch.compile(fullgraph=True)`` traces through them.
@@ -34,7 +35,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.lru_cache(maxsize=64)
 def _uniform_tables(B: int, T: int, device: torch.device):
-    # the equal-length tables cost about eight small launches; a layer calls the op per step
+    # building the equal-length tables takes about eight small launches, paid by every layer call
     return sequence_tables(B, T, None, device)
 
 
