@@ -353,8 +353,9 @@ def _add_study(sub) -> None:
     p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
     p.add_argument("--decode-context", type=parse_size, default=None, help="prompt length before timing decode")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
-    p.add_argument("--no-token-shift", action="store_true",
-                   help="drop the previous-token embedding every model gets (see hybridlm.study.PrevTokenEmbedding)")
+    p.add_argument("--token-shift", choices=("noconv", "all", "none"), default=None,
+                   help="which models get a previous-token embedding (default noconv: those without a short conv; "
+                        "see hybridlm.study.PrevTokenEmbedding)")
     p.add_argument("--jobs", type=int, default=None, help="models trained at once on CPU (default: 2 on 2+ cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
 
@@ -373,7 +374,6 @@ def _cmd_study(args) -> int:
         "patterns": tuple(patterns),
         "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
-        "token_shift": not args.no_token_shift,
     }
     for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
                          ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),
@@ -381,7 +381,8 @@ def _cmd_study(args) -> int:
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
                          ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
                          ("decode_context", args.decode_context),
-                         ("seed", args.seed), ("jobs", args.jobs), ("threads", args.threads)):
+                         ("seed", args.seed), ("jobs", args.jobs), ("threads", args.threads),
+                         ("token_shift", args.token_shift)):
         if value is not None:
             overrides[field] = tuple(value) if isinstance(value, list) else value
     sc = dataclasses.replace(sc, **overrides)

@@ -43,6 +43,14 @@ from hybridlm.train import TrainConfig, evaluate, train
 DEFAULT_PATTERNS = ("A", "G", "GGGA", "GGGGGGGA", "X", "D")
 
 
+def uses_token_shift(config: HybridConfig, mode: str) -> bool:
+    """Whether a model gets PrevTokenEmbedding: mode "all", "none", or "noconv" (only models with no short conv)."""
+    if mode not in ("noconv", "all", "none"):
+        raise ValueError(f"token_shift: expected 'noconv', 'all' or 'none', got {mode!r}")
+    has_conv = config.linear_conv_kernel_dim > 0 and any(c in "GD" for c in config.layer_types)
+    return mode == "all" or (mode == "noconv" and not has_conv)
+
+
 @dataclass(frozen=True)
 class GateInit:
     """A decay init for G layers: A in [a_lo, a_hi], dt in [dt_lo, dt_hi] (log-uniform dt)."""
@@ -93,7 +101,7 @@ class StudyConfig:
     decode_context: int = 256
     decode_tokens: int = 32
     gate_inits: tuple[GateInit, ...] = ()
-    token_shift: bool = True  # every model gets PrevTokenEmbedding (see there for why)
+    token_shift: str = "noconv"  # PrevTokenEmbedding for: "noconv" models (no G/D layer), "all", "none"
     seed: int = 0
     jobs: int = 0  # models trained at once on CPU (0: 2 when there are 2 cores or more)
     threads: int | None = None  # torch threads per job (default: cores // jobs)
@@ -111,6 +119,7 @@ class StudyConfig:
         for n in (*self.train_pairs, *self.eval_pairs):
             MQAR(n, seq_len=self.train_len, vocab_size=self.vocab_size)  # raises when they do not fit
         MQAR(self.eval_len_pairs, seq_len=min(self.eval_lens), vocab_size=self.vocab_size)
+        uses_token_shift(HybridConfig(), self.token_shift)  # raises on an unknown mode
 
     @property
     def layers(self) -> int:
@@ -146,9 +155,11 @@ def count_params(config: HybridConfig) -> int:
 
 
 def matched_configs(sc: StudyConfig) -> dict[str, HybridConfig]:
-    """One config per pattern, MLP widths set so every parameter count is within one MLP column of the largest."""
+    """One config per pattern, MLP widths set so every parameter count (previous-token embedding
+    included) is within one MLP column of the largest."""
     configs = {p: base_config(p, sc) for p in sc.patterns}
-    counts = {p: count_params(c) for p, c in configs.items()}
+    counts = {p: count_params(c) + sc.vocab_size * sc.hidden_size * uses_token_shift(c, sc.token_shift)
+              for p, c in configs.items()}
     target = max(counts.values())
     per_column = 3 * sc.hidden_size * sc.layers  # SwiGLU: gate, up, down per layer
     for p, c in configs.items():
@@ -174,14 +185,16 @@ def apply_gate_init(model: HybridLM, gi: GateInit, generator: torch.Generator) -
 
 
 class PrevTokenEmbedding(nn.Module):
-    """The study's input layer for every model: ``E[x_t] + P[x_{t-1}]`` (a width-2 causal conv on tokens).
+    """``E[x_t] + P[x_{t-1}]``: a width-2 causal conv on the tokens, for models that have no short conv.
 
-    Why: to answer an MQAR query a model must bind each value to the key before it. Gated DeltaNet
-    layers get the previous token for free from their short conv; an all-attention model must
-    first discover a previous-token head, which at CPU size takes far longer than the study's
-    budget (2-layer model, 9000 steps: still ~45% on 6 pairs, against ~300 steps for G+A). That
-    would measure how fast a mechanism is found, not how much a state can hold, so every model
-    gets the same previous-token embedding. ``--no-token-shift`` turns it off.
+    Why: to answer an MQAR query a model must bind each value to the key before it. G and D layers
+    carry a short causal conv (width 4) over q, k, v, which hands them the previous token; an
+    all-attention (or plain linear-attention) model must first discover a previous-token head,
+    and at CPU size it does not within the study's budget (measured: 2 attention layers, 9000
+    steps, still ~45% on 6 pairs, against ~300 steps for G + A). That would measure how fast a
+    mechanism is found, not how much a state holds, so models without a short conv get this
+    embedding instead (``token_shift="noconv"``; its parameters count in the matched totals).
+    Giving it to the conv models too slowed their learning in our runs, so "all" is not the default.
 
     ``input_ids`` [B, T] int64 -> [B, T, hidden]. A call with T > 1 starts a sequence (previous of
     the first token: PAD); a call with T == 1 continues from the last token of the call before,
@@ -209,10 +222,10 @@ class PrevTokenEmbedding(nn.Module):
         return self.embed(input_ids) + self.prev(prev)
 
 
-def build_model(config: HybridConfig, token_shift: bool) -> HybridLM:
-    """A HybridLM for ``config``, with the study's previous-token embedding when ``token_shift``."""
+def build_model(config: HybridConfig, token_shift: str = "noconv") -> HybridLM:
+    """A HybridLM for ``config``, with PrevTokenEmbedding when ``uses_token_shift(config, token_shift)``."""
     model = HybridLM(config)
-    if token_shift:
+    if uses_token_shift(config, token_shift):
         model.embed_tokens = PrevTokenEmbedding(model.embed_tokens, config.initializer_range)
     return model
 
