@@ -11,8 +11,9 @@ last chunk to the first (``chunk_bwd_state``) and ends with chunk-local gradient
 
 Both directions are ``torch.library`` custom ops (``hybridlm::chunk_gdr_fwd`` and
 ``hybridlm::chunk_gdr_bwd``), so ``torch.compile(fullgraph=True)`` traces through them.
-The q/k l2-norm and the gate g = -exp(A_log) softplus(g + dt_bias) run as PyTorch ops around the
-custom op, so autograd differentiates them.
+The q/k l2-norm runs inside the prep kernel (its gradient in the backward op); the gate
+g = -exp(A_log) softplus(g + dt_bias) runs as PyTorch ops before the custom op, so autograd
+differentiates it.
 """
 
 from __future__ import annotations
@@ -50,53 +51,71 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
+_Ten = torch.Tensor
+FwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten, _Ten, _Ten]  # o, final state, gc, t, m, qn, kn
+BwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten, _Ten]  # dq, dk, dv, dg, dbeta, dh0
+
+
 @torch.library.custom_op("hybridlm::chunk_gdr_fwd", mutates_args=())
 def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V], and the prep outputs
-    gc, t, m of ``chunk_prep``, kept for the backward so it need not recompute them); inputs as the
-    entry point."""
+                  scale: float, use_qk_l2norm: bool) -> FwdOut:
+    """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V], then what the backward
+    reuses: ``chunk_prep``'s gc, t, m and the l2-normalised q, k (empty without ``use_qk_l2norm``));
+    inputs as the entry point."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     beta_f = _flat(beta)
-    qf, kf = _flat(q), _flat(k)
-    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
+    gc, t, m, qf, kf = chunk_prep(_flat(q), _flat(k), _flat(g), beta_f, chunk_bounds, HV, use_qk_l2norm)
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale)
-    return o.view(v.shape), ht, gc, t, m
+    if not use_qk_l2norm:  # outputs may not alias inputs
+        qf, kf = q.new_empty(0), k.new_empty(0)
+    return o.view(v.shape), ht, gc, t, m, qf, kf
 
 
 @chunk_gdr_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     NTOK, HV = q.shape[0] * q.shape[1], v.shape[2]
     state = q.new_empty(N, HV, q.shape[3], v.shape[3], dtype=torch.float32)
     t = q.new_empty(NTOK, HV, 64)
-    return torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t)
+    qn = q.new_empty(NTOK, *q.shape[2:]) if use_qk_l2norm else q.new_empty(0)
+    return (torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t),
+            qn, torch.empty_like(qn))
+
+
+def _l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Gradient through y = x / sqrt(sum x^2 + eps): r (dy - y (y . dy)), r = (sum x^2 + eps)^-1/2."""
+    xf = x.float()
+    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True) + ck.L2NORM_EPS)
+    y = xf * r
+    return (r * (dy - y * (y * dy).sum(-1, keepdim=True))).to(x.dtype)
 
 
 @torch.library.custom_op("hybridlm::chunk_gdr_bwd", mutates_args=())
 def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
-                  gc: torch.Tensor, t: torch.Tensor, m: torch.Tensor, do: torch.Tensor, dht: Optional[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  use_qk_l2norm: bool, gc: torch.Tensor, t: torch.Tensor, m: torch.Tensor, qn: torch.Tensor,
+                  kn: torch.Tensor, do: torch.Tensor, dht: Optional[torch.Tensor]) -> BwdOut:
     """(dq, dk, dv, dg, dbeta, dh0) in the dtypes of (q, k, v, g, beta, float32 state)."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
-    HV = v.shape[2]
     NC = chunk_bounds.shape[0]
-    qf, kf, vf, beta_f = _flat(q), _flat(k), _flat(v), _flat(beta)
+    qf, kf = (qn, kn) if use_qk_l2norm else (_flat(q), _flat(k))
+    vf, beta_f = _flat(v), _flat(beta)
     h0 = None if initial_state is None else initial_state.contiguous()
     _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
     dof = _flat(do.to(v.dtype))
     dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, m, dht, cu, chunk_offsets, scale, NC)
     dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, m, dof, h, dh, dvn, chunk_bounds, scale)
-    return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dg.view(g.shape).to(g.dtype),
-            dbeta.view(beta.shape).to(beta.dtype), dh0)
+    if use_qk_l2norm:
+        dq, dk = _l2norm_backward(_flat(q), dq), _l2norm_backward(_flat(k), dk)
+    return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape),
+            dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype), dh0)
 
 
 @chunk_gdr_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, gc, t, m, do, dht):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, gc, t, m, qn, kn, do, dht):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dh0 = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
@@ -104,18 +123,19 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, gc, t, m, do, dht):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, cu_seqlens, scale = inputs
-    _, _, gc, t, m = output
-    ctx.mark_non_differentiable(gc, t, m)
-    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m)
-    ctx.scale = scale
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm = inputs
+    saved = output[2:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *saved)
+    ctx.scale, ctx.use_qk_l2norm = scale, use_qk_l2norm
 
 
-def _backward(ctx, do, dht, _dgc, _dt, _dm):
-    q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m = ctx.saved_tensors
-    dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale, gc, t, m,
-                                               do.contiguous(), None if dht is None else dht.contiguous())
-    return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None
+def _backward(ctx, do, dht, *_):
+    q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m, qn, kn = ctx.saved_tensors
+    dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale,
+                                               ctx.use_qk_l2norm, gc, t, m, qn, kn, do.contiguous(),
+                                               None if dht is None else dht.contiguous())
+    return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None, None
 
 
 chunk_gdr_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -177,12 +197,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     """
     _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log, dt_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_qk_l2norm:
-        q = ck.l2norm(q.float()).to(v.dtype)
-        k = ck.l2norm(k.float()).to(v.dtype)
     if A_log is not None:
         g = -A_log.float().exp() * F.softplus(g.float() + dt_bias.float())
     h0 = None if initial_state is None else initial_state.float()
-    o, final_state, _, _, _ = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                            beta.contiguous(), h0, cu_seqlens, scale)
+    o, final_state, *_ = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+                                       beta.contiguous(), h0, cu_seqlens, scale, bool(use_qk_l2norm))
     return o, (final_state if output_final_state else None)

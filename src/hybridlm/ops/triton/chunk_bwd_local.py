@@ -145,7 +145,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
         dh: float32 [NC, HV, K, V] gradient of the state leaving it; dvn: float32 [NTOK, HV, V]
         gradient of V_new (``chunk_bwd_state``); chunk_bounds: int32 [NC, 2].
     Returns:
-        dq, dk [NTOK, H, K] and dv [NTOK, HV, V] in the inputs' dtype; dg, dbeta float32 [NTOK, HV].
+        dq, dk float32 [NTOK, H, K]; dv [NTOK, HV, V] in v's dtype; dg, dbeta float32 [NTOK, HV].
     """
     NTOK, H, K = q.shape
     HV, V = v.shape[1:]
@@ -165,6 +165,4 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     )
     # value heads of one group share q and k: their gradients add up
     r = HV // H
-    dq = dq.view(NTOK, H, r, K).sum(2).to(q.dtype)
-    dk = dk.view(NTOK, H, r, K).sum(2).to(k.dtype)
-    return dq, dk, dv, dg, dbeta
+    return dq.view(NTOK, H, r, K).sum(2), dk.view(NTOK, H, r, K).sum(2), dv, dg, dbeta
