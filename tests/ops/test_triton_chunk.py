@@ -21,8 +21,8 @@ from hybridlm.ops.triton import chunk_gated_delta_rule  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 # relative RMS error allowed against the float64 reference
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
-DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 5e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
 NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
@@ -129,11 +129,17 @@ def test_fused_gate_equals_gate_computed_outside():
 
 
 def test_no_initial_state_and_no_final_state():
-    q, k, v, g, beta, _ = make_inputs(2, 20, 1, 1, 16, 16, torch.float32)
-    o, ht = chunk_gated_delta_rule(q, k, v, g, beta)
+    """The paths without a state to read or a state gradient to start from, forward and backward."""
+    xs = make_inputs(2, 70, 1, 2, 16, 16, torch.float32)[:5]
+    ours = [x.clone().requires_grad_() for x in xs]
+    ref = [x.detach().double().requires_grad_() for x in xs]
+    o, ht = chunk_gated_delta_rule(*ours)
     assert ht is None
-    ro, _ = gated_delta_rule_naive(*(x.double() for x in (q, k, v, g, beta)))
-    assert rel_rms(o, ro) < TOL[torch.float32]
+    ro, _ = gated_delta_rule_naive(*ref)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    grads = torch.autograd.grad((o * do).sum(), ours)
+    rgrads = torch.autograd.grad((ro * do.double()).sum(), ref)
+    assert_close((o, o, *grads), (ro, ro, *rgrads), TOL[torch.float32])
 
 
 def test_compiles_fullgraph():
