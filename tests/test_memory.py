@@ -41,6 +41,31 @@ def test_matches_cache_nbytes_and_allocation(name, cfg, kv_dtype):
         assert ours.total_bytes == reported == allocated, (name, batch, max_len)
 
 
+# Every letter the cache knows, at tiny sizes, straight through HybridCache (no model needed).
+LETTER_CONFIGS = {
+    "kda+mla": HybridConfig(layer_pattern="KKKM", linear_num_key_heads=4, linear_num_value_heads=4),
+    "lightning": HybridConfig(layer_pattern="LLLA", linear_conv_kernel_dim=0),
+    "sparse-mla": HybridConfig(layer_pattern="SGSM", sparse_base="mla", index_head_dim=8),
+    "sparse-gqa": HybridConfig(layer_pattern="AAS", num_layers=3, sparse_base="gqa", index_head_dim=12),
+    "everything": HybridConfig(layer_pattern="GKLDXAMSW", num_layers=9, sliding_window=5, linear_normalize=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LETTER_CONFIGS))
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_matches_cache_for_every_letter(name, kv_dtype):
+    from hybridlm.cache import HybridCache
+
+    cfg = LETTER_CONFIGS[name]
+    for batch, max_len in SHAPES:
+        cache = HybridCache(cfg, batch, max_len, dtype=TORCH_DTYPES[kv_dtype])
+        parts = cache.breakdown()
+        ours = cache_bytes(cfg, batch, max_len, kv_dtype=kv_dtype)
+        assert ours.total_bytes == cache.nbytes(), (name, batch, max_len)
+        assert ours.kv_bytes == sum(v for k, v in parts.items() if k.endswith(" kv"))
+        assert ours.state_bytes == sum(v for k, v in parts.items() if k.endswith((" state", " conv")))
+
+
 @pytest.mark.parametrize("name", TINY_PRESETS)
 def test_split_matches_cache_breakdown(name):
     from hybridlm.model import HybridLM
