@@ -64,6 +64,9 @@ class HybridConfig:
     norm_zero_centered: bool = False
     initializer_range: float = 0.02
     max_position_embeddings: int = 262_144
+    # MiniMax-01 / M1: each residual branch adds to the *normalised* input, x <- norm(x) + f(norm(x)),
+    # instead of x <- x + f(norm(x)).
+    residual_from_norm: bool = False
 
     # --- softmax attention (A, W; S on a GQA base) ---
     num_attention_heads: int = 4

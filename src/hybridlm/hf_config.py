@@ -91,6 +91,13 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
     model_type = d.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type: expected one of {sorted(MODEL_TYPES)}, got {model_type!r}")
+    try:
+        return _config_from_hf(d, model_type)
+    except KeyError as e:
+        raise ValueError(f"config.json ({model_type}): missing field {e.args[0]!r}") from None
+
+
+def _config_from_hf(d: dict[str, Any], model_type: str) -> HybridConfig:
     n_layers = int(d["num_hidden_layers"])
     heads = int(d["num_attention_heads"])
     theta, partial = _rope(d)
@@ -111,6 +118,8 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
     qwen_hybrid = model_type.startswith("qwen3_next") or model_type.startswith("qwen3_5")
     kw.update(attn_output_gate=qwen_hybrid, qk_norm=model_type in ("qwen3", "minimax_m2") or qwen_hybrid,
               norm_zero_centered=qwen_hybrid)
+    if model_type == "minimax":  # MiniMax-01's residual branches start from the normalised input
+        kw["residual_from_norm"] = True
     if model_type == "minimax_m2":  # q/k norms span all heads at once (q_norm weight: heads * head_dim)
         kw["qk_norm_scope"] = "all"
     if d.get("sliding_window") and "W" in kw["layer_pattern"]:
@@ -130,7 +139,9 @@ def config_from_hf(d: dict[str, Any]) -> HybridConfig:
     if model_type in ("kimi_linear", "deepseek_v32"):
         kw.update(mla_q_lora_rank=int(d.get("q_lora_rank") or 0), mla_kv_lora_rank=int(d["kv_lora_rank"]),
                   mla_qk_nope_head_dim=int(d["qk_nope_head_dim"]), mla_qk_rope_head_dim=int(d["qk_rope_head_dim"]),
-                  mla_v_head_dim=int(d["v_head_dim"]), head_dim=int(d["qk_nope_head_dim"]))
+                  mla_v_head_dim=int(d["v_head_dim"]), head_dim=int(d["qk_nope_head_dim"]),
+                  # Kimi's MLA has no rotary (NoPE); DeepSeek rotates interleaved channel pairs.
+                  mla_use_nope=model_type == "kimi_linear", mla_rope_interleave=model_type == "deepseek_v32")
     if model_type == "deepseek_v32":
         kw.update(sparse_base="mla", index_num_heads=int(d.get("index_n_heads", 64)),
                   index_head_dim=int(d.get("index_head_dim", 128)), index_topk=int(d.get("index_topk", 2048)),
@@ -147,13 +158,20 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
     shared = int(d.get("shared_expert_intermediate_size") or 0)
     if not shared and d.get("n_shared_experts", d.get("num_shared_experts")):
         shared = moe * int(d.get("n_shared_experts", d.get("num_shared_experts")))
-    sigmoid = d.get("scoring_func") == "sigmoid" or d.get("model_type") in ("deepseek_v32", "kimi_linear", "minimax_m2")
+    deepseek_style = d.get("model_type") in ("deepseek_v32", "kimi_linear")
+    sigmoid = d.get("scoring_func") == "sigmoid" or deepseek_style or d.get("model_type") == "minimax_m2"
     # DeepSeek-V3-style routers add a selection-only bias (e_score_correction_bias) per expert.
-    score_bias = d.get("model_type") in ("deepseek_v32", "kimi_linear", "minimax_m2")
-    return dict(num_experts=int(experts), router_score_bias=score_bias, moe_intermediate_size=moe, shared_expert_intermediate_size=shared,
-                num_experts_per_tok=int(d.get("num_experts_per_tok") or d.get("num_experts_per_token") or 1),
-                norm_topk_prob=bool(d.get("norm_topk_prob", True)), first_dense_layers=_first_dense(d),
-                router="sigmoid" if sigmoid else "softmax")
+    score_bias = deepseek_style or d.get("model_type") == "minimax_m2"
+    moe_fields = dict(num_experts=int(experts), router_score_bias=score_bias, moe_intermediate_size=moe,
+                      shared_expert_intermediate_size=shared,
+                      num_experts_per_tok=int(d.get("num_experts_per_tok") or d.get("num_experts_per_token") or 1),
+                      norm_topk_prob=bool(d.get("norm_topk_prob", d.get("moe_renormalize", True))),
+                      first_dense_layers=_first_dense(d), router="sigmoid" if sigmoid else "softmax")
+    if deepseek_style:  # grouped routing, scaled routed weights, an ungated shared expert
+        moe_fields.update(n_group=int(d.get("n_group") or d.get("num_expert_group") or 1),
+                          topk_group=int(d.get("topk_group") or 1),
+                          routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)), shared_expert_gate=False)
+    return moe_fields
 
 
 def load_hf_config(path: str | Path) -> HybridConfig:

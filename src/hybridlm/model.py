@@ -36,12 +36,13 @@ def make_mixer(config: HybridConfig, letter: str, layer_idx: int = 0) -> nn.Modu
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)) (norm(x) + ... with config.residual_from_norm)."""
 
     def __init__(self, config: HybridConfig, index: int) -> None:
         super().__init__()
         eps, zc = config.rms_norm_eps, config.norm_zero_centered
         self.letter = config.layer_types[index]
+        self.residual_from_norm = config.residual_from_norm
         self.mixer_norm = RMSNorm(config.hidden_size, eps, zc)
         self.mixer = make_mixer(config, self.letter, index)
         self.mlp_norm = RMSNorm(config.hidden_size, eps, zc)
@@ -50,8 +51,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: Tokens, slot) -> torch.Tensor:
         """x: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache entry or None."""
-        x = x + self.mixer(self.mixer_norm(x), tokens, slot)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.mixer_norm(x)
+        x = (h if self.residual_from_norm else x) + self.mixer(h, tokens, slot)
+        h = self.mlp_norm(x)
+        return (h if self.residual_from_norm else x) + self.mlp(h)
 
 
 class HybridLM(nn.Module):

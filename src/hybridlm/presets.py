@@ -39,10 +39,11 @@ PRESETS: dict[str, Callable[[], HybridConfig]] = {
                               shared_expert_intermediate_size=32, shared_expert_gate=False, first_dense_layers=1,
                               router="sigmoid", router_score_bias=True, n_group=2, topk_group=1,
                               routed_scaling_factor=2.0),
-    # MiniMax-M1: lightning attention (no conv, heads = attention heads) 3:1 with GQA, softmax-routed MoE.
+    # MiniMax-M1: lightning attention (no conv, heads = attention heads) 3:1 with GQA, softmax-routed MoE,
+    # residuals from the normalised input; full rotary, as transformers' MiniMax computes it.
     "tiny-minimax-m1": _tiny(layer_pattern="LLLA", num_layers=4, linear_num_key_heads=4, linear_num_value_heads=4,
-                             linear_conv_kernel_dim=0, attn_output_gate=False, qk_norm=False,
-                             partial_rotary_factor=0.5, num_experts=4, num_experts_per_tok=2,
+                             linear_conv_kernel_dim=0, attn_output_gate=False, qk_norm=False, residual_from_norm=True,
+                             partial_rotary_factor=1.0, num_experts=4, num_experts_per_tok=2,
                              moe_intermediate_size=32),
     # DeepSeek V3.2: sparse MLA (q LoRA, interleaved rope) with the lightning indexer keeping 8 tokens.
     "tiny-deepseek-v3.2": _tiny(layer_pattern="S", num_layers=4, attn_output_gate=False, qk_norm=False,
@@ -105,7 +106,7 @@ PRESETS.update({
         partial_rotary_factor=0.5, rope_theta=10_000_000.0, attn_output_gate=False, qk_norm=False,
         linear_num_key_heads=64, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=0, intermediate_size=9216, num_experts=32, num_experts_per_tok=2,
-        moe_intermediate_size=9216),
+        moe_intermediate_size=9216, residual_from_norm=True),
     "minimax-m2": _published(
         "https://huggingface.co/MiniMaxAI/MiniMax-M2 (config.json; transformers MiniMaxM2Config)",
         vocab_size=200_064, hidden_size=3072, num_layers=62, layer_pattern="A", max_position_embeddings=196_608,

@@ -39,6 +39,21 @@ def hf_config(model_type: str):
         return tf.Qwen3Config(**_COMMON, tie_word_embeddings=True)
     if model_type == "llama":
         return tf.LlamaConfig(**_COMMON)
+    lin_full = ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    mla = dict(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, moe_intermediate_size=16,
+               num_experts_per_tok=2, n_group=2, topk_group=1, mlp_layer_types=["dense"] + ["sparse"] * 3)
+    common_mla = {k: v for k, v in _COMMON.items() if k not in ("head_dim", "num_key_value_heads")}
+    if model_type == "kimi_linear":  # grouped sigmoid routing, first layer dense, KDA heads 4 x 8
+        return tf.KimiLinearConfig(**common_mla, **mla, num_key_value_heads=4, q_lora_rank=None, linear_num_heads=4,
+                                   linear_head_dim=8, num_local_experts=4, n_shared_experts=1, layer_types=lin_full)
+    if model_type == "minimax":  # partial rotary, lightning blocks of 16 (crossed at T = 65)
+        return tf.MiniMaxConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, layer_types=lin_full,
+                                block_size=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                "partial_rotary_factor": 0.5})
+    if model_type == "deepseek_v32":  # the indexer keeps 8 tokens; 8 index heads make exact-zero ties rare
+        return tf.DeepseekV32Config(**common_mla, **mla, num_key_value_heads=4, head_dim=4, q_lora_rank=12,
+                                    n_routed_experts=4, n_shared_experts=1, index_topk=8, index_head_dim=8,
+                                    index_n_heads=8, first_k_dense_replace=1)
     raise ValueError(model_type)
 
 
@@ -47,7 +62,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("norm.weight") or name.endswith("dt_bias"):
+            if name.endswith(("norm.weight", "dt_bias", "norm.bias")):
                 t.add_(0.3 * torch.randn(t.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):
                 t.copy_(0.2 * torch.randn(t.shape, generator=g))

@@ -97,7 +97,7 @@ def test_model_that_does_not_fit_the_asked_type(tmp_path):
         save_pretrained(model, tmp_path, model_type="minimax_m2")
     with pytest.raises(ValueError, match=r"model_type 'qwen3_5_text' cannot hold this model: num_experts=4"):
         save_pretrained(model, tmp_path, model_type="qwen3_5_text")
-    with pytest.raises(ValueError, match=r"model_type 'kimi_linear': not supported yet"):
+    with pytest.raises(ValueError, match=r"model_type 'kimi_linear' cannot hold this model: .*layer_types 'GGGA'"):
         save_pretrained(model, tmp_path, model_type="kimi_linear")
     with pytest.raises(TypeError, match="model: expected a HybridLM"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path)

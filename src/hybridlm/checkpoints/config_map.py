@@ -21,12 +21,21 @@ ARCHITECTURES = {
     "qwen3_5_text": "Qwen3_5ForCausalLM",
     "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
     "minimax_m2": "MiniMaxM2ForCausalLM",
+    "kimi_linear": "KimiLinearForCausalLM",
+    "minimax": "MiniMaxForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "llama": "LlamaForCausalLM",
 }
 # A multimodal Qwen3.5 folder is exported as its text model (the vision tower is not loaded here).
 _TEXT_TYPE = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 _QWEN_HYBRID = QWEN_NEXT | QWEN_35
+# The layer letters each model type holds.
+_LETTERS = {"kimi_linear": {"K", "M"}, "minimax": {"L", "A"}, "deepseek_v32": {"S"}}
+_DEEPSEEK_MOE = ("kimi_linear", "deepseek_v32")
+_KIMI_NAMES = {"max_position_embeddings": "model_max_length", "norm_topk_prob": "moe_renormalize",
+               "n_group": "num_expert_group", "num_local_experts": "num_experts",
+               "num_experts_per_tok": "num_experts_per_token", "n_shared_experts": "num_shared_experts"}
 
 
 def read_hf_config(d: dict[str, Any]) -> tuple[HybridConfig, str]:
@@ -49,19 +58,39 @@ def read_hf_config(d: dict[str, Any]) -> tuple[HybridConfig, str]:
         raise ValueError(f"config.json ({model_type}): not supported here: {'; '.join(problems)}")
     config = config_from_hf(d)
     letters = set(config.layer_types)
-    allowed = {"G", "A"} if model_type in _QWEN_HYBRID else {"A"}
+    allowed = _allowed_letters(model_type)
     if not letters <= allowed:
         raise ValueError(f"layer_types: a {model_type} model here holds layers {sorted(allowed)}, "
                          f"got {config.layer_types!r}")
     overrides: dict[str, Any] = {}
     if model_type in QWEN_NEXT and config.num_experts:
         overrides["first_dense_layers"] = _qwen_next_dense_prefix(text)
+    if model_type == "minimax":
+        # transformers' MiniMax rotates the whole head (its rotary embedding ignores partial_rotary_factor
+        # and rotary_dim); parity with it is what a loaded model promises.
+        overrides["partial_rotary_factor"] = 1.0
+    if model_type == "deepseek_v32":
+        overrides["index_key_bytes"] = 0.0  # the weights run here cache index keys in the model dtype, not fp8
     meta = {**config.meta, "hf_model_type": model_type, "hf_config": {k: v for k, v in text.items()}}
     return config.replace(meta=meta, **overrides), model_type
 
 
+def _allowed_letters(model_type: str) -> set[str]:
+    return _LETTERS.get(model_type, {"G", "A"} if model_type in _QWEN_HYBRID else {"A"})
+
+
 def _unsupported_features(d: dict[str, Any], model_type: str) -> list[str]:
     problems = []
+    if model_type == "minimax":  # MiniMax-01's scaled residuals (DeepNorm-like) are not modelled here
+        scaled = {k: v for k, v in d.items() if k.endswith(("_alpha_factor", "_beta_factor")) and v != 1}
+        scaled.update({k: v for k, v in d.items() if k.startswith("layernorm_") and k.endswith(("_alpha", "_beta"))
+                       and v != 1})
+        if scaled:
+            problems.append(f"residual scaling {scaled} (only 1)")
+        if d.get("postnorm"):
+            problems.append("postnorm=true")
+    if model_type in _DEEPSEEK_MOE and d.get("topk_method", "noaux_tc") != "noaux_tc":
+        problems.append(f"topk_method {d['topk_method']!r} (only 'noaux_tc')")
     if d.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {d['hidden_act']!r} (only 'silu' SwiGLU MLPs)")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
@@ -91,12 +120,15 @@ def _qwen_next_dense_prefix(d: dict[str, Any]) -> int:
 # --------------------------------------------------------------------------- export
 def infer_model_type(config: HybridConfig) -> str:
     """The HF model type that holds ``config``: the one it was loaded from, else one guessed from
-    its structure (G+A hybrid: qwen3_next with MoE, qwen3_5_text dense; all-attention: minimax_m2,
-    qwen3 or llama by the q/k norm)."""
+    its structure (K+M: kimi_linear; L+A: minimax; S: deepseek_v32; G+A hybrid: qwen3_next with MoE,
+    qwen3_5_text dense; all-attention: minimax_m2, qwen3 or llama by the q/k norm)."""
     loaded = config.meta.get("hf_model_type")
     if loaded:
         return _TEXT_TYPE.get(loaded, loaded)
     letters = set(config.layer_types)
+    for model_type, held in _LETTERS.items():
+        if letters & (held - {"A"}) and letters <= held:
+            return model_type
     if "G" in letters and letters <= {"G", "A"}:
         return "qwen3_next" if config.num_experts else "qwen3_5_text"
     if letters == {"A"} and not config.qk_norm:
@@ -104,7 +136,8 @@ def infer_model_type(config: HybridConfig) -> str:
     if letters == {"A"}:
         return "minimax_m2" if config.qk_norm_scope == "all" else "qwen3"
     raise ValueError(f"layer_pattern: no supported Hugging Face model type holds layers {sorted(letters)}; "
-                     "export needs G and A (Qwen3-Next / Qwen3.5) or A only (Qwen3, Llama, MiniMax-M2)")
+                     "export needs G and A (Qwen3-Next / Qwen3.5), K and M (Kimi Linear), L and A (MiniMax), "
+                     "S on an MLA base (DeepSeek V3.2) or A only (Qwen3, Llama, MiniMax-M2)")
 
 
 def to_hf_config(config: HybridConfig, model_type: str, dtype: str) -> dict[str, Any]:
@@ -134,14 +167,37 @@ def to_hf_config(config: HybridConfig, model_type: str, dtype: str) -> dict[str,
     d.pop("rope_scaling", None)
     if model_type != "minimax_m2":
         d["attention_bias"] = False
-    if model_type != "llama":
-        d["layer_types"] = ["linear_attention" if t == "G" else "full_attention" for t in c.layer_types]
+    if model_type == "deepseek_v32":
+        d["layer_types"] = ["indexed_attention"] * c.num_layers
+    elif model_type != "llama":
+        d["layer_types"] = ["linear_attention" if t in "GKL" else "full_attention" for t in c.layer_types]
+    d.update(_seed_fields(c, model_type))
     if model_type in _QWEN_HYBRID:
         d.update(linear_num_key_heads=c.linear_num_key_heads, linear_num_value_heads=c.linear_num_value_heads,
                  linear_key_head_dim=c.linear_key_head_dim, linear_value_head_dim=c.linear_value_head_dim,
                  linear_conv_kernel_dim=c.linear_conv_kernel_dim)
     d.update(_moe_config(c, model_type))
+    if model_type == "kimi_linear":
+        # Kimi's config.json names (transformers maps them to its own); layer_types replaces the sub-dict.
+        d.pop("linear_attn_config", None)
+        for ours, theirs in _KIMI_NAMES.items():
+            if ours in d:
+                d[theirs] = d.pop(ours)
     return d
+
+
+def _seed_fields(c: HybridConfig, model_type: str) -> dict[str, Any]:
+    """The fields of Kimi Linear, MiniMax and DeepSeek V3.2 configs beyond the common ones."""
+    mla = dict(q_lora_rank=c.mla_q_lora_rank or None, kv_lora_rank=c.mla_kv_lora_rank,
+               qk_nope_head_dim=c.mla_qk_nope_head_dim, qk_rope_head_dim=c.mla_qk_rope_head_dim,
+               v_head_dim=c.mla_v_head_dim, head_dim=c.mla_qk_rope_head_dim)
+    if model_type == "kimi_linear":
+        return dict(mla, linear_num_heads=c.linear_num_key_heads, linear_head_dim=c.linear_key_head_dim,
+                    linear_conv_kernel_dim=c.linear_conv_kernel_dim)
+    if model_type == "deepseek_v32":
+        return dict(mla, index_n_heads=c.index_num_heads, index_head_dim=c.index_head_dim, index_topk=c.index_topk,
+                    first_k_dense_replace=c.first_dense_layers)
+    return {}
 
 
 def _rope_parameters(c: HybridConfig, base: dict[str, Any] | None) -> dict[str, Any]:
@@ -156,6 +212,17 @@ def _moe_config(c: HybridConfig, model_type: str) -> dict[str, Any]:
     if model_type == "minimax_m2":
         return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                     intermediate_size=c.moe_intermediate_size, scoring_func="sigmoid")
+    if model_type == "minimax":
+        return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                    intermediate_size=c.moe_intermediate_size)
+    if model_type in _DEEPSEEK_MOE:
+        n_shared = c.shared_expert_intermediate_size // c.moe_intermediate_size
+        experts = {"num_local_experts" if model_type == "kimi_linear" else "n_routed_experts": c.num_experts}
+        dense = ["dense" if not c.layer_uses_moe(i) else "sparse" for i in range(c.num_layers)]
+        return dict(experts, num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.moe_intermediate_size,
+                    n_shared_experts=n_shared, n_group=c.n_group, topk_group=c.topk_group,
+                    routed_scaling_factor=c.routed_scaling_factor, norm_topk_prob=c.norm_topk_prob,
+                    mlp_layer_types=dense)
     if model_type == "qwen3_next":
         moe = dict(num_experts=c.num_experts, decoder_sparse_step=1,
                    mlp_only_layers=list(range(c.first_dense_layers)) if c.num_experts else [])
@@ -172,11 +239,13 @@ def _moe_config(c: HybridConfig, model_type: str) -> dict[str, Any]:
 
 def _misfits(c: HybridConfig, model_type: str) -> list[str]:
     """Every field of ``c`` that a ``model_type`` checkpoint cannot express."""
+    if model_type in _LETTERS:
+        return _seed_misfits(c, model_type)
     hybrid = model_type in _QWEN_HYBRID
     want: dict[str, Any] = {
         # norm_zero_centered is not here: the layout converts RMSNorm weights between the forms.
         "attn_output_gate": hybrid, "qk_norm": model_type != "llama",
-        "attention_bias": False,
+        "attention_bias": False, "residual_from_norm": False,
     }
     if model_type != "llama":
         want["qk_norm_scope"] = "all" if model_type == "minimax_m2" else "head"
@@ -206,3 +275,36 @@ def _moe_misfits(c: HybridConfig, model_type: str) -> list[str]:
     if model_type != "minimax_m2" and c.shared_expert_intermediate_size <= 0:
         problems.append("shared_expert_intermediate_size=0 (needs a shared expert)")
     return problems
+
+
+def _seed_misfits(c: HybridConfig, model_type: str) -> list[str]:
+    """What Kimi Linear, MiniMax and DeepSeek V3.2 checkpoints cannot express."""
+    want: dict[str, Any] = {"attn_output_gate": False, "qk_norm": False, "attention_bias": False,
+                            "norm_zero_centered": False, "residual_from_norm": model_type == "minimax"}
+    if model_type == "kimi_linear":
+        want.update(mla_use_nope=True, linear_num_value_heads=c.linear_num_key_heads,
+                    linear_value_head_dim=c.linear_key_head_dim)
+    elif model_type == "minimax":
+        want.update(partial_rotary_factor=1.0, linear_conv_kernel_dim=0, linear_num_key_heads=c.num_attention_heads,
+                    linear_num_value_heads=c.num_attention_heads, linear_key_head_dim=c.head_dim,
+                    linear_value_head_dim=c.head_dim)
+    else:
+        want.update(sparse_base="mla", mla_use_nope=False, mla_rope_interleave=True, index_key_bytes=0.0)
+        if not c.mla_q_lora_rank:
+            want["mla_q_lora_rank"] = "> 0"
+    problems = [f"{k}={getattr(c, k)!r} (needs {v!r})" for k, v in want.items() if getattr(c, k) != v]
+    if not set(c.layer_types) <= _LETTERS[model_type]:
+        problems.append(f"layer_types {c.layer_types!r} (needs only {''.join(sorted(_LETTERS[model_type]))})")
+    if model_type == "kimi_linear" and c.linear_conv_kernel_dim < 1:
+        problems.append("linear_conv_kernel_dim=0 (the checkpoint always has short convs)")
+    if not c.num_experts:
+        return problems + ["num_experts=0 (an MoE model type)"]
+    if model_type == "minimax":
+        moe = {"router": "softmax", "router_score_bias": False, "norm_topk_prob": True,
+               "shared_expert_intermediate_size": 0, "first_dense_layers": 0, "n_group": 1}
+    else:
+        moe = {"router": "sigmoid", "router_score_bias": True, "shared_expert_gate": False}
+        if c.shared_expert_intermediate_size % c.moe_intermediate_size or not c.shared_expert_intermediate_size:
+            problems.append(f"shared_expert_intermediate_size={c.shared_expert_intermediate_size} (needs a "
+                            f"positive multiple of moe_intermediate_size {c.moe_intermediate_size})")
+    return problems + [f"{k}={getattr(c, k)!r} (needs {v!r})" for k, v in moe.items() if getattr(c, k) != v]

@@ -21,45 +21,20 @@ so a model of ours with plain norms (scale w) exports with w - 1, and loads back
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import torch
-
+from hybridlm.checkpoints.entries import Entry, grouped_rows, rename, stacked_rows, swiglu
+from hybridlm.checkpoints.layout_seed import deepseek_moe, seed_mixer
 from hybridlm.config import HybridConfig
-
-Tensors = tuple[torch.Tensor, ...]
 
 QWEN_NEXT = frozenset({"qwen3_next"})
 QWEN_35 = frozenset({"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"})
-SUPPORTED = QWEN_NEXT | QWEN_35 | {"minimax_m2", "qwen3", "llama"}
-NOT_YET = {
-    "kimi_linear": "Kimi delta attention (K) and multi-head latent attention (M) layers",
-    "minimax": "lightning attention (L) layers",
-    "deepseek_v32": "sparse attention (S) and multi-head latent attention (M) layers",
-}
+SUPPORTED = QWEN_NEXT | QWEN_35 | {"minimax_m2", "qwen3", "llama", "kimi_linear", "minimax", "deepseek_v32"}
 # Multimodal Qwen3.5 checkpoints keep the text model under this prefix, next to the vision tower.
 _MULTIMODAL_PREFIX = "model.language_model."
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One checkpoint tensor and the HybridLM tensor(s) it holds.
-
-    to_ours: checkpoint tensor -> our tensors, in the order of ``ours``; to_hf: the inverse.
-    """
-
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    ours: tuple[str, ...]
-    to_ours: Callable[[torch.Tensor], Tensors]
-    to_hf: Callable[[Tensors], torch.Tensor]
-
-
 def check_model_type(model_type: str) -> None:
     """Raise ValueError unless checkpoints of ``model_type`` can be read and written here."""
-    if model_type in NOT_YET:
-        raise ValueError(f"model_type {model_type!r}: not supported yet (needs {NOT_YET[model_type]}, "
-                         f"which hybridlm does not have yet); supported: {', '.join(sorted(SUPPORTED))}")
     if model_type not in SUPPORTED:
         raise ValueError(f"model_type: expected one of {', '.join(sorted(SUPPORTED))}, got {model_type!r}")
 
@@ -69,7 +44,7 @@ def ignored_prefixes(model_type: str) -> tuple[str, ...]:
     vision tower); transformers skips them too."""
     if model_type in QWEN_35:
         return ("mtp.", "model.visual.")
-    return ("mtp.",) if model_type in QWEN_NEXT else ()
+    return ("mtp.",) if model_type in QWEN_NEXT else ("model.mtp.",) if model_type == "deepseek_v32" else ()
 
 
 def hf_layout(config: HybridConfig, model_type: str, names: frozenset[str] = frozenset()) -> list[Entry]:
@@ -93,17 +68,16 @@ def hf_layout(config: HybridConfig, model_type: str, names: frozenset[str] = fro
             entries += _attention(config, f"{hf}self_attn.", f"{ours}mixer.", norm)
         elif letter == "G" and model_type in QWEN_NEXT | QWEN_35:
             entries += _gated_deltanet(config, f"{hf}linear_attn.", f"{ours}mixer.", fused=model_type in QWEN_NEXT)
+        elif (letter, model_type) in (("K", "kimi_linear"), ("L", "minimax"), ("M", "kimi_linear"),
+                                      ("S", "deepseek_v32")):
+            entries += seed_mixer(config, letter, i, f"{hf}self_attn.", f"{ours}mixer.")
         else:
             raise ValueError(f"layer_types: layer {i} is {letter!r}, which a {model_type} checkpoint cannot hold")
-        entries += _mlp(config, i, model_type, hf, f"{ours}mlp.")
+        entries += _mlp(config, i, model_type, hf, f"{ours}mlp.", names)
     entries.append(norm(f"{p}norm.weight", "norm.weight", (D,)))
     if not config.tie_word_embeddings:
         entries.append(rename("lm_head.weight", "lm_head.weight", (config.vocab_size, D)))
     return entries
-
-
-def rename(hf_name: str, our_name: str, shape: tuple[int, ...]) -> Entry:
-    return Entry(hf_name, shape, (our_name,), lambda t: (t,), lambda ts: ts[0])
 
 
 def _norm_entry(hf_zero_centered: bool, ours_zero_centered: bool) -> Callable[..., Entry]:
@@ -137,11 +111,11 @@ def _gated_deltanet(c: HybridConfig, hf: str, ours: str, fused: bool) -> list[En
     proj = lambda *names: tuple(f"{ours}{n}_proj.weight" for n in names)  # noqa: E731
     if fused:
         entries = [Entry(f"{hf}in_proj_qkvz.weight", (H * (2 * K + 2 * r * V), D), proj("q", "k", "v", "z"),
-                         *_grouped_rows(H, [K, K, r * V, r * V])),
-                   Entry(f"{hf}in_proj_ba.weight", (2 * HV, D), proj("b", "a"), *_grouped_rows(H, [r, r]))]
+                         *grouped_rows(H, [K, K, r * V, r * V])),
+                   Entry(f"{hf}in_proj_ba.weight", (2 * HV, D), proj("b", "a"), *grouped_rows(H, [r, r]))]
     else:
         entries = [Entry(f"{hf}in_proj_qkv.weight", (2 * H * K + HV * V, D), proj("q", "k", "v"),
-                         *_stacked_rows([H * K, H * K, HV * V])),
+                         *stacked_rows([H * K, H * K, HV * V])),
                    rename(f"{hf}in_proj_z.weight", f"{ours}z_proj.weight", (HV * V, D)),
                    rename(f"{hf}in_proj_b.weight", f"{ours}b_proj.weight", (HV, D)),
                    rename(f"{hf}in_proj_a.weight", f"{ours}a_proj.weight", (HV, D))]
@@ -154,50 +128,30 @@ def _gated_deltanet(c: HybridConfig, hf: str, ours: str, fused: bool) -> list[En
     ]
 
 
-def _grouped_rows(groups: int, sizes: list[int]):
-    """(to_ours, to_hf) for a weight whose rows are ``groups`` blocks, each the parts in ``sizes``;
-    part j of ours gathers part j of every block, block by block."""
-    def to_ours(w: torch.Tensor) -> Tensors:
-        parts = torch.split(w.view(groups, sum(sizes), w.shape[-1]), sizes, dim=1)
-        return tuple(x.reshape(-1, w.shape[-1]) for x in parts)
-
-    def to_hf(ts: Tensors) -> torch.Tensor:
-        cols = ts[0].shape[-1]
-        return torch.cat([t.view(groups, n, cols) for t, n in zip(ts, sizes)], dim=1).reshape(-1, cols)
-
-    return to_ours, to_hf
-
-
-def _stacked_rows(sizes: list[int]):
-    """(to_ours, to_hf) for a weight that stacks several projections' rows one after another."""
-    return (lambda w: tuple(torch.split(w, sizes, dim=0))), (lambda ts: torch.cat(ts, dim=0))
-
-
-def _mlp(c: HybridConfig, i: int, model_type: str, hf_layer: str, ours: str) -> list[Entry]:
+def _mlp(c: HybridConfig, i: int, model_type: str, hf_layer: str, ours: str, names: frozenset[str]) -> list[Entry]:
     D = c.hidden_size
     if not c.layer_uses_moe(i):
-        return _swiglu(f"{hf_layer}mlp.", ours, D, c.intermediate_size)
+        # Kimi's dense layers are "mlp." in the released checkpoints, "block_sparse_moe." as transformers saves them.
+        kimi_saved = f"{hf_layer}block_sparse_moe.gate_proj.weight" in names
+        return swiglu(f"{hf_layer}{'block_sparse_moe' if kimi_saved else 'mlp'}.", ours, D, c.intermediate_size)
     E, I = c.num_experts, c.moe_intermediate_size
-    if model_type == "minimax_m2":
+    if model_type in ("minimax_m2", "minimax"):
         hf = f"{hf_layer}block_sparse_moe."
-        entries = [rename(f"{hf}gate.weight", f"{ours}gate.weight", (E, D)),
-                   rename(f"{hf}e_score_correction_bias", f"{ours}score_bias", (E,))]
+        entries = [rename(f"{hf}gate.weight", f"{ours}gate.weight", (E, D))]
+        if model_type == "minimax_m2":
+            entries.append(rename(f"{hf}e_score_correction_bias", f"{ours}score_bias", (E,)))
         for e in range(E):
-            entries += _swiglu(f"{hf}experts.{e}.", f"{ours}experts.{e}.", D, I, names=("w1", "w3", "w2"))
+            entries += swiglu(f"{hf}experts.{e}.", f"{ours}experts.{e}.", D, I, names=("w1", "w3", "w2"))
         return entries
+    if model_type in ("kimi_linear", "deepseek_v32"):
+        return deepseek_moe(c, f"{hf_layer}{'block_sparse_moe' if model_type == 'kimi_linear' else 'mlp'}.", ours,
+                            kimi=model_type == "kimi_linear")
     hf = f"{hf_layer}mlp."
     entries = [rename(f"{hf}gate.weight", f"{ours}gate.weight", (E, D))]
     for e in range(E):
-        entries += _swiglu(f"{hf}experts.{e}.", f"{ours}experts.{e}.", D, I)
+        entries += swiglu(f"{hf}experts.{e}.", f"{ours}experts.{e}.", D, I)
     S = c.shared_expert_intermediate_size
     if S:
-        entries += _swiglu(f"{hf}shared_expert.", f"{ours}shared_expert.", D, S)
+        entries += swiglu(f"{hf}shared_expert.", f"{ours}shared_expert.", D, S)
         entries.append(rename(f"{hf}shared_expert_gate.weight", f"{ours}shared_expert_gate.weight", (1, D)))
     return entries
-
-
-def _swiglu(hf: str, ours: str, D: int, I: int, names=("gate_proj", "up_proj", "down_proj")) -> list[Entry]:
-    gate, up, down = names
-    return [rename(f"{hf}{gate}.weight", f"{ours}gate_proj.weight", (I, D)),
-            rename(f"{hf}{up}.weight", f"{ours}up_proj.weight", (I, D)),
-            rename(f"{hf}{down}.weight", f"{ours}down_proj.weight", (D, I))]

@@ -48,7 +48,7 @@ class LightningAttention(nn.Module):
         self.q_proj = nn.Linear(d, qk, bias=False)
         self.k_proj = nn.Linear(d, qk, bias=False)
         self.v_proj = nn.Linear(d, vv, bias=False)
-        self.norm = RMSNorm(vv, config.rms_norm_eps)
+        self.norm = RMSNorm(vv, 1e-6)  # MiniMax fixes this eps (not rms_norm_eps)
         self.output_gate = nn.Linear(d, vv, bias=False)
         self.o_proj = nn.Linear(vv, d, bias=False)
 
