@@ -11,7 +11,7 @@ last chunk to the first (``chunk_bwd_state``) and ends with chunk-local gradient
 
 Both directions are ``torch.library`` custom ops (``hybridlm::chunk_gdr_fwd`` and
 ``hybridlm::chunk_gdr_bwd``), so ``torch.compile(fullgraph=True)`` traces through them.
-The q/k l2-norm runs inside the prep kernel (its gradient in the backward op); the gate
+The q/k l2-norm is one Triton pass (its gradient in the backward op); the gate
 g = -exp(A_log) softplus(g + dt_bias) runs as PyTorch ops before the custom op, so autograd
 differentiates it.
 """
@@ -28,7 +28,7 @@ from hybridlm.ops import _checks as ck
 from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
 from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
 from hybridlm.ops.triton.chunk_fwd import chunk_fwd
-from hybridlm.ops.triton.chunk_prep import chunk_prep
+from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows
 from hybridlm.ops.triton.utils import sequence_tables
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -66,7 +66,10 @@ def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     beta_f = _flat(beta)
-    gc, t, m, qf, kf = chunk_prep(_flat(q), _flat(k), _flat(g), beta_f, chunk_bounds, HV, use_qk_l2norm)
+    qf, kf = _flat(q), _flat(k)
+    if use_qk_l2norm:
+        qf, kf = l2norm_rows(qf), l2norm_rows(kf)
+    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
     o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale)
     if not use_qk_l2norm:  # outputs may not alias inputs

@@ -50,17 +50,34 @@ def _inv_unit_lower64(a, PREC: tl.constexpr):
 
 
 @triton.jit
-def _l2norm_rows(x, EPS: tl.constexpr):
-    """x / sqrt(sum x^2 + eps) per row, in float32, back in x's dtype (as ``_checks.l2norm`` then a cast)."""
-    xf = x.to(tl.float32)
-    return (xf * tl.rsqrt(tl.sum(xf * xf, 1) + EPS)[:, None]).to(x.dtype)
+def l2norm_rows_kernel(x_ptr, y_ptr, n_rows, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+                       EPS: tl.constexpr):
+    """y = x / sqrt(sum x^2 + eps) over the last dim, in float32, stored in x's dtype."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    x = tl.load(x_ptr + p, mask=m, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 1) + EPS)[:, None]
+    tl.store(y_ptr + p, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def l2norm_rows(x: torch.Tensor) -> torch.Tensor:
+    """l2-normalise the rows of a contiguous [..., D] tensor in one pass (``_checks.l2norm``, then a
+    cast back to x's dtype): PyTorch's cast / square / sum / scale / cast take about six."""
+    y = torch.empty_like(x)
+    D = x.shape[-1]
+    n_rows = x.numel() // D
+    BR = 16
+    l2norm_rows_kernel[(triton.cdiv(n_rows, BR),)](x, y, n_rows, D=D, BD=max(16, triton.next_power_of_2(D)),
+                                                   BR=BR, EPS=L2NORM_EPS, num_warps=4)
+    return y
 
 
 @triton.jit
 def chunk_prep_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, qn_ptr, kn_ptr, chunk_bounds,
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, chunk_bounds,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-    USE_L2NORM: tl.constexpr, EPS: tl.constexpr,
 ):
     # value heads vary fastest, so the heads of one q/k group read their shared q, k tiles from L2
     i_hv = tl.program_id(0)
@@ -75,14 +92,6 @@ def chunk_prep_kernel(
     m_qk = m_t[:, None] & (o_k < K)[None, :]
     b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
     b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
-    if USE_L2NORM:
-        # normalised here once and written for the later passes: cheaper than PyTorch's
-        # separate cast / square / sum / scale passes over q and k
-        b_q = _l2norm_rows(b_q, EPS)
-        b_k = _l2norm_rows(b_k, EPS)
-        if i_hv % (HV // H) == 0:
-            tl.store(qn_ptr + row_qk, b_q, mask=m_qk)
-            tl.store(kn_ptr + row_qk, b_k, mask=m_qk)
     row_hv = o_t.to(tl.int64) * HV + i_hv
     b_gc = tl.cumsum(tl.load(g_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32), 0)
     tl.store(gc_ptr + row_hv, b_gc, mask=m_t)
@@ -105,9 +114,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
-               chunk_bounds: torch.Tensor, HV: int, use_qk_l2norm: bool = False, num_warps: int = 4):
-    """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk
-    (of l2-normalised q and k with ``use_qk_l2norm``).
+               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4):
+    """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
         q_NHK, k_NHK: [NTOK, H, K] queries and keys (flat tokens), float32/bfloat16/float16, contiguous.
@@ -117,17 +125,15 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
         m: [NTOK, HV, 64] row i of its chunk's (Q K^T * exp(gc_i - gc_j), i >= j), in k's dtype.
-        qn, kn: [NTOK, H, K] l2-normalised q and k in their dtype (with ``use_qk_l2norm``), else q, k.
     """
     NTOK, H, K = k_NHK.shape
     gc = torch.empty(NTOK, HV, device=k_NHK.device, dtype=torch.float32)
     t = torch.empty(NTOK, HV, CHUNK, device=k_NHK.device, dtype=k_NHK.dtype)
     m = torch.empty_like(t)
-    qn, kn = (torch.empty_like(q_NHK), torch.empty_like(k_NHK)) if use_qk_l2norm else (q_NHK, k_NHK)
     NC = chunk_bounds.shape[0]
     chunk_prep_kernel[(HV, NC)](
-        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, qn, kn, chunk_bounds,
+        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, chunk_bounds,
         H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
-        USE_L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, num_warps=num_warps,
+        num_warps=num_warps,
     )
-    return gc, t, m, qn, kn
+    return gc, t, m
