@@ -7,15 +7,15 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.cli import main
-from hybridlm.study import (DEFAULT_PATTERNS, GateInit, PrevTokenEmbedding, StudyConfig, apply_gate_init, build_model,
+from hybridlm.study import (ALL_PATTERNS, GateInit, PrevTokenEmbedding, StudyConfig, apply_gate_init, build_model,
                             count_params, matched_configs, uses_token_shift)
 
 
 def test_default_patterns_get_equal_depth_and_matched_parameters():
-    configs = matched_configs(StudyConfig())
-    assert set(configs) == set(DEFAULT_PATTERNS)
+    configs = matched_configs(StudyConfig(patterns=ALL_PATTERNS))
+    assert set(configs) == set(ALL_PATTERNS)
     assert {c.num_layers for c in configs.values()} == {8}
-    counts = [count_params(c) + 64 * 64 * uses_token_shift(c, "noconv") for c in configs.values()]
+    counts = [count_params(c) + 28 * 64 * uses_token_shift(c, "noconv") for c in configs.values()]
     assert (max(counts) - min(counts)) / max(counts) < 0.01
     assert configs["GGGGGGGA"].layer_types == "GGGGGGGA" and configs["GGGA"].layer_types == "GGGAGGGA"
 
@@ -40,7 +40,8 @@ def test_bad_gate_init_raises(text):
 
 
 @pytest.mark.parametrize("kw, match", [({"patterns": ()}, "patterns"), ({"patterns": ("GQ",)}, "layer_pattern"),
-                                       ({"num_layers": 4}, "num_layers"), ({"eval_pairs": (40,)}, "num_pairs"),
+                                       ({"patterns": ALL_PATTERNS, "num_layers": 4}, "num_layers"),
+                                       ({"eval_pairs": (40,)}, "num_pairs"),
                                        ({"hidden_size": 66}, "hidden_size"), ({"token_shift": "yes"}, "token_shift")])
 def test_bad_study_config_raises(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -78,12 +79,12 @@ def test_token_shift_adds_the_previous_token_and_keeps_cache_parity():
     sc = StudyConfig(patterns=("GGGA", "A", "X"), num_layers=4)
     configs = matched_configs(sc)
     assert [uses_token_shift(c, "noconv") for c in configs.values()] == [False, True, True]
-    counts = [count_params(c) + 64 * 64 * uses_token_shift(c, "noconv") for c in configs.values()]
+    counts = [count_params(c) + 28 * 64 * uses_token_shift(c, "noconv") for c in configs.values()]
     assert (max(counts) - min(counts)) / max(counts) < 0.01
     assert not isinstance(build_model(configs["GGGA"]).embed_tokens, PrevTokenEmbedding)
     torch.manual_seed(0)
     model = build_model(configs["GGGA"], token_shift="all").eval()
-    ids = torch.randint(8, 64, (2, 11))
+    ids = torch.randint(8, 28, (2, 11))
     emb = model.embed_tokens
     expected = emb.embed(ids) + emb.prev(torch.nn.functional.pad(ids[:, :-1], (1, 0)))
     assert torch.equal(emb(ids), expected)

@@ -332,7 +332,7 @@ def _add_study(sub) -> None:
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="preset size (default: %(default)s)")
     p.add_argument("--name", default=None, help="run name; output in runs/<name> (default: study or study-gpu)")
     p.add_argument("--out", default=None, help="output directory (overrides runs/<name>)")
-    p.add_argument("--patterns", default=None, help="comma-separated layer patterns (default: A,G,GGGA,GGGGGGGA,X,D)")
+    p.add_argument("--patterns", default=None, help="comma-separated layer patterns (default cpu: A,G,GGGA,X,D; gpu adds GGGGGGGA)")
     p.add_argument("--ratios", type=parse_int_list, default=None,
                    help="also sweep the hybrid ratio: r adds the pattern of r G layers then one A, e.g. 1,3,7")
     p.add_argument("--gate-init", action="append", default=None, metavar="NAME=A_LO:A_HI:DT_LO:DT_HI",

@@ -73,7 +73,8 @@ def tables(results: dict[str, Any]) -> list[str]:
                 for t in sc["eval_lens"]]
     ctxs = [str(c) for c in sc["cache_contexts"]]
     out = ["## Recall vs number of pairs", "",
-           f"Test accuracy on MQAR query answers at {sc['train_len']} tokens.", ""]
+           f"Test accuracy on MQAR query answers, at {sc['train_len']} tokens or the fewest that hold the pairs "
+           "(4 per pair + 1).", ""]
     out += _table(["model", *pair_cols], [[f"`{r['label']}`", *(f"{100 * a:.1f}%" for a in r["recall"]["pairs"].values())]
                                           for r in runs])
     out += ["", "## Recall vs sequence length", "",
@@ -114,7 +115,7 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
 
-    sweep("pairs", PLOTS[0], f"key-value pairs (at {sc['train_len']} tokens)", max(sc["train_pairs"]))
+    sweep("pairs", PLOTS[0], "key-value pairs", max(sc["train_pairs"]))
     sweep("length", PLOTS[1], f"sequence length ({sc['eval_len_pairs']} pairs)", sc["train_len"])
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -152,10 +153,14 @@ def write_report(results: dict[str, Any], out: Path) -> list[str]:
         f"Device: {results['device']}, torch {results['torch']}, {results['threads']} threads; "
         f"wall time {results['wall_seconds']:.0f} s.", "",
         "## Setup", "",
-        f"- Every model has {sc['num_layers'] or max(2, *(len(p) for p in sc['patterns']))} layers "
+        f"- Every model has {sc['num_layers'] or max(4, *(len(p) for p in sc['patterns']))} layers "
         f"(so the longest pattern fits once), hidden size {sc['hidden_size']}, "
         f"{sc['heads']} heads; the MLP width of each is set so parameter counts match "
-        f"(spread {100 * spread:.1f}%).",
+        f"(spread {100 * spread:.1f}%). Linear heads have key dim {sc['linear_key_dim'] or 'head_dim'} "
+        "(this sets the recurrent state's size).",
+        f"- Previous-token embedding (`token_shift={sc['token_shift']}`): models without a short conv (all-attention, "
+        "plain linear attention) get E[x_t] + P[x_(t-1)] so they need not discover a previous-token head first; "
+        "G/D layers have their own short conv. See `hybridlm.study.PrevTokenEmbedding`.",
         f"- Trained {sc['steps']} steps x {sc['batch_size']} sequences on MQAR at {sc['train_len']} tokens with "
         f"{', '.join(map(str, sc['train_pairs']))} key-value pairs (one pair count per batch, in turn), "
         f"vocabulary {sc['vocab_size']} (keys and values from disjoint halves); AdamW, lr {sc['lr']}, "
