@@ -340,8 +340,9 @@ def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None 
     t0 = time.perf_counter()
     log = log or _log
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    jobs = 1 if device.type == "cuda" else (sc.jobs or min(2, os.cpu_count() or 1))
-    threads = sc.threads or max(1, (os.cpu_count() or 1) // jobs)
+    cores = _usable_cores()
+    jobs = 1 if device.type == "cuda" else (sc.jobs or min(2, cores))
+    threads = sc.threads or max(1, cores // jobs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = [(p, c, gi) for p, c in matched_configs(sc).items()
@@ -374,6 +375,14 @@ def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None 
     return results
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (taskset / cgroup affinity), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _cost(config: HybridConfig) -> int:
     """Rough relative training cost of a config on CPU: delta-rule layers are the slow ones."""
     return sum(3 if c in "GD" else 1 for c in config.layer_types)
@@ -386,7 +395,7 @@ def _log(line: str) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores visible)"
+    return f"cpu ({_usable_cores()} cores usable)"
 
 
 def _jsonable(obj):
