@@ -103,13 +103,15 @@ def chunk_fwd_kernel(
         b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
         b_decay = tl.exp(b_gc)
         b_x = b_beta[:, None] * (b_v - b_decay[:, None] * b_ks)
-        b_vn = tl.dot(b_t, b_x.to(DT), input_precision=PREC).to(DT)
+        b_vn = tl.dot(b_t, b_x.to(DT), input_precision=PREC)
 
-        b_o = b_decay[:, None] * b_qs + tl.dot(b_m, b_vn, input_precision=PREC)
+        b_o = tl.dot(b_m, b_vn.to(DT), acc=b_decay[:, None] * b_qs, input_precision=PREC)
         tl.store(o_ptr + row_v, (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
 
-        b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
-        b_s = b_s * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn, input_precision=PREC)
+        # the decay to the chunk's end scales V_new's rows ([C, BV]) rather than K's ([C, K]): no
+        # float32 copy of K stays live (it spilled)
+        b_vnd = (b_vn * tl.exp(b_gl - b_gc)[:, None]).to(DT)
+        b_s = b_s * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vnd, input_precision=PREC)
 
     tl.store(ht_ptr + state_row + off_kv, b_s, mask=m_kv)
 
