@@ -7,7 +7,7 @@ import torch
 
 from hybridlm import cli
 from hybridlm.config import HybridConfig
-from hybridlm.generate import decode_one_token, generate, left_pad, prefill, sample
+from hybridlm.generation import decode_one_token, generate, left_pad, prefill, sample
 from hybridlm.model import HybridLM
 from hybridlm.presets import TINY_PRESETS
 from test_model import tiny  # same seeded tiny model with non-trivial weights

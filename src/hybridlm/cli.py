@@ -103,7 +103,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     from hybridlm.config import HybridConfig
-    from hybridlm.generate import generate
+    from hybridlm.generation import generate
     from hybridlm.model import HybridLM
 
     from hybridlm.checkpoints.convert import load_model, prompt_ids, stop_tokens

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from hf_tiny import VOCAB, hf_logits, rel_err
 from hybridlm.checkpoints import load_tokenizer
 from hybridlm.cli import main
-from hybridlm.generate import generate
+from hybridlm.generation import generate
 from hybridlm.model import HybridLM
 
 WORDS = [f"w{i}" for i in range(VOCAB - 2)] + ["hello", "world"]
