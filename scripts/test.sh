@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q "torch==2.13.0" -e ".[test]"
 bash scripts/install-browser.sh
-python -m pytest -q "$@"
+python -m pytest "$@"
