@@ -72,7 +72,7 @@ def test_speedups_and_targets():
     assert "reached: fwd >= 2x fla at Qwen3-Next B=1 T=32k: 2.50x" in text
     assert "missed: fwd never slower than fla: worst 0.80x" in text
     assert "missed: B=1 T=1M within 10% of B=32 T=2k tokens/s: 80%" in text
-    assert "reached: decode graphed >= 90% of copy bandwidth at batch >= 32: worst 95%" in text
+    assert "reached: decode graphed >= 90% of copy bandwidth at batch >= 32: worst 95.0%" in text
     assert "reached: decode graphed < 10 us per layer at batch 1: 4.0 us" in text
     md = report.markdown_section({"date": "2026-01-01 00:00 UTC", "card": "card", "torch": "x"},
                                  [], rows)

@@ -119,7 +119,7 @@ def targets(rows: list[dict]) -> list[str]:
         if big:
             worst = min(big, key=lambda r: r["bw_share"])
             out.append(f"{'reached' if worst['bw_share'] >= 0.9 else 'missed'}: {section} >= 90% of copy "
-                       f"bandwidth at batch >= 32: worst {worst['bw_share']:.0%} at B={worst['B']}")
+                       f"bandwidth at batch >= 32: worst {worst['bw_share']:.1%} at B={worst['B']}")
         one = _find(rows, section, OURS, B=1)
         if one:
             out.append(f"{'reached' if one['ms'] < 0.01 else 'missed'}: {section} < 10 us per layer at "
