@@ -35,6 +35,7 @@ PRESETS: dict[str, Callable[[], HybridConfig]] = {
     # Kimi Linear: KDA + NoPE MLA, first layer dense, sigmoid grouped routing + bias, plain shared expert.
     "tiny-kimi-linear": _tiny(layer_pattern="KKKM", num_layers=4, linear_num_key_heads=4, linear_num_value_heads=4,
                               attn_output_gate=False, qk_norm=False, num_key_value_heads=4, mla_use_nope=True,
+                              partial_rotary_factor=1.0,
                               num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                               shared_expert_intermediate_size=32, shared_expert_gate=False, first_dense_layers=1,
                               router="sigmoid", router_score_bias=True, n_group=2, topk_group=1,
@@ -47,6 +48,7 @@ PRESETS: dict[str, Callable[[], HybridConfig]] = {
                              moe_intermediate_size=32),
     # DeepSeek V3.2: sparse MLA (q LoRA, interleaved rope) with the lightning indexer keeping 8 tokens.
     "tiny-deepseek-v3.2": _tiny(layer_pattern="S", num_layers=4, attn_output_gate=False, qk_norm=False,
+                                partial_rotary_factor=1.0,
                                 num_key_value_heads=4, mla_q_lora_rank=24, mla_rope_interleave=True,
                                 index_num_heads=4, index_head_dim=16, index_topk=8, num_experts=4,
                                 num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,

@@ -167,3 +167,36 @@ def test_moe_gradients_reach_only_selected_experts():
     used = [e for e, ex in enumerate(moe.experts) if ex.up_proj.weight.grad is not None]
     assert len(used) == 1
     assert math.isfinite(moe.gate.weight.grad.abs().sum().item())
+
+
+def test_grouped_routing_picks_only_from_the_best_groups():
+    """DeepSeek-V3 grouping: groups scored by the sum of their two best (biased) scores, experts chosen
+    only inside the topk_group best groups; checked against a per-token brute force."""
+    torch.manual_seed(0)
+    logits, bias = torch.randn(50, 8), 0.3 * torch.randn(8)
+    w, e = route(logits, 3, "sigmoid", True, score_bias_E=bias, n_group=4, topk_group=2)
+    for n in range(50):
+        choice = logits[n].sigmoid() + bias
+        group_score = choice.view(4, 2).sum(-1)  # two experts per group: the sum of both
+        groups = torch.topk(group_score, 2).indices
+        allowed = torch.cat([torch.arange(2 * g, 2 * g + 2) for g in groups.tolist()])
+        best = allowed[torch.topk(choice[allowed], 3).indices]
+        assert sorted(e[n].tolist()) == sorted(best.tolist())
+        s = logits[n].sigmoid()[e[n]]
+        torch.testing.assert_close(w[n], s / s.sum())
+
+
+def test_moe_scaled_routed_weights_and_ungated_shared_expert():
+    """DeepSeek / Kimi: routed weights times routed_scaling_factor, the shared expert added as is."""
+    torch.manual_seed(0)
+    cfg = HybridConfig(hidden_size=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                       shared_expert_intermediate_size=8, shared_expert_gate=False, routed_scaling_factor=2.5,
+                       router="sigmoid")
+    moe = MoE(cfg)
+    assert moe.shared_expert_gate is None
+    x = torch.randn(1, 3, 16)
+    x_N = x[0]
+    w, e = route(moe.gate(x_N), 2, "sigmoid", True)
+    routed = torch.stack([sum(2.5 * w[n, i] * moe.experts[int(e[n, i])](x_N[n]) for i in range(2))
+                          for n in range(3)])
+    torch.testing.assert_close(moe(x)[0], routed + moe.shared_expert(x_N), rtol=1e-5, atol=1e-6)

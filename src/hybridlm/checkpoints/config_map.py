@@ -172,6 +172,11 @@ def to_hf_config(config: HybridConfig, model_type: str, dtype: str) -> dict[str,
     elif model_type != "llama":
         d["layer_types"] = ["linear_attention" if t in "GKL" else "full_attention" for t in c.layer_types]
     d.update(_seed_fields(c, model_type))
+    if model_type in ("kimi_linear", "deepseek_v32"):  # MLA rotates its whole rope part (qk_rope_head_dim)
+        d["rope_parameters"].pop("partial_rotary_factor", None)
+    if model_type in _LETTERS and base is None:
+        # their config classes default to the released tokenizer's ids, which a smaller vocabulary lacks
+        d.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if model_type in _QWEN_HYBRID:
         d.update(linear_num_key_heads=c.linear_num_key_heads, linear_num_value_heads=c.linear_num_value_heads,
                  linear_key_head_dim=c.linear_key_head_dim, linear_value_head_dim=c.linear_value_head_dim,

@@ -8,7 +8,7 @@ keeps its ``index_topk`` best visible tokens, all heads share the choice. The in
 
 On a GQA base (``sparse_base="gqa"``, MiniMax-M3's block-sparse attention) the keys are GQA keys and
 values as in ``layers.attention``; a block indexer (index query heads, one index key per token)
-picks, per index head, the ``sparse_local_blocks`` most recent blocks of ``sparse_block_size`` slots
+picks, per index head, the ``sparse_local_blocks`` most recent blocks of ``sparse_block_size`` positions
 plus the best-scoring others, ``index_topk`` blocks in all.
 """
 
@@ -130,6 +130,12 @@ class BlockSparseAttention(GatedAttention):
         q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
         k_idx = _cached(tokens.zero_pads(self.index_k_proj(x_BTD)), slot, tokens.start)
+        # Blocks are runs of block_size *positions*: a left-padded row's keys sit at other cache slots than
+        # they would alone, so the keys are put in position order (pads last) before blocking.
+        order = torch.where(k_pos < 0, k_pos.new_full((), torch.iinfo(k_pos.dtype).max), k_pos).sort(
+            dim=1, stable=True).indices
+        k_all, v_all = (t.gather(1, order[:, :, None, None].expand_as(t)) for t in (k_all, v_all))
+        k_idx, k_pos = k_idx.gather(1, order[:, :, None].expand_as(k_idx)), k_pos.gather(1, order)
         q_idx = self.index_q_proj(x_BTD).view(B, T, self.index_heads, self.index_dim)
         blocks = block_indexer_topk(q_idx, k_idx, self.topk, block_size=self.block_size,
                                     local_blocks=self.local_blocks, q_pos=tokens.pos_BT, k_pos=k_pos)
