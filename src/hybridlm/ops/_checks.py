@@ -63,6 +63,24 @@ def check_same(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dty
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {x.dtype}")
 
 
+
+def check_attention_qkv(q, k, v) -> tuple[int, int, int, int]:
+    """Softmax-attention operands: q [B, T, H, D], k [B, S, HKV, D], v [B, S, HKV, Dv], one float
+    dtype and device, H a multiple of HKV. Returns (B, T, H, D)."""
+    check_float_tensor("q", q, 4, "[B, T, H, D]")
+    check_float_tensor("k", k, 4, "[B, S, HKV, D]")
+    check_float_tensor("v", v, 4, "[B, S, HKV, Dv]")
+    check_same("k", k, "q", q)
+    check_same("v", v, "q", q)
+    B, T, H, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B, S, HKV, D] with B = {B}, D = {D} as in q, got {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must match k in [B, S, HKV] = {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+    if H % k.shape[2]:
+        raise ValueError(f"k must have a number of heads HKV dividing q's H = {H}, got HKV = {k.shape[2]}")
+    return B, T, H, D
+
 def check_dim(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if x.shape[dim] != expected:
         raise ValueError(f"{name} must have {what} = {expected} in dim {dim}, got shape {tuple(x.shape)}")

@@ -20,19 +20,8 @@ SOFTMAX_BACKENDS = ("auto", "sdpa", "reference")
 
 def _check(q, k, v, scale, causal, window, q_pos, k_pos, backend):
     ck.check_backend(backend, SOFTMAX_BACKENDS)
-    ck.check_float_tensor("q", q, 4, "[B, T, H, D]")
-    ck.check_float_tensor("k", k, 4, "[B, S, HKV, D]")
-    ck.check_float_tensor("v", v, 4, "[B, S, HKV, Dv]")
-    ck.check_same("k", k, "q", q)
-    ck.check_same("v", v, "q", q)
+    B, T, H, D = ck.check_attention_qkv(q, k, v)
     ck.check_scale(scale)
-    B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k must be [B, S, HKV, D] with B = {B}, D = {D} as in q, got {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must match k in [B, S, HKV] = {tuple(k.shape[:3])}, got {tuple(v.shape)}")
-    if H % k.shape[2]:
-        raise ValueError(f"k must have a number of heads HKV dividing q's H = {H}, got HKV = {k.shape[2]}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):

@@ -172,17 +172,9 @@ def block_indexer_topk(q_idx, k_idx, topk: int, *, block_size: int, local_blocks
 # --------------------------------------------------------------------------- restricted attention
 def _check_attention(q, k, v, indices, block_size, scale, backend):
     ck.check_backend(backend, SPARSE_BACKENDS)
-    ck.check_float_tensor("q", q, 4, "[B, T, H, D]")
-    ck.check_float_tensor("k", k, 4, "[B, S, HKV, D]")
-    ck.check_float_tensor("v", v, 4, "[B, S, HKV, Dv]")
-    ck.check_same("k", k, "q", q)
-    ck.check_same("v", v, "q", q)
+    B, T, H, D = ck.check_attention_qkv(q, k, v)
     ck.check_scale(scale)
     _check_int("block_size", block_size, 1)
-    B, T, H, D = q.shape
-    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"k, v must be [B, S, HKV, D], [B, S, HKV, Dv] with B = {B}, D = {D}, got "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be an int32/int64 tensor [B, T, G, topk], got "
                         f"{getattr(indices, 'dtype', type(indices).__name__)}")
