@@ -50,6 +50,34 @@ def test_breakdown_layout_by_hand():
     assert mha["layer 0 (A) kv"] == 2 * (2 * 100 * 2 * 16 * 4) and mha["positions"] == 2 * 100 * 4
 
 
+def test_breakdown_of_the_seed_layers_by_hand():
+    """MLA caches latent + rotary key; DSA adds its index keys; KDA's conv covers q, k and v; L has no conv."""
+    kimi = HybridCache(HybridConfig.preset("tiny-kimi-linear"), 2, 10).breakdown()  # KKKM, H=HV=4, K=V=16
+    assert kimi["layer 0 (K) state"] == 2 * 4 * 16 * 16 * 4
+    assert kimi["layer 0 (K) conv"] == 2 * (3 * 4 * 16) * 3 * 4
+    assert kimi["layer 3 (M) kv"] == 2 * 10 * (32 + 8) * 4 and kimi["positions"] == 2 * 10 * 4
+    minimax = HybridCache(HybridConfig.preset("tiny-minimax-m1"), 2, 10).breakdown()
+    assert "layer 0 (L) conv" not in minimax and minimax["layer 0 (L) state"] == 2 * 4 * 16 * 16 * 4
+    dsa = HybridCache(HybridConfig.preset("tiny-deepseek-v3.2"), 2, 10, dtype=torch.bfloat16).breakdown()
+    assert dsa["layer 0 (S) kv"] == 2 * 10 * (32 + 8 + 16) * 2
+    fp8 = HybridCache(HybridConfig.preset("tiny-deepseek-v3.2", index_key_bytes=20.0), 2, 10).breakdown()
+    assert fp8["layer 0 (S) kv"] == 2 * 10 * ((32 + 8) * 4 + 16 + 4)
+
+
+@pytest.mark.parametrize("name", ["kimi-linear-48b-a3b", "minimax-m1", "minimax-m3", "deepseek-v3.2"])
+def test_published_seed_presets_build_and_count_like_memory(name):
+    """The released dimensions build (on the meta device, a few layers) and their cache is what memory.py says."""
+    from hybridlm.memory import cache_bytes
+
+    full = HybridConfig.preset(name)
+    cfg = full.replace(layer_pattern=full.layer_types[-8:], num_layers=8, num_experts=min(full.num_experts, 8),
+                       n_group=1, topk_group=1)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    cache = model.new_cache(1, 4096, device="meta", dtype=torch.bfloat16)
+    assert cache.nbytes() == cache_bytes(cfg, 1, 4096, kv_dtype="bfloat16").total_bytes
+
+
 def test_state_dtype_and_normalizer_column():
     cfg = HybridConfig(layer_pattern="X", num_layers=1, linear_normalize=True, state_dtype="bfloat16")
     cache = HybridCache(cfg, 1, 8)

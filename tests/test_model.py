@@ -98,10 +98,23 @@ def test_meta_device_model_builds_without_memory():
     assert model.num_parameters() == HybridLM(HybridConfig.preset("tiny-moe")).num_parameters()
 
 
-def test_quantized_index_key_cache_is_refused():
-    model = HybridLM(HybridConfig(layer_pattern="S", num_layers=1, index_key_bytes=20.0))
-    with pytest.raises(NotImplementedError, match="index_key_bytes"):
-        model.new_cache(1, 4)
+@pytest.mark.parametrize("base", ["mla", "gqa"])
+def test_fp8_index_keys_cached_decode_equals_full_forward(base):
+    """DeepSeek's fp8 index-key cache (index_key_bytes = index_head_dim + 4): the cache holds fp8 keys and
+    float32 scales, memory.py counts them to the byte, and decode scores what the full forward scores."""
+    from hybridlm.memory import cache_bytes
+
+    model = tiny("tiny-deepseek-v3.2", index_key_bytes=20.0, sparse_base=base, sparse_block_size=1 + (base == "gqa"))
+    cache = model.new_cache(2, 26)
+    assert cache.layers[0].index_k.dtype == torch.float8_e4m3fn and cache.layers[0].index_scale.shape == (2, 26, 1)
+    assert cache.nbytes() == cache_bytes(model.config, 2, 26, kv_dtype="float32").total_bytes
+    ids = torch.randint(0, model.config.vocab_size, (2, 26))
+    with torch.no_grad():
+        full = model(ids)
+        outs = [model(ids[:, :19], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(19, 26)]
+    assert rel_err(torch.cat(outs, 1), full) < 1e-5
+    with pytest.raises(ValueError, match="index_key_bytes"):
+        HybridConfig(layer_pattern="S", index_key_bytes=8.0)
 
 
 def test_unknown_letter_is_refused():

@@ -39,25 +39,29 @@ def state_value_dim(config: HybridConfig, letter: str) -> int:
 class KVSlot:
     """Keys and values of one attention layer. ``k_pos`` is shared by every layer of its kind:
     [B, max_len] for A and S layers, the ring's [B, window_slots] for W layers. ``index_k``: the
-    sparse indexer's keys [B, max_len, index_head_dim] (S layers on a GQA base), else None."""
+    sparse indexer's keys [B, max_len, index_head_dim] (S layers on a GQA base), else None; ``index_scale``
+    [B, max_len, 1] float32 when those keys are fp8 (see HybridConfig.index_key_bytes)."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_pos: torch.Tensor
     ring: bool
     index_k: torch.Tensor | None = None
+    index_scale: torch.Tensor | None = None
 
 
 @dataclass
 class LatentSlot:
     """One MLA layer (M, or S on an MLA base): the normalised latents [B, max_len, kv_lora_rank], the
     shared rotary key [B, max_len, rope_dim], the key positions [B, max_len] (shared with A layers) and,
-    for S layers, the indexer's keys [B, max_len, index_head_dim]."""
+    for S layers, the indexer's keys [B, max_len, index_head_dim] (+ their float32 scales [B, max_len, 1]
+    when the keys are fp8)."""
 
     latent: torch.Tensor
     k_rope: torch.Tensor
     k_pos: torch.Tensor
     index_k: torch.Tensor | None = None
+    index_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,7 +83,8 @@ class HybridCache:
     - per W layer: k and v, each [B, min(L, sliding_window), HKV, D] dt (a ring buffer);
     - per M layer: latent [B, L, mla_kv_lora_rank] dt and rotary key [B, L, mla_qk_rope_head_dim] dt;
     - per S layer: what its base caches (an M layer's two tensors, or an A layer's k and v) plus the
-      indexer's keys [B, L, index_head_dim] dt;
+      indexer's keys [B, L, index_head_dim] dt, or with index_key_bytes = index_head_dim + 4 the keys in
+      float8_e4m3fn and a scale [B, L, 1] float32 per token;
     - per G, D, K, L, X layer: state [B, HV, K, V] sd ([B, HV, K, V + 1] for X with linear_normalize);
     - per G, D, K layer with linear_conv_kernel_dim > 0: conv [B, 2*H*K + HV*V, kernel - 1] dt
       (H = linear_num_key_heads);
@@ -87,8 +92,7 @@ class HybridCache:
     - if any W layer: window positions [B, min(L, sliding_window)] int32 (same, for the ring);
     - always: next position [B] int32 (each row's next rotary position).
 
-    ``seq_len`` (a Python int) counts the slots used, padding included. Index keys are stored in dt:
-    a config whose ``index_key_bytes`` asks for another size (DeepSeek's fp8 key + scale) is refused.
+    ``seq_len`` (a Python int) counts the slots used, padding included.
 
     Example::
 
@@ -111,10 +115,6 @@ class HybridCache:
         self.seq_len = 0
         kw = {"device": device}
         letters = config.layer_types
-        if "S" in letters and config.index_key_bytes:
-            raise NotImplementedError(
-                f"index_key_bytes: this cache stores index keys in its own dtype (index_key_bytes = 0); got "
-                f"{config.index_key_bytes} (a quantized index-key cache is not implemented)")
         B, hkv, d = batch_size, config.num_key_value_heads, config.head_dim
         self.window_slots = min(max_len, config.sliding_window) if "W" in letters else 0
         self.positions = (torch.full((B, max_len), -1, dtype=torch.int32, **kw) if set(letters) & set("AMS")
@@ -124,17 +124,22 @@ class HybridCache:
         self.next_position = torch.zeros(B, dtype=torch.int32, **kw)
         self.layers: list[KVSlot | LatentSlot | RecurrentSlot] = []
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, **kw)  # noqa: E731
+        fp8 = bool(config.index_key_bytes)
         for letter in letters:
-            index_k = zeros(B, max_len, config.index_head_dim) if letter == "S" else None
+            index = {}
+            if letter == "S":
+                index["index_k"] = torch.zeros(B, max_len, config.index_head_dim, **kw,
+                                               dtype=torch.float8_e4m3fn if fp8 else dtype)
+                index["index_scale"] = torch.zeros(B, max_len, 1, dtype=torch.float32, **kw) if fp8 else None
             if letter == "M" or (letter == "S" and config.sparse_base == "mla"):
                 self.layers.append(LatentSlot(zeros(B, max_len, config.mla_kv_lora_rank),
-                                              zeros(B, max_len, config.mla_qk_rope_head_dim), self.positions, index_k))
+                                              zeros(B, max_len, config.mla_qk_rope_head_dim), self.positions, **index))
             elif letter in ATTENTION_LETTERS:
                 ring = letter == "W"
                 slots = self.window_slots if ring else max_len
                 k_pos = self.window_positions if ring else self.positions
                 shape = (B, slots, hkv, d)
-                self.layers.append(KVSlot(zeros(*shape), zeros(*shape), k_pos, ring, index_k))
+                self.layers.append(KVSlot(zeros(*shape), zeros(*shape), k_pos, ring, **index))
             else:
                 state_shape = (B, config.linear_num_value_heads, config.linear_key_head_dim,
                                state_value_dim(config, letter))
@@ -202,8 +207,9 @@ class HybridCache:
                 groups[f"layer {i} ({letter}) state"] = [slot.state]
                 if slot.conv is not None:
                     groups[f"layer {i} ({letter}) conv"] = [slot.conv]
-            if getattr(slot, "index_k", None) is not None:  # per-token, so counted with the KV
-                groups[f"layer {i} ({letter}) kv"].append(slot.index_k)
+            for t in (getattr(slot, "index_k", None), getattr(slot, "index_scale", None)):
+                if t is not None:  # per token, so counted with the KV
+                    groups[f"layer {i} ({letter}) kv"].append(t)
         for name, t in (("positions", self.positions), ("window positions", self.window_positions),
                         ("next position", self.next_position)):
             if t is not None:

@@ -129,7 +129,9 @@ class HybridConfig:
     index_topk: int = 16  # tokens, or blocks when sparse_block_size > 1
     sparse_block_size: int = 1  # 1: token-level top-k; >1: block top-k (MiniMax-M3)
     sparse_local_blocks: int = 0  # always-kept most recent blocks
-    index_key_bytes: float = 0.0  # bytes per cached index key; 0: same dtype as the KV cache
+    # bytes per cached index key: 0 = the cache dtype; index_head_dim + 4 = DeepSeek's fp8 (e4m3) key with
+    # one float32 scale per token (the indexer then scores fp8-rounded keys, cached or not)
+    index_key_bytes: float = 0.0
 
     # Free-form provenance (source, notes) for published presets; not used by the model.
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -234,6 +236,9 @@ class HybridConfig:
             raise ValueError(f"qk_norm_scope: expected 'head' or 'all', got {self.qk_norm_scope!r}")
         if self.sparse_base not in ("mla", "gqa"):
             raise ValueError(f"sparse_base: expected 'mla' or 'gqa', got {self.sparse_base!r}")
+        if self.index_key_bytes not in (0, self.index_head_dim + 4):
+            raise ValueError(f"index_key_bytes: expected 0 (keys in the cache dtype) or index_head_dim + 4 = "
+                             f"{self.index_head_dim + 4} (fp8 keys + a float32 scale), got {self.index_key_bytes}")
         if self.linear_conv_kernel_dim < 0:
             raise ValueError(f"linear_conv_kernel_dim: expected >= 0, got {self.linear_conv_kernel_dim}")
         if "W" in self.layer_pattern and (self.sliding_window is None or self.sliding_window <= 0):

@@ -4,7 +4,8 @@ On an MLA base (``sparse_base="mla"``) this is DeepSeek V3.2's DSA: MLA as in ``
 lightning indexer with its own projections, index queries from the low-rank query (wq_b, or from x
 when there is no q LoRA), one index key per token (wk -> LayerNorm), rotary on the first Dr channels of
 both (the two-halves layout), and per-token head weights; I[t, s] = sum_h w_h ReLU(q_h . k_s), each query
-keeps its ``index_topk`` best visible tokens, all heads share the choice. The index keys are cached.
+keeps its ``index_topk`` best visible tokens, all heads share the choice. The index keys are cached, in the
+cache dtype or, with ``index_key_bytes = index_head_dim + 4``, as DeepSeek does: fp8 with a per-token scale.
 
 On a GQA base (``sparse_base="gqa"``, MiniMax-M3's block-sparse attention) the keys are GQA keys and
 values as in ``layers.attention``; a block indexer (index query heads, one index key per token)
@@ -77,6 +78,7 @@ class SparseLatentAttention(LatentAttention):
     def __init__(self, config: HybridConfig) -> None:
         super().__init__(config)
         self.indexer = LightningIndexer(config, self.q_lora_rank or config.hidden_size)
+        self.fp8_index = bool(config.index_key_bytes)
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: LatentSlot | None = None) -> torch.Tensor:
         """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
@@ -86,7 +88,7 @@ class SparseLatentAttention(LatentAttention):
         B, T, _ = x_BTD.shape
         q_nope, q_rope, q_resid = self.queries(x_BTD, tokens)
         latent, k_rope, k_pos = self.cached_keys(x_BTD, tokens, slot)
-        k_idx = _cached(self.indexer.keys(x_BTD, tokens), slot, tokens.start)
+        k_idx = _cached(self.indexer.keys(x_BTD, tokens), slot, tokens.start, self.fp8_index)
         slots = self.indexer.select(x_BTD, x_BTD if q_resid is None else q_resid, k_idx, tokens, k_pos)
         w_k, w_v = split_kv_b(self.kv_b_proj.weight.to(latent.dtype), self.num_heads, self.nope_dim)
         k, v = expand_latents(latent, k_rope, w_k, w_v)
@@ -120,6 +122,7 @@ class BlockSparseAttention(GatedAttention):
         self.local_blocks = min(config.sparse_local_blocks, config.index_topk)
         self.index_q_proj = nn.Linear(d, HI * Di, bias=False)
         self.index_k_proj = nn.Linear(d, Di, bias=False)
+        self.fp8_index = bool(config.index_key_bytes)
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
         """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
@@ -129,7 +132,7 @@ class BlockSparseAttention(GatedAttention):
         B, T, _ = x_BTD.shape
         q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
-        k_idx = _cached(tokens.zero_pads(self.index_k_proj(x_BTD)), slot, tokens.start)
+        k_idx = _cached(tokens.zero_pads(self.index_k_proj(x_BTD)), slot, tokens.start, self.fp8_index)
         # Blocks are runs of block_size *positions*: a left-padded row's keys sit at other cache slots than
         # they would alone, so the keys are put in position order (pads last) before blocking.
         order = torch.where(k_pos < 0, k_pos.new_full((), torch.iinfo(k_pos.dtype).max), k_pos).sort(
@@ -144,10 +147,29 @@ class BlockSparseAttention(GatedAttention):
         return self.finish(o_BTHD, gate_BTHD)
 
 
-def _cached(new_BTD: torch.Tensor, slot, start: int) -> torch.Tensor:
-    """Index keys this call scores: the slot's (after storing the new ones), or just the new ones."""
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def quantize_fp8(k_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k / scale in float8_e4m3fn, scale [B, T, 1] float32), one scale per token: DeepSeek V3.2's index-key cache."""
+    scale = k_BTD.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX
+    return (k_BTD.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _cached(new_BTD: torch.Tensor, slot, start: int, fp8: bool) -> torch.Tensor:
+    """Index keys this call scores: the slot's (after storing the new ones), or just the new ones.
+
+    fp8: keys are rounded to fp8 with a per-token scale whether cached or not, so that a cached decode
+    scores exactly what a full forward scores.
+    """
+    dtype, T = new_BTD.dtype, new_BTD.shape[1]
+    if fp8:
+        k8, scale = quantize_fp8(new_BTD)
+        if slot is None:
+            return (k8.float() * scale).to(dtype)
+        slot.index_k[:, start:start + T], slot.index_scale[:, start:start + T] = k8, scale
+        return (slot.index_k[:, :start + T].float() * slot.index_scale[:, :start + T]).to(dtype)
     if slot is None:
         return new_BTD
-    T = new_BTD.shape[1]
     slot.index_k[:, start:start + T] = new_BTD
-    return slot.index_k[:, :start + T].to(new_BTD.dtype)
+    return slot.index_k[:, :start + T].to(dtype)
