@@ -67,6 +67,9 @@ class HybridConfig:
     # MiniMax-01 / M1: each residual branch adds to the *normalised* input, x <- norm(x) + f(norm(x)),
     # instead of x <- x + f(norm(x)).
     residual_from_norm: bool = False
+    # MiniMax-01 / M1 (DeepNorm-style): x <- alpha * residual + beta * f(...) on every branch
+    residual_alpha: float = 1.0
+    residual_beta: float = 1.0
 
     # --- softmax attention (A, W; S on a GQA base) ---
     num_attention_heads: int = 4

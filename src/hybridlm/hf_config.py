@@ -120,6 +120,8 @@ def _config_from_hf(d: dict[str, Any], model_type: str) -> HybridConfig:
               norm_zero_centered=qwen_hybrid)
     if model_type == "minimax":  # MiniMax-01's residual branches start from the normalised input
         kw["residual_from_norm"] = True
+        alphas, betas = minimax_residual_factors(d)
+        kw.update(residual_alpha=float(alphas[0]), residual_beta=float(betas[0]))
     if model_type == "minimax_m2":  # q/k norms span all heads at once (q_norm weight: heads * head_dim)
         kw["qk_norm_scope"] = "all"
     if d.get("sliding_window") and "W" in kw["layer_pattern"]:
@@ -148,6 +150,16 @@ def _config_from_hf(d: dict[str, Any], model_type: str) -> HybridConfig:
                   index_key_bytes=float(d.get("index_head_dim", 128) + 4))  # fp8 key + fp32 scale
     kw.update(_moe_fields(d))
     return HybridConfig(**kw)
+
+
+def minimax_residual_factors(d: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(alphas, betas) of the full-attention, linear-attention and MLP residuals of a MiniMax config, under
+    transformers' names or the released checkpoints' (layernorm_*_alpha / _beta)."""
+    alphas, betas = [], []
+    for ours, theirs in (("full_attn", "full_attention"), ("linear_attn", "linear_attention"), ("mlp", "mlp")):
+        alphas.append(d.get(f"{ours}_alpha_factor", d.get(f"layernorm_{theirs}_alpha", 1)))
+        betas.append(d.get(f"{ours}_beta_factor", d.get(f"layernorm_{theirs}_beta", 1)))
+    return alphas, betas
 
 
 def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:

@@ -36,13 +36,15 @@ def make_mixer(config: HybridConfig, letter: str, layer_idx: int = 0) -> nn.Modu
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)) (norm(x) + ... with config.residual_from_norm)."""
+    """x + mixer(norm(x)), then x + mlp(norm(x)); with config.residual_from_norm the residual is norm(x),
+    and config.residual_alpha / residual_beta scale residual and branch (MiniMax)."""
 
     def __init__(self, config: HybridConfig, index: int) -> None:
         super().__init__()
         eps, zc = config.rms_norm_eps, config.norm_zero_centered
         self.letter = config.layer_types[index]
         self.residual_from_norm = config.residual_from_norm
+        self.residual_alpha, self.residual_beta = config.residual_alpha, config.residual_beta
         self.mixer_norm = RMSNorm(config.hidden_size, eps, zc)
         self.mixer = make_mixer(config, self.letter, index)
         self.mlp_norm = RMSNorm(config.hidden_size, eps, zc)
@@ -51,10 +53,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens: Tokens, slot) -> torch.Tensor:
         """x: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache entry or None."""
+        a, b = self.residual_alpha, self.residual_beta
         h = self.mixer_norm(x)
-        x = (h if self.residual_from_norm else x) + self.mixer(h, tokens, slot)
+        x = a * (h if self.residual_from_norm else x) + b * self.mixer(h, tokens, slot)
         h = self.mlp_norm(x)
-        return (h if self.residual_from_norm else x) + self.mlp(h)
+        return a * (h if self.residual_from_norm else x) + b * self.mlp(h)
 
 
 class HybridLM(nn.Module):

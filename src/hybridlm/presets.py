@@ -100,7 +100,8 @@ PRESETS.update({
         linear_num_key_heads=32, linear_num_value_heads=32, linear_key_head_dim=128,
         linear_value_head_dim=128, linear_conv_kernel_dim=4, intermediate_size=9216, num_experts=256,
         num_experts_per_tok=8, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
-        first_dense_layers=1, router="sigmoid", router_score_bias=True),
+        first_dense_layers=1, router="sigmoid", router_score_bias=True, shared_expert_gate=False, mla_use_nope=True,
+        routed_scaling_factor=2.446),
     "minimax-m1": _published(
         "https://huggingface.co/MiniMaxAI/MiniMax-M1-40k (config.json; transformers MiniMaxConfig)",
         vocab_size=200_064, hidden_size=6144, num_layers=80, layer_pattern="LLLLLLLA", rms_norm_eps=1e-5,
@@ -108,7 +109,8 @@ PRESETS.update({
         partial_rotary_factor=0.5, rope_theta=10_000_000.0, attn_output_gate=False, qk_norm=False,
         linear_num_key_heads=64, linear_num_value_heads=64, linear_key_head_dim=128, linear_value_head_dim=128,
         linear_conv_kernel_dim=0, intermediate_size=9216, num_experts=32, num_experts_per_tok=2,
-        moe_intermediate_size=9216, residual_from_norm=True),
+        # DeepNorm-style residuals: alpha = (2 * 80 layers) ** 0.25 on every branch (layernorm_*_alpha)
+        moe_intermediate_size=9216, residual_from_norm=True, residual_alpha=(2 * 80) ** 0.25),
     "minimax-m2": _published(
         "https://huggingface.co/MiniMaxAI/MiniMax-M2 (config.json; transformers MiniMaxM2Config)",
         vocab_size=200_064, hidden_size=3072, num_layers=62, layer_pattern="A", max_position_embeddings=196_608,
@@ -135,7 +137,8 @@ PRESETS.update({
         mla_v_head_dim=128, sparse_base="mla", index_num_heads=64, index_head_dim=128, index_topk=2048,
         index_key_bytes=128 + 4, intermediate_size=18_432, num_experts=256, num_experts_per_tok=8,
         moe_intermediate_size=2048, shared_expert_intermediate_size=2048, first_dense_layers=3,
-        router="sigmoid", router_score_bias=True),
+        router="sigmoid", router_score_bias=True, shared_expert_gate=False, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, mla_rope_interleave=True),
     "qwen3-32b": _published(
         "https://huggingface.co/Qwen/Qwen3-32B (config.json; transformers Qwen3Config)",
         vocab_size=151_936, hidden_size=5120, num_layers=64, layer_pattern="A", max_position_embeddings=40_960,

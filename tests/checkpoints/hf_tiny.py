@@ -46,8 +46,10 @@ def hf_config(model_type: str):
     if model_type == "kimi_linear":  # grouped sigmoid routing, first layer dense, KDA heads 4 x 8
         return tf.KimiLinearConfig(**common_mla, **mla, num_key_value_heads=4, q_lora_rank=None, linear_num_heads=4,
                                    linear_head_dim=8, num_local_experts=4, n_shared_experts=1, layer_types=lin_full)
-    if model_type == "minimax":  # partial rotary, lightning blocks of 16 (crossed at T = 65)
-        return tf.MiniMaxConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2, layer_types=lin_full,
+    if model_type == "minimax":  # partial rotary, lightning blocks of 16 (crossed at T = 65), scaled residuals
+        factors = {f"{b}_{ab}_factor": v for b in ("full_attn", "linear_attn", "mlp") for ab, v in (("alpha", 1.3),
+                                                                                                   ("beta", 0.8))}
+        return tf.MiniMaxConfig(**_COMMON, **factors, num_local_experts=4, num_experts_per_tok=2, layer_types=lin_full,
                                 block_size=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                                 "partial_rotary_factor": 0.5})
     if model_type == "deepseek_v32":  # the indexer keeps 8 tokens; 8 index heads make exact-zero ties rare

@@ -135,3 +135,12 @@ def test_tensor_in_two_shards(folder):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match=r"tensor model\.norm\.weight is in both model-00001-of-00002"):
         from_pretrained(folder)
+
+
+def test_minimax_residual_factors_that_differ_by_branch_are_refused(tiny_hf, tmp_path):
+    _, src = tiny_hf("minimax")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    _edit_config(dst, lambda d: d.update(mlp_alpha_factor=2.0))
+    with pytest.raises(ValueError, match=r"residual factors alpha \[1.3, 1.3, 2.0\]"):
+        from_pretrained(dst)

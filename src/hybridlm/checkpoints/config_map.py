@@ -14,7 +14,7 @@ from typing import Any
 
 from hybridlm.checkpoints.layout import QWEN_35, QWEN_NEXT, check_model_type
 from hybridlm.config import HybridConfig
-from hybridlm.hf_config import config_from_hf
+from hybridlm.hf_config import config_from_hf, minimax_residual_factors
 
 ARCHITECTURES = {
     "qwen3_next": "Qwen3NextForCausalLM",
@@ -81,14 +81,13 @@ def _allowed_letters(model_type: str) -> set[str]:
 
 def _unsupported_features(d: dict[str, Any], model_type: str) -> list[str]:
     problems = []
-    if model_type == "minimax":  # MiniMax-01's scaled residuals (DeepNorm-like) are not modelled here
-        scaled = {k: v for k, v in d.items() if k.endswith(("_alpha_factor", "_beta_factor")) and v != 1}
-        scaled.update({k: v for k, v in d.items() if k.startswith("layernorm_") and k.endswith(("_alpha", "_beta"))
-                       and v != 1})
-        if scaled:
-            problems.append(f"residual scaling {scaled} (only 1)")
-        if d.get("postnorm"):
-            problems.append("postnorm=true")
+    if model_type == "minimax":  # one alpha and one beta for every residual branch (as MiniMax-M1 has)
+        alphas, betas = minimax_residual_factors(d)
+        if len(set(alphas)) > 1 or len(set(betas)) > 1:
+            problems.append(f"residual factors alpha {alphas}, beta {betas} (full attention, linear attention, "
+                            "MLP) that differ between branches")
+        if d.get("postnorm") is False:  # transformers' MiniMax (and this loader) take the residual after the norm
+            problems.append("postnorm=false")
     if model_type in _DEEPSEEK_MOE and d.get("topk_method", "noaux_tc") != "noaux_tc":
         problems.append(f"topk_method {d['topk_method']!r} (only 'noaux_tc')")
     if d.get("hidden_act", "silu") != "silu":
@@ -218,7 +217,9 @@ def _moe_config(c: HybridConfig, model_type: str) -> dict[str, Any]:
         return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                     intermediate_size=c.moe_intermediate_size, scoring_func="sigmoid")
     if model_type == "minimax":
-        return dict(num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+        factors = {f"{b}_{ab}_factor": getattr(c, f"residual_{ab}") for b in ("full_attn", "linear_attn", "mlp")
+                   for ab in ("alpha", "beta")}
+        return dict(factors, num_local_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
                     intermediate_size=c.moe_intermediate_size)
     if model_type in _DEEPSEEK_MOE:
         n_shared = c.shared_expert_intermediate_size // c.moe_intermediate_size
@@ -250,7 +251,7 @@ def _misfits(c: HybridConfig, model_type: str) -> list[str]:
     want: dict[str, Any] = {
         # norm_zero_centered is not here: the layout converts RMSNorm weights between the forms.
         "attn_output_gate": hybrid, "qk_norm": model_type != "llama",
-        "attention_bias": False, "residual_from_norm": False,
+        "attention_bias": False, "residual_from_norm": False, "residual_alpha": 1.0, "residual_beta": 1.0,
     }
     if model_type != "llama":
         want["qk_norm_scope"] = "all" if model_type == "minimax_m2" else "head"
@@ -286,6 +287,8 @@ def _seed_misfits(c: HybridConfig, model_type: str) -> list[str]:
     """What Kimi Linear, MiniMax and DeepSeek V3.2 checkpoints cannot express."""
     want: dict[str, Any] = {"attn_output_gate": False, "qk_norm": False, "attention_bias": False,
                             "norm_zero_centered": False, "residual_from_norm": model_type == "minimax"}
+    if model_type != "minimax":
+        want.update(residual_alpha=1.0, residual_beta=1.0)
     if model_type == "kimi_linear":
         want.update(mla_use_nope=True, linear_num_value_heads=c.linear_num_key_heads,
                     linear_value_head_dim=c.linear_key_head_dim)
