@@ -130,7 +130,8 @@ def _add_convert(sub) -> None:
     src.add_argument("--to-hf", metavar="IN", help="model to export: a folder with config.json or a training run")
     p.add_argument("--out", metavar="OUT", required=True, help="output folder")
     p.add_argument("--model-type", default=None,
-                   help="with --to-hf: qwen3_next, qwen3_5_text, qwen3_5_moe_text, minimax_m2, qwen3 or llama "
+                   help="with --to-hf: qwen3_next, qwen3_5_text, qwen3_5_moe_text, minimax_m2, kimi_linear, "
+                        "minimax, deepseek_v32, qwen3 or llama "
                         "(default: the type it was loaded from, else inferred from the layers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
                    help="tensor dtype of the output (default: the input's)")

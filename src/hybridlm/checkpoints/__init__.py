@@ -2,7 +2,7 @@
 
 ``from_pretrained(path)`` / ``save_pretrained(model, path)`` (also ``HybridLM.from_pretrained`` and
 ``model.save_pretrained``). Model types: qwen3_next, qwen3_5 (text; dense and MoE), minimax_m2,
-qwen3, llama; kimi_linear, minimax and deepseek_v32 are refused as not supported yet.
+kimi_linear, minimax, deepseek_v32, qwen3, llama.
 """
 
 from hybridlm.checkpoints.pretrained import from_pretrained, save_pretrained

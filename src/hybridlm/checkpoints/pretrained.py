@@ -29,7 +29,8 @@ DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device=None) -> HybridLM:
-    """Load a Hugging Face (qwen3_next, qwen3_5, minimax_m2, qwen3, llama) or hybridlm folder.
+    """Load a Hugging Face (qwen3_next, qwen3_5, minimax_m2, kimi_linear, minimax, deepseek_v32, qwen3, llama)
+    or hybridlm folder.
 
     Args:
         path: folder with config.json and model.safetensors (or shards + index).
@@ -74,7 +75,8 @@ def save_pretrained(model: HybridLM, path: str | Path, model_type: str | None = 
         model: a HybridLM.
         path: output folder (created; earlier model*.safetensors files in it are replaced).
         model_type: HF model type to write ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
-            "minimax_m2", "qwen3", "llama"), or "hybridlm" for this library's own layout. None: the
+            "minimax_m2", "kimi_linear", "minimax", "deepseek_v32", "qwen3", "llama"), or "hybridlm" for
+            this library's own layout. None: the
             type the model was loaded from, else one inferred from its structure.
         dtype: tensor dtype in the files (default: the model's).
         max_shard_bytes: shard size limit.
