@@ -113,8 +113,22 @@ def test_fp8_index_keys_cached_decode_equals_full_forward(base):
         full = model(ids)
         outs = [model(ids[:, :19], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(19, 26)]
     assert rel_err(torch.cat(outs, 1), full) < 1e-5
-    with pytest.raises(ValueError, match="index_key_bytes"):
-        HybridConfig(layer_pattern="S", index_key_bytes=8.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(layer_pattern="M", mla_qk_rope_head_dim=7), "mla_qk_rope_head_dim: expected an even number"),
+    (dict(layer_pattern="M", mla_kv_lora_rank=0), "mla_kv_lora_rank: expected a positive int"),
+    (dict(layer_pattern="S", index_topk=0), "index_topk: expected a positive int"),
+    (dict(layer_pattern="S", index_key_bytes=8.0), "index_key_bytes: expected 0"),
+    (dict(num_experts=4, n_group=3), "n_group, topk_group"),
+])
+def test_bad_seed_layer_fields_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        HybridConfig(**kw)
+    if kw.get("layer_pattern") == "S":
+        return
+    with pytest.raises(ValueError, match="index_num_heads: expected a divisor"):
+        HybridLM(HybridConfig(layer_pattern="S", sparse_base="gqa", index_num_heads=3))
 
 
 def test_unknown_letter_is_refused():

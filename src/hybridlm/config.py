@@ -239,6 +239,19 @@ class HybridConfig:
             raise ValueError(f"qk_norm_scope: expected 'head' or 'all', got {self.qk_norm_scope!r}")
         if self.sparse_base not in ("mla", "gqa"):
             raise ValueError(f"sparse_base: expected 'mla' or 'gqa', got {self.sparse_base!r}")
+        if "M" in self.layer_pattern or ("S" in self.layer_pattern and self.sparse_base == "mla"):
+            for name in ("mla_kv_lora_rank", "mla_qk_nope_head_dim", "mla_v_head_dim", "mla_qk_rope_head_dim"):
+                positive(name)
+            if self.mla_qk_rope_head_dim % 2:
+                raise ValueError(f"mla_qk_rope_head_dim: expected an even number (rotary pairs), "
+                                 f"got {self.mla_qk_rope_head_dim}")
+            if not isinstance(self.mla_q_lora_rank, int) or self.mla_q_lora_rank < 0:
+                raise ValueError(f"mla_q_lora_rank: expected an int >= 0 (0: no q LoRA), got {self.mla_q_lora_rank!r}")
+        if "S" in self.layer_pattern:
+            for name in ("index_num_heads", "index_head_dim", "index_topk", "sparse_block_size"):
+                positive(name)
+            if self.sparse_local_blocks < 0:
+                raise ValueError(f"sparse_local_blocks: expected >= 0, got {self.sparse_local_blocks}")
         if self.index_key_bytes not in (0, self.index_head_dim + 4):
             raise ValueError(f"index_key_bytes: expected 0 (keys in the cache dtype) or index_head_dim + 4 = "
                              f"{self.index_head_dim + 4} (fp8 keys + a float32 scale), got {self.index_key_bytes}")
