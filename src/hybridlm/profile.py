@@ -1,0 +1,373 @@
+"""Long-context inference profiling: time to first token, decode tokens/s, peak and cache memory,
+against the bandwidth-bound limit and the largest batch that fits.
+
+One row per (model, context, batch). The prompt is prefilled in chunks through the cache (so a
+1M-token prompt needs activations for one chunk only), then ``decode_steps`` greedy tokens are
+decoded one at a time. Timings are wall clock around synchronised device work, after a warm-up at
+the same chunk shapes. The bandwidth-bound limit divides a copy bandwidth measured on the device
+in the same run by the bytes one decoded token must move (``hybridlm.memory.decode_bytes_per_token``).
+
+Example::
+
+    from hybridlm.config import HybridConfig
+    from hybridlm.profile import ProfileSettings, profile_models
+    cfg = HybridConfig.preset("tiny-qwen3-next")
+    rows = profile_models({"hybrid": cfg}, [256, 1024], [1, 2], ProfileSettings(device="cpu"))
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hybridlm import memory
+from hybridlm.config import HybridConfig
+from hybridlm.generation import decode_one_token
+from hybridlm.model import HybridLM
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+ROW_KEYS = ("model", "engine", "context", "batch", "ttft_s", "decode_tokens_per_s", "peak_bytes", "cache_bytes")
+
+
+@dataclass
+class ProfileSettings:
+    """How to run: device ("cpu" | "cuda" | "cuda:1"), dtype (weights, KV and conv windows),
+    decode_steps greedy tokens timed per row, prefill_chunk tokens per prefill call, seed of the
+    random prompt. The weights are random too: speed and memory do not depend on their values."""
+
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    decode_steps: int = 32
+    prefill_chunk: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("decode_steps", "prefill_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise TypeError(f"dtype: expected one of {list(DTYPE_NAMES.values())}, got {self.dtype!r}")
+        device = torch.device(self.device)
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda[:n]', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
+
+    @property
+    def torch_device(self) -> torch.device:
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+def scaled_config(preset: str, layers: int | None = None, experts: int | None = None) -> HybridConfig:
+    """A preset with its layer and expert counts cut to fit one card (dimensions otherwise kept).
+
+    experts: routed experts per MoE layer; experts per token shrink with it when they would exceed it.
+    """
+    cfg = HybridConfig.preset(preset)
+    if layers is not None:
+        if not isinstance(layers, int) or layers < 1:
+            raise ValueError(f"layers: expected an int >= 1, got {layers!r}")
+        cfg = cfg.replace(num_layers=layers)
+    if experts is not None:
+        if not isinstance(experts, int) or experts < 1:
+            raise ValueError(f"experts: expected an int >= 1, got {experts!r}")
+        if not cfg.num_experts:
+            raise ValueError(f"experts: preset {preset!r} has no MoE layers to cut")
+        cfg = cfg.replace(num_experts=experts, num_experts_per_tok=min(cfg.num_experts_per_tok, experts))
+    return cfg
+
+
+def build_model(cfg: HybridConfig, settings: ProfileSettings) -> HybridLM:
+    """HybridLM(cfg) with random weights, built directly on the device (initialising a multi-GB model
+    on the CPU first would take minutes), cast to settings.dtype, in eval mode."""
+    torch.manual_seed(settings.seed)
+    with torch.device(settings.torch_device):
+        model = HybridLM(cfg)
+    return model.to(settings.dtype).eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers (a tied weight counts once)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+# ------------------------------------------------------------------------------ device helpers
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation could still get: CUDA free + what torch's allocator holds unused;
+    on CPU, the kernel's MemAvailable (None where /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting the read and the write.
+
+    nbytes defaults to 1 GiB on CUDA (capped at a quarter of free memory) and 64 MiB on CPU: far
+    past the caches, so the copy runs at memory speed. Median of ``repeats`` timed copies.
+    """
+    if nbytes is None:
+        nbytes = 2**26 if device.type == "cpu" else min(2**30, (free_bytes(device) or 2**30) // 4)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first touch of dst's pages, kernel launch set-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2]
+
+
+def bytes_per_token(cfg: HybridConfig, context: int, batch: int, dtype_name: str) -> float:
+    """Bytes moved per decoded token at ``context``: memory.decode_bytes_per_token counts the
+    recurrent state once (its read); the step writes it back too, so it is added a second time."""
+    d = memory.decode_bytes_per_token(cfg, context, batch, kv_dtype=dtype_name, weight_dtype=dtype_name)
+    return d["total"] + d["state"]
+
+
+def analytic_max_batch(cfg: HybridConfig, context: int, budget: int | None, dtype_name: str,
+                       extra_per_row: float = 0.0) -> int | None:
+    """Largest batch whose cache (memory.py, ``context`` slots) plus ``extra_per_row`` activation
+    bytes per row fits ``budget`` bytes; None when the budget is unknown. Cache bytes are linear in
+    the batch, so one division answers it."""
+    if budget is None:
+        return None
+    per_row = memory.cache_bytes(cfg, 1, context, kv_dtype=dtype_name).total_bytes + extra_per_row
+    return max(0, int(budget // per_row))
+
+
+# ------------------------------------------------------------------------------ one measurement
+@torch.no_grad()
+def prefill_chunked(model: HybridLM, ids_BT: torch.Tensor, cache, chunk: int) -> torch.Tensor:
+    """Feed the prompt ids_BT [B, T] long through the cache ``chunk`` tokens at a time; logits of
+    the last position [B, vocab] in the model dtype."""
+    for start in range(0, ids_BT.shape[1], chunk):
+        logits = model(ids_BT[:, start:start + chunk], cache=cache, logits_to_keep=1)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_greedy(model: HybridLM, token_B: torch.Tensor, cache, steps: int) -> torch.Tensor:
+    """``steps`` greedy decode steps from token_B [B] long; the last token [B]."""
+    for _ in range(steps):
+        token_B = decode_one_token(model, token_B, cache).argmax(-1)
+    return token_B
+
+
+def warmup_length(context: int, chunk: int) -> int:
+    """A prompt that runs every chunk shape the real prefill runs: a first chunk on an empty cache,
+    then the final (possibly shorter) chunk on a filled one."""
+    if context <= chunk:
+        return context
+    return chunk + (context % chunk or chunk)
+
+
+def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings) -> dict:
+    """Time to first token, decode rate and memory of one (context, batch) on ``model``.
+
+    Returns ttft_s, decode_tokens_per_s (all rows together), decode_step_s, peak_bytes (CUDA peak
+    allocated during prefill + decode, weights included; None on CPU, where torch keeps no such
+    count), cache_bytes (cache.nbytes()).
+    """
+    device, steps = settings.torch_device, settings.decode_steps
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    vocab = model.config.vocab_size
+    cache = model.new_cache(batch, context + steps + 1)
+    warm = torch.randint(0, vocab, (batch, warmup_length(context, settings.prefill_chunk)), generator=gen,
+                         device=device)
+    decode_greedy(model, prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), cache, 2)
+    cache.reset()
+    ids = torch.randint(0, vocab, (batch, context), generator=gen, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    first = prefill_chunked(model, ids, cache, settings.prefill_chunk).argmax(-1)
+    synchronize(device)
+    t1 = time.perf_counter()
+    decode_greedy(model, first, cache, steps)
+    synchronize(device)
+    t2 = time.perf_counter()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
+            "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
+            "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
+
+
+def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: list[int],
+                  settings: ProfileSettings, bandwidth: float, max_batch_search: bool = False,
+                  transformers: bool = False) -> list[dict]:
+    """Rows of one model at every (context, batch); see profile_models."""
+    device, dt = settings.torch_device, settings.dtype_name
+    model = build_model(cfg, settings)
+    weights = weight_bytes(model)
+    rows = []
+    for context in contexts:
+        budget = free_bytes(device)  # the model is loaded, no cache yet
+        extra_per_row = 0.0
+        for batch in batches:
+            got = measure(model, context, batch, settings)
+            if got["peak_bytes"] is not None:  # activations seen at this batch, per row
+                extra_per_row = max(extra_per_row, (got["peak_bytes"] - weights - got["cache_bytes"]) / batch)
+            need = bytes_per_token(cfg, context, batch, dt)
+            bound = bandwidth / need
+            rows.append({
+                "model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(device),
+                "dtype": dt, "context": context, "batch": batch, **got, "weight_bytes": weights,
+                "cache_bytes_memory_py": memory.cache_bytes(cfg, batch, got["cache_max_len"], kv_dtype=dt).total_bytes,
+                "bytes_per_token": need, "copy_bandwidth_bytes_per_s": bandwidth,
+                "bandwidth_bound_tokens_per_s": bound, "bandwidth_share": got["decode_tokens_per_s"] / bound,
+            })
+            torch.cuda.empty_cache() if device.type == "cuda" else None
+        top = analytic_max_batch(cfg, context + settings.decode_steps + 1, budget, dt, extra_per_row)
+        found = search_max_batch(model, context, settings, top) if max_batch_search and top else None
+        for row in rows[-len(batches):]:
+            row["max_batch"], row["max_batch_found"] = top, found
+    if transformers:
+        rows += [measure_transformers(model, name, context, batch, settings)
+                 for context in contexts for batch in batches]
+    del model
+    return rows
+
+
+def profile_models(models: dict[str, HybridConfig], contexts: list[int], batches: list[int],
+                   settings: ProfileSettings, max_batch_search: bool = False, transformers: bool = False) -> list[dict]:
+    """Profile each named config at every context (ints >= 1) and batch (ints >= 1).
+
+    Returns one dict per (model, context, batch) with at least ROW_KEYS, plus prefill_tokens_per_s,
+    decode_step_s, weight_bytes, cache_bytes_memory_py (memory.py's bytes for the same cache),
+    bytes_per_token, copy_bandwidth_bytes_per_s, bandwidth_bound_tokens_per_s, bandwidth_share,
+    max_batch (analytic, from free memory after loading the model; on CUDA including the activations
+    seen per row) and max_batch_found (by allocation, with max_batch_search on CUDA; else None).
+    transformers=True adds rows for transformers' generate on the first model's weights (engine
+    "transformers"; needs a model type that holds it, see hybridlm.checkpoints.infer_model_type).
+    """
+    _check_sizes("contexts", contexts)
+    _check_sizes("batches", batches)
+    if not models:
+        raise ValueError("models: expected at least one {name: HybridConfig}")
+    bandwidth = copy_bandwidth(settings.torch_device)
+    rows = []
+    for i, (name, cfg) in enumerate(models.items()):
+        # transformers for the first model only: the twin has no transformers model type to load it
+        rows += profile_model(name, cfg, contexts, batches, settings, bandwidth, max_batch_search,
+                              transformers and i == 0)
+    return rows
+
+
+def _check_sizes(name: str, values) -> None:
+    if not isinstance(values, (list, tuple)) or not values or any(
+            not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+        raise ValueError(f"{name}: expected a non-empty list of ints >= 1, got {values!r}")
+
+
+def search_max_batch(model: HybridLM, context: int, settings: ProfileSettings, analytic: int) -> int:
+    """Largest batch (up to 2 * analytic) whose cache allocates and whose first and last prefill
+    chunk and one decode step run without running out of memory; binary search.
+
+    Only on CUDA: on the CPU an allocation past free memory swaps or is killed instead of failing.
+    """
+    device = settings.torch_device
+    if device.type != "cuda":
+        raise ValueError("max_batch_search: needs a CUDA device (on the CPU an allocation past free memory "
+                         "swaps or gets the process killed instead of raising)")
+    lo, hi = 0, 2 * analytic
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _fits(model, context, mid, settings):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) -> bool:
+    chunk, device = settings.prefill_chunk, settings.torch_device
+    try:
+        cache = model.new_cache(batch, context + settings.decode_steps + 1)
+        ids = torch.zeros(batch, min(chunk, context), dtype=torch.long, device=device)
+        prefill_chunked(model, ids, cache, chunk)
+        cache.seq_len = context - ids.shape[1]  # the last chunk attends over a full cache
+        first = prefill_chunked(model, ids, cache, chunk).argmax(-1)
+        decode_greedy(model, first, cache, 1)
+        synchronize(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        cache = ids = first = None
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------ transformers
+def measure_transformers(model: HybridLM, name: str, context: int, batch: int, settings: ProfileSettings) -> dict:
+    """transformers' generate on ``model``'s weights (saved, then loaded by AutoModelForCausalLM):
+    time to first token = a 1-token generate; decode rate from a (decode_steps + 1)-token generate
+    minus that. Greedy, every row the full context, warm-up generate first. Out of memory on CUDA
+    gives a row of None figures with an "error" entry instead of ending the profile."""
+    from transformers import AutoModelForCausalLM
+
+    device, steps = settings.torch_device, settings.decode_steps
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=settings.dtype).to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(settings.seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen, device=device)
+    row = {"model": f"{name} (transformers)", "engine": "transformers", "layer_types": model.config.layer_types,
+           "device": str(device), "dtype": settings.dtype_name, "context": context, "batch": batch,
+           "cache_bytes": None, "peak_bytes": None, "ttft_s": None, "decode_tokens_per_s": None}
+
+    def run(n: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0)
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    try:
+        run(2)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ttft = run(1)
+        total = run(steps + 1)
+    except torch.cuda.OutOfMemoryError:
+        row["error"] = "out of memory"
+        return row
+    finally:
+        del hf
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    row.update(ttft_s=ttft, decode_tokens_per_s=batch * steps / max(total - ttft, 1e-9),
+               peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
+    return row
