@@ -52,7 +52,7 @@ def hf_config(model_type: str):
         return tf.MiniMaxConfig(**_COMMON, **factors, num_local_experts=4, num_experts_per_tok=2, layer_types=lin_full,
                                 block_size=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
                                                                 "partial_rotary_factor": 0.5})
-    if model_type == "deepseek_v32":  # the indexer keeps 8 tokens; 8 index heads make exact-zero ties rare
+    if model_type == "deepseek_v32":  # the indexer keeps 8 of the tokens
         return tf.DeepseekV32Config(**common_mla, **mla, num_key_value_heads=4, head_dim=4, q_lora_rank=12,
                                     n_routed_experts=4, n_shared_experts=1, index_topk=8, index_head_dim=8,
                                     index_n_heads=8, first_k_dense_replace=1)
@@ -68,6 +68,16 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 t.add_(0.3 * torch.randn(t.shape, generator=g))
             elif name.endswith("e_score_correction_bias"):
                 t.copy_(0.2 * torch.randn(t.shape, generator=g))
+            elif name.endswith("indexer.wq_b.weight"):
+                mirror_index_heads(t, model.config.index_n_heads)
+
+
+def mirror_index_heads(wq_b: torch.Tensor, n_heads: int) -> None:
+    """Index heads h and h + n/2 get opposite queries, so one of ReLU(q . k), ReLU(-q . k) is positive: an
+    index score is never exactly 0, and the top-k never meets the 0-ties on which torch.topk's order and
+    ours may differ (the rotary embedding is linear, so the mirror survives it)."""
+    heads = wq_b.view(n_heads, -1, wq_b.shape[-1])
+    heads[n_heads // 2:] = -heads[: n_heads // 2]
 
 
 def build(model_type: str, folder: Path, seed: int = 0):
