@@ -393,6 +393,66 @@ def _cmd_study(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- profile
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="TTFT, decode tokens/s and peak memory across context lengths",
+                       description="Build a preset with random weights (layer and expert counts cut to fit), prefill "
+                                   "random prompts in chunks, time the first token and greedy decoding, and report "
+                                   "peak and cache memory, the bandwidth-bound tokens/s (measured copy bandwidth) "
+                                   "and the largest batch that fits, against the all-attention twin (or --vs).")
+    p.add_argument("--preset", default="tiny-qwen3-next", help="preset name (default: %(default)s)")
+    p.add_argument("--vs", metavar="PRESET", help="compare against this preset instead of the all-attention twin")
+    p.add_argument("--no-twin", action="store_true", help="profile the preset alone")
+    p.add_argument("--layers", type=int, help="number of layers (the pattern is tiled); default: the preset's")
+    p.add_argument("--experts", type=int, help="routed experts per MoE layer; default: the preset's")
+    p.add_argument("--contexts", type=parse_size_list, default=[4096, 32768, 131072],
+                   help="prompt lengths, e.g. 4k,32k,128k,1m (default: %(default)s)")
+    p.add_argument("--batch", type=parse_int_list, default=[1], help="batch sizes, e.g. 1,8 (default: %(default)s)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                   help="weights, KV and conv windows (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--decode-steps", type=int, default=32, help="greedy tokens timed per row (default: %(default)s)")
+    p.add_argument("--prefill-chunk", type=parse_size, default=8192, help="tokens per prefill call (default: 8k)")
+    p.add_argument("--max-batch-search", action="store_true",
+                   help="also find the largest batch by allocating it (CUDA only)")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' generate on the same weights (needs a model type that holds them)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    p.add_argument("--plot", metavar="PNG", help="write decode tokens/s and cache bytes vs context")
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
+
+
+def _cmd_profile(args) -> int:
+    import torch
+
+    from hybridlm import memory
+    from hybridlm.profile import ProfileSettings, profile_models, scaled_config
+    from hybridlm.profile_report import format_table, plot_profile
+
+    if not args.batch or any(b <= 0 for b in args.batch):
+        raise ValueError(f"--batch: expected positive integers, got {args.batch}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    for flag, value in (("--layers", args.layers), ("--experts", args.experts), ("--decode-steps", args.decode_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected an int >= 1, got {value}")
+    settings = ProfileSettings(device=device, dtype=dtype, decode_steps=args.decode_steps,
+                               prefill_chunk=args.prefill_chunk, seed=args.seed)
+    cfg = scaled_config(args.preset, args.layers, args.experts)
+    models = {args.preset: cfg}
+    if args.vs:
+        models[args.vs] = scaled_config(args.vs, args.layers)
+    elif not args.no_twin:
+        models[f"{args.preset} twin"] = memory.attention_twin(cfg)
+    rows = profile_models(models, args.contexts, args.batch, settings, args.max_batch_search, args.transformers)
+    if args.plot:
+        plot_profile(rows, args.plot)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if args.plot and not args.json:
+        print(f"plot: {args.plot}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -418,6 +478,7 @@ COMMANDS = {
     "memory": (_add_memory, _cmd_memory),
     "calculator": (_add_calculator, _cmd_calculator),
     "bench": (_add_bench, _cmd_bench),
+    "profile": (_add_profile, _cmd_profile),
 }
 
 
