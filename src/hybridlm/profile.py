@@ -277,6 +277,8 @@ def profile_models(models: dict[str, HybridConfig], contexts: list[int], batches
     _check_sizes("batches", batches)
     if not models:
         raise ValueError("models: expected at least one {name: HybridConfig}")
+    if max_batch_search:
+        _require_cuda(settings.torch_device)
     bandwidth = copy_bandwidth(settings.torch_device)
     rows = []
     for i, (name, cfg) in enumerate(models.items()):
@@ -298,10 +300,7 @@ def search_max_batch(model: HybridLM, context: int, settings: ProfileSettings, a
 
     Only on CUDA: on the CPU an allocation past free memory swaps or is killed instead of failing.
     """
-    device = settings.torch_device
-    if device.type != "cuda":
-        raise ValueError("max_batch_search: needs a CUDA device (on the CPU an allocation past free memory "
-                         "swaps or gets the process killed instead of raising)")
+    _require_cuda(settings.torch_device)
     lo, hi = 0, 2 * analytic
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -310,6 +309,12 @@ def search_max_batch(model: HybridLM, context: int, settings: ProfileSettings, a
         else:
             hi = mid - 1
     return lo
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError("max_batch_search: needs a CUDA device (on the CPU an allocation past free memory "
+                         "swaps or gets the process killed instead of raising)")
 
 
 def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) -> bool:

@@ -1,0 +1,170 @@
+"""The profiler on CPU at tiny size: chunked prefill == one forward, figures present and positive,
+measured cache == memory.py, the hybrid's cache below its twin's, JSON keys, plot, CLI, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from hybridlm import memory
+from hybridlm.cli import main
+from hybridlm.config import HybridConfig
+from hybridlm.model import HybridLM
+from hybridlm.profile import (ROW_KEYS, ProfileSettings, analytic_max_batch, bytes_per_token, copy_bandwidth,
+                              decode_greedy, measure_transformers, prefill_chunked, profile_models, scaled_config,
+                              search_max_batch, warmup_length)
+from hybridlm.profile_report import format_table, plot_profile
+
+PRESET = "tiny-qwen3-next"
+SETTINGS = ProfileSettings(device="cpu", decode_steps=4, prefill_chunk=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: with several intra-op threads, OpenMP barriers cost more than the arithmetic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    before = torch.get_num_threads()  # module fixtures run before the function-scoped one_thread
+    torch.set_num_threads(1)
+    cfg = HybridConfig.preset(PRESET)
+    yield profile_models({"hybrid": cfg, "twin": memory.attention_twin(cfg)}, [1, 65, 300], [1, 2], SETTINGS)
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 300])
+def test_chunked_prefill_and_decode_equal_one_forward(T):
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset(PRESET)).eval()
+    ids = torch.randint(0, 256, (2, T + 3))
+    chunked, whole = model.new_cache(2, T + 3), model.new_cache(2, T + 3)
+    got = prefill_chunked(model, ids[:, :T], chunked, chunk=64)
+    with torch.no_grad():
+        want = model(ids[:, :T], cache=whole)[:, -1]
+        full = model(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, full[:, T - 1], rtol=1e-4, atol=1e-5)
+    # greedy decode continues from the chunked cache as from a one-shot prefill
+    assert torch.equal(decode_greedy(model, got.argmax(-1), chunked, 3), decode_greedy(model, want.argmax(-1), whole, 3))
+    assert chunked.seq_len == T + 3
+
+
+def test_rows_have_every_figure_positive(rows):
+    assert len(rows) == 2 * 3 * 2
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r)
+        for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_step_s", "cache_bytes",
+                    "weight_bytes", "bytes_per_token", "copy_bandwidth_bytes_per_s", "bandwidth_bound_tokens_per_s",
+                    "bandwidth_share", "max_batch"):
+            assert r[key] > 0, key
+        assert r["peak_bytes"] is None  # CPU: not measured, not invented
+        assert r["cache_bytes"] == r["cache_bytes_memory_py"]
+        assert r["cache_max_len"] == r["context"] + SETTINGS.decode_steps + 1
+        assert r["max_batch_found"] is None
+    json.dumps(rows)  # JSON-ready
+
+
+def test_hybrid_cache_below_twin_at_long_context(rows):
+    def at(model, context):
+        return next(r for r in rows if r["model"] == model and r["context"] == context and r["batch"] == 1)
+
+    assert at("hybrid", 300)["cache_bytes"] < at("twin", 300)["cache_bytes"]
+    assert at("hybrid", 300)["max_batch"] > at("twin", 300)["max_batch"]
+    # the cache grows with the batch exactly
+    two = next(r for r in rows if r["model"] == "hybrid" and r["context"] == 300 and r["batch"] == 2)
+    assert two["cache_bytes"] == 2 * at("hybrid", 300)["cache_bytes"]
+
+
+def test_bandwidth_bound_counts_state_read_and_write():
+    cfg = HybridConfig.preset(PRESET)
+    d = memory.decode_bytes_per_token(cfg, 1000, 4, kv_dtype="float32", weight_dtype="float32")
+    assert bytes_per_token(cfg, 1000, 4, "float32") == d["total"] + d["state"]
+    assert copy_bandwidth(torch.device("cpu"), nbytes=2**20, repeats=3) > 0
+
+
+def test_analytic_max_batch_is_budget_over_bytes_per_row():
+    cfg = HybridConfig.preset(PRESET)
+    per_row = memory.cache_bytes(cfg, 1, 500, kv_dtype="bfloat16").total_bytes
+    assert analytic_max_batch(cfg, 500, 7 * per_row, "bfloat16") == 7
+    assert analytic_max_batch(cfg, 500, 7 * per_row - 1, "bfloat16") == 6
+    assert analytic_max_batch(cfg, 500, 7 * (per_row + 100), "bfloat16", extra_per_row=100) == 7
+    assert analytic_max_batch(cfg, 500, None, "bfloat16") is None
+
+
+def test_warmup_runs_every_chunk_shape():
+    assert warmup_length(50, 64) == 50
+    assert warmup_length(128, 64) == 128
+    assert warmup_length(300, 64) == 64 + 300 % 64
+
+
+def test_scaled_config_cuts_layers_and_experts():
+    cfg = scaled_config("qwen3-next-80b-a3b", layers=8, experts=4)
+    assert cfg.layer_types == "GGGAGGGA" and cfg.hidden_size == 2048
+    assert cfg.num_experts == 4 and cfg.num_experts_per_tok == 4  # 10 per token cannot exceed 4
+    with pytest.raises(ValueError, match="experts.*no MoE"):
+        scaled_config("tiny-hybrid-3to1", experts=4)
+    with pytest.raises(ValueError, match="layers"):
+        scaled_config(PRESET, layers=0)
+
+
+def test_transformers_generate_row():
+    model = HybridLM(HybridConfig.preset(PRESET)).eval()
+    r = measure_transformers(model, "hybrid", 65, 1, SETTINGS)
+    assert r["engine"] == "transformers" and r["model"] == "hybrid (transformers)"
+    assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert r["cache_bytes"] is None and r["peak_bytes"] is None
+    assert "n/a" in format_table([r])
+
+
+def test_table_and_plot(rows, tmp_path):
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "copy bandwidth" in table
+    path = tmp_path / "p.png"
+    plot_profile(rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    png = tmp_path / "profile.png"
+    assert main(["profile", "--preset", "tiny-hybrid-3to1", "--contexts", "65,200", "--batch", "1",
+                 "--device", "cpu", "--decode-steps", "2", "--prefill-chunk", "64", "--json", "--plot", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {r["model"] for r in out} == {"tiny-hybrid-3to1", "tiny-hybrid-3to1 twin"}
+    assert all(set(ROW_KEYS) <= set(r) for r in out)
+    assert png.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch", "0"], "--batch"),
+    (["--layers", "0"], "--layers"),
+    (["--decode-steps", "0"], "--decode-steps"),
+    (["--preset", "tiny-hybrid-3to1", "--experts", "2"], "experts"),
+    (["--preset", "no-such-model"], "preset"),
+    (["--max-batch-search"], "CUDA"),
+])
+def test_cli_bad_arguments(argv, words, capsys):
+    code = main(["profile", "--device", "cpu", "--contexts", "8"] + argv)
+    assert code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="decode_steps"):
+        ProfileSettings(decode_steps=0)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        ProfileSettings(prefill_chunk=-1)
+    with pytest.raises(TypeError, match="dtype"):
+        ProfileSettings(dtype=torch.int32)
+    with pytest.raises(ValueError, match="device"):
+        ProfileSettings(device="mps")
+    with pytest.raises(ValueError, match="contexts"):
+        profile_models({"m": HybridConfig.preset(PRESET)}, [], [1], SETTINGS)
+    with pytest.raises(ValueError, match="batches"):
+        profile_models({"m": HybridConfig.preset(PRESET)}, [8], [0], SETTINGS)
+    with pytest.raises(ValueError, match="CUDA"):
+        search_max_batch(HybridLM(HybridConfig.preset(PRESET)), 8, SETTINGS, 4)
