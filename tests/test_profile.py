@@ -80,10 +80,13 @@ def test_hybrid_cache_below_twin_at_long_context(rows):
     assert two["cache_bytes"] == 2 * at("hybrid", 300)["cache_bytes"]
 
 
-def test_bandwidth_bound_counts_state_read_and_write():
-    cfg = HybridConfig.preset(PRESET)
+@pytest.mark.parametrize("tied", [False, True])
+def test_bandwidth_bound_counts_state_twice_and_one_embedding_row(tied):
+    cfg = HybridConfig.preset(PRESET, tie_word_embeddings=tied)
     d = memory.decode_bytes_per_token(cfg, 1000, 4, kv_dtype="float32", weight_dtype="float32")
-    assert bytes_per_token(cfg, 1000, 4, "float32") == d["total"] + d["state"]
+    row = cfg.hidden_size * 4
+    table = 0 if tied else cfg.vocab_size * row
+    assert bytes_per_token(cfg, 1000, 4, "float32") == d["total"] + d["state"] - table / 4 + row
     assert copy_bandwidth(torch.device("cpu"), nbytes=2**20, repeats=3) > 0
 
 

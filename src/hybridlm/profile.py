@@ -41,7 +41,7 @@ class ProfileSettings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     decode_steps: int = 32
-    prefill_chunk: int = 8192
+    prefill_chunk: int = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +111,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release(device: torch.device) -> None:
+    """Hand cached CUDA blocks back, so the next row's peak and free memory start clean."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory a new allocation could still get: CUDA free + what torch's allocator holds unused;
     on CPU, the kernel's MemAvailable (None where /proc/meminfo is missing)."""
@@ -150,10 +156,15 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
 
 
 def bytes_per_token(cfg: HybridConfig, context: int, batch: int, dtype_name: str) -> float:
-    """Bytes moved per decoded token at ``context``: memory.decode_bytes_per_token counts the
-    recurrent state once (its read); the step writes it back too, so it is added a second time."""
+    """Bytes moved per decoded token at ``context`` (each of ``batch`` rows there): what
+    memory.decode_bytes_per_token counts, corrected where a step moves other bytes than it counts:
+    the recurrent state is written back as well as read (added a second time), and an untied input
+    embedding is not read whole but one row per token (its table, counted among the active
+    weights, is taken out again)."""
     d = memory.decode_bytes_per_token(cfg, context, batch, kv_dtype=dtype_name, weight_dtype=dtype_name)
-    return d["total"] + d["state"]
+    row = cfg.hidden_size * memory.DTYPE_BYTES[dtype_name]
+    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * row  # a tied table is read whole by the LM head
+    return d["total"] + d["state"] - table / batch + row
 
 
 def analytic_max_batch(cfg: HybridConfig, context: int, budget: int | None, dtype_name: str,
@@ -249,7 +260,7 @@ def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: li
                 "bytes_per_token": need, "copy_bandwidth_bytes_per_s": bandwidth,
                 "bandwidth_bound_tokens_per_s": bound, "bandwidth_share": got["decode_tokens_per_s"] / bound,
             })
-            torch.cuda.empty_cache() if device.type == "cuda" else None
+            release(device)
         top = analytic_max_batch(cfg, context + settings.decode_steps + 1, budget, dt, extra_per_row)
         found = search_max_batch(model, context, settings, top) if max_batch_search and top else None
         for row in rows[-len(batches):]:
@@ -332,7 +343,7 @@ def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) 
         return False
     finally:
         cache = ids = first = None
-        torch.cuda.empty_cache()
+        release(device)
 
 
 # ------------------------------------------------------------------------------ transformers
@@ -346,7 +357,8 @@ def measure_transformers(model: HybridLM, name: str, context: int, batch: int, s
     device, steps = settings.torch_device, settings.decode_steps
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=settings.dtype).to(device).eval()
+        # dtype after loading: the keyword is torch_dtype before transformers 4.56 and dtype after
+        hf = AutoModelForCausalLM.from_pretrained(folder).to(device=device, dtype=settings.dtype).eval()
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen, device=device)
     row = {"model": f"{name} (transformers)", "engine": "transformers", "layer_types": model.config.layer_types,
@@ -372,7 +384,7 @@ def measure_transformers(model: HybridLM, name: str, context: int, batch: int, s
         return row
     finally:
         del hf
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        release(device)
     row.update(ttft_s=ttft, decode_tokens_per_s=batch * steps / max(total - ttft, 1e-9),
                peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     return row
