@@ -124,6 +124,17 @@ def test_transformers_generate_row():
     assert "n/a" in format_table([r])
 
 
+def test_at_max_batch_row_uses_the_budget():
+    cfg = HybridConfig.preset(PRESET)
+    per_row = memory.cache_bytes(cfg, 1, 100 + SETTINGS.decode_steps + 1, kv_dtype="float32").total_bytes
+    settings = ProfileSettings(device="cpu", decode_steps=4, prefill_chunk=64, memory_budget=3 * per_row + 5)
+    rows = profile_models({"hybrid": cfg}, [100], [1], settings, at_max_batch=True)
+    assert [r["batch"] for r in rows] == [1, 3] and rows[1]["at_max_batch"]
+    assert rows[1]["max_batch"] == 3 and rows[1]["decode_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="memory_budget"):
+        profile_models({"hybrid": cfg}, [100], [1], SETTINGS, at_max_batch=True)
+
+
 def test_table_and_plot(rows, tmp_path):
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 1 and "copy bandwidth" in table
@@ -157,6 +168,8 @@ def test_cli_bad_arguments(argv, words, capsys):
 
 
 def test_bad_settings_raise():
+    with pytest.raises(ValueError, match="memory_budget"):
+        ProfileSettings(memory_budget=0)
     with pytest.raises(ValueError, match="decode_steps"):
         ProfileSettings(decode_steps=0)
     with pytest.raises(ValueError, match="prefill_chunk"):

@@ -417,6 +417,10 @@ def _add_profile(sub) -> None:
                         "mask and score bytes, see docs/profile/README.md)")
     p.add_argument("--max-batch-search", action="store_true",
                    help="also find the largest batch by allocating it (CUDA only)")
+    p.add_argument("--at-max-batch", action="store_true",
+                   help="also measure each context at the largest batch that fits (on cpu needs --memory-budget)")
+    p.add_argument("--memory-budget", type=parse_size,
+                   help="bytes the caches may take, e.g. 40g (default: free device memory after loading the model)")
     p.add_argument("--transformers", action="store_true",
                    help="also time transformers' generate on the same weights (needs a model type that holds them)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
@@ -439,14 +443,15 @@ def _cmd_profile(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected an int >= 1, got {value}")
     settings = ProfileSettings(device=device, dtype=dtype, decode_steps=args.decode_steps,
-                               prefill_chunk=args.prefill_chunk, seed=args.seed)
+                               prefill_chunk=args.prefill_chunk, seed=args.seed, memory_budget=args.memory_budget)
     cfg = scaled_config(args.preset, args.layers, args.experts)
     models = {args.preset: cfg}
     if args.vs:
         models[args.vs] = scaled_config(args.vs, args.layers)
     elif not args.no_twin:
         models[f"{args.preset} twin"] = memory.attention_twin(cfg)
-    rows = profile_models(models, args.contexts, args.batch, settings, args.max_batch_search, args.transformers)
+    rows = profile_models(models, args.contexts, args.batch, settings, args.max_batch_search, args.transformers,
+                          args.at_max_batch)
     if args.plot:
         plot_profile(rows, args.plot)
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))

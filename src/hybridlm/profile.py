@@ -36,19 +36,24 @@ ROW_KEYS = ("model", "engine", "context", "batch", "ttft_s", "decode_tokens_per_
 class ProfileSettings:
     """How to run: device ("cpu" | "cuda" | "cuda:1"), dtype (weights, KV and conv windows),
     decode_steps greedy tokens timed per row, prefill_chunk tokens per prefill call, seed of the
-    random prompt. The weights are random too: speed and memory do not depend on their values."""
+    random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
+    device's free memory once the model is loaded). The weights are random too: speed and memory do
+    not depend on their values."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     decode_steps: int = 32
     prefill_chunk: int = 2048
     seed: int = 0
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_steps", "prefill_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
+            raise ValueError(f"memory_budget: expected None or an int >= 1 (bytes), got {self.memory_budget!r}")
         if self.dtype not in DTYPE_NAMES:
             raise TypeError(f"dtype: expected one of {list(DTYPE_NAMES.values())}, got {self.dtype!r}")
         device = torch.device(self.device)
@@ -238,42 +243,67 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
 
 def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: list[int],
                   settings: ProfileSettings, bandwidth: float, max_batch_search: bool = False,
-                  transformers: bool = False) -> list[dict]:
+                  transformers: bool = False, at_max_batch: bool = False) -> list[dict]:
     """Rows of one model at every (context, batch); see profile_models."""
     device, dt = settings.torch_device, settings.dtype_name
     model = build_model(cfg, settings)
     weights = weight_bytes(model)
     rows = []
     for context in contexts:
-        budget = free_bytes(device)  # the model is loaded, no cache yet
-        extra_per_row = 0.0
-        for batch in batches:
-            got = measure(model, context, batch, settings)
-            if got["peak_bytes"] is not None:  # activations seen at this batch, per row
-                extra_per_row = max(extra_per_row, (got["peak_bytes"] - weights - got["cache_bytes"]) / batch)
-            need = bytes_per_token(cfg, context, batch, dt)
-            bound = bandwidth / need
-            rows.append({
-                "model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(device),
-                "dtype": dt, "context": context, "batch": batch, **got, "weight_bytes": weights,
-                "cache_bytes_memory_py": memory.cache_bytes(cfg, batch, got["cache_max_len"], kv_dtype=dt).total_bytes,
-                "bytes_per_token": need, "copy_bandwidth_bytes_per_s": bandwidth,
-                "bandwidth_bound_tokens_per_s": bound, "bandwidth_share": got["decode_tokens_per_s"] / bound,
-            })
-            release(device)
-        top = analytic_max_batch(cfg, context + settings.decode_steps + 1, budget, dt, extra_per_row)
+        budget = free_bytes(device) if settings.memory_budget is None else settings.memory_budget
+        here = [_row(model, name, context, batch, settings, bandwidth, weights) for batch in batches]
+        # activations per row seen on CUDA (peak beyond weights and cache), so the analytic answer
+        # leaves room for the prefill as well as the cache
+        extra = max([(r["peak_bytes"] - weights - r["cache_bytes"]) / r["batch"] for r in here
+                     if r["peak_bytes"] is not None] + [0.0])
+        top = analytic_max_batch(cfg, context + settings.decode_steps + 1, budget, dt, extra)
         found = search_max_batch(model, context, settings, top) if max_batch_search and top else None
-        for row in rows[-len(batches):]:
+        if at_max_batch and (found or top) and (found or top) not in batches:
+            here.append(_row_at_most(model, name, context, found or top, settings, bandwidth, weights))
+        for row in here:
             row["max_batch"], row["max_batch_found"] = top, found
+        rows += here
     if transformers:
         rows += [measure_transformers(model, name, context, batch, settings)
                  for context in contexts for batch in batches]
     del model
+    release(device)
     return rows
 
 
+def _row(model: HybridLM, name: str, context: int, batch: int, settings: ProfileSettings, bandwidth: float,
+         weights: int) -> dict:
+    """One measured row; on CUDA out of memory, a row of None figures with an "error" entry."""
+    cfg, dt = model.config, settings.dtype_name
+    row = {"model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(settings.torch_device),
+           "dtype": dt, "context": context, "batch": batch, "weight_bytes": weights,
+           "copy_bandwidth_bytes_per_s": bandwidth, "bytes_per_token": bytes_per_token(cfg, context, batch, dt)}
+    try:
+        got = measure(model, context, batch, settings)
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "error": "out of memory", "ttft_s": None, "decode_tokens_per_s": None, "peak_bytes": None,
+                "cache_bytes": None}
+    finally:
+        release(settings.torch_device)
+    bound = bandwidth / row["bytes_per_token"]
+    return {**row, **got, "bandwidth_bound_tokens_per_s": bound, "bandwidth_share": got["decode_tokens_per_s"] / bound,
+            "cache_bytes_memory_py": memory.cache_bytes(cfg, batch, got["cache_max_len"], kv_dtype=dt).total_bytes}
+
+
+def _row_at_most(model: HybridLM, name: str, context: int, batch: int, settings: ProfileSettings,
+                 bandwidth: float, weights: int) -> dict:
+    """A row at the largest batch that runs, from ``batch`` down by 10% steps while out of memory
+    (the analytic batch counts the activations seen at smaller batches, which may fall short)."""
+    while True:
+        row = _row(model, name, context, batch, settings, bandwidth, weights)
+        if "error" not in row or batch == 1:
+            return {**row, "at_max_batch": True}
+        batch = max(1, batch * 9 // 10)
+
+
 def profile_models(models: dict[str, HybridConfig], contexts: list[int], batches: list[int],
-                   settings: ProfileSettings, max_batch_search: bool = False, transformers: bool = False) -> list[dict]:
+                   settings: ProfileSettings, max_batch_search: bool = False, transformers: bool = False,
+                   at_max_batch: bool = False) -> list[dict]:
     """Profile each named config at every context (ints >= 1) and batch (ints >= 1).
 
     Returns one dict per (model, context, batch) with at least ROW_KEYS, plus prefill_tokens_per_s,
@@ -281,6 +311,9 @@ def profile_models(models: dict[str, HybridConfig], contexts: list[int], batches
     bytes_per_token, copy_bandwidth_bytes_per_s, bandwidth_bound_tokens_per_s, bandwidth_share,
     max_batch (analytic, from free memory after loading the model; on CUDA including the activations
     seen per row) and max_batch_found (by allocation, with max_batch_search on CUDA; else None).
+    at_max_batch=True adds a row per context at that largest batch (max_batch_found, else max_batch),
+    marked "at_max_batch": the batch at which a model's throughput is compared with another's.
+    A row that ran out of CUDA memory has None figures and an "error" entry.
     transformers=True adds rows for transformers' generate on the first model's weights (engine
     "transformers"; needs a model type that holds it, see hybridlm.checkpoints.infer_model_type).
     """
@@ -290,12 +323,15 @@ def profile_models(models: dict[str, HybridConfig], contexts: list[int], batches
         raise ValueError("models: expected at least one {name: HybridConfig}")
     if max_batch_search:
         _require_cuda(settings.torch_device)
+    if at_max_batch and settings.torch_device.type == "cpu" and settings.memory_budget is None:
+        raise ValueError("at_max_batch: on the CPU give memory_budget (bytes); the batch that fills free RAM "
+                         "would swap rather than fail")
     bandwidth = copy_bandwidth(settings.torch_device)
     rows = []
     for i, (name, cfg) in enumerate(models.items()):
         # transformers for the first model only: the twin has no transformers model type to load it
         rows += profile_model(name, cfg, contexts, batches, settings, bandwidth, max_batch_search,
-                              transformers and i == 0)
+                              transformers and i == 0, at_max_batch)
     return rows
 
 

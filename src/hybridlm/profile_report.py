@@ -25,14 +25,17 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         cache = "n/a" if r["cache_bytes"] is None else (
             f"{format_bytes(r['cache_bytes'])} ({format_bytes(r['cache_bytes_memory_py'])})")
+        batch = f"{r['batch']}*" if r.get("at_max_batch") else str(r["batch"])
         found = r.get("max_batch_found")
         max_batch = _num(r.get("max_batch"), "d") + ("" if found is None else f" /{found}")
         lines.append(
-            f"{r['model'][:34]:<34} {r['context']:>9,} {r['batch']:>5} {_num(r['ttft_s'], '.4f'):>9} "
+            f"{r['model'][:34]:<34} {r['context']:>9,} {batch:>5} {_num(r['ttft_s'], '.4f'):>9} "
             f"{_num(r.get('prefill_tokens_per_s'), ',.0f'):>13} {_num(r['decode_tokens_per_s'], ',.1f'):>12} "
             f"{_num(r.get('bandwidth_bound_tokens_per_s'), ',.0f'):>11} {_num(r.get('bandwidth_share'), '.1%'):>6} "
             f"{'n/a' if r['peak_bytes'] is None else format_bytes(r['peak_bytes']):>10} {cache:>23} "
             f"{max_batch:>9}" + (f"  {r['error']}" if r.get("error") else ""))
+    if any(r.get("at_max_batch") for r in rows):
+        lines.append("* the largest batch that fits (max batch: analytic, then found by allocation after '/')")
     first = rows[0]
     if first.get("copy_bandwidth_bytes_per_s"):
         lines.append(f"copy bandwidth {first['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s on {first['device']} "
