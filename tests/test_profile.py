@@ -87,7 +87,7 @@ def test_bandwidth_bound_counts_state_twice_and_one_embedding_row(tied):
     row = cfg.hidden_size * 4
     table = 0 if tied else cfg.vocab_size * row
     assert bytes_per_token(cfg, 1000, 4, "float32") == d["total"] + d["state"] - table / 4 + row
-    assert copy_bandwidth(torch.device("cpu"), nbytes=2**20, repeats=3) > 0
+    assert copy_bandwidth(torch.device("cpu"), nbytes=2**20, trials=3, copies=2) > 0
 
 
 def test_analytic_max_batch_is_budget_over_bytes_per_row():

@@ -138,11 +138,12 @@ def free_bytes(device: torch.device) -> int | None:
     return None
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, trials: int = 5, copies: int = 10) -> float:
     """Measured device-to-device copy bandwidth in bytes/s, counting the read and the write.
 
     nbytes defaults to 1 GiB on CUDA (capped at a quarter of free memory) and 64 MiB on CPU: far
-    past the caches, so the copy runs at memory speed. Median of ``repeats`` timed copies.
+    past the caches, so the copy runs at memory speed. Each trial times ``copies`` back-to-back
+    copies between two synchronisations (so launch and sync overheads do not count); median trial.
     """
     if nbytes is None:
         nbytes = 2**26 if device.type == "cpu" else min(2**30, (free_bytes(device) or 2**30) // 4)
@@ -150,12 +151,13 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: first touch of dst's pages, kernel launch set-up
     times = []
-    for _ in range(repeats):
+    for _ in range(trials):
         synchronize(device)
         t0 = time.perf_counter()
-        dst.copy_(src)
+        for _ in range(copies):
+            dst.copy_(src)
         synchronize(device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / copies)
     times.sort()
     return 2 * nbytes / times[len(times) // 2]
 
