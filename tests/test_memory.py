@@ -173,7 +173,9 @@ def test_param_counts_near_published(preset, total_b, active_b):
 def test_decode_bytes_and_n2_tax():
     cfg = HybridConfig.preset("qwen3-next-80b-a3b")
     d1, d8 = memory.decode_bytes_per_token(cfg, 32768, 1), memory.decode_bytes_per_token(cfg, 32768, 8)
-    assert d1["weights"] == 8 * d8["weights"] and d1["kv"] == d8["kv"] == 12 * 2 * 2 * 256 * 2 * 32768
+    row = cfg.hidden_size * 2  # each decoded token reads its own embedding row; the rest is shared
+    assert d1["weights"] - row == 8 * (d8["weights"] - row) and d1["kv"] == d8["kv"] == 12 * 2 * 2 * 256 * 2 * 32768
+    assert d1["state"] == 2 * cache_bytes(cfg, 1, 32768).state_bytes  # read and written back
     ds = HybridConfig.preset("deepseek-v3.2")  # sparse: all index keys, only top-k latents
     assert memory.decode_bytes_per_token(ds, 10**5)["kv"] == 61 * (132 * 10**5 + 576 * 2 * 2048)
     t = memory.n2_tax(cfg, 262144)

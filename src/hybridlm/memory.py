@@ -330,11 +330,12 @@ def prefill_flops(cfg: HybridConfig, n: int) -> dict[str, int]:
 def decode_bytes_per_token(cfg: HybridConfig, context: int, batch: int = 1,
                            kv_dtype: str = "bfloat16", weight_dtype: str = "bfloat16",
                            state_dtype: str | None = None) -> dict[str, float]:
-    """Bytes read from memory per decoded token when ``batch`` sequences sit at ``context``.
+    """Bytes a decode step moves through memory per decoded token, ``batch`` sequences at ``context``.
 
     Weights: the active parameters, read once per step and shared by the batch (a batch-1 MoE
-    view: a large batch touches more experts). KV: every cached token a layer attends to (top-k
-    tokens plus every index key for sparse layers). State: the recurrent state and conv window.
+    view: a large batch touches more experts); an untied input embedding is not read whole but one
+    row per token. KV: every cached token a layer attends to (top-k tokens plus every index key for
+    sparse layers). State: the recurrent state and conv window, read and written back (twice).
     """
     _check_config(cfg)
     _check_positive("context", context)
@@ -344,14 +345,16 @@ def decode_bytes_per_token(cfg: HybridConfig, context: int, batch: int = 1,
     kv = state = 0
     for letter in cfg.layer_types:
         c = layer_cost(cfg, letter, kv_dtype, state_dtype)
-        state += c.state + c.conv
+        state += 2 * (c.state + c.conv)  # read, then written back
         if letter == "S":
             index_key = int(cfg.index_key_bytes) if cfg.index_key_bytes else cfg.index_head_dim * kvb
             kept = (cfg.index_topk + cfg.sparse_local_blocks) * cfg.sparse_block_size
             kv += index_key * context + (c.per_token - index_key) * min(context, kept)
         else:
             kv += c.kv_at(context)
-    weights = param_counts(cfg)[1] * wb / batch
+    row = cfg.hidden_size * wb
+    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * row  # a tied table is read whole by the LM head
+    weights = (param_counts(cfg)[1] * wb - table) / batch + row
     return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state}
 
 

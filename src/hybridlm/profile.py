@@ -163,15 +163,9 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, trials: int 
 
 
 def bytes_per_token(cfg: HybridConfig, context: int, batch: int, dtype_name: str) -> float:
-    """Bytes moved per decoded token at ``context`` (each of ``batch`` rows there): what
-    memory.decode_bytes_per_token counts, corrected where a step moves other bytes than it counts:
-    the recurrent state is written back as well as read (added a second time), and an untied input
-    embedding is not read whole but one row per token (its table, counted among the active
-    weights, is taken out again)."""
-    d = memory.decode_bytes_per_token(cfg, context, batch, kv_dtype=dtype_name, weight_dtype=dtype_name)
-    row = cfg.hidden_size * memory.DTYPE_BYTES[dtype_name]
-    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * row  # a tied table is read whole by the LM head
-    return d["total"] + d["state"] - table / batch + row
+    """Bytes moved per decoded token at ``context`` (each of ``batch`` rows there), as
+    memory.decode_bytes_per_token counts them (state read and written, one embedding row)."""
+    return memory.decode_bytes_per_token(cfg, context, batch, kv_dtype=dtype_name, weight_dtype=dtype_name)["total"]
 
 
 def analytic_max_batch(cfg: HybridConfig, context: int, budget: int | None, dtype_name: str,
