@@ -150,6 +150,16 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[int] | None:
     return bounds
 
 
+
+def check_sequences_and_state(cu_seqlens, initial_state, B: int, T: int, state_tail: tuple, ref):
+    """Check ``cu_seqlens`` (packed sequences along T, B == 1) and ``initial_state`` against the
+    state shape [B or N, *state_tail]. Returns (sequence bounds or None, the state shape)."""
+    bounds = check_cu_seqlens(cu_seqlens, B, T)
+    state_shape = (B if bounds is None else len(bounds) - 1, *state_tail)
+    if initial_state is not None:
+        check_state("initial_state", initial_state, state_shape, ref)
+    return bounds, state_shape
+
 def check_value_ranges(g, beta) -> None:
     """g <= 0 and 0 <= beta <= 1 (reads the values: a device sync)."""
     if g is not None and not bool((g <= 0).all()):

@@ -72,11 +72,7 @@ def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, ba
     if g is not None:
         ck.check_gate("g", g, (B, T, HV), "[B, T, HV]", q)
     ck.check_gate("beta", beta, (B, T, HV), "[B, T, HV]", q)
-    bounds = ck.check_cu_seqlens(cu_seqlens, B, T)
-    n_states = B if bounds is None else len(bounds) - 1
-    state_shape = (n_states, HV, K, V)
-    if initial_state is not None:
-        ck.check_state("initial_state", initial_state, state_shape, q)
+    bounds, state_shape = ck.check_sequences_and_state(cu_seqlens, initial_state, B, T, (HV, K, V), q)
     if check_inputs:
         ck.check_value_ranges(g, beta)
     return bounds, state_shape

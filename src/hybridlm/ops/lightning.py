@@ -115,16 +115,13 @@ def lightning_attention_naive(q, k, v, slope, *, scale=1.0, initial_state=None, 
         _positive(slope)
     B, T, HV, V = v.shape
     K = q.shape[-1]
-    bounds = ck.check_cu_seqlens(cu_seqlens, B, T)
+    bounds, state_shape = ck.check_sequences_and_state(cu_seqlens, initial_state, B, T, (HV, K, V), q)
     starts = set(bounds[:-1]) if bounds is not None else {0}
-    n_states = B if bounds is None else len(bounds) - 1
-    if initial_state is not None:
-        ck.check_state("initial_state", initial_state, (n_states, HV, K, V), q)
     ct = ck.compute_dtype(q.dtype)
     q_, k_ = ck.heads_first(q, HV, ct), ck.heads_first(k, HV, ct)  # [B, HV, T, K]
     v_ = v.transpose(1, 2).to(ct)
     decay = torch.exp(-slope.to(ct))[:, None, None]  # [HV, 1, 1]
-    zeros = torch.zeros(n_states, HV, K, V, dtype=ct, device=q.device)
+    zeros = torch.zeros(state_shape, dtype=ct, device=q.device)
     init = zeros if initial_state is None else initial_state.to(ct)
     outs, finals, seq, S = [], [], -1, None
     for t in range(T):

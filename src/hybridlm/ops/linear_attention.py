@@ -100,11 +100,8 @@ def _check(q, k, v, g, feature_map, normalize, scale, initial_state, cu_seqlens,
     T = q.shape[1]
     if g is not None:
         ck.check_gate("g", g, (B, T, HV), "[B, T, HV]", q)
-    bounds = ck.check_cu_seqlens(cu_seqlens, B, T)
-    n_states = B if bounds is None else len(bounds) - 1
-    state_shape = (n_states, HV, K, V + int(normalize))
-    if initial_state is not None:
-        ck.check_state("initial_state", initial_state, state_shape, q)
+    bounds, state_shape = ck.check_sequences_and_state(cu_seqlens, initial_state, B, T,
+                                                        (HV, K, V + int(normalize)), q)
     if check_inputs:
         ck.check_value_ranges(g, None)
     return bounds, state_shape
