@@ -252,3 +252,17 @@ def test_cli_config_from_hf_json(tmp_path, capsys):
                        num_key_value_heads=2, head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4,
                        linear_key_head_dim=32, linear_value_head_dim=32)
     assert row["total_bytes"] == cache_bytes(cfg, 1, 1000).total_bytes
+
+
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_param_counts_equal_the_models_weight_matrices(name):
+    """memory.param_counts (norms and other 1-D parameters left out) equals what HybridLM builds."""
+    import torch
+
+    from hybridlm.model import HybridLM
+
+    cfg = HybridConfig.preset(name)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() > 1)
+    assert memory.param_counts(cfg)[0] == matrices

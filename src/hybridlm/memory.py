@@ -231,17 +231,18 @@ def projection_params(cfg: HybridConfig, letter: str) -> int:
     if letter == "S":
         ih, idim = cfg.index_num_heads, cfg.index_head_dim
         index_q_in = cfg.mla_q_lora_rank if cfg.sparse_base == "mla" and cfg.mla_q_lora_rank else h
-        indexer = index_q_in * ih * idim + h * idim + h * ih  # queries, one key, head weights
+        head_weights = h * ih if cfg.sparse_base == "mla" else 0  # DeepSeek's indexer weighs its heads; M3's does not
+        indexer = index_q_in * ih * idim + h * idim + head_weights  # queries, one key, head weights
         return (mla if cfg.sparse_base == "mla" else gqa) + indexer
     lh, lv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     qk, vv = lh * cfg.linear_key_head_dim, lv * cfg.linear_value_head_dim
     qkv_out = h * (2 * qk + vv) + vv * h
     conv = conv_channels(cfg, letter) * cfg.linear_conv_kernel_dim
-    if letter in "GD":  # + output gate z, decay a and write strength b per value head
-        return qkv_out + h * vv + 2 * h * lv + conv
-    if letter == "K":  # + output gate, low-rank per-channel decay (rank K), beta
-        k = cfg.linear_key_head_dim
-        return qkv_out + h * vv + h * k + k * lv * k + h * lv + conv
+    if letter in "GD":  # + output gate z, write strength b and (G only) decay a per value head
+        return qkv_out + h * vv + (2 if letter == "G" else 1) * h * lv + conv
+    if letter == "K":  # + low-rank output gate (rank V), low-rank per-channel decay (rank K), beta
+        k, v = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        return qkv_out + h * v + v * vv + h * k + k * lv * k + h * lv + conv
     if letter == "L":  # + output gate
         return qkv_out + h * vv
     return qkv_out  # X
@@ -253,7 +254,10 @@ def mlp_params(cfg: HybridConfig, layer: int) -> tuple[int, int]:
     if not cfg.layer_uses_moe(layer):
         return 3 * h * cfg.intermediate_size, 3 * h * cfg.intermediate_size
     expert = 3 * h * cfg.moe_intermediate_size
-    fixed = 3 * h * cfg.shared_expert_intermediate_size + h * cfg.num_experts  # shared + router
+    shared = 3 * h * cfg.shared_expert_intermediate_size
+    if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate:
+        shared += h  # Qwen's sigmoid gate on the shared expert
+    fixed = shared + h * cfg.num_experts  # shared + router
     return fixed + cfg.num_experts * expert, fixed + cfg.num_experts_per_tok * expert
 
 
