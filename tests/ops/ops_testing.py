@@ -39,3 +39,16 @@ def delta_inputs(B=2, T=65, H=2, HV=2, K=8, V=12, dtype=torch.float64, seed=0, w
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(g), cast(beta), None if state is None else state.to(
         torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def run_steps(step, per_token, state, *shared):
+    """Feed a sequence to a decode ``step`` one token at a time.
+
+    per_token: [B, T, ...] tensors sliced at each t; shared: arguments passed whole every step
+    (after the per-token ones, before the state). Returns (o [B, T, ...], final state).
+    """
+    outs = []
+    for t in range(per_token[0].shape[1]):
+        o_t, state = step(*(x[:, t] for x in per_token), *shared, state)
+        outs.append(o_t)
+    return torch.stack(outs, 1), state

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ops_testing import assert_close, delta_inputs
+from ops_testing import assert_close, delta_inputs, run_steps
 
 from hybridlm.ops import gated_delta_rule_naive, kda, kda_chunked, kda_naive, kda_step
 
@@ -75,11 +75,8 @@ def test_each_channel_decays_its_own_state_row():
 def test_steps_equal_naive(T):
     q, k, v, g, beta, s0 = kda_inputs(T=T)
     o_ref, s_ref = kda_naive(q, k, v, g, beta, initial_state=s0, output_final_state=True)
-    state, outs = s0.clone(), []
-    for t in range(T):
-        o_t, state = kda_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-        outs.append(o_t)
-    assert_close(torch.stack(outs, 1), o_ref, F64, "o")
+    o, state = run_steps(kda_step, (q, k, v, g, beta), s0.clone())
+    assert_close(o, o_ref, F64, "o")
     assert_close(state, s_ref, F64, "final state")
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ops_testing import assert_close
+from ops_testing import assert_close, run_steps
 
 from hybridlm.ops import (
     lightning_attention,
@@ -69,11 +69,8 @@ def test_first_tokens_by_hand():
 def test_steps_equal_naive(T):
     q, k, v, slope, s0 = lightning_inputs(T=T)
     o_ref, s_ref = lightning_attention_naive(q, k, v, slope, initial_state=s0, output_final_state=True)
-    state, outs = s0.clone(), []
-    for t in range(T):
-        o_t, state = lightning_attention_step(q[:, t], k[:, t], v[:, t], slope, state)
-        outs.append(o_t)
-    assert_close(torch.stack(outs, 1), o_ref, F64, "o")
+    o, state = run_steps(lightning_attention_step, (q, k, v), s0.clone(), slope)
+    assert_close(o, o_ref, F64, "o")
     assert_close(state, s_ref, F64, "final state")
     o1, s1 = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, s0)
     o2, s2 = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slope, s0, inplace=True)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ops_testing import assert_close, delta_inputs
+from ops_testing import assert_close, delta_inputs, run_steps
 
 from hybridlm.ops import (
     delta_rule,
@@ -49,11 +49,8 @@ def test_chunked_equals_naive_long(dtype):
 def test_steps_equal_naive(T, HV):
     q, k, v, g, beta, s0 = delta_inputs(T=T, HV=HV)
     o_ref, s_ref = gated_delta_rule_naive(q, k, v, g, beta, initial_state=s0, output_final_state=True)
-    state, outs = s0.clone(), []
-    for t in range(T):
-        o_t, state = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state)
-        outs.append(o_t)
-    assert_close(torch.stack(outs, 1), o_ref, F64, "o")
+    o, state = run_steps(gated_delta_rule_step, (q, k, v, g, beta), s0.clone())
+    assert_close(o, o_ref, F64, "o")
     assert_close(state, s_ref, F64, "final state")
 
 
