@@ -121,8 +121,8 @@ def _cmd_generate(args) -> int:
 # --------------------------------------------------------------------------- convert
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Hugging Face checkpoints in and out",
-                       description="--from-hf IN: read a Hugging Face folder (qwen3_next, qwen3_5, minimax_m2, "
-                                   "qwen3, llama) and write it in hybridlm's own layout. --to-hf IN: read a "
+                       description="--from-hf IN: read a Hugging Face folder (qwen3_next, qwen3_5, kimi_linear, "
+                                   "minimax, minimax_m2, deepseek_v32, qwen3, llama) and write it in hybridlm's own layout. --to-hf IN: read a "
                                    "hybridlm or Hugging Face folder or a training run and write a Hugging Face "
                                    "folder that transformers loads. Tokenizer files are copied along.")
     src = p.add_mutually_exclusive_group(required=True)
