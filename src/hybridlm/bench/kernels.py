@@ -251,11 +251,14 @@ def run(args) -> int:
     env["copy GB/s"] = round(bench.copy_rate / 1e9)
     print(f"device-to-device copy: {bench.copy_rate / 1e9:,.0f} GB/s (read + write, 1 GiB)\n{timing.FLOP_CONVENTION}")
     print(report.HEADER, flush=True)
-    # cheapest first, so a run cut short by --max-minutes still has every section it reached
-    jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B)) for B in plan.decode_batches]
-    jobs += [(f"chunk {h.name} T={T}", lambda h=h, T=T: bench_chunk(bench, h, T, with_reference=T == plan.seq_lens[0]))
+    # cheapest first, so a run cut short by --max-minutes still has every section it reached; the
+    # B = 1 long-T rows come right after their B x T = 64k, T = 2k comparison row (the small-batch target)
+    chunk = [(f"chunk {h.name} T={T}", lambda h=h, T=T: bench_chunk(bench, h, T, with_reference=T == plan.seq_lens[0]))
              for h in plan.heads for T in plan.seq_lens]
+    jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B)) for B in plan.decode_batches]
+    jobs += chunk[:1]
     jobs += [(f"fwd B=1 T={T}", lambda T=T: bench_long(bench, QWEN3_NEXT, T)) for T in plan.long_seq_lens]
+    jobs += chunk[1:]
     start = time.perf_counter()
     for name, job in jobs:
         elapsed = time.perf_counter() - start
