@@ -31,30 +31,6 @@ from hybridlm.ops.triton.chunk_prep import causal_decay, dot_precision
 
 
 @triton.jit
-def _value_block(v_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, b_k, b_t, b_gamma, b_beta, o_t, m_t, o_k, v0, state,
-                 i_hv, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Loads of one block of value columns and the forward products on it: S, dS' [K, BV] (S in the
-    dot dtype), dO, dV_new, and K S, X / beta, X, V_new = T X, dX = T^T dV_new [C, BV]."""
-    DT = b_k.dtype
-    o_v = v0 + tl.arange(0, BV)
-    m_tv = m_t[:, None] & (o_v < V)[None, :]
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    p_kv = state + o_k[:, None] * V + o_v[None, :]
-    b_sd = tl.load(h_ptr + p_kv, mask=m_kv, other=0.0).to(DT)
-    b_ds = tl.load(dh_ptr + p_kv, mask=m_kv, other=0.0)
-    row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
-    b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
-    b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
-    b_dvn = tl.load(dvn_ptr + row_v, mask=m_tv, other=0.0)
-    b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
-    b_r = b_v - b_gamma[:, None] * b_ks
-    b_x = (b_beta[:, None] * b_r).to(DT)
-    b_vn = tl.dot(b_t, b_x, input_precision=PREC)
-    b_dx = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
-    return row_v, m_tv, b_sd, b_ds, b_do, b_ks, b_r, b_x, b_vn, b_dx, b_dvn
-
-
-@triton.jit
 def chunk_bwd_local_kernel(
     q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, chunk_bounds,
     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
@@ -87,9 +63,8 @@ def chunk_bwd_local_kernel(
     b_e = tl.exp(b_gl - b_gc)
     state = (i_c.to(tl.int64) * HV + i_hv) * K * V
 
-    # two passes over the value blocks: the first gathers the [C, C] gradients, the second the
-    # [C, K] ones, so the two pairs of float32 accumulators are never live together (one pass
-    # spilled 1.6 KB per thread); the second recomputes its three small products
+    b_dq = tl.zeros([64, BK], dtype=tl.float32)     # dO S^T
+    b_dk = tl.zeros([64, BK], dtype=tl.float32)     # -diag(beta gamma) dX S^T + diag(e) V_new dS'^T
     b_dt = tl.zeros([64, 64], dtype=tl.float32)     # dV_new X^T
     b_dm = tl.zeros([64, 64], dtype=tl.float32)     # dO V_new^T
     b_dbeta = tl.zeros([64], dtype=tl.float32)
@@ -97,17 +72,36 @@ def chunk_bwd_local_kernel(
     b_de = tl.zeros([64], dtype=tl.float32)
     b_dlast = tl.zeros([BK], dtype=tl.float32)      # column sums of S * dS'
     for v0 in range(0, V, BV):
-        row_v, m_tv, b_sd, b_ds, b_do, b_ks, b_r, b_x, b_vn, b_dx, b_dvn = _value_block(
-            v_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, b_k, b_t, b_gamma, b_beta, o_t, m_t, o_k, v0, state, i_hv,
-            HV, K, V, BV, PREC)
-        tl.store(dv_ptr + row_v, (b_beta[:, None] * b_dx).to(dv_ptr.dtype.element_ty), mask=m_tv)
-        b_dt = tl.dot(b_dvn.to(DT), tl.trans(b_x), acc=b_dt, input_precision=PREC)
-        b_dm = tl.dot(b_do, tl.trans(b_vn.to(DT)), acc=b_dm, input_precision=PREC)
+        o_v = v0 + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+        p_kv = state + o_k[:, None] * V + o_v[None, :]
+        b_s = tl.load(h_ptr + p_kv, mask=m_kv, other=0.0)
+        b_ds = tl.load(dh_ptr + p_kv, mask=m_kv, other=0.0)
+        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
+        b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
+        b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dvn_ptr + row_v, mask=m_tv, other=0.0)
+
+        b_sd = b_s.to(DT)
+        b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
         b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
-        b_de += tl.sum(b_vn * tl.dot(b_k, b_ds.to(DT), input_precision=PREC), 1)
+        b_r = b_v - b_gamma[:, None] * b_ks                     # X / beta
+        b_x = (b_beta[:, None] * b_r).to(DT)
+        b_vn = tl.dot(b_t, b_x, input_precision=PREC)
+        b_dx = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
+        tl.store(dv_ptr + row_v, (b_beta[:, None] * b_dx).to(dv_ptr.dtype.element_ty), mask=m_tv)
+
+        b_dt += tl.dot(b_dvn.to(DT), tl.trans(b_x), input_precision=PREC)
+        b_dm += tl.dot(b_do, tl.trans(b_vn.to(DT)), input_precision=PREC)
+        b_dq += tl.dot(b_do, tl.trans(b_sd), input_precision=PREC)
+        b_dsd = b_ds.to(DT)
+        b_dk += tl.dot((-(b_beta * b_gamma)[:, None] * b_dx).to(DT), tl.trans(b_sd), input_precision=PREC)
+        b_dk += tl.dot((b_e[:, None] * b_vn).to(DT), tl.trans(b_dsd), input_precision=PREC)
+        b_de += tl.sum(b_vn * tl.dot(b_k, b_dsd, input_precision=PREC), 1)
         b_dbeta += tl.sum(b_dx * b_r, 1)
         b_dgamma += scale * tl.sum(b_do.to(tl.float32) * b_qs, 1) - b_beta * tl.sum(b_dx * b_ks, 1)
-        b_dlast += tl.sum(b_sd.to(tl.float32) * b_ds, 1)
+        b_dlast += tl.sum(b_s * b_ds, 1)
 
     b_dm = b_dm * scale
     b_decay = causal_decay(b_gc)
@@ -121,6 +115,10 @@ def chunk_bwd_local_kernel(
     b_dkk = (b_dp * b_decay).to(DT)
     b_dqk = (b_dm * b_decay).to(DT)
 
+    b_dq = scale * b_gamma[:, None] * b_dq + tl.dot(b_dqk, b_k, input_precision=PREC)
+    b_dk += tl.dot(b_dkk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
+    b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
+
     b_mm = b_dm * b_m
     b_pk = b_dp * b_kks
     b_dgc = b_dgamma * b_gamma + tl.sum(b_mm, 1) - tl.sum(b_mm, 0) + tl.sum(b_pk, 1) - tl.sum(b_pk, 0)
@@ -128,25 +126,13 @@ def chunk_bwd_local_kernel(
     # gc_last: a padding row carries it too, so adding at row 63 reaches every real row in the reverse cumsum
     d_last = tl.sum(b_de * b_e, 0) + tl.sum(b_dlast, 0) * tl.exp(b_gl)
     b_dgc += tl.where(o_c == 63, d_last, 0.0)
-    tl.store(dg_ptr + row_hv, tl.cumsum(b_dgc, 0, reverse=True), mask=m_t)
-    tl.store(dbeta_ptr + row_hv, b_dbeta, mask=m_t)
-
-    b_dq = tl.dot(b_dqk, b_k, input_precision=PREC)
-    b_dk = tl.dot(b_dkk, b_k, input_precision=PREC)
-    b_dk = tl.dot(tl.trans(b_dkk), b_k, acc=b_dk, input_precision=PREC)
-    b_dk = tl.dot(tl.trans(b_dqk), b_q, acc=b_dk, input_precision=PREC)
-    for v0 in range(0, V, BV):
-        row_v, m_tv, b_sd, b_ds, b_do, b_ks, b_r, b_x, b_vn, b_dx, b_dvn = _value_block(
-            v_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, b_k, b_t, b_gamma, b_beta, o_t, m_t, o_k, v0, state, i_hv,
-            HV, K, V, BV, PREC)
-        b_dog = (scale * b_gamma[:, None] * b_do.to(tl.float32)).to(DT)
-        b_dq = tl.dot(b_dog, tl.trans(b_sd), acc=b_dq, input_precision=PREC)
-        b_dk = tl.dot((-(b_beta * b_gamma)[:, None] * b_dx).to(DT), tl.trans(b_sd), acc=b_dk, input_precision=PREC)
-        b_dk = tl.dot((b_e[:, None] * b_vn).to(DT), tl.trans(b_ds.to(DT)), acc=b_dk, input_precision=PREC)
+    b_dg = tl.cumsum(b_dgc, 0, reverse=True)
 
     p_qk = (o_t[:, None].to(tl.int64) * HV + i_hv) * K + o_k[None, :]
     tl.store(dq_ptr + p_qk, b_dq, mask=m_qk)
     tl.store(dk_ptr + p_qk, b_dk, mask=m_qk)
+    tl.store(dg_ptr + row_hv, b_dg, mask=m_t)
+    tl.store(dbeta_ptr + row_hv, b_dbeta, mask=m_t)
 
 
 def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float,
