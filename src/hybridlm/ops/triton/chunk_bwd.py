@@ -48,19 +48,19 @@ def chunk_bwd_state_kernel(
         o_t = t0 + tl.arange(0, 64)
         m_vt = (o_v < V)[:, None] & (o_t < eos)[None, :]
         col_v = (o_t[None, :].to(tl.int64) * HV + i_hv) * V + o_v[:, None]
-        b_dot = tl.load(do_ptr + col_v, mask=m_vt, other=0.0).to(tl.float32)
+        b_dot = tl.load(do_ptr + col_v, mask=m_vt, other=0.0).to(DT)
 
-        # every per-token factor (decays, beta) scales a [BV, C] tile, never a [C, K] one: float32
-        # copies of q and k would stay live and spill
         b_decay = tl.exp(b_gc)
-        b_dvnt = tl.dot(b_dst.to(DT), tl.trans(b_k), input_precision=PREC) * tl.exp(b_gl - b_gc)[None, :]
-        b_dvnt = tl.dot((scale * b_dot).to(DT), b_m, acc=b_dvnt, input_precision=PREC)
+        b_kd = (b_k * tl.exp(b_gl - b_gc)[:, None]).to(DT)
+        b_qg = (b_q * b_decay[:, None]).to(DT)
+        b_kb = (b_k * (b_beta * b_decay)[:, None]).to(DT)
+        b_dvnt = scale * tl.dot(b_dot, b_m, input_precision=PREC)
+        b_dvnt += tl.dot(b_dst.to(DT), tl.trans(b_kd), input_precision=PREC)
         tl.store(dvn_ptr + col_v, b_dvnt, mask=m_vt)
 
         b_yt = tl.dot(b_dvnt.to(DT), b_t, input_precision=PREC)
-        b_dst = b_dst * tl.exp(b_gl)
-        b_dst = tl.dot((scale * b_dot * b_decay[None, :]).to(DT), b_q, acc=b_dst, input_precision=PREC)
-        b_dst = tl.dot((-b_yt * (b_beta * b_decay)[None, :]).to(DT), b_k, acc=b_dst, input_precision=PREC)
+        b_dst = b_dst * tl.exp(b_gl) + scale * tl.dot(b_dot, b_qg, input_precision=PREC)
+        b_dst -= tl.dot(b_yt.to(DT), b_kb, input_precision=PREC)
 
     tl.store(dh0_ptr + state_row + off_vk, b_dst, mask=m_vk)
 
