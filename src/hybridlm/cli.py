@@ -423,6 +423,9 @@ def _add_profile(sub) -> None:
                    help="bytes the caches may take, e.g. 40g (default: free device memory after loading the model)")
     p.add_argument("--transformers", action="store_true",
                    help="also time transformers' generate on the same weights (needs a model type that holds them)")
+    p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode through a CUDA graph of the fixed-shape step (default: on cuda when the layers "
+                        "allow it; --no-graph times the eager step)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--plot", metavar="PNG", help="write decode tokens/s and cache bytes vs context")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
@@ -443,7 +446,8 @@ def _cmd_profile(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag}: expected an int >= 1, got {value}")
     settings = ProfileSettings(device=device, dtype=dtype, decode_steps=args.decode_steps,
-                               prefill_chunk=args.prefill_chunk, seed=args.seed, memory_budget=args.memory_budget)
+                               prefill_chunk=args.prefill_chunk, seed=args.seed, memory_budget=args.memory_budget,
+                               graph=args.graph)
     cfg = scaled_config(args.preset, args.layers, args.experts)
     models = {args.preset: cfg}
     if args.vs:

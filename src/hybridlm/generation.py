@@ -1,8 +1,9 @@
 """Text generation: one batched prefill through the chunked path, then one token at a time
 through the single-step path, with greedy, temperature, top-k and top-p sampling.
 
-Kept as small separate functions (as in gpt-fast) so a later CUDA-graph capture can wrap
-``decode_one_token`` alone.
+Kept as small separate functions (as in gpt-fast). ``StaticDecoder`` is the fast path: greedy
+decode steps with fixed shapes (``HybridLM.decode_static``), captured once in a CUDA graph with the
+argmax inside, so each token costs one graph launch and the tokens never leave the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,86 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
 def decode_one_token(model, token_B: torch.Tensor, cache: HybridCache) -> torch.Tensor:
     """Append one token per row [B] (step path); logits of the next token [B, vocab]."""
     return model(token_B[:, None], cache=cache)[:, -1]
+
+
+class StaticDecoder:
+    """Greedy decoding through one CUDA graph replay per token (eager steps on the CPU).
+
+    The captured step embeds the token buffer, runs every layer on the cache with fixed shapes
+    (``HybridLM.decode_static``), writes the argmax back into the token buffer (fused sampling) and
+    advances the slot counter, all on the device: no host sync between tokens.
+
+    Build it on an EMPTY cache: capture runs ``warmup`` real steps (Triton compilation, the
+    allocator's graph pool), then resets the cache, whose tensors the graph keeps using.
+
+    Example::
+
+        cache = model.new_cache(batch, prompt_len + n + 1)
+        dec = StaticDecoder(model, cache)                  # captures on CUDA, leaves the cache empty
+        first = prefill(model, prompt_ids, None, cache).argmax(-1)
+        new_tokens = dec.run(first, n)                     # [batch, n], greedy
+    """
+
+    def __init__(self, model, cache: HybridCache, graph: bool | None = None, warmup: int = 2) -> None:
+        if cache.seq_len != 0:
+            raise ValueError(f"cache: expected an empty cache (seq_len 0), got seq_len {cache.seq_len}; "
+                             "build the decoder before prefilling (it resets the cache after its warm-up)")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or not 1 <= warmup < cache.max_len:
+            raise ValueError(f"warmup: expected an int in [1, max_len = {cache.max_len}), got {warmup!r}")
+        device = cache.next_position.device
+        if graph and device.type != "cuda":
+            raise ValueError(f"graph: CUDA graphs need a cache on a CUDA device, got {device}")
+        self.model, self.cache = model, cache
+        self.token_B1 = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if device.type == "cuda" if graph is None else graph:
+            self._capture(warmup)
+
+    def _step(self) -> None:
+        logits = self.model.decode_static(self.token_B1, self.cache, self.slot)
+        self.token_B1.copy_(logits.argmax(-1, keepdim=True))
+        self.slot += 1
+
+    def _capture(self, warmup: int) -> None:
+        # warm-up on a side stream, as torch.cuda.graphs asks, then capture one step
+        side = torch.cuda.Stream(device=self.slot.device)
+        side.wait_stream(torch.cuda.current_stream(self.slot.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(self.slot.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.cache.reset()
+
+    @torch.no_grad()
+    def run(self, token_B: torch.Tensor, steps: int) -> torch.Tensor:
+        """Feed token_B [B] (the token after the cached ones), decode ``steps`` greedy tokens.
+
+        Returns the new tokens [B, steps] long (the first is the model's answer to token_B); the cache
+        advances by ``steps`` slots.
+        """
+        cache = self.cache
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
+        if cache.seq_len + steps > cache.max_len:
+            raise ValueError(f"steps: {steps} more tokens would pass the cache's max_len={cache.max_len} "
+                             f"({cache.seq_len} cached)")
+        if tuple(token_B.shape) != (cache.batch_size,):
+            raise ValueError(f"token_B: expected shape ({cache.batch_size},), got {tuple(token_B.shape)}")
+        self.token_B1.copy_(token_B[:, None])
+        self.slot.fill_(cache.seq_len)
+        out = torch.empty(cache.batch_size, steps, dtype=torch.long, device=self.slot.device)
+        for i in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            out[:, i] = self.token_B1[:, 0]
+        cache.seq_len += steps
+        return out
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

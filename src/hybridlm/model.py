@@ -57,7 +57,8 @@ class Block(nn.Module):
         h = self.mixer_norm(x)
         x = a * (h if self.residual_from_norm else x) + b * self.mixer(h, tokens, slot)
         h = self.mlp_norm(x)
-        return a * (h if self.residual_from_norm else x) + b * self.mlp(h)
+        y = self.mlp(h, static=True) if tokens.slot is not None and isinstance(self.mlp, MoE) else self.mlp(h)
+        return a * (h if self.residual_from_norm else x) + b * y
 
 
 class HybridLM(nn.Module):
@@ -156,6 +157,36 @@ class HybridLM(nn.Module):
         if logits_to_keep is not None:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def decode_static(self, input_ids_B1: torch.Tensor, cache: HybridCache, slot: torch.Tensor) -> torch.Tensor:
+        """One decode token per row with fixed shapes and no host sync: the step a CUDA graph captures.
+
+        Args:
+            input_ids_B1: [B, 1] int64 ids (not range-checked here: that would read them back).
+            cache: the HybridCache, filled to ``cache.seq_len`` slots; this call writes slot ``slot``.
+            slot: int64 [1] tensor on the cache's device holding cache.seq_len; the caller advances it
+                and cache.seq_len after the call (see hybridlm.generation.StaticDecoder).
+        Returns:
+            logits [B, vocab_size] of the new token.
+
+        KV layers write their key with index_copy_ and attend over all max_len slots (empty slots carry
+        position -1 and are masked); MoE layers run every expert (see MoE.forward's ``static``). Layers
+        A, G, D, K, L and X are supported; W, M and S raise NotImplementedError.
+        """
+        unsupported = sorted(set(self.config.layer_types) & set("WMS"))
+        if unsupported:
+            raise NotImplementedError(f"decode_static: layer letters {unsupported} have no static decode step yet; "
+                                      "decode eagerly with model(ids, cache=cache)")
+        pos_BT = cache.next_position.long()[:, None]
+        if cache.positions is not None:
+            cache.positions.index_copy_(1, slot, pos_BT.to(cache.positions.dtype))
+        tokens = Tokens(pos_BT, None, 0, slot=slot)
+        x = self.embed_tokens(input_ids_B1)
+        for i, block in enumerate(self.layers):
+            x = block(x, tokens, cache.layers[i])
+        cache.next_position += 1
+        return self.lm_head(self.norm(x[:, -1]))
 
     def _tokens(self, input_ids: torch.Tensor, mask_BT: torch.Tensor | None, cache: HybridCache | None) -> Tokens:
         """Per-row positions: each row counts only its real tokens, continuing from the cache."""

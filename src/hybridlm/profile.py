@@ -25,7 +25,7 @@ import torch
 
 from hybridlm import memory
 from hybridlm.config import HybridConfig
-from hybridlm.generation import decode_one_token
+from hybridlm.generation import StaticDecoder, decode_one_token
 from hybridlm.model import HybridLM
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -37,8 +37,9 @@ class ProfileSettings:
     """How to run: device ("cpu" | "cuda" | "cuda:1"), dtype (weights, KV and conv windows),
     decode_steps greedy tokens timed per row, prefill_chunk tokens per prefill call, seed of the
     random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
-    device's free memory once the model is loaded). The weights are random too: speed and memory do
-    not depend on their values."""
+    device's free memory once the model is loaded); graph: decode through a CUDA graph of the
+    fixed-shape step (``StaticDecoder``; default: on CUDA, when every layer letter has a static step),
+    else the eager step. The weights are random too: speed and memory do not depend on their values."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -46,6 +47,7 @@ class ProfileSettings:
     prefill_chunk: int = 2048
     seed: int = 0
     memory_budget: int | None = None
+    graph: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("decode_steps", "prefill_chunk"):
@@ -61,6 +63,16 @@ class ProfileSettings:
             raise ValueError(f"device: expected 'cpu' or 'cuda[:n]', got {self.device!r}")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device: {self.device!r} asked for, but torch sees no CUDA device")
+
+    def use_graph(self, cfg: HybridConfig) -> bool:
+        """Whether rows of ``cfg`` decode through StaticDecoder's CUDA graph."""
+        static = not set(cfg.layer_types) & set("WMS")
+        if self.graph is None:
+            return self.torch_device.type == "cuda" and static
+        if self.graph and not static:
+            raise ValueError(f"graph: layers {sorted(set(cfg.layer_types) & set('WMS'))} have no static decode "
+                             "step; use graph=None or False")
+        return self.graph
 
     @property
     def torch_device(self) -> torch.device:
@@ -216,9 +228,13 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     gen = torch.Generator(device=device).manual_seed(settings.seed)
     vocab = model.config.vocab_size
     cache = model.new_cache(batch, context + steps + 1)
+    graphed = settings.use_graph(model.config)
+    decoder = StaticDecoder(model, cache, graph=True) if graphed else None
+    decode = (lambda token, n: decoder.run(token, n)[:, -1]) if graphed else \
+        (lambda token, n: decode_greedy(model, token, cache, n))
     warm = torch.randint(0, vocab, (batch, warmup_length(context, settings.prefill_chunk)), generator=gen,
                          device=device)
-    decode_greedy(model, prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), cache, 2)
+    decode(prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), 2)
     cache.reset()
     ids = torch.randint(0, vocab, (batch, context), generator=gen, device=device)
     if device.type == "cuda":
@@ -228,11 +244,11 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     first = prefill_chunked(model, ids, cache, settings.prefill_chunk).argmax(-1)
     synchronize(device)
     t1 = time.perf_counter()
-    decode_greedy(model, first, cache, steps)
+    decode(first, steps)
     synchronize(device)
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
+    return {"decode": "cuda graph" if graphed else "eager", "ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
 

@@ -15,7 +15,8 @@ def format_table(rows: list[dict]) -> str:
     """The rows of ``hybridlm.profile.profile_models`` as a fixed-width text table.
 
     Peak memory shows "n/a" where it was not measured (on the CPU torch keeps no peak count);
-    cache bytes show the measured cache and, after the slash, memory.py's figure for it.
+    cache bytes show the measured cache and, after the slash, memory.py's figure for it; "(graph)"
+    marks rows decoded through StaticDecoder's CUDA graph.
     """
     if not rows:
         raise ValueError("rows: expected at least one profile row")
@@ -33,7 +34,8 @@ def format_table(rows: list[dict]) -> str:
             f"{_num(r.get('prefill_tokens_per_s'), ',.0f'):>13} {_num(r['decode_tokens_per_s'], ',.1f'):>12} "
             f"{_num(r.get('bandwidth_bound_tokens_per_s'), ',.0f'):>11} {_num(r.get('bandwidth_share'), '.1%'):>6} "
             f"{'n/a' if r['peak_bytes'] is None else format_bytes(r['peak_bytes']):>10} {cache:>23} "
-            f"{max_batch:>9}" + (f"  {r['error']}" if r.get("error") else ""))
+            f"{max_batch:>9}" + ("  (graph)" if r.get("decode") == "cuda graph" else "")
+            + (f"  {r['error']}" if r.get("error") else ""))
     if any(r.get("at_max_batch") for r in rows):
         lines.append("* the largest batch that fits (max batch: analytic, then found by allocation after '/')")
     first = rows[0]

@@ -96,6 +96,13 @@ class GatedAttention(nn.Module):
         """Keys, values and key positions this call attends over; stores the new ones in the slot."""
         if slot is None:
             return k_BTHD, v_BTHD, tokens.pos_BT
+        if tokens.slot is not None:  # static decode: fixed shapes, the whole cache attended (empty slots masked)
+            if slot.ring:
+                raise NotImplementedError("static decode: sliding-window (W) layers are not supported; "
+                                          "decode them eagerly (model(ids, cache=cache))")
+            slot.k.index_copy_(1, tokens.slot, k_BTHD.to(slot.k.dtype))
+            slot.v.index_copy_(1, tokens.slot, v_BTHD.to(slot.v.dtype))
+            return slot.k.to(k_BTHD.dtype), slot.v.to(v_BTHD.dtype), slot.k_pos
         T, start = k_BTHD.shape[1], tokens.start
         if not slot.ring:
             slot.k[:, start:start + T] = k_BTHD

@@ -93,13 +93,26 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """x_BTD: [B, T, D] -> [B, T, D], same dtype."""
+    def forward(self, x_BTD: torch.Tensor, static: bool = False) -> torch.Tensor:
+        """x_BTD: [B, T, D] -> [B, T, D], same dtype.
+
+        static: run every expert on every token, weighted 0 where not routed (fixed shapes, no
+        host sync: a decode step that a CUDA graph can capture). It reads every expert's weights,
+        which a decode batch that routes to most experts reads anyway; at batch 1 it reads
+        num_experts / num_experts_per_tok times the routed experts' bytes.
+        """
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
                                          self.score_bias, self.n_group, self.topk_group)
         weights_NK = weights_NK * self.routed_scaling_factor
         out_ND = torch.zeros_like(x_ND)
+        if static:
+            # [N, E] combine weights, 0 for the experts a token was not routed to
+            dense_NE = torch.zeros(x_ND.shape[0], len(self.experts), dtype=weights_NK.dtype, device=x_ND.device)
+            dense_NE.scatter_(1, experts_NK, weights_NK)
+            for e, expert in enumerate(self.experts):
+                out_ND += expert(x_ND) * dense_NE[:, e:e + 1].to(x_ND.dtype)
+            return self._add_shared(out_ND, x_ND).view_as(x_BTD)
         # One pass per expert over only the tokens routed to it: readable, and no dense
         # all-experts compute (a grouped GEMM kernel would replace this loop on the GPU).
         for e, expert in enumerate(self.experts):
@@ -109,8 +122,11 @@ class MoE(nn.Module):
             y = expert(x_ND.index_select(0, token_idx))
             w = weights_NK[token_idx, slot].to(y.dtype)[:, None]
             out_ND.index_add_(0, token_idx, y * w)
+        return self._add_shared(out_ND, x_ND).view_as(x_BTD)
+
+    def _add_shared(self, out_ND: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
         if self.shared_expert_gate is not None:
-            out_ND = out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        elif self.shared_expert is not None:
-            out_ND = out_ND + self.shared_expert(x_ND)
-        return out_ND.view_as(x_BTD)
+            return out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
+        if self.shared_expert is not None:
+            return out_ND + self.shared_expert(x_ND)
+        return out_ND

@@ -14,11 +14,16 @@ class Tokens:
     pos_BT: int64 [B, T] rotary position of each token, -1 at padding.
     mask_BT: bool [B, T], True = real token; None when every token is real (no masking work).
     start: cache slots used before this call (0 without a cache).
+    slot: a static decode step (``HybridLM.decode_static``): int64 [1] device tensor, the cache slot
+        the one new token per row is written to; layers then use fixed shapes only (KV layers write
+        with index_copy_ and attend over every slot, empty ones masked by their position -1), so
+        the step can be captured in a CUDA graph. None for ordinary calls.
     """
 
     pos_BT: torch.Tensor
     mask_BT: torch.Tensor | None
     start: int = 0
+    slot: torch.Tensor | None = None
 
     def zero_pads(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, ...] with every padded token set to 0 (where, not a product: pads may hold inf/NaN)."""

@@ -1,0 +1,105 @@
+"""The fixed-shape decode step (HybridLM.decode_static) and StaticDecoder equal the eager decode."""
+
+import pytest
+import torch
+
+from hybridlm.config import HybridConfig
+from hybridlm.generation import StaticDecoder, decode_one_token, prefill
+from hybridlm.model import HybridLM
+
+STATIC_PRESETS = ["tiny-mha", "tiny-gdn", "tiny-hybrid-3to1", "tiny-linear", "tiny-deltanet", "tiny-moe",
+                  "tiny-qwen3-next", "tiny-minimax-m1"]
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return HybridLM(HybridConfig.preset(name)).double().eval()
+
+
+@pytest.mark.parametrize("name", STATIC_PRESETS)
+def test_decode_static_equals_eager_decode(name):
+    model = _model(name)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(0, vocab, (2, 4), generator=torch.Generator().manual_seed(2))
+    eager, static = model.new_cache(2, 20), model.new_cache(2, 20)
+    prefill(model, ids, None, eager)
+    prefill(model, ids, None, static)
+    slot = torch.zeros(1, dtype=torch.long)
+    for t in range(steps.shape[1]):
+        want = decode_one_token(model, steps[:, t], eager)
+        slot.fill_(static.seq_len)
+        got = model.decode_static(steps[:, t:t + 1], static, slot)
+        static.seq_len += 1
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    for a, b in zip(eager.named_tensors().values(), static.named_tensors().values()):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+
+
+def test_static_decode_with_left_padding_positions():
+    model = _model("tiny-hybrid-3to1")
+    ids = torch.randint(1, 50, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    eager, static = model.new_cache(2, 12), model.new_cache(2, 12)
+    first = prefill(model, ids, mask, eager).argmax(-1)
+    prefill(model, ids, mask, static)
+    want = decode_one_token(model, first, eager)
+    got = model.decode_static(first[:, None], static, torch.tensor([static.seq_len]))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_static_decoder_equals_greedy_eager_loop():
+    model = _model("tiny-qwen3-next")
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(3, 7 + 6)
+    dec = StaticDecoder(model, cache, graph=False)
+    first = prefill(model, ids, None, cache).argmax(-1)
+    got = dec.run(first, 5)
+    ref_cache = model.new_cache(3, 13)
+    token = prefill(model, ids, None, ref_cache).argmax(-1)
+    want = []
+    for _ in range(5):
+        token = decode_one_token(model, token, ref_cache).argmax(-1)
+        want.append(token)
+    assert torch.equal(got, torch.stack(want, 1))
+    assert cache.seq_len == ref_cache.seq_len == 12
+
+
+def test_static_decoder_errors():
+    model = _model("tiny-hybrid-3to1")
+    cache = model.new_cache(1, 4)
+    prefill(model, torch.zeros(1, 2, dtype=torch.long), None, cache)
+    with pytest.raises(ValueError, match="cache: expected an empty cache"):
+        StaticDecoder(model, cache, graph=False)
+    cache.reset()
+    dec = StaticDecoder(model, cache, graph=False)
+    with pytest.raises(ValueError, match="steps: 5 more tokens would pass"):
+        dec.run(torch.zeros(1, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="token_B: expected shape"):
+        dec.run(torch.zeros(2, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="graph: CUDA graphs need"):
+        StaticDecoder(model, model.new_cache(1, 4), graph=True)
+
+
+def test_unsupported_letters_are_refused():
+    model = _model("tiny-swa")
+    cache = model.new_cache(1, 4)
+    with pytest.raises(NotImplementedError, match="W"):
+        model.decode_static(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_static_decoder_graph_equals_eager_on_cuda():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda")
+    cache = model.new_cache(2, 33 + 9)
+    dec = StaticDecoder(model, cache)
+    got = dec.run(prefill(model, ids, None, cache).argmax(-1), 8)
+    ref = model.new_cache(2, 42)
+    token, want = prefill(model, ids, None, ref).argmax(-1), []
+    for _ in range(8):
+        token = decode_one_token(model, token, ref).argmax(-1)
+        want.append(token)
+    assert torch.equal(got, torch.stack(want, 1))
