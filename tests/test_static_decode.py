@@ -103,3 +103,22 @@ def test_static_decoder_graph_equals_eager_on_cuda():
         token = decode_one_token(model, token, ref).argmax(-1)
         want.append(token)
     assert torch.equal(got, torch.stack(want, 1))
+
+
+def test_packed_experts_are_views_with_the_same_values_and_repack_after_to():
+    from hybridlm.layers.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(HybridConfig(num_experts=4, num_experts_per_tok=2)).double()
+    x = torch.randn(2, 3, moe.gate.in_features, dtype=torch.float64)
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    want = moe(x)
+    gate, up, down = moe.packed_experts()
+    assert gate.shape == up.shape == down.shape == (4, moe.experts[0].gate_proj.out_features, moe.gate.in_features)
+    assert moe.experts[2].down_proj.weight.data_ptr() == down[2].data_ptr()
+    assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
+    torch.testing.assert_close(moe(x), want, rtol=1e-12, atol=1e-12)  # down is a transposed view now
+    torch.testing.assert_close(moe(x, static=True), want, rtol=1e-12, atol=1e-12)
+    moe = moe.float()  # new tensors: the next call stacks again
+    assert moe.packed_experts()[0].dtype == torch.float32
+    assert moe.experts[0].gate_proj.weight.data_ptr() == moe.packed_experts()[0][0].data_ptr()
