@@ -187,3 +187,37 @@ def test_bad_settings_raise():
         profile_models({"m": HybridConfig.preset(PRESET)}, [8], [0], SETTINGS)
     with pytest.raises(ValueError, match="CUDA"):
         search_max_batch(HybridLM(HybridConfig.preset(PRESET)), 8, SETTINGS, 4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-next", "tiny-swa", "tiny-kimi-linear"])
+def test_fill_cache_looks_prefilled(preset):
+    from hybridlm.profile import fill_cache
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset(preset)).eval()
+    cache = model.new_cache(2, 40)
+    fill_cache(cache, 33)
+    assert cache.seq_len == 33 and cache.next_position.tolist() == [33, 33]
+    if cache.positions is not None:
+        assert cache.positions[:, :33].tolist() == [list(range(33))] * 2
+        assert (cache.positions[:, 33:] == -1).all()
+    for slot in cache.layers:
+        for name, t in vars(slot).items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and name not in ("k_pos",):
+                assert torch.isfinite(t.float()).all() and t.float().abs().sum() > 0, name
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 1, dtype=torch.long), cache=cache)
+    assert torch.isfinite(logits).all() and cache.seq_len == 34
+    with pytest.raises(ValueError, match="context: expected < the cache's max_len"):
+        fill_cache(cache, 40)
+
+
+def test_filled_rows_time_decode_only():
+    cfg = HybridConfig.preset(PRESET)
+    rows = profile_models({"hybrid": cfg}, [300], [2], ProfileSettings(device="cpu", decode_steps=3, fill=True))
+    (r,) = rows
+    assert r["filled"] and r["ttft_s"] is None and r["decode_tokens_per_s"] > 0 and r["decode"] == "eager"
+    assert r["cache_bytes"] == r["cache_bytes_memory_py"]
+    assert "n/a" in format_table(rows)
+    with pytest.raises(TypeError, match="fill: expected a bool"):
+        ProfileSettings(fill=1)

@@ -39,7 +39,10 @@ class ProfileSettings:
     random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
     device's free memory once the model is loaded); graph: decode through a CUDA graph of the
     fixed-shape step (``StaticDecoder``; default: on CUDA, when every layer letter has a static step),
-    else the eager step. The weights are random too: speed and memory do not depend on their values."""
+    else the eager step; fill: skip the prefill and fill the cache with random keys, values and states
+    instead (decode speed does not depend on their values, and a prefill of a large batch at a long
+    context can take minutes): rows then have no time to first token (None). The weights are random
+    too: speed and memory do not depend on their values."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -48,6 +51,7 @@ class ProfileSettings:
     seed: int = 0
     memory_budget: int | None = None
     graph: bool | None = None
+    fill: bool = False
 
     def __post_init__(self) -> None:
         for name in ("decode_steps", "prefill_chunk"):
@@ -56,6 +60,10 @@ class ProfileSettings:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
             raise ValueError(f"memory_budget: expected None or an int >= 1 (bytes), got {self.memory_budget!r}")
+        if not isinstance(self.fill, bool):
+            raise TypeError(f"fill: expected a bool, got {self.fill!r}")
+        if self.graph is not None and not isinstance(self.graph, bool):
+            raise TypeError(f"graph: expected None or a bool, got {self.graph!r}")
         if self.dtype not in DTYPE_NAMES:
             raise TypeError(f"dtype: expected one of {list(DTYPE_NAMES.values())}, got {self.dtype!r}")
         device = torch.device(self.device)
@@ -232,6 +240,8 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     decoder = StaticDecoder(model, cache, graph=True) if graphed else None
     decode = (lambda token, n: decoder.run(token, n)[:, -1]) if graphed else \
         (lambda token, n: decode_greedy(model, token, cache, n))
+    if settings.fill:
+        return _measure_filled(model, cache, context, batch, settings, decode, graphed)
     warm = torch.randint(0, vocab, (batch, warmup_length(context, settings.prefill_chunk)), generator=gen,
                          device=device)
     decode(prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), 2)
@@ -251,6 +261,58 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     return {"decode": "cuda graph" if graphed else "eager", "ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
+
+
+@torch.no_grad()
+def fill_cache(cache, context: int, seed: int = 0) -> None:
+    """Make ``cache`` look as if ``context`` tokens had been prefilled: keys, values and latents
+    normal(0, 1), recurrent states normal(0, 0.01), conv windows normal(0, 1), positions 0..context-1.
+    For decode timing only (the values are not a model's)."""
+    if context >= cache.max_len:
+        raise ValueError(f"context: expected < the cache's max_len {cache.max_len}, got {context}")
+    gen = torch.Generator(device=cache.next_position.device).manual_seed(seed)
+    for slot in cache.layers:
+        for name, t in vars(slot).items():
+            if not isinstance(t, torch.Tensor) or name == "k_pos" or not t.is_floating_point() \
+                    or t.dtype.itemsize == 1:
+                continue
+            if name == "state":
+                t.normal_(0.0, 0.01, generator=gen)
+            elif name == "conv":
+                t.normal_(0.0, 1.0, generator=gen)
+            else:  # per-token tensors [B, max_len, ...]: only the first `context` slots
+                t[:, :context].normal_(0.0, 1.0, generator=gen)
+    positions = torch.arange(context, dtype=torch.int32, device=cache.next_position.device)
+    if cache.positions is not None:
+        cache.positions[:, :context] = positions
+    if cache.window_positions is not None:
+        n = cache.window_slots
+        cache.window_positions[:] = -1
+        last = positions[-min(n, context):]
+        cache.window_positions[:, last % n] = last
+    cache.next_position.fill_(context)
+    cache.seq_len = context
+
+
+def _measure_filled(model: HybridLM, cache, context: int, batch: int, settings: ProfileSettings, decode,
+                    graphed: bool) -> dict:
+    device, steps = settings.torch_device, settings.decode_steps
+    first = torch.randint(0, model.config.vocab_size, (batch,), device=device,
+                          generator=torch.Generator(device=device).manual_seed(settings.seed))
+    fill_cache(cache, context, settings.seed)
+    decode(first, 2)  # warm-up at this shape
+    fill_cache(cache, context, settings.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    synchronize(device)
+    t0 = time.perf_counter()
+    decode(first, steps)
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"decode": "cuda graph" if graphed else "eager", "ttft_s": None, "prefill_tokens_per_s": None,
+            "decode_tokens_per_s": batch * steps / dt, "decode_step_s": dt / steps, "peak_bytes": peak,
+            "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len, "filled": True}
 
 
 def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: list[int],
