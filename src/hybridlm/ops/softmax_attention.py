@@ -110,5 +110,11 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=No
     seen = mask.any(-1, keepdim=True)  # [B, T, 1]
     # SDPA returns NaN for a fully masked row; open such rows to every key, then zero their output
     mask = (mask | ~seen)[:, None]
+    if gqa and q.is_cuda:
+        # With a mask, SDPA's GQA support is the math path only: it would materialise [B, H, T, S]
+        # scores in float32 (17 GB for one 2k-token chunk over a 128k cache at 16 heads). Repeating
+        # the key/value heads keeps the memory-efficient kernel, for a [B, H, S, D] copy per call.
+        r = q.shape[2] // k.shape[2]
+        k_, v_, gqa = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1), False
     o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2).contiguous() * seen[..., None].to(o.dtype)
