@@ -86,7 +86,9 @@ def test_bandwidth_bound_counts_state_twice_and_one_embedding_row(tied):
     d = memory.decode_bytes_per_token(cfg, 1000, 4, kv_dtype="float32", weight_dtype="float32")
     row = cfg.hidden_size * 4
     table = 0 if tied else cfg.vocab_size * row
-    assert d["weights"] == (memory.param_counts(cfg)[1] * 4 - table) / 4 + row
+    extra = (memory.experts_touched(cfg, 4) - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * \
+        cfg.moe_intermediate_size * sum(cfg.layer_uses_moe(i) for i in range(cfg.num_layers))
+    assert d["weights"] == pytest.approx(((memory.param_counts(cfg)[1] + extra) * 4 - table) / 4 + row)
     state = sum(c.state + c.conv for c in (memory.layer_cost(cfg, x, "float32") for x in cfg.layer_types))
     assert d["state"] == 2 * state
     assert bytes_per_token(cfg, 1000, 4, "float32") == d["total"]

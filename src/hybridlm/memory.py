@@ -336,9 +336,10 @@ def decode_bytes_per_token(cfg: HybridConfig, context: int, batch: int = 1,
                            state_dtype: str | None = None) -> dict[str, float]:
     """Bytes a decode step moves through memory per decoded token, ``batch`` sequences at ``context``.
 
-    Weights: the active parameters, read once per step and shared by the batch (a batch-1 MoE
-    view: a large batch touches more experts); an untied input embedding is not read whole but one
-    row per token. KV: every cached token a layer attends to (top-k tokens plus every index key for
+    Weights: read once per step and shared by the batch; an untied input embedding is not read
+    whole but one row per token. An MoE layer's routed experts count as the number of distinct
+    experts the batch's tokens reach, expected under uniform independent routing:
+    E (1 - (1 - k/E)^batch) (k at batch 1; nearly all E once batch >> E/k; see ``experts_touched``). KV: every cached token a layer attends to (top-k tokens plus every index key for
     sparse layers). State: the recurrent state and conv window, read and written back (twice).
     """
     _check_config(cfg)
@@ -358,8 +359,21 @@ def decode_bytes_per_token(cfg: HybridConfig, context: int, batch: int = 1,
             kv += c.kv_at(context)
     row = cfg.hidden_size * wb
     table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * row  # a tied table is read whole by the LM head
-    weights = (param_counts(cfg)[1] * wb - table) / batch + row
+    extra_experts = experts_touched(cfg, batch) - cfg.num_experts_per_tok if cfg.num_experts else 0.0
+    moe_layers = sum(cfg.layer_uses_moe(i) for i in range(cfg.num_layers)) if cfg.num_experts else 0
+    shared = param_counts(cfg)[1] + moe_layers * extra_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    weights = (shared * wb - table) / batch + row
     return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state}
+
+
+def experts_touched(cfg: HybridConfig, batch: int) -> float:
+    """Expected distinct routed experts one MoE layer reads for ``batch`` tokens, each routed to k of E
+    experts uniformly and independently: E (1 - (1 - k/E)^batch). 0 without experts."""
+    _check_positive("batch", batch)
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    if not E:
+        return 0.0
+    return E * (1.0 - (1.0 - k / E) ** batch)
 
 
 def n2_tax(cfg: HybridConfig, context: int, cap: int = 32768, batch: int = 1,
