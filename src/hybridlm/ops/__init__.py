@@ -4,6 +4,7 @@ Layout [B, T, H, D]; every stateful op returns (o, final_state). Public entry po
 ``backend``; the ``*_naive`` (token loop) and ``*_chunked`` forms are exported for tests and readers.
 """
 
+from hybridlm.ops.decode_attention import softmax_attention_decode
 from hybridlm.ops.delta_rule import (
     delta_rule,
     delta_rule_chunked,
@@ -69,6 +70,7 @@ __all__ = [
     "mla_attention",
     "select_topk",
     "softmax_attention",
+    "softmax_attention_decode",
     "softmax_attention_reference",
     "sparse_attention",
     "sparse_attention_reference",

@@ -1,0 +1,249 @@
+"""Triton split-KV ("flash-decoding") softmax attention: one query per sequence against a KV cache.
+
+Legend: B batch, S cache slots, H query heads, HKV key/value heads, R = H // HKV query heads per
+key/value head, D head dim, Dv value head dim. Semantics as :func:`hybridlm.ops.softmax_attention_decode`.
+
+At decode a query is one row per head, far too little work for a card when a program owns a whole
+(sequence, head): at batch 1 a handful of programs would stream the cache through a few
+multiprocessors. So the S axis is cut into NSPLIT contiguous ranges and the grid is
+(B * HKV, NSPLIT): each program takes the R query heads of one key/value head (padded to 16 rows so
+``tl.dot`` applies; GQA reads each key once for all R heads) and one range of slots, runs an online
+softmax in float32 over BLOCK_S-slot blocks, and writes its partial (unnormalised output, running
+max, running sum) to float32 scratch. A second small kernel merges the NSPLIT partials of each
+(sequence, query head). With NSPLIT = 1 (large batches already fill the card) the first kernel
+normalises and writes the output itself.
+
+Each block loads its slot positions first and skips the key/value loads when no slot of the block is
+visible, so a large, mostly empty preallocated cache costs its position reads and little more.
+Key/value loads are masked by visibility too: an empty slot is never read, whatever it holds.
+
+The op is registered with ``torch.library`` (``hybridlm::softmax_attention_decode``) so
+``torch.compile(fullgraph=True)`` traces through it; it reads no tensor values on the host and every
+shape it allocates depends only on input shapes, so a CUDA graph can capture it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.decode_attention import check_decode_attention
+from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+
+LOG2E = tl.constexpr(1.4426950408889634)
+# Programs the split kernel should give each multiprocessor (latency hiding wants several loads in
+# flight per SM); NSPLIT grows until B * HKV * NSPLIT reaches this many per SM, or one block per split.
+PROGRAMS_PER_SM = 2
+MIN_ROWS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _split_kv_kernel(
+    q, k, v, q_pos, k_pos, part_acc, part_m, part_l, o,
+    scale, window, S, blocks_per_split, n_splits,
+    sq_b, sq_h, sq_d, sk_b, sk_s, sk_h, sk_d, sv_b, sv_s, sv_h, sv_d, sqp_b, skp_b, skp_s,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
+):
+    R: tl.constexpr = H // HKV
+    i_bk = tl.program_id(0)
+    i_split = tl.program_id(1)
+    # int64 bases: B * S * HKV * D passes 2**31 for long caches
+    i_b = (i_bk // HKV).to(tl.int64)
+    i_kh = (i_bk % HKV).to(tl.int64)
+
+    o_r = tl.arange(0, BLOCK_R)
+    o_d = tl.arange(0, BD)
+    o_dv = tl.arange(0, BDV)
+    m_r = o_r < R
+    m_d = o_d < D
+    m_dv = o_dv < DV
+    heads = i_kh * R + o_r  # the query heads that read this key/value head
+
+    b_q = tl.load(q + i_b * sq_b + heads[:, None] * sq_h + o_d[None, :] * sq_d,
+                  mask=m_r[:, None] & m_d[None, :], other=0.0)
+    qp = tl.load(q_pos + i_b * sqp_b)
+
+    start = i_split * blocks_per_split * BLOCK_S
+    end = tl.minimum(start + blocks_per_split * BLOCK_S, S)
+    b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_R, BDV], dtype=tl.float32)
+    qk_scale = scale * LOG2E  # exp2 in the loop
+    # int64 only in the block pointers (scalars); int32 offsets within a block (64-bit offset tiles
+    # take two registers an element and spilled at D = 256)
+    o_b = tl.arange(0, BLOCK_S)
+    p_kp = k_pos + i_b * skp_b + start.to(tl.int64) * skp_s
+    p_k = k + i_b * sk_b + i_kh * sk_h + start.to(tl.int64) * sk_s
+    p_v = v + i_b * sv_b + i_kh * sv_h + start.to(tl.int64) * sv_s
+    for s0 in range(start, end, BLOCK_S):
+        m_s = s0 + o_b < end
+        kp = tl.load(p_kp + o_b * skp_s, mask=m_s, other=-1)
+        vis = m_s & (kp >= 0) & (kp <= qp)
+        if HAS_WINDOW:
+            vis = vis & (qp - kp < window)
+        # Every row of the program shares the query position, so a block is seen by all rows or none.
+        if tl.max(vis.to(tl.int32), axis=0) > 0:
+            b_k = tl.load(p_k + o_b[:, None] * sk_s + o_d[None, :] * sk_d,
+                          mask=vis[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(p_v + o_b[:, None] * sv_s + o_dv[None, :] * sv_d,
+                          mask=vis[:, None] & m_dv[None, :], other=0.0)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+            b_s = tl.where(vis[None, :], b_s * qk_scale, float("-inf"))
+            # finite: the block has a visible slot, and padded rows (q = 0) score 0 there
+            m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+            alpha = tl.exp2(b_m - m_new)
+            b_p = tl.exp2(b_s - m_new[:, None])
+            b_l = b_l * alpha + tl.sum(b_p, axis=1)
+            b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+            b_m = m_new
+        p_kp += BLOCK_S * skp_s
+        p_k += BLOCK_S * sk_s
+        p_v += BLOCK_S * sv_s
+
+    m_out = m_r[:, None] & m_dv[None, :]
+    if FINAL:
+        b_o = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]  # no visible slot: acc = 0, so o = 0
+        tl.store(o + (i_b * H + heads[:, None]) * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), mask=m_out)
+    else:
+        row = (i_b * H + heads) * n_splits + i_split
+        tl.store(part_acc + row[:, None] * DV + o_dv[None, :], b_acc, mask=m_out)
+        tl.store(part_m + row, b_m, mask=m_r)
+        tl.store(part_l + row, b_l, mask=m_r)
+
+
+@triton.jit
+def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV: tl.constexpr,
+                    BN: tl.constexpr):
+    """o[b, h] = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j over the splits j of one (b, h)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    o_dv = tl.arange(0, BDV)
+    m_dv = o_dv < DV
+    base = i_bh * n_splits
+    b_m = tl.full([BN], float("-inf"), tl.float32)
+    for n0 in range(0, n_splits, BN):
+        b_m = tl.maximum(b_m, tl.load(part_m + base + n0 + o_n, mask=n0 + o_n < n_splits, other=float("-inf")))
+    m_max = tl.max(b_m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no split saw a key: every weight below is 0
+    b_l = tl.zeros([BN], dtype=tl.float32)
+    b_acc = tl.zeros([BN, BDV], dtype=tl.float32)
+    for n0 in range(0, n_splits, BN):
+        m_n = n0 + o_n < n_splits
+        w = tl.exp2(tl.load(part_m + base + n0 + o_n, mask=m_n, other=float("-inf")) - m_max)
+        b_l += w * tl.load(part_l + base + n0 + o_n, mask=m_n, other=0.0)
+        a = tl.load(part_acc + (base + n0 + o_n)[:, None] * DV + o_dv[None, :],
+                    mask=m_n[:, None] & m_dv[None, :], other=0.0)
+        b_acc += w[:, None] * a
+    l_sum = tl.sum(b_l, axis=0)
+    b_o = tl.sum(b_acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(o + i_bh * DV + o_dv, b_o.to(o.dtype.element_ty), mask=m_dv)
+
+
+def block_size(D: int, Dv: int) -> int:
+    """Slots per block: 64, or 32 when a head is wider than 128 (keeps the K/V tiles in registers)."""
+    return 64 if max(D, Dv) <= 128 else 32
+
+
+def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int) -> int:
+    """NSPLIT for the shape: enough ranges of S that B * HKV * NSPLIT reaches PROGRAMS_PER_SM
+    programs per multiprocessor (a little above, as every range holds whole blocks and none is
+    empty), and at most one range per BLOCK_S block."""
+    n_blocks = max(1, triton.cdiv(S, block_s))
+    want = max(1, min(triton.cdiv(PROGRAMS_PER_SM * num_sms, max(1, B * HKV)), n_blocks))
+    return triton.cdiv(n_blocks, n_blocks // want)
+
+
+def alloc_partials(B: int, H: int, n: int, Dv: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 scratch for n split partials: (acc [B, H, n, Dv], running max [B, H, n], sum [B, H, n])."""
+    return (torch.empty(B, H, n, Dv, device=device, dtype=torch.float32),
+            torch.empty(B, H, n, device=device, dtype=torch.float32),
+            torch.empty(B, H, n, device=device, dtype=torch.float32))
+
+
+def split_plan(q, k, v, n_splits: Optional[int] = None) -> tuple[int, int, int]:
+    """(NSPLIT, blocks per split, BLOCK_S) for these operands; ``n_splits`` overrides the heuristic
+    and is capped at one split per block (and trimmed so no split is empty)."""
+    B, S, HKV = k.shape[:3]
+    bs = block_size(q.shape[2], v.shape[3])
+    n_blocks = max(1, triton.cdiv(S, bs))
+    n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs) if n_splits is None else min(n_splits, n_blocks)
+    per_split = triton.cdiv(n_blocks, max(1, n))
+    return triton.cdiv(n_blocks, per_split), per_split, bs
+
+
+def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Optional[int],
+                          n_splits: Optional[int] = None, partials=None, num_warps: int = 4) -> None:
+    """Launch on validated tensors, writing ``o`` [B, H, Dv] (contiguous). ``n_splits`` overrides
+    NSPLIT (tests, tuning); ``partials`` is scratch from :func:`alloc_partials` for
+    :func:`split_plan`'s NSPLIT (allocated here when None), used only when NSPLIT > 1."""
+    B, H, D = q.shape
+    HKV, Dv = k.shape[2], v.shape[3]
+    if B == 0 or H == 0:
+        return
+    n, per_split, bs = split_plan(q, k, v, n_splits)
+    if n > 1 and partials is None:
+        partials = alloc_partials(B, H, n, Dv, q.device)
+    if n > 1 and tuple(partials[0].shape) != (B, H, n, Dv):
+        raise ValueError(f"partials must be scratch for {n} splits, [B, H, n, Dv] = {(B, H, n, Dv)}, got "
+                         f"{tuple(partials[0].shape)}")
+    part_acc, part_m, part_l = partials if n > 1 else (o, o, o)
+    _split_kv_kernel[(B * HKV, n)](
+        q, k, v, q_pos, k_pos, part_acc, part_m, part_l, o,
+        scale, window or 0, k.shape[1], per_split, n,
+        *q.stride(), *k.stride(), *v.stride(), q_pos.stride(0), *k_pos.stride(),
+        H=H, HKV=HKV, D=D, DV=Dv, BLOCK_R=max(MIN_ROWS, triton.next_power_of_2(H // HKV)),
+        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)), BLOCK_S=bs,
+        # float32 inputs keep float32 products (no TF32), as the reference computes
+        HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=n == 1,
+        num_warps=num_warps,
+    )
+    if n > 1:
+        _combine_kernel[(B * H,)](part_acc, part_m, part_l, o, n, DV=Dv, BDV=triton.next_power_of_2(Dv),
+                                  BN=min(16, triton.next_power_of_2(n)), num_warps=num_warps)
+
+
+@torch.library.custom_op("hybridlm::softmax_attention_decode", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                         k_pos: torch.Tensor, scale: float, window: Optional[int],
+                         n_splits: Optional[int]) -> torch.Tensor:
+    o = q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+    decode_attention_into(q, k, v, q_pos, k_pos, o, scale=scale, window=window, n_splits=n_splits)
+    return o
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, q_pos, k_pos, scale, window, n_splits):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+
+
+def split_kv_decode_attention(q, k, v, *, q_pos, k_pos, scale=None, window=None, num_splits=None):
+    """Split-KV decode attention; arguments and result as in :func:`hybridlm.ops.softmax_attention_decode`.
+
+    ``num_splits`` forces NSPLIT (capped at one per block of slots); by default it comes from
+    :func:`pick_num_splits` for the shape and the device's multiprocessor count. Computes in float32,
+    so float64 inputs are refused (the reference serves them).
+
+    Example:
+        >>> q, k, v = torch.randn(1, 4, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16)
+        >>> k_pos = torch.arange(100)[None].masked_fill(torch.arange(100)[None] > 70, -1)
+        >>> o = split_kv_decode_attention(q, k, v, q_pos=torch.tensor([70]), k_pos=k_pos, num_splits=2)
+    """
+    check_decode_attention(q, k, v, q_pos, k_pos, scale, window)
+    if q.dtype == torch.float64:
+        raise TypeError("q must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
+                        "use backend='reference'")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not torch.compiler.is_compiling():
+        # Eager calls launch directly: the custom-op dispatch costs tens of microseconds of host time,
+        # as much as the kernel at small batch (see ops/triton/decode.py).
+        o = q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+        decode_attention_into(q, k, v, q_pos, k_pos, o, scale=scale, window=window, n_splits=num_splits)
+        return o
+    return _decode_attention_op(q, k, v, q_pos, k_pos, scale, window, num_splits)
