@@ -14,7 +14,7 @@ from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
-from hybridlm.ops import softmax_attention
+from hybridlm.ops import softmax_attention, softmax_attention_decode
 
 
 class GatedAttention(nn.Module):
@@ -62,7 +62,11 @@ class GatedAttention(nn.Module):
         """
         q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
-        o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
+        if slot is not None and q_BTHD.shape[1] == 1:  # a decode step: split-KV decode attention
+            o_BTHD = softmax_attention_decode(q_BTHD[:, 0], k_all, v_all, q_pos=tokens.pos_BT[:, 0], k_pos=k_pos,
+                                              window=self.window)[:, None]
+        else:
+            o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
         return self.finish(o_BTHD, gate_BTHD)
 
     def project(self, x_BTD: torch.Tensor, tokens: Tokens):
