@@ -223,3 +223,24 @@ def test_filled_rows_time_decode_only():
     assert "n/a" in format_table(rows)
     with pytest.raises(TypeError, match="fill: expected a bool"):
         ProfileSettings(fill=1)
+
+
+def test_summary_compares_twin_at_largest_batch_transformers_and_bandwidth(tmp_path, capsys):
+    from hybridlm.profile_report import main as report_main, summarize
+
+    def row(model, batch, rate, engine="hybridlm", share=0.5):
+        return {"model": model, "engine": engine, "context": 300, "batch": batch, "decode_tokens_per_s": rate,
+                "bandwidth_share": share, "ttft_s": 0.1, "peak_bytes": None, "cache_bytes": 10,
+                "cache_bytes_memory_py": 10, "device": "cpu", "dtype": "float32"}
+
+    rows = [row("m", 1, 100.0), row("m", 8, 600.0, share=0.8), row("m twin", 1, 90.0), row("m twin", 2, 150.0),
+            row("m (transformers)", 1, 4.0, engine="transformers", share=None)]
+    lines = summarize(rows, context=300)
+    assert lines[0] == "m vs its twin at 300: 600 tokens/s (batch 8) vs 150 (batch 2): 4.00x"
+    assert lines[1] == "m vs transformers' generate at 300, batch 1: 100.0 vs 4.00 tokens/s: 25.0x"
+    assert lines[2].startswith("bandwidth-bound share: best 80% (m, 300, batch 8), worst 50%")
+    assert summarize(rows, context=4096)[0] == "m vs its twin at 4,096: not measured"
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    assert report_main([str(path), "--context", "300"]) == 0
+    assert "4.00x" in capsys.readouterr().out

@@ -136,6 +136,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def card_name(device: torch.device) -> str:
+    """The GPU's name (e.g. 'NVIDIA H200'), or 'cpu'."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def release(device: torch.device) -> None:
     """Hand cached CUDA blocks back, so the next row's peak and free memory start clean."""
     if device.type == "cuda":
@@ -350,6 +355,7 @@ def _row(model: HybridLM, name: str, context: int, batch: int, settings: Profile
     """One measured row; on CUDA out of memory, a row of None figures with an "error" entry."""
     cfg, dt = model.config, settings.dtype_name
     row = {"model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(settings.torch_device),
+           "card": card_name(settings.torch_device),
            "dtype": dt, "context": context, "batch": batch, "weight_bytes": weights,
            "copy_bandwidth_bytes_per_s": bandwidth, "bytes_per_token": bytes_per_token(cfg, context, batch, dt)}
     try:

@@ -58,7 +58,8 @@ def plot_profile(rows: list[dict], path: str) -> None:
         raise ValueError("rows: expected at least one profile row")
     fig, (ax_rate, ax_cache) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=110)
     for (model, batch), pts in _series(rows, "decode_tokens_per_s").items():
-        ax_rate.plot(*zip(*pts), marker="o", label=f"{model}, batch {batch}")
+        ax_rate.plot(*zip(*pts), marker="o", label=f"{model}, " + (
+            "largest batch" if batch == "max" else f"batch {batch}"))
     ax_rate.set_ylabel("decode tokens/s (all rows)")
     ax_rate.set_yscale("log")
     smallest = min(r["batch"] for r in rows)
@@ -78,7 +79,7 @@ def plot_profile(rows: list[dict], path: str) -> None:
         ax.set_xlabel("context (tokens)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"hybridlm profile on {first['device']} ({first['dtype']})")
+    fig.suptitle(f"hybridlm profile on {first.get('card') or first['device']} ({first['dtype']})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -86,8 +87,72 @@ def plot_profile(rows: list[dict], path: str) -> None:
 
 def _series(rows: list[dict], key: str) -> dict[tuple[str, int], list[tuple[int, float]]]:
     """{(model, batch): [(context, value), ...]} of the rows where ``key`` was measured."""
-    out: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    out: dict[tuple[str, int | str], list[tuple[int, float]]] = {}
     for r in rows:
         if r.get(key) is not None:
-            out.setdefault((r["model"], r["batch"]), []).append((r["context"], r[key]))
+            out.setdefault((r["model"], "max" if r.get("at_max_batch") else r["batch"]), []).append(
+                (r["context"], r[key]))
     return {k: sorted(v) for k, v in out.items()}
+
+
+def _best(rows: list[dict], model: str, context: int, **match) -> dict | None:
+    """The row of ``model`` at ``context`` (and the given keys) with the highest decode rate."""
+    found = [r for r in rows if r["model"] == model and r["context"] == context and r.get("decode_tokens_per_s")
+             and all(r.get(k) == v for k, v in match.items())]
+    return max(found, key=lambda r: r["decode_tokens_per_s"], default=None)
+
+
+def summarize(rows: list[dict], context: int = 131072) -> list[str]:
+    """The profile issue's three comparisons, as lines (each says what it could not find):
+    hybrid vs its all-attention twin at ``context``, each at the largest batch measured there; hybrid
+    vs transformers' generate at batch 1 (same context); best share of the bandwidth-bound rate."""
+    lines = []
+    engines = [r for r in rows if r.get("engine") == "hybridlm" and r.get("decode_tokens_per_s")]
+    twins = sorted({r["model"] for r in engines if r["model"].endswith(" twin")})
+    for twin in twins:
+        model = twin[: -len(" twin")]
+        a = max((r for r in engines if r["model"] == model and r["context"] == context),
+                key=lambda r: r["batch"], default=None)
+        b = max((r for r in engines if r["model"] == twin and r["context"] == context),
+                key=lambda r: r["batch"], default=None)
+        if a and b:
+            lines.append(f"{model} vs its twin at {context:,}: {a['decode_tokens_per_s']:,.0f} tokens/s (batch "
+                         f"{a['batch']}) vs {b['decode_tokens_per_s']:,.0f} (batch {b['batch']}): "
+                         f"{a['decode_tokens_per_s'] / b['decode_tokens_per_s']:.2f}x")
+        else:
+            lines.append(f"{model} vs its twin at {context:,}: not measured")
+    for t in (r for r in rows if r.get("engine") == "transformers" and r.get("decode_tokens_per_s")):
+        model = t["model"][: -len(" (transformers)")]
+        ours = _best(engines, model, t["context"], batch=t["batch"])
+        if ours:
+            lines.append(f"{model} vs transformers' generate at {t['context']:,}, batch {t['batch']}: "
+                         f"{ours['decode_tokens_per_s']:,.1f} vs {t['decode_tokens_per_s']:,.2f} tokens/s: "
+                         f"{ours['decode_tokens_per_s'] / t['decode_tokens_per_s']:.1f}x")
+    shares = [r for r in engines if r.get("bandwidth_share")]
+    if shares:
+        top = max(shares, key=lambda r: r["bandwidth_share"])
+        low = min(shares, key=lambda r: r["bandwidth_share"])
+        lines.append(f"bandwidth-bound share: best {top['bandwidth_share']:.0%} ({top['model']}, {top['context']:,}, "
+                     f"batch {top['batch']}), worst {low['bandwidth_share']:.0%} ({low['model']}, "
+                     f"{low['context']:,}, batch {low['batch']})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hybridlm.profile_report ROWS.json ...``: one table and the summary over JSON files
+    written by ``hybridlm profile --json``."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m hybridlm.profile_report", description=main.__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help="JSON row lists from hybridlm profile --json")
+    ap.add_argument("--context", type=int, default=131072, help="context of the twin comparison")
+    args = ap.parse_args(argv)
+    rows = [r for f in args.files for r in json.loads(open(f).read())]
+    print(format_table(rows))
+    print("\n".join(summarize(rows, args.context)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
