@@ -30,6 +30,7 @@ from hybridlm.ops.linear_attention import (
     linear_attention_step,
 )
 from hybridlm.ops.mla import mla_attention
+from hybridlm.ops.moe_decode import moe_experts
 from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference
 from hybridlm.ops.sparse_attention import (
     block_indexer_scores,
@@ -68,6 +69,7 @@ __all__ = [
     "linear_attention_naive",
     "linear_attention_step",
     "mla_attention",
+    "moe_experts",
     "select_topk",
     "softmax_attention",
     "softmax_attention_decode",

@@ -1,0 +1,182 @@
+"""Triton sparse-MoE decode: each token's K routed SwiGLU experts, reading only those experts' weights.
+
+Legend: N tokens, K experts per token, E experts, D hidden size, I expert intermediate size.
+Semantics as :func:`hybridlm.ops.moe_experts`; weights stacked as ``MoE.packed_experts()`` gives them
+(gate, up [E, I, D]; down transposed, [E, I, D]), so every weight row is contiguous along D.
+
+Decode multiplies a few token vectors by a few experts' matrices: a matrix-vector product bound by
+the weight bytes. Two kernels, no host sync and no data-dependent shape (a CUDA graph captures them):
+
+1. grid (N * K, cdiv(I, BLOCK_I)): a program loads its slot's expert index, streams BLOCK_I rows of
+   that expert's gate and up matrices along D in BLOCK_D columns (coalesced: D is contiguous),
+   accumulates both partial GEMVs in float32 and writes h = weight * silu(gate x) * up x to float32
+   scratch h [N, K, I] (the combine weight folded in here, once per row).
+2. grid (N, cdiv(D, BLOCK_D)): a program owns BLOCK_D output columns of one token and runs over its K
+   slots and over I in BLOCK_I rows: acc += h[n, j, i-block] . down_EID[e, i-block, d-block]; it writes
+   out[n, d-block] in x's dtype. Summing the K slots inside the program needs no atomics and no
+   zeroed output.
+
+Block sizes: kernel 1 narrows BLOCK_I (and kernel 2 BLOCK_D) until the grid holds several programs
+per multiprocessor at the shape, e.g. at Qwen3-Next scale (D 2048, I 512, K 10, N = 1 on 132 SMs)
+kernel 1 runs 10 x 64 programs of 8 x 256 tiles and kernel 2 128 programs of 256 x 16 tiles.
+Offsets are int64 (E * I * D passes 2**31 in large models).
+
+Registered with ``torch.library`` (``hybridlm::moe_experts_decode``) so ``torch.compile(fullgraph=True)``
+traces through it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops.moe_decode import check_moe_experts
+from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+
+# Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
+# flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
+PROGRAMS_PER_SM = 4
+TILE = 4096  # elements of a weight tile per loop step (16 per thread at 4 warps)
+
+
+@triton.jit
+def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
+                    s_xn, s_ge, s_gi, s_ue, s_ui,
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_nk = tl.program_id(0).to(tl.int64)
+    i_i = tl.program_id(1)
+    i_n = i_nk // K
+    i_e = tl.load(experts_NK + i_nk).to(tl.int64)
+    w = tl.load(weights_NK + i_nk).to(tl.float32)
+
+    o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    m_i = o_i < I
+    p_gate = gate_EID + i_e * s_ge + o_i.to(tl.int64)[:, None] * s_gi
+    p_up = up_EID + i_e * s_ue + o_i.to(tl.int64)[:, None] * s_ui
+    acc_gate = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        m_id = m_i[:, None] & m_d[None, :]
+        b_gate = tl.load(p_gate + o_d[None, :], mask=m_id, other=0.0).to(tl.float32)
+        b_up = tl.load(p_up + o_d[None, :], mask=m_id, other=0.0).to(tl.float32)
+        b_x = tl.load(x_ND + i_n * s_xn + o_d, mask=m_d, other=0.0).to(tl.float32)
+        acc_gate += b_gate * b_x[None, :]
+        acc_up += b_up * b_x[None, :]
+    g = tl.sum(acc_gate, axis=1)
+    u = tl.sum(acc_up, axis=1)
+    tl.store(h_NKI + i_nk * I + o_i, w * (g * tl.sigmoid(g)) * u, mask=m_i)
+
+
+@triton.jit
+def _down_kernel(h_NKI, experts_NK, down_EID, out_ND, K, I, D, s_de, s_di, s_on,
+                 BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    i_n = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for j in range(0, K):
+        i_nk = i_n * K + j
+        i_e = tl.load(experts_NK + i_nk).to(tl.int64)
+        p_down = down_EID + i_e * s_de + o_d[None, :]
+        for i0 in range(0, I, BLOCK_I):
+            o_i = i0 + tl.arange(0, BLOCK_I)
+            m_i = o_i < I
+            b_h = tl.load(h_NKI + i_nk * I + o_i, mask=m_i, other=0.0)
+            b_down = tl.load(p_down + o_i.to(tl.int64)[:, None] * s_di, mask=m_i[:, None] & m_d[None, :],
+                             other=0.0).to(tl.float32)
+            acc += b_h[:, None] * b_down
+    tl.store(out_ND + i_n * s_on + o_d, tl.sum(acc, axis=0).to(out_ND.dtype.element_ty), mask=m_d)
+
+
+def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(gate/up BLOCK_I, gate/up BLOCK_D, down BLOCK_I, down BLOCK_D) for the shape.
+
+    Gate/up: rows BLOCK_D = 256 wide (fewer for a small D) and BLOCK_I from 64 down to 8 until
+    N * K * cdiv(I, BLOCK_I) reaches PROGRAMS_PER_SM programs per SM. Down: BLOCK_D from 128 down to 16
+    until N * cdiv(D, BLOCK_D) does, and BLOCK_I filling a TILE-element tile (at most 256 rows).
+    """
+    bd1 = max(16, min(256, triton.next_power_of_2(D)))
+    bi1 = max(8, min(64, triton.next_power_of_2(I)))
+    while bi1 > 8 and N * K * triton.cdiv(I, bi1) < PROGRAMS_PER_SM * num_sms:
+        bi1 //= 2
+    bd2 = max(16, min(128, triton.next_power_of_2(D)))
+    while bd2 > 16 and N * triton.cdiv(D, bd2) < PROGRAMS_PER_SM * num_sms:
+        bd2 //= 2
+    bi2 = max(8, min(256, TILE // bd2, triton.next_power_of_2(I)))
+    return bi1, bd1, bi2, bd2
+
+
+def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, out_ND, *,
+                     blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4) -> None:
+    """Launch both kernels on validated tensors, writing ``out_ND`` [N, D].
+
+    x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks may have any strides
+    with a contiguous last dim. ``blocks`` overrides :func:`pick_blocks` (tests, tuning)."""
+    N, D = x_ND.shape
+    K = experts_NK.shape[1]
+    I = gate_EID.shape[1]
+    if N == 0:
+        return
+    if K == 0 or I == 0:
+        out_ND.zero_()
+        return
+    bi1, bd1, bi2, bd2 = blocks or pick_blocks(N, K, I, D, _num_sms(x_ND.device))
+    h_NKI = torch.empty(N, K, I, device=x_ND.device, dtype=torch.float32)
+    _gate_up_kernel[(N * K, triton.cdiv(I, bi1))](
+        x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
+        x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
+        BLOCK_I=bi1, BLOCK_D=bd1, num_warps=num_warps)
+    _down_kernel[(N, triton.cdiv(D, bd2))](
+        h_NKI, experts_NK, down_EID, out_ND, K, I, D, down_EID.stride(0), down_EID.stride(1), out_ND.stride(0),
+        BLOCK_I=bi2, BLOCK_D=bd2, num_warps=num_warps)
+
+
+@torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
+def _moe_experts_op(x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
+                    gate_EID: torch.Tensor, up_EID: torch.Tensor, down_EID: torch.Tensor,
+                    blocks: Optional[list[int]]) -> torch.Tensor:
+    out_ND = torch.empty_like(x_ND)
+    moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, out_ND,
+                     blocks=None if blocks is None else tuple(blocks))
+    return out_ND
+
+
+@_moe_experts_op.register_fake
+def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, blocks):
+    return torch.empty_like(x_ND)
+
+
+def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, *, blocks=None):
+    """Sparse-MoE decode kernel; arguments and result as in :func:`hybridlm.ops.moe_experts`.
+
+    ``blocks`` forces (gate/up BLOCK_I, gate/up BLOCK_D, down BLOCK_I, down BLOCK_D), powers of two;
+    by default :func:`pick_blocks` chooses them for the shape and the device's multiprocessor count.
+    Computes in float32, so float64 inputs are refused (the reference serves them). Weight stacks
+    whose rows are contiguous along D are read in place (views included); others are copied.
+
+    Example:
+        >>> x, (gate, up, down) = torch.randn(2, 48), torch.randn(3, 4, 40, 48)
+        >>> out = moe_experts_decode(x, torch.tensor([[0, 3], [3, 1]]), torch.rand(2, 2), gate, up, down)
+    """
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+    if x_ND.dtype == torch.float64:
+        raise TypeError("x_ND must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
+                        "use backend='reference'")
+    if blocks is not None and (len(blocks) != 4 or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1) for b in blocks)):
+        raise ValueError(f"blocks must be four powers of two or None, got {blocks!r}")
+    x_ND, experts_NK, weights_NK = x_ND.contiguous(), experts_NK.contiguous(), weights_NK.contiguous()
+    gate_EID, up_EID, down_EID = (w if w.stride(2) == 1 else w.contiguous() for w in (gate_EID, up_EID, down_EID))
+    if not torch.compiler.is_compiling():
+        # Eager calls launch directly: the custom-op dispatch costs tens of microseconds of host time,
+        # as much as the kernels at decode sizes (see ops/triton/decode.py).
+        out_ND = torch.empty_like(x_ND)
+        moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, out_ND, blocks=blocks)
+        return out_ND
+    return _moe_experts_op(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID,
+                           None if blocks is None else list(blocks))
