@@ -122,3 +122,15 @@ def test_packed_experts_are_views_with_the_same_values_and_repack_after_to():
     moe = moe.float()  # new tensors: the next call stacks again
     assert moe.packed_experts()[0].dtype == torch.float32
     assert moe.experts[0].gate_proj.weight.data_ptr() == moe.packed_experts()[0][0].data_ptr()
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3])  # tokens x 2 experts < 8 experts: the sparse op
+def test_static_moe_paths_equal_the_routed_loop(tokens):
+    from hybridlm.layers.moe import MoE
+
+    torch.manual_seed(tokens)
+    moe = MoE(HybridConfig(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32)).double()
+    x = torch.randn(tokens, 1, moe.gate.in_features, dtype=torch.float64)
+    torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(5, 1, moe.gate.in_features, dtype=torch.float64)  # 10 calls >= 8 experts: the dense path
+    torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)

@@ -16,6 +16,7 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
+from hybridlm.ops import moe_experts
 
 
 def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool,
@@ -96,16 +97,22 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor, static: bool = False) -> torch.Tensor:
         """x_BTD: [B, T, D] -> [B, T, D], same dtype.
 
-        static: run every expert on every token, weighted 0 where not routed (fixed shapes, no
-        host sync: a decode step that a CUDA graph can capture). It reads every expert's weights,
-        which a decode batch that routes to most experts reads anyway; at batch 1 it reads
-        num_experts / num_experts_per_tok times the routed experts' bytes.
+        static: fixed shapes and no host sync (a decode step a CUDA graph can capture). When the
+        tokens make fewer expert calls than there are experts (N k < E), ``ops.moe_experts`` reads
+        only the routed experts' weights; otherwise every expert runs on every token, weighted 0
+        where not routed (three GEMMs over the packed weights: a batch that reaches most experts
+        reads them all anyway).
         """
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
                                          self.score_bias, self.n_group, self.topk_group)
         weights_NK = weights_NK * self.routed_scaling_factor
         out_ND = torch.zeros_like(x_ND)
+        if static and x_ND.shape[0] * self.top_k < len(self.experts):
+            # few tokens: read only the routed experts' weights (a Triton kernel on CUDA)
+            gate_EID, up_EID, down_EID = self.packed_experts()
+            out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+            return self._add_shared(out_ND, x_ND).view_as(x_BTD)
         if static:
             # [N, E] combine weights, 0 for the experts a token was not routed to; three GEMMs over
             # the packed weights instead of three per expert (a decode graph of 48 MoE layers with
