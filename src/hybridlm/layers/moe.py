@@ -126,15 +126,18 @@ class MoE(nn.Module):
             h_NEF = h_NEF * dense_NE.to(h_NEF.dtype)[:, :, None]
             out_ND = h_NEF.view(-1, E * F_) @ down_EFD.view(E * F_, D)
             return self._add_shared(out_ND, x_ND).view_as(x_BTD)
-        # One pass per expert over only the tokens routed to it: readable, and no dense
-        # all-experts compute (a grouped GEMM kernel would replace this loop on the GPU).
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = torch.nonzero(experts_NK == e, as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            y = expert(x_ND.index_select(0, token_idx))
-            w = weights_NK[token_idx, slot].to(y.dtype)[:, None]
-            out_ND.index_add_(0, token_idx, y * w)
+        # Tokens sorted by expert, one host sync per layer (the per-expert counts), then one pass per
+        # expert over its contiguous rows: no dense all-experts compute, and no sync per expert (with a
+        # `nonzero` per expert, a 2k-token prefill chunk of 48 layers x 32 experts took ~0.5 s on an H200).
+        K = experts_NK.shape[1]
+        flat_E = experts_NK.reshape(-1)
+        order = torch.argsort(flat_E, stable=True)
+        counts = torch.bincount(flat_E, minlength=len(self.experts)).tolist()
+        token_idx = order // K
+        x_sorted = x_ND.index_select(0, token_idx)
+        ys = [self.experts[e](rows) for e, rows in enumerate(x_sorted.split(counts)) if counts[e]]
+        y_sorted = torch.cat(ys) * weights_NK.reshape(-1)[order].to(x_ND.dtype)[:, None]
+        out_ND.index_add_(0, token_idx, y_sorted)
         return self._add_shared(out_ND, x_ND).view_as(x_BTD)
 
     def packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
