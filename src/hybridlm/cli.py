@@ -426,6 +426,9 @@ def _add_profile(sub) -> None:
     p.add_argument("--graph", action=argparse.BooleanOptionalAction, default=None,
                    help="decode through a CUDA graph of the fixed-shape step (default: on cuda when the layers "
                         "allow it; --no-graph times the eager step)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step before the CUDA graph captures it (fewer, fused kernels; "
+                        "compiling takes minutes at 48 layers)")
     p.add_argument("--fill", action="store_true",
                    help="skip the prefill: fill the cache with random keys, values and states and time decoding only "
                         "(no TTFT; for large batches at long contexts, whose prefill takes minutes)")
@@ -450,7 +453,7 @@ def _cmd_profile(args) -> int:
             raise ValueError(f"{flag}: expected an int >= 1, got {value}")
     settings = ProfileSettings(device=device, dtype=dtype, decode_steps=args.decode_steps,
                                prefill_chunk=args.prefill_chunk, seed=args.seed, memory_budget=args.memory_budget,
-                               graph=args.graph, fill=args.fill)
+                               graph=args.graph, fill=args.fill, compile=args.compile)
     cfg = scaled_config(args.preset, args.layers, args.experts)
     models = {args.preset: cfg}
     if args.vs:

@@ -49,6 +49,8 @@ class StaticDecoder:
 
     Build it on an EMPTY cache: capture runs ``warmup`` real steps (Triton compilation, the
     allocator's graph pool), then resets the cache, whose tensors the graph keeps using.
+    ``compile=True`` runs the step through ``torch.compile`` first (fewer, fused kernels per layer;
+    compiling a 48-layer model takes minutes).
 
     Example::
 
@@ -58,7 +60,8 @@ class StaticDecoder:
         new_tokens = dec.run(first, n)                     # [batch, n], greedy
     """
 
-    def __init__(self, model, cache: HybridCache, graph: bool | None = None, warmup: int = 2) -> None:
+    def __init__(self, model, cache: HybridCache, graph: bool | None = None, warmup: int = 2,
+                 compile: bool = False) -> None:
         if cache.seq_len != 0:
             raise ValueError(f"cache: expected an empty cache (seq_len 0), got seq_len {cache.seq_len}; "
                              "build the decoder before prefilling (it resets the cache after its warm-up)")
@@ -68,6 +71,12 @@ class StaticDecoder:
         if graph and device.type != "cuda":
             raise ValueError(f"graph: CUDA graphs need a cache on a CUDA device, got {device}")
         self.model, self.cache = model, cache
+        for module in model.modules():  # stack MoE experts now, outside the traced and captured step
+            if hasattr(module, "packed_experts"):
+                module.packed_experts()
+        # compile: let torch.compile fuse the step's many small element-wise kernels (norms, gates,
+        # routing) before the graph captures it; the custom Triton ops stay as they are
+        self._decode = torch.compile(model.decode_static, dynamic=False) if compile else model.decode_static
         self.token_B1 = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
@@ -75,7 +84,7 @@ class StaticDecoder:
             self._capture(warmup)
 
     def _step(self) -> None:
-        logits = self.model.decode_static(self.token_B1, self.cache, self.slot)
+        logits = self._decode(self.token_B1, self.cache, self.slot)
         self.token_B1.copy_(logits.argmax(-1, keepdim=True))
         self.slot += 1
 

@@ -41,7 +41,8 @@ class ProfileSettings:
     fixed-shape step (``StaticDecoder``; default: on CUDA, when every layer letter has a static step),
     else the eager step; fill: skip the prefill and fill the cache with random keys, values and states
     instead (decode speed does not depend on their values, and a prefill of a large batch at a long
-    context can take minutes): rows then have no time to first token (None). The weights are random
+    context can take minutes): rows then have no time to first token (None); compile: torch.compile
+    the decode step before the graph captures it (StaticDecoder's ``compile``). The weights are random
     too: speed and memory do not depend on their values."""
 
     device: str = "cpu"
@@ -52,6 +53,7 @@ class ProfileSettings:
     memory_budget: int | None = None
     graph: bool | None = None
     fill: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("decode_steps", "prefill_chunk"):
@@ -60,8 +62,9 @@ class ProfileSettings:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
             raise ValueError(f"memory_budget: expected None or an int >= 1 (bytes), got {self.memory_budget!r}")
-        if not isinstance(self.fill, bool):
-            raise TypeError(f"fill: expected a bool, got {self.fill!r}")
+        for name in ("fill", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if self.graph is not None and not isinstance(self.graph, bool):
             raise TypeError(f"graph: expected None or a bool, got {self.graph!r}")
         if self.dtype not in DTYPE_NAMES:
@@ -242,7 +245,7 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     vocab = model.config.vocab_size
     cache = model.new_cache(batch, context + steps + 1)
     graphed = settings.use_graph(model.config)
-    decoder = StaticDecoder(model, cache, graph=True) if graphed else None
+    decoder = StaticDecoder(model, cache, graph=True, compile=settings.compile) if graphed else None
     decode = (lambda token, n: decoder.run(token, n)[:, -1]) if graphed else \
         (lambda token, n: decode_greedy(model, token, cache, n))
     if settings.fill:
@@ -263,7 +266,8 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     synchronize(device)
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"decode": "cuda graph" if graphed else "eager", "ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
+    return {"decode": ("compiled " if graphed and settings.compile else "") + ("cuda graph" if graphed else "eager"),
+            "ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
 
@@ -315,7 +319,8 @@ def _measure_filled(model: HybridLM, cache, context: int, batch: int, settings: 
     synchronize(device)
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"decode": "cuda graph" if graphed else "eager", "ttft_s": None, "prefill_tokens_per_s": None,
+    return {"decode": ("compiled " if graphed and settings.compile else "") + ("cuda graph" if graphed else "eager"),
+            "ttft_s": None, "prefill_tokens_per_s": None,
             "decode_tokens_per_s": batch * steps / dt, "decode_step_s": dt / steps, "peak_bytes": peak,
             "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len, "filled": True}
 

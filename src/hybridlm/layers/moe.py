@@ -149,6 +149,8 @@ class MoE(nn.Module):
         something replaced the weights (``.to(dtype)``, loading a checkpoint into new tensors).
         """
         pack = getattr(self, "_pack", None)
+        if pack is not None and torch.compiler.is_compiling():
+            return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
         if pack is not None and all(
                 ex.gate_proj.weight.data_ptr() == pack[0][e].data_ptr() and
                 ex.up_proj.weight.data_ptr() == pack[1][e].data_ptr() and
