@@ -82,6 +82,7 @@ CASES = [  # (B, T, H, HV, K, V): one token, a chunk short, a chunk over, severa
     (1, 65, 2, 2, 32, 16),
     (1, 130, 1, 2, 16, 16),
     (1, 1000, 1, 1, 16, 16),
+    (1, 65, 2, 4, 4, 16),  # K < 16 (the GPU study's key dim 4): blocks padded and masked
 ]
 GPU_CASES = [(2, 1000, 2, 4, 128, 128), (1, 300, 4, 4, 64, 128)]
 

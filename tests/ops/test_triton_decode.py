@@ -25,8 +25,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 # (B, H, HV, K, V): single head; HV = 2H with K, V not powers of two; V spread over two blocks
-# with a masked tail; K != V.
-SHAPES = [(1, 1, 1, 16, 16), (2, 2, 4, 12, 20), (3, 2, 2, 32, 72)]
+# with a masked tail; K != V; K = 4 (the GPU study's key dim).
+SHAPES = [(1, 1, 1, 16, 16), (2, 2, 4, 12, 20), (3, 2, 2, 32, 72), (2, 2, 4, 4, 16)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
