@@ -329,7 +329,8 @@ def _add_study(sub) -> None:
                                    "layer patterns on multi-query associative recall, measures recall as pairs and "
                                    "length grow past training, cache bytes and decode speed, and writes "
                                    "runs/<name>/report.md with plots and results.json. The default finishes in "
-                                   "minutes on a laptop CPU; --scale gpu is sized for one H100.")
+                                   "minutes on a laptop CPU; --scale gpu is sized for one GPU in under 30 "
+                                   "minutes (about 17 on an H200).")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="preset size (default: %(default)s)")
     p.add_argument("--name", default=None, help="run name; output in runs/<name> (default: study or study-gpu)")
     p.add_argument("--out", default=None, help="output directory (overrides runs/<name>)")
@@ -341,6 +342,8 @@ def _add_study(sub) -> None:
                         "e.g. slow=0.1:1:0.0001:0.001 (default init: A in [1, 16], dt in [0.001, 0.1])")
     p.add_argument("--layers", type=int, default=None, help="layers of every model (default: longest pattern)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size of every model")
+    p.add_argument("--key-dim", type=int, default=None,
+                   help="key dim of each linear head: sets the recurrent state's size (default cpu: 4)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model")
     p.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -354,9 +357,13 @@ def _add_study(sub) -> None:
     p.add_argument("--cache-contexts", type=parse_size_list, default=None, help="contexts for cache bytes, e.g. 4k,64k")
     p.add_argument("--decode-context", type=parse_size, default=None, help="prompt length before timing decode")
     p.add_argument("--seed", type=int, default=None, help="seed of weights and data")
-    p.add_argument("--token-shift", choices=("noconv", "all", "none"), default=None,
-                   help="which models get a previous-token embedding (default noconv: those without a short conv; "
-                        "see hybridlm.study.PrevTokenEmbedding)")
+    p.add_argument("--token-shift", choices=("layers", "noconv", "all", "none"), default=None,
+                   help="which models get a previous-token embedding (default layers: every model with a layer "
+                        "that has no short conv; noconv: only models with no conv at all; see "
+                        "hybridlm.study.uses_token_shift)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no model that would end past this many minutes; the report covers the models "
+                        "done and lists the rest as skipped (default cpu: none; gpu: 28)")
     p.add_argument("--jobs", type=int, default=None, help="models trained at once on CPU (default: 2 on 2+ cores)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per job (default: cores / jobs)")
 
@@ -376,14 +383,15 @@ def _cmd_study(args) -> int:
         "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
     }
-    for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("steps", args.steps),
+    for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("linear_key_dim", args.key_dim),
+                         ("steps", args.steps),
                          ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),
                          ("eval_batches", args.eval_batches), ("cache_contexts", args.cache_contexts),
                          ("decode_context", args.decode_context),
                          ("seed", args.seed), ("jobs", args.jobs), ("threads", args.threads),
-                         ("token_shift", args.token_shift)):
+                         ("token_shift", args.token_shift), ("max_minutes", args.max_minutes)):
         if value is not None:
             overrides[field] = tuple(value) if isinstance(value, list) else value
     sc = dataclasses.replace(sc, **overrides)

@@ -4,6 +4,12 @@ Reads only the results dict that ``hybridlm.study.run_study`` builds (the same o
 results.json), so a report can be rebuilt from a saved run:
 
     write_report(json.load(open("runs/study/results.json")), Path("runs/study"))
+
+A study split over several invocations with the same settings (``--patterns A,G`` on one call,
+``--patterns GGGA,D`` on the next, e.g. to stay inside a per-command time limit) is merged into one
+report with ``merge`` or from the shell:
+
+    python -m hybridlm.study_report runs/part1/results.json runs/part2/results.json --out runs/study
 """
 
 from __future__ import annotations
@@ -28,6 +34,76 @@ def _fmt_ctx(n: int) -> str:
 
 def _find(runs: list[dict], pattern: str) -> dict | None:
     return next((r for r in runs if r["label"] == pattern), None)
+
+
+TOKEN_SHIFT_TEXT = {
+    "layers": "every model with a layer that has no short conv (all-attention, the hybrids, plain linear "
+              "attention) gets it; all-G and all-D models do not (every layer has a conv).",
+    "noconv": "only models with no short conv at all (all-attention, plain linear attention) get it.",
+    "all": "every model gets it.",
+    "none": "no model gets it.",
+}
+
+
+# Settings that may differ between the parts of a merged study.
+_PER_PART = ("name", "patterns", "max_minutes", "jobs", "threads", "num_layers")
+
+
+def _layers(study: dict[str, Any]) -> int:
+    """Layers every model of a study had: num_layers, or by default the longest pattern (at least 4)."""
+    return study.get("num_layers") or max(4, *(len(p) for p in study["patterns"]))
+
+
+def merge(parts: list[dict[str, Any]], name: str | None = None) -> dict[str, Any]:
+    """One results dict from the results of several invocations of the same study.
+
+    Every part must have run on the same device and torch with the same settings (all but
+    ``_PER_PART``); each pattern may come from one part only. Runs keep the parts' order; a
+    pattern skipped in one part and run in another counts as run; wall time is the parts' sum.
+    Raises ValueError naming the first setting that differs.
+    """
+    if not parts:
+        raise ValueError("parts: expected at least one results dict")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], 1):
+        if _layers(part["study"]) != _layers(first["study"]):
+            raise ValueError(f"parts[{i}]: its models have {_layers(part['study'])} layers, parts[0]'s "
+                             f"{_layers(first['study'])} (set --layers to match)")
+        for key in ("device", "torch"):
+            if part.get(key) != first.get(key):
+                raise ValueError(f"parts[{i}]: {key} {part.get(key)!r} differs from parts[0]'s {first.get(key)!r}")
+        for key in sorted(set(first["study"]) | set(part["study"])):
+            if key not in _PER_PART and part["study"].get(key) != first["study"].get(key):
+                raise ValueError(f"parts[{i}]: study setting {key!r} is {part['study'].get(key)!r}, "
+                                 f"parts[0] has {first['study'].get(key)!r}")
+    runs, seen = [], set()
+    for i, part in enumerate(parts):
+        for run in part["runs"]:
+            if run["label"] in seen:
+                raise ValueError(f"parts[{i}]: model {run['label']!r} was already run in an earlier part")
+            seen.add(run["label"])
+            runs.append(run)
+    skipped = [s for part in parts for s in part.get("skipped", []) if s not in seen]
+    study = {**first["study"], "name": name or first["study"]["name"],
+             "patterns": list(dict.fromkeys(p for part in parts for p in part["study"]["patterns"])),
+             "max_minutes": first["study"].get("max_minutes"), "num_layers": _layers(first["study"])}
+    return {**first, "study": study, "runs": runs, "skipped": list(dict.fromkeys(skipped)),
+            "complete": all(part.get("complete", True) for part in parts), "parts": len(parts),
+            "wall_seconds": sum(part["wall_seconds"] for part in parts)}
+
+
+def status(results: dict[str, Any]) -> list[str]:
+    """Lines saying the run is partial, merged, or that models were skipped (empty for a plain complete run)."""
+    lines = []
+    if results.get("parts", 1) > 1:
+        lines.append(f"**Merged** from {results['parts']} invocations of `hybridlm study` with the same settings, "
+                     "the patterns split between them; the wall time is their sum.")
+    if not results.get("complete", True):
+        lines.append(f"**Partial report**: written after {len(results['runs'])} model(s); the run had not ended.")
+    if results.get("skipped"):
+        lines.append(f"**Not run** (the {results['study'].get('max_minutes')}-minute limit, `max_minutes`, "
+                     f"would have been passed): {', '.join(f'`{s}`' for s in results['skipped'])}.")
+    return lines + [""] if lines else []
 
 
 def headline(results: dict[str, Any]) -> list[str]:
@@ -146,21 +222,22 @@ def write_report(results: dict[str, Any], out: Path) -> list[str]:
     """Write report.md and the plots into ``out``; returns the file names written."""
     sc = results["study"]
     pngs = plots(results, out)
-    layers = {r["label"]: r["params"] for r in results["runs"]}
-    spread = (max(layers.values()) - min(layers.values())) / max(layers.values())
+    params = [r["params"] for r in results["runs"]] or [1]
+    spread = (max(params) - min(params)) / max(params)
     lines = [
         f"# hybridlm study: {sc['name']}", "",
         f"Device: {results['device']}, torch {results['torch']}, {results['threads']} threads; "
         f"wall time {results['wall_seconds']:.0f} s.", "",
+        *status(results),
         "## Setup", "",
-        f"- Every model has {sc['num_layers'] or max(4, *(len(p) for p in sc['patterns']))} layers "
+        f"- Every model has {_layers(sc)} layers "
         f"(so the longest pattern fits once), hidden size {sc['hidden_size']}, "
         f"{sc['heads']} heads; the MLP width of each is set so parameter counts match "
         f"(spread {100 * spread:.1f}%). Linear heads have key dim {sc['linear_key_dim'] or 'head_dim'} "
         "(this sets the recurrent state's size).",
-        f"- Previous-token embedding (`token_shift={sc['token_shift']}`): models without a short conv (all-attention, "
-        "plain linear attention) get E[x_t] + P[x_(t-1)] so they need not discover a previous-token head first; "
-        "G/D layers have their own short conv. See `hybridlm.study.PrevTokenEmbedding`.",
+        f"- Previous-token embedding (`token_shift={sc['token_shift']}`): {TOKEN_SHIFT_TEXT.get(sc['token_shift'], '')} "
+        "It gives E[x_t] + P[x_(t-1)], so a layer without a short conv need not discover a previous-token head "
+        "first; G/D layers have their own short conv. See `hybridlm.study.PrevTokenEmbedding`.",
         f"- Trained {sc['steps']} steps x {sc['batch_size']} sequences on MQAR at {sc['train_len']} tokens with "
         f"{', '.join(map(str, sc['train_pairs']))} key-value pairs (one pair count per batch, in turn), "
         f"vocabulary {sc['vocab_size']} (keys and values from disjoint halves); AdamW, lr {sc['lr']}, "
@@ -177,3 +254,35 @@ def write_report(results: dict[str, Any], out: Path) -> list[str]:
         lines += ["(matplotlib is not installed: no plots; `pip install matplotlib`.)", ""]
     (out / "report.md").write_text("\n".join(lines))
     return ["report.md", *pngs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hybridlm.study_report RESULTS.json [RESULTS.json ...] --out DIR``: (merge and) rebuild a report."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m hybridlm.study_report", description=main.__doc__)
+    ap.add_argument("results", nargs="+", help="results.json files of `hybridlm study` runs with the same settings")
+    ap.add_argument("--out", required=True, help="directory for report.md, the plots and the merged results.json")
+    ap.add_argument("--name", help="study name in the report (default: the first part's)")
+    args = ap.parse_args(argv)
+    parts = []
+    for path in args.results:
+        try:
+            parts.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            ap.error(f"results: cannot read {path}: {e}")
+    try:
+        results = merge(parts, args.name)
+    except ValueError as e:
+        ap.error(str(e))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results["files"] = write_report(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"report: {out / 'report.md'} ({len(results['runs'])} models from {len(parts)} part(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
