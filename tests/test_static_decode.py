@@ -89,6 +89,16 @@ def test_unsupported_letters_are_refused():
         model.decode_static(torch.zeros(1, 1, dtype=torch.long), cache, torch.zeros(1, dtype=torch.long))
 
 
+def eager_greedy(model, ids, max_len, steps):
+    """The reference: prefill, then ``steps`` greedy tokens through the eager cached decode, [B, steps]."""
+    cache = model.new_cache(ids.shape[0], max_len)
+    token, want = prefill(model, ids, None, cache).argmax(-1), []
+    for _ in range(steps):
+        token = decode_one_token(model, token, cache).argmax(-1)
+        want.append(token)
+    return torch.stack(want, 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
 def test_static_decoder_graph_equals_eager_on_cuda():
     torch.manual_seed(0)
@@ -97,12 +107,7 @@ def test_static_decoder_graph_equals_eager_on_cuda():
     cache = model.new_cache(2, 33 + 9)
     dec = StaticDecoder(model, cache)
     got = dec.run(prefill(model, ids, None, cache).argmax(-1), 8)
-    ref = model.new_cache(2, 42)
-    token, want = prefill(model, ids, None, ref).argmax(-1), []
-    for _ in range(8):
-        token = decode_one_token(model, token, ref).argmax(-1)
-        want.append(token)
-    assert torch.equal(got, torch.stack(want, 1))
+    assert torch.equal(got, eager_greedy(model, ids, 42, 8))
 
 
 def test_packed_experts_are_views_with_the_same_values_and_repack_after_to():
@@ -144,9 +149,4 @@ def test_compiled_static_decoder_equals_eager_greedy():
     cache = model.new_cache(2, 16)
     dec = StaticDecoder(model, cache, graph=False, compile=True)
     got = dec.run(prefill(model, ids, None, cache).argmax(-1), 4)
-    ref = model.new_cache(2, 16)
-    token, want = prefill(model, ids, None, ref).argmax(-1), []
-    for _ in range(4):
-        token = decode_one_token(model, token, ref).argmax(-1)
-        want.append(token)
-    assert torch.equal(got, torch.stack(want, 1))
+    assert torch.equal(got, eager_greedy(model, ids, 16, 4))
