@@ -145,3 +145,27 @@ def test_gpu_preset_stays_under_the_issue_bound_and_trains_the_comparison_first(
     assert gpu.max_minutes is not None and gpu.max_minutes < 30
     assert gpu.patterns[:3] == ("A", "G", "GGGA") and "GGGGGGGA" in gpu.patterns
     assert max(gpu.eval_pairs) > max(gpu.train_pairs) > max(SCALES["cpu"].train_pairs)
+
+
+@pytest.mark.parametrize("task, sizes, unit", [("copy", ("2,4", "2,6"), "tokens to copy"),
+                                               ("multihop", ("1,2", "1,3"), "chains")])
+def test_study_on_other_tasks_trains_and_reports_their_size_axis(tmp_path, task, sizes, unit):
+    out = tmp_path / task
+    assert main(["study", "--task", task, "--patterns", "A,G", "--layers", "2", "--hidden", "32", "--steps", "3",
+                 "--batch-size", "4", "--vocab", "40", "--train-pairs", sizes[0], "--eval-pairs", sizes[1],
+                 "--eval-batches", "1", "--cache-contexts", "64", "--decode-context", "16", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"]["task"] == task
+    for r in results["runs"]:
+        assert list(r["recall"]["pairs"]) == sizes[1].split(",") and r["recall"]["length"] == {}
+        assert all(0.0 <= a <= 1.0 for a in r["recall"]["pairs"].values())
+    report = (out / "report.md").read_text()
+    assert f"## Recall vs number of {unit}" in report and "sequence length" not in report
+    assert not (out / "acc_vs_length.png").exists() and (out / "acc_vs_pairs.png").exists()
+
+
+@pytest.mark.parametrize("kw, match", [({"task": "sort"}, "task"), ({"task": "multihop", "train_pairs": (9,)}, "vocab_size"),
+                                       ({"task": "copy", "eval_pairs": ()}, "eval_pairs")])
+def test_bad_task_settings_raise(kw, match):
+    with pytest.raises(ValueError, match=match):
+        StudyConfig(**kw)

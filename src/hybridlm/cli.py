@@ -332,6 +332,10 @@ def _add_study(sub) -> None:
                                    "minutes on a laptop CPU; --scale gpu is sized for one GPU in under 30 "
                                    "minutes (about 17 on an H200).")
     p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="preset size (default: %(default)s)")
+    p.add_argument("--task", choices=("mqar", "multihop", "copy"), default=None,
+                   help="what to train and test on (default mqar); --train-pairs / --eval-pairs then count "
+                        "key-value pairs (mqar), chains (multihop) or tokens to copy (copy)")
+    p.add_argument("--hops", type=int, default=None, help="multihop: copies after each chain's first assignment (2)")
     p.add_argument("--name", default=None, help="run name; output in runs/<name> (default: study or study-gpu)")
     p.add_argument("--out", default=None, help="output directory (overrides runs/<name>)")
     p.add_argument("--patterns", default=None, help="comma-separated layer patterns (default cpu: A,G,GGGA,X,D; gpu adds GGGGGGGA)")
@@ -349,8 +353,8 @@ def _add_study(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--train-len", type=int, default=None, help="training sequence length")
     p.add_argument("--vocab", type=int, default=None, help="token ids of the task (keys and values from two halves)")
-    p.add_argument("--train-pairs", type=parse_int_list, default=None, help="pair counts trained on, e.g. 2,4,8")
-    p.add_argument("--eval-pairs", type=parse_int_list, default=None, help="pair counts evaluated")
+    p.add_argument("--train-pairs", type=parse_int_list, default=None, help="sizes trained on (pairs, chains or copy lengths: see --task), e.g. 2,4,8")
+    p.add_argument("--eval-pairs", type=parse_int_list, default=None, help="sizes evaluated (see --task)")
     p.add_argument("--eval-lens", type=parse_int_list, default=None, help="sequence lengths evaluated")
     p.add_argument("--eval-len-pairs", type=int, default=None, help="pairs in the length sweep")
     p.add_argument("--eval-batches", type=int, default=None, help="test batches per evaluation point")
@@ -383,7 +387,7 @@ def _cmd_study(args) -> int:
         "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
     }
-    for field, value in (("num_layers", args.layers), ("hidden_size", args.hidden), ("linear_key_dim", args.key_dim),
+    for field, value in (("task", args.task), ("hops", args.hops), ("num_layers", args.layers), ("hidden_size", args.hidden), ("linear_key_dim", args.key_dim),
                          ("steps", args.steps),
                          ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),

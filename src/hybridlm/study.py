@@ -6,9 +6,10 @@ plain linear attention ``X``, DeltaNet ``D``; configurable) the study
 1. builds a model of (near) the same parameter count: every pattern gets the same depth (the
    longest pattern's length, so ``GGGGGGGA`` fits once), hidden size and head shapes, and the
    MLP width of each is then set so the totals match the largest within a fraction of a percent;
-2. trains it on MQAR with a range of pairs at one sequence length;
-3. evaluates recall as the number of pairs grows past the training range (at the training length)
-   and as the sequence grows past the training length (at a fixed number of pairs);
+2. trains it on MQAR with a range of pairs at one sequence length (or, with ``task``, on
+   multi-hop variable tracking over a range of chains, or on copying strings of a range of lengths);
+3. evaluates recall as the number of pairs (chains, copied tokens) grows past the training range
+   and, for MQAR, as the sequence grows past the training length (at a fixed number of pairs);
 4. measures the cache bytes a batch-1 sequence needs at several contexts (bf16 keys/values, fp32
    recurrent state: ``model.new_cache(...).nbytes()`` on the meta device) and the decode tokens/s;
 5. writes ``runs/<name>/results.json``, ``report.md`` and PNG plots.
@@ -50,8 +51,8 @@ from torch import nn
 from hybridlm.cache import conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
-from hybridlm.tasks import MQAR, Mixture
-from hybridlm.tasks.base import PAD
+from hybridlm.tasks import MQAR, Copy, Mixture, MultiHop
+from hybridlm.tasks.base import PAD, Task
 from hybridlm.train import TrainConfig, evaluate, train
 
 ALL_PATTERNS = ("A", "G", "GGGA", "GGGGGGGA", "X", "D")
@@ -66,6 +67,34 @@ def pairs_len(num_pairs: int, train_len: int) -> int:
 
 
 TOKEN_SHIFT_MODES = ("layers", "noconv", "all", "none")
+
+# What the study trains on, and what its size axis (``train_pairs`` / ``eval_pairs``) counts:
+TASKS = {
+    "mqar": "key-value pairs",  # multi-query associative recall; the length axis grows the filler
+    "multihop": "chains",  # variable tracking, ``hops`` copies per chain; each chain is one value to hold
+    "copy": "tokens to copy",  # copy a random string of that many tokens after a separator
+}
+
+
+def train_task(sc: "StudyConfig", n: int) -> Task:
+    """The training task of size ``n`` (MQAR at ``train_len`` tokens; the others at their own length)."""
+    if sc.task == "mqar":
+        return MQAR(n, seq_len=sc.train_len, vocab_size=sc.vocab_size)
+    return size_task(sc, n)
+
+
+def size_task(sc: "StudyConfig", n: int) -> Task:
+    """The test task of size ``n``: MQAR at the shortest length that holds the pairs (train_len at least)."""
+    if sc.task == "mqar":
+        return MQAR(n, seq_len=pairs_len(n, sc.train_len), vocab_size=sc.vocab_size)
+    if sc.task == "multihop":
+        return MultiHop(hops=sc.hops, num_chains=n, vocab_size=sc.vocab_size)
+    return Copy(length=n, vocab_size=sc.vocab_size)
+
+
+def length_task(sc: "StudyConfig", t: int) -> Task | None:
+    """The test task at ``t`` tokens for the length axis (MQAR only: the others have no filler)."""
+    return MQAR(sc.eval_len_pairs, seq_len=t, vocab_size=sc.vocab_size) if sc.task == "mqar" else None
 
 
 def uses_token_shift(config: HybridConfig, mode: str) -> bool:
@@ -113,6 +142,8 @@ class StudyConfig:
     """Everything one study run does. ``SCALES`` holds the CPU default and the one-GPU size."""
 
     name: str = "study"
+    task: str = "mqar"  # one of TASKS; train_pairs / eval_pairs count its size unit
+    hops: int = 2  # multihop: copies after each chain's first assignment
     patterns: tuple[str, ...] = CPU_PATTERNS
     num_layers: int | None = None  # default: the longest pattern's length, at least 4
     hidden_size: int = 64
@@ -122,7 +153,7 @@ class StudyConfig:
     train_len: int = 32
     train_pairs: tuple[int, ...] = (2, 4, 6)
     eval_pairs: tuple[int, ...] = (2, 4, 6, 8, 10)  # at max(train_len, 4 * pairs + 1) tokens
-    eval_lens: tuple[int, ...] = (32, 64, 128, 256)
+    eval_lens: tuple[int, ...] = (32, 64, 128, 256)  # mqar only
     eval_len_pairs: int = 6
     steps: int = 1200  # at 600 the delta-rule models had not fitted the trained counts (G 47% at 6 pairs)
     batch_size: int = 32
@@ -151,11 +182,16 @@ class StudyConfig:
                              f"got {self.num_layers}")
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size: expected a multiple of heads ({self.heads}), got {self.hidden_size}")
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {tuple(TASKS)}, got {self.task!r}")
+        if not self.train_pairs or not self.eval_pairs:
+            raise ValueError("train_pairs, eval_pairs: expected at least one size each")
         for n in self.train_pairs:
-            MQAR(n, seq_len=self.train_len, vocab_size=self.vocab_size)  # raises when they do not fit
+            train_task(self, n)  # raises when they do not fit
         for n in self.eval_pairs:
-            MQAR(n, seq_len=pairs_len(n, self.train_len), vocab_size=self.vocab_size)
-        MQAR(self.eval_len_pairs, seq_len=min(self.eval_lens), vocab_size=self.vocab_size)
+            size_task(self, n)
+        if self.task == "mqar":
+            MQAR(self.eval_len_pairs, seq_len=min(self.eval_lens), vocab_size=self.vocab_size)
         uses_token_shift(HybridConfig(), self.token_shift)  # raises on an unknown mode
         if not (isinstance(self.chunk_size, int) and self.chunk_size > 0 and self.chunk_size & (self.chunk_size - 1) == 0):
             raise ValueError(f"chunk_size: expected a power of two, got {self.chunk_size!r}")
@@ -320,14 +356,14 @@ def _sync(device: torch.device) -> None:
 
 
 def recall_grid(model: HybridLM, sc: StudyConfig) -> dict[str, dict[int, float]]:
-    """Test accuracy vs pairs (at the shortest length that fits them, train_len at least) and vs length
-    (at eval_len_pairs)."""
-    def acc(task: MQAR) -> float:
+    """Test accuracy vs the task's size (``size_task``; "pairs" in the results whatever the task) and,
+    for MQAR, vs length at eval_len_pairs ("length"; empty for the other tasks)."""
+    def acc(task: Task) -> float:
         return evaluate(model, task, sc.eval_batch_size, sc.eval_batches, seed=sc.seed + 1)["accuracy"]
 
     return {
-        "pairs": {n: acc(MQAR(n, seq_len=pairs_len(n, sc.train_len), vocab_size=sc.vocab_size)) for n in sc.eval_pairs},
-        "length": {t: acc(MQAR(sc.eval_len_pairs, seq_len=t, vocab_size=sc.vocab_size)) for t in sc.eval_lens},
+        "pairs": {n: acc(size_task(sc, n)) for n in sc.eval_pairs},
+        "length": {t: acc(length_task(sc, t)) for t in sc.eval_lens} if sc.task == "mqar" else {},
     }
 
 
@@ -359,7 +395,7 @@ def run_one(pattern: str, config: HybridConfig, gi: GateInit | None, sc: StudyCo
     if gi is not None:
         apply_gate_init(model, gi, torch.Generator().manual_seed(sc.seed))
     model.to(device)
-    train_data = Mixture([MQAR(n, seq_len=sc.train_len, vocab_size=sc.vocab_size) for n in sc.train_pairs])
+    train_data = Mixture([train_task(sc, n) for n in sc.train_pairs])
     cfg = TrainConfig(steps=sc.steps, batch_size=sc.batch_size, lr=sc.lr, warmup_steps=sc.warmup_steps,
                       eval_batches=1, log_every=max(1, sc.steps // 5), seed=sc.seed)
     log(f"[{label}] {config.layer_types}  {model.num_parameters():,} params  training {sc.steps} steps")

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+MARKERS = ("o", "s", "D", "^", "v", "P", "X")
+DASHES = ("-", "--", "-.", ":")
 PLOTS = ("acc_vs_pairs.png", "acc_vs_length.png", "cache_vs_context.png", "acc_vs_cache.png")
 
 
@@ -88,7 +90,8 @@ def merge(parts: list[dict[str, Any]], name: str | None = None) -> dict[str, Any
              "patterns": list(dict.fromkeys(p for part in parts for p in part["study"]["patterns"])),
              "max_minutes": first["study"].get("max_minutes"), "num_layers": _layers(first["study"])}
     return {**first, "study": study, "runs": runs, "skipped": list(dict.fromkeys(skipped)),
-            "complete": all(part.get("complete", True) for part in parts), "parts": len(parts),
+            "complete": all(part.get("complete", True) for part in parts),
+            "parts": sum(part.get("parts", 1) for part in parts),
             "wall_seconds": sum(part["wall_seconds"] for part in parts)}
 
 
@@ -106,29 +109,59 @@ def status(results: dict[str, Any]) -> list[str]:
     return lines + [""] if lines else []
 
 
+UNITS = {"mqar": "pairs", "multihop": "chains", "copy": "tokens to copy"}
+TASK_TEXT = {
+    "mqar": "multi-query associative recall (MQAR)",
+    "multihop": "multi-hop variable tracking",
+    "copy": "copying a random string after a separator",
+}
+
+
+def _unit(sc: dict[str, Any]) -> str:
+    return UNITS[sc.get("task", "mqar")]
+
+
+def _has_length(sc: dict[str, Any], runs: list[dict]) -> bool:
+    return sc.get("task", "mqar") == "mqar" and bool(runs) and bool(runs[0]["recall"]["length"])
+
+
+def _training_text(sc: dict[str, Any]) -> str:
+    sizes = ", ".join(map(str, sc["train_pairs"]))
+    task = sc.get("task", "mqar")
+    if task == "mqar":
+        return (f"MQAR at {sc['train_len']} tokens with {sizes} key-value pairs (keys and values from disjoint "
+                "halves of the vocabulary)")
+    if task == "multihop":
+        return f"multi-hop variable tracking with {sizes} interleaved chains of {sc.get('hops', 2)} hops"
+    return f"copying random strings of {sizes} tokens"
+
+
 def headline(results: dict[str, Any]) -> list[str]:
     """Sentences with the numbers that answer the study's question (empty when the runs are missing)."""
     sc, runs = results["study"], results["runs"]
+    unit = _unit(sc)
     hardest = str(max(sc["eval_pairs"]))
     longest = str(max(sc["eval_lens"]))
     ctx = str(max(sc["cache_contexts"]))
-    lines = [f"- Recall with **{hardest} pairs** (training went up to {max(sc['train_pairs'])}) and at "
-             f"**{longest} tokens** (training length {sc['train_len']}, {sc['eval_len_pairs']} pairs):"]
+    with_length = _has_length(sc, runs)
+    lines = [f"- Recall with **{hardest} {unit}** (training went up to {max(sc['train_pairs'])})"
+             + (f" and at **{longest} tokens** (training length {sc['train_len']}, {sc['eval_len_pairs']} pairs):"
+                if with_length else ":")]
     for r in runs:
-        lines.append(f"  - `{r['label']}`: {100 * r['recall']['pairs'][hardest]:.0f}% / "
-                     f"{100 * r['recall']['length'][longest]:.0f}%  (cache at {_fmt_ctx(int(ctx))}: "
-                     f"{_fmt_bytes(r['cache_bytes'][ctx])})")
+        at_length = f" / {100 * r['recall']['length'][longest]:.0f}%" if with_length else ""
+        lines.append(f"  - `{r['label']}`: {100 * r['recall']['pairs'][hardest]:.0f}%{at_length}  (cache at "
+                     f"{_fmt_ctx(int(ctx))}: {_fmt_bytes(r['cache_bytes'][ctx])})")
     attn, hybrid = _find(runs, "A"), _find(runs, "GGGA")
     if attn and hybrid:
         ratio = attn["cache_bytes"][ctx] / hybrid["cache_bytes"][ctx]
         gap = 100 * (attn["recall"]["pairs"][hardest] - hybrid["recall"]["pairs"][hardest])
         lines.append(f"- The 3:1 hybrid needs **{ratio:.1f}x less cache** than all-attention at "
-                     f"{_fmt_ctx(int(ctx))} tokens, for a recall gap of **{gap:+.0f} points** at {hardest} pairs.")
+                     f"{_fmt_ctx(int(ctx))} tokens, for a recall gap of **{gap:+.0f} points** at {hardest} {unit}.")
     linear = [r for r in runs if set(r["pattern"]) <= set("GDXKL")]
     if attn and linear:
         best = max(linear, key=lambda r: r["recall"]["pairs"][hardest])
         lines.append(f"- The best pure-linear model (`{best['label']}`) recalls "
-                     f"{100 * best['recall']['pairs'][hardest]:.0f}% at {hardest} pairs against all-attention's "
+                     f"{100 * best['recall']['pairs'][hardest]:.0f}% at {hardest} {unit} against all-attention's "
                      f"{100 * attn['recall']['pairs'][hardest]:.0f}%; its state is "
                      f"{_fmt_bytes(best['cache_bytes'][ctx])} at any context.")
     return lines
@@ -148,15 +181,21 @@ def tables(results: dict[str, Any]) -> list[str]:
     len_cols = [str(t) + ("" if t == sc["train_len"] else " (beyond)" if t > sc["train_len"] else "")
                 for t in sc["eval_lens"]]
     ctxs = [str(c) for c in sc["cache_contexts"]]
-    out = ["## Recall vs number of pairs", "",
-           f"Test accuracy on MQAR query answers, at {sc['train_len']} tokens or the fewest that hold the pairs "
-           "(4 per pair + 1).", ""]
+    task = sc.get("task", "mqar")
+    where = {"mqar": f"at {sc['train_len']} tokens or the fewest that hold the pairs (4 per pair + 1)",
+             "multihop": f"{sc.get('hops', 2)} hops per chain, chains interleaved",
+             "copy": "the whole copy scored, token by token"}[task]
+    out = [f"## Recall vs number of {_unit(sc)}", "",
+           f"Test accuracy on the answer tokens of {TASK_TEXT[task]}, {where}.", ""]
     out += _table(["model", *pair_cols], [[f"`{r['label']}`", *(f"{100 * a:.1f}%" for a in r["recall"]["pairs"].values())]
                                           for r in runs])
-    out += ["", "## Recall vs sequence length", "",
-            f"Test accuracy with {sc['eval_len_pairs']} pairs; the filler between the pairs and the queries grows.", ""]
-    out += _table(["model", *len_cols], [[f"`{r['label']}`", *(f"{100 * a:.1f}%" for a in r["recall"]["length"].values())]
-                                         for r in runs])
+    if _has_length(sc, runs):
+        out += ["", "## Recall vs sequence length", "",
+                f"Test accuracy with {sc['eval_len_pairs']} pairs; the filler between the pairs and the queries grows.",
+                ""]
+        out += _table(["model", *len_cols], [[f"`{r['label']}`",
+                                              *(f"{100 * a:.1f}%" for a in r["recall"]["length"].values())]
+                                             for r in runs])
     out += ["", "## Size, cost and speed", "",
             "Cache: batch 1, bf16 keys/values, fp32 recurrent state, measured with `model.new_cache(...).nbytes()`. "
             f"Decode: greedy, batch 1, after a {sc['decode_context']}-token prompt.", ""]
@@ -181,9 +220,10 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
 
     def sweep(key: str, fname: str, xlabel: str, train_hi: float) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for r in runs:
+        for i, r in enumerate(runs):  # markers and dashes differ, so equal curves (100% and 100%) stay visible
             xs = [int(k) for k in r["recall"][key]]
-            ax.plot(xs, [100 * v for v in r["recall"][key].values()], marker="o", label=r["label"])
+            ax.plot(xs, [100 * v for v in r["recall"][key].values()], marker=MARKERS[i % len(MARKERS)],
+                    linestyle=DASHES[i % len(DASHES)], markersize=7 - i % 3, label=r["label"])
         ax.axvspan(min(ax.get_xlim()[0], train_hi), train_hi, color="0.9", zorder=0, label="trained")
         ax.set(xlabel=xlabel, ylabel="recall accuracy (%)", ylim=(-3, 103))
         ax.legend(fontsize=8)
@@ -191,8 +231,12 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
 
-    sweep("pairs", PLOTS[0], "key-value pairs", max(sc["train_pairs"]))
-    sweep("length", PLOTS[1], f"sequence length ({sc['eval_len_pairs']} pairs)", sc["train_len"])
+    written = [PLOTS[0], PLOTS[2], PLOTS[3]]
+    sweep("pairs", PLOTS[0], {"mqar": "key-value pairs", "multihop": "chains", "copy": "tokens to copy"}[
+        sc.get("task", "mqar")], max(sc["train_pairs"]))
+    if _has_length(sc, runs):
+        sweep("length", PLOTS[1], f"sequence length ({sc['eval_len_pairs']} pairs)", sc["train_len"])
+        written.insert(1, PLOTS[1])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
@@ -210,12 +254,12 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         ax.scatter([x], [y], s=40)
         ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set(xlabel=f"cache bytes at {_fmt_ctx(int(ctx))} tokens", ylabel=f"recall at {hardest} pairs (%)",
+    ax.set(xlabel=f"cache bytes at {_fmt_ctx(int(ctx))} tokens", ylabel=f"recall at {hardest} {_unit(sc)} (%)",
            ylim=(-3, 103))
     fig.tight_layout()
     fig.savefig(out / PLOTS[3], dpi=120)
     plt.close(fig)
-    return list(PLOTS)
+    return written
 
 
 def write_report(results: dict[str, Any], out: Path) -> list[str]:
@@ -238,10 +282,8 @@ def write_report(results: dict[str, Any], out: Path) -> list[str]:
         f"- Previous-token embedding (`token_shift={sc['token_shift']}`): {TOKEN_SHIFT_TEXT.get(sc['token_shift'], '')} "
         "It gives E[x_t] + P[x_(t-1)], so a layer without a short conv need not discover a previous-token head "
         "first; G/D layers have their own short conv. See `hybridlm.study.PrevTokenEmbedding`.",
-        f"- Trained {sc['steps']} steps x {sc['batch_size']} sequences on MQAR at {sc['train_len']} tokens with "
-        f"{', '.join(map(str, sc['train_pairs']))} key-value pairs (one pair count per batch, in turn), "
-        f"vocabulary {sc['vocab_size']} (keys and values from disjoint halves); AdamW, lr {sc['lr']}, "
-        f"warmup + cosine; seed {sc['seed']}.",
+        f"- Trained {sc['steps']} steps x {sc['batch_size']} sequences on {_training_text(sc)}; one size per "
+        f"batch, in turn; vocabulary {sc['vocab_size']}; AdamW, lr {sc['lr']}, warmup + cosine; seed {sc['seed']}.",
         f"- Evaluated on the held-out split: {sc['eval_batches']} x {sc['eval_batch_size']} sequences per point.",
         "",
         "## Headline", "",
