@@ -150,3 +150,66 @@ def test_compiled_static_decoder_equals_eager_greedy():
     dec = StaticDecoder(model, cache, graph=False, compile=True)
     got = dec.run(prefill(model, ids, None, cache).argmax(-1), 4)
     assert torch.equal(got, eager_greedy(model, ids, 16, 4))
+
+
+def test_sample_race_draws_the_filtered_softmax():
+    from hybridlm.generation import filter_logits, sample_race
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(100_000, 1)
+    for temperature, top_k, top_p in [(1.0, None, None), (0.7, 3, None), (1.3, None, 0.8), (1.0, 4, 0.9)]:
+        want = filter_logits(logits[:1], temperature, top_k, top_p).softmax(-1)[0]
+        got = torch.bincount(sample_race(logits, temperature, top_k, top_p, gen), minlength=6).double() / 1e5
+        assert (got[want == 0] == 0).all()  # filtered tokens never drawn
+        torch.testing.assert_close(got, want.double(), rtol=0, atol=0.006)  # ~4 standard errors at p = 0.5
+
+
+def test_static_decoder_samples_inside_the_step():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def run(**kw):
+        cache = model.new_cache(2, 20)
+        dec = StaticDecoder(model, cache, graph=False, **kw)
+        return dec.run(prefill(model, ids, None, cache).argmax(-1), 8)
+
+    # top_k = 1 is greedy; a seeded generator repeats its draws; other seeds draw other tokens
+    assert torch.equal(run(temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(1)),
+                       eager_greedy(model, ids, 20, 8))
+    a = run(temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, run(temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(1)))
+    assert any(not torch.equal(a, run(temperature=1.5, top_k=5, generator=torch.Generator().manual_seed(s)))
+               for s in (2, 3, 4))
+    # every drawn token is among the top 5 of the eager model's logits after the same history
+    cache = model.new_cache(2, 20)
+    step_logits = decode_one_token(model, prefill(model, ids, None, cache).argmax(-1), cache)
+    for i in range(8):
+        assert (step_logits.topk(5, -1).indices == a[:, i:i + 1]).any(-1).all()
+        step_logits = decode_one_token(model, a[:, i], cache)
+
+
+@pytest.mark.parametrize("kw, match", [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"),
+                                       ({"top_p": 1.5}, "top_p"),
+                                       ({"graph": True, "generator": torch.Generator()}, "generator")])
+def test_static_decoder_refuses_bad_sampling_arguments(kw, match):
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval()
+    with pytest.raises(ValueError, match=match):
+        StaticDecoder(model, model.new_cache(1, 8), **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
+def test_graph_sampling_repeats_under_the_same_cuda_seed():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), device="cuda")
+
+    def run(seed, **kw):
+        cache = model.new_cache(2, 20)
+        dec = StaticDecoder(model, cache, **kw)
+        first = prefill(model, ids, None, cache).argmax(-1)
+        torch.cuda.manual_seed(seed)
+        return dec.run(first, 8)
+
+    assert torch.equal(run(1, temperature=1.0, top_k=1), eager_greedy(model, ids, 20, 8))
+    assert torch.equal(run(1, temperature=1.5, top_p=0.9), run(1, temperature=1.5, top_p=0.9))

@@ -1,9 +1,10 @@
 """Text generation: one batched prefill through the chunked path, then one token at a time
 through the single-step path, with greedy, temperature, top-k and top-p sampling.
 
-Kept as small separate functions (as in gpt-fast). ``StaticDecoder`` is the fast path: greedy
-decode steps with fixed shapes (``HybridLM.decode_static``), captured once in a CUDA graph with the
-argmax inside, so each token costs one graph launch and the tokens never leave the GPU.
+Kept as small separate functions (as in gpt-fast). ``StaticDecoder`` is the fast path: decode
+steps with fixed shapes (``HybridLM.decode_static``), captured once in a CUDA graph with the
+token choice inside (argmax, or temperature / top-k / top-p sampling by an exponential race), so
+each token costs one graph launch and the tokens never leave the GPU.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def decode_one_token(model, token_B: torch.Tensor, cache: HybridCache) -> torch.
 
 
 class StaticDecoder:
-    """Greedy decoding through one CUDA graph replay per token (eager steps on the CPU).
+    """Decoding through one CUDA graph replay per token (eager steps on the CPU).
 
     The captured step embeds the token buffer, runs every layer on the cache with fixed shapes
-    (``HybridLM.decode_static``), writes the argmax back into the token buffer (fused sampling) and
-    advances the slot counter, all on the device: no host sync between tokens.
+    (``HybridLM.decode_static``), chooses the next token inside the step (fused sampling: argmax
+    when ``temperature`` is 0, else ``sample_race``: a draw from softmax(logits / temperature)
+    after the top-k / top-p filters of ``sample``), writes it into the token buffer and advances
+    the slot counter, all on the device: no host sync between tokens. Sampled draws come from
+    ``generator`` without a graph; a CUDA graph draws from the default CUDA generator (seed it with
+    ``torch.cuda.manual_seed``), each replay advancing it.
 
     Build it on an EMPTY cache: capture runs ``warmup`` real steps (Triton compilation, the
     allocator's graph pool), then resets the cache, whose tensors the graph keeps using.
@@ -58,19 +63,26 @@ class StaticDecoder:
         dec = StaticDecoder(model, cache)                  # captures on CUDA, leaves the cache empty
         first = prefill(model, prompt_ids, None, cache).argmax(-1)
         new_tokens = dec.run(first, n)                     # [batch, n], greedy
+        dec = StaticDecoder(model, cache, temperature=0.8, top_p=0.95)   # sampled inside the graph
     """
 
     def __init__(self, model, cache: HybridCache, graph: bool | None = None, warmup: int = 2,
-                 compile: bool = False) -> None:
+                 compile: bool = False, *, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> None:
+        _check_sampling(1, temperature, top_k, top_p)
         if cache.seq_len != 0:
             raise ValueError(f"cache: expected an empty cache (seq_len 0), got seq_len {cache.seq_len}; "
                              "build the decoder before prefilling (it resets the cache after its warm-up)")
         if not isinstance(warmup, int) or isinstance(warmup, bool) or not 1 <= warmup < cache.max_len:
             raise ValueError(f"warmup: expected an int in [1, max_len = {cache.max_len}), got {warmup!r}")
         device = cache.next_position.device
+        if generator is not None and (device.type == "cuda" if graph is None else graph):
+            raise ValueError("generator: a CUDA graph samples from the default CUDA generator; seed it with "
+                             "torch.cuda.manual_seed, or pass graph=False to use this generator")
         if graph and device.type != "cuda":
             raise ValueError(f"graph: CUDA graphs need a cache on a CUDA device, got {device}")
         self.model, self.cache = model, cache
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         for module in model.modules():  # stack MoE experts now, outside the traced and captured step
             if hasattr(module, "packed_experts"):
                 module.packed_experts()
@@ -85,7 +97,11 @@ class StaticDecoder:
 
     def _step(self) -> None:
         logits = self._decode(self.token_B1, self.cache, self.slot)
-        self.token_B1.copy_(logits.argmax(-1, keepdim=True))
+        if self.temperature == 0:
+            token = logits.argmax(-1)
+        else:
+            token = sample_race(logits, self.temperature, self.top_k, self.top_p, self.generator)
+        self.token_B1.copy_(token[:, None])
         self.slot += 1
 
     def _capture(self, warmup: int) -> None:
@@ -103,7 +119,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def run(self, token_B: torch.Tensor, steps: int) -> torch.Tensor:
-        """Feed token_B [B] (the token after the cached ones), decode ``steps`` greedy tokens.
+        """Feed token_B [B] (the token after the cached ones), decode ``steps`` tokens.
 
         Returns the new tokens [B, steps] long (the first is the model's answer to token_B); the cache
         advances by ``steps`` slots.
@@ -129,13 +145,11 @@ class StaticDecoder:
         return out
 
 
-def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [B] long from logits [B, vocab]: argmax when temperature == 0, else a
-    draw from softmax(logits / temperature) restricted to the top-k tokens and then to the smallest
-    set whose probability reaches top_p (the most likely token always stays)."""
-    if temperature == 0:
-        return logits_BV.argmax(-1)
+def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
+                  top_p: float | None) -> torch.Tensor:
+    """float32 logits / temperature [B, vocab] with every token outside the top-k, then outside the
+    smallest set whose probability reaches top_p, set to -inf (the most likely token always stays).
+    No host sync: usable inside a CUDA graph."""
     logits = logits_BV.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -147,8 +161,29 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p
         drop_sorted = before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row [B] long from logits [B, vocab]: argmax when temperature == 0, else a
+    draw from softmax(logits / temperature) restricted by ``filter_logits`` (torch.multinomial)."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    probs = filter_logits(logits_BV, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample_race(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The same distribution as ``sample`` (temperature > 0), drawn without a host sync: with
+    E_i ~ Exp(1) independent, argmax_i p_i / E_i is token i with probability p_i (E_i / p_i is
+    exponential with rate p_i, and the smallest of independent exponentials is i with probability
+    rate_i / sum of rates). Filtered tokens have p_i = 0 and never win. Returns [B] long."""
+    probs = filter_logits(logits_BV, temperature, top_k, top_p).softmax(-1)
+    # clamped: a draw of exactly 0 would make 0 / 0 = NaN, which argmax would pick
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(-1)
 
 
 def generate(model, input_ids, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
