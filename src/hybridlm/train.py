@@ -216,22 +216,39 @@ def train(
     bar = _progress(end - start, show)
     model.train()
     tokens, t0 = 0, time.perf_counter()
+    # Step losses stay on the device until a log line, an evaluation or a checkpoint needs them:
+    # reading each with .item() would stop the host every step until the GPU is done, so the next
+    # batch could not be drawn while the GPU still works on this one.
+    pending: list[torch.Tensor] = []
+
+    def read_losses() -> None:
+        if pending:
+            result.losses.extend(torch.stack(pending).tolist())
+            pending.clear()
+
     for step in range(start, end):
         loss, n_tok = _step(model, optimizer, data, cfg, step, rank, world, device)
-        result.losses.append(loss)
+        pending.append(loss)
         tokens += n_tok
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             result.evals.append({"step": done, **evaluate(core, eval_source, cfg.batch_size, cfg.eval_batches, cfg.seed)})
-        rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+        due = done % cfg.log_every == 0 or done == end
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-        elif show and (done % cfg.log_every == 0 or done == end):
-            log(f"step {done}/{cfg.steps}  loss {loss:.4f}  lr {lr_at(step, cfg):.2e}  tok/s {rate:,.0f}")
+        if show and due:
+            read_losses()
+            rate = tokens * world / max(time.perf_counter() - t0, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}", tok_s=f"{rate:,.0f}")
+            else:
+                log(f"step {done}/{cfg.steps}  loss {result.losses[-1]:.4f}  lr {lr_at(step, cfg):.2e}  "
+                    f"tok/s {rate:,.0f}")
         if out_dir is not None and rank == 0 and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
                 and done != end:
+            read_losses()
             _save(out_dir, done, core, optimizer, run_meta, result, cfg)
+    read_losses()
     if bar is not None:
         bar.close()
     if end == cfg.steps and (not result.evals or result.evals[-1]["step"] != end):
@@ -250,11 +267,12 @@ def _save(out_dir, step, model, optimizer, run_meta, result: TrainResult, cfg: T
 
 def _step(model, optimizer, data: BatchSource, cfg: TrainConfig, step: int, rank: int, world: int,
           device: torch.device) -> tuple[float, int]:
-    """One optimizer step over cfg.grad_accum micro-batches. Returns (mean loss over all ranks, tokens here)."""
+    """One optimizer step over cfg.grad_accum micro-batches. Returns (mean loss over all ranks as a float64
+    0-d tensor on ``device``, not read yet; tokens here)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, n_tok = 0.0, 0
+    loss_sum, n_tok = torch.zeros((), dtype=torch.float64, device=device), 0
     for a in range(cfg.grad_accum):
         index = (step * cfg.grad_accum + a) * world + rank
         x, y = (t.to(device) for t in data.batch(cfg.batch_size, "train", cfg.seed, index))
@@ -266,16 +284,16 @@ def _step(model, optimizer, data: BatchSource, cfg: TrainConfig, step: int, rank
                 logits = model(x)
             loss = masked_loss(logits, y)
             (loss / cfg.grad_accum).backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach().double()  # the float64 sum that loss.item() values would give
         n_tok += x.numel()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
     optimizer.step()
-    mean = torch.tensor(loss_sum / cfg.grad_accum, dtype=torch.float64)
+    mean = loss_sum / cfg.grad_accum
     if world > 1:
         dist.all_reduce(mean)
         mean /= world
-    return float(mean), n_tok
+    return mean, n_tok
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
