@@ -123,3 +123,21 @@ def test_reset_gives_a_fresh_cache():
         cache.reset()
         assert cache.seq_len == 0 and cache.next_position.tolist() == [0, 0]
         torch.testing.assert_close(model(ids, cache=cache), first)
+
+
+def test_cache_stays_contiguous_until_a_padded_call():
+    from hybridlm import HybridConfig, HybridLM
+
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-hybrid-3to1")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    cache = model.new_cache(2, 24)
+    with torch.no_grad():
+        full = model(ids)
+        chunks = torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:], cache=cache)], 1)
+        assert cache.contiguous
+        torch.testing.assert_close(chunks, full, rtol=1e-4, atol=1e-5)
+        model(ids[:, :1], cache=cache, attention_mask=torch.tensor([[True], [False]]))
+    assert not cache.contiguous
+    cache.reset()
+    assert cache.contiguous

@@ -113,6 +113,9 @@ class HybridCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.seq_len = 0
+        # True while every token written had no padding: key positions are then the slot indices,
+        # which lets attention use SDPA's causal kernels instead of a position mask
+        self.contiguous = True
         kw = {"device": device}
         letters = config.layer_types
         B, hkv, d = batch_size, config.num_key_value_heads, config.head_dim
@@ -193,6 +196,9 @@ class HybridCache:
                 t.fill_(-1)
         self.next_position.zero_()
         self.seq_len = 0
+        # True while every token written had no padding: key positions are then the slot indices,
+        # which lets attention use SDPA's causal kernels instead of a position mask
+        self.contiguous = True
 
     # ------------------------------------------------------------------ size
     def named_tensors(self) -> dict[str, list[torch.Tensor]]:

@@ -200,7 +200,10 @@ class HybridLM(nn.Module):
         else:
             pos_BT = torch.where(mask_BT, base + mask_BT.long().cumsum(1) - 1, -1)
         start = 0 if cache is None else cache.begin(pos_BT)
-        return Tokens(pos_BT, mask_BT, start)
+        contiguous = mask_BT is None and (cache is None or cache.contiguous)
+        if cache is not None and mask_BT is not None:
+            cache.contiguous = False
+        return Tokens(pos_BT, mask_BT, start, contiguous=contiguous)
 
     def _check_ids(self, input_ids) -> None:
         if not isinstance(input_ids, torch.Tensor):

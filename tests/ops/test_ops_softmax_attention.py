@@ -104,3 +104,18 @@ def test_outputs_are_contiguous():
     pos = torch.arange(6).expand(2, 6)
     for kw in ({}, {"q_pos": pos, "k_pos": pos}, {"backend": "reference"}):
         assert softmax_attention(q, k, v, **kw).is_contiguous()
+
+
+@pytest.mark.parametrize("T, S, H, HKV", [(1, 7, 4, 2), (5, 9, 4, 4), (63, 65, 8, 2), (64, 1000, 2, 1)])
+def test_queries_at_the_end_of_a_longer_key_sequence_match_the_reference(T, S, H, HKV):
+    # the chunked-prefill case without padding: causal aligned to the lower right (no position mask)
+    g = torch.Generator().manual_seed(T + S)
+    q = torch.randn(2, T, H, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, S, HKV, 16, generator=g, dtype=torch.float64)
+    v = torch.randn(2, S, HKV, 8, generator=g, dtype=torch.float64)
+    want = softmax_attention_reference(q, k, v)
+    torch.testing.assert_close(softmax_attention(q, k, v), want, rtol=1e-10, atol=1e-12)
+    pos = torch.arange(S).expand(2, S)  # the same keys through the position-mask path
+    torch.testing.assert_close(softmax_attention(q, k, v, q_pos=pos[:, S - T:], k_pos=pos), want, rtol=1e-10,
+                               atol=1e-12)
+

@@ -65,6 +65,10 @@ class GatedAttention(nn.Module):
         if slot is not None and q_BTHD.shape[1] == 1:  # a decode step: split-KV decode attention
             o_BTHD = softmax_attention_decode(q_BTHD[:, 0], k_all, v_all, q_pos=tokens.pos_BT[:, 0], k_pos=k_pos,
                                               window=self.window)[:, None]
+        elif tokens.contiguous and self.window is None:
+            # no padding anywhere: the queries are the last T of the keys, in slot order, so causal
+            # SDPA (lower-right aligned over a cache) applies without a [B, T, S] position mask
+            o_BTHD = softmax_attention(q_BTHD, k_all, v_all)
         else:
             o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
         return self.finish(o_BTHD, gate_BTHD)

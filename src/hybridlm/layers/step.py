@@ -18,12 +18,16 @@ class Tokens:
         the one new token per row is written to; layers then use fixed shapes only (KV layers write
         with index_copy_ and attend over every slot, empty ones masked by their position -1), so
         the step can be captured in a CUDA graph. None for ordinary calls.
+    contiguous: no padding in this call or in the cache before it, so token t of the call sits at
+        position start + t and every cached key at its slot index (attention can then use causal
+        SDPA kernels without a position mask).
     """
 
     pos_BT: torch.Tensor
     mask_BT: torch.Tensor | None
     start: int = 0
     slot: torch.Tensor | None = None
+    contiguous: bool = False
 
     def zero_pads(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, ...] with every padded token set to 0 (where, not a product: pads may hold inf/NaN)."""
