@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from hybridlm.ops import _checks as ck
 
@@ -110,11 +109,18 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=No
     if q_pos is None and k_pos is None and window is None and S > T:
         # queries at the last T positions (a chunk over a cache): causal aligned to the lower
         # right, which SDPA serves with its flash / memory-efficient kernels on CUDA
-        if gqa and q.is_cuda:  # that dispatch takes GQA through the materialised-mask path only
-            r = q.shape[2] // k.shape[2]
-            k_, v_, gqa = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1), False
-        o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=causal_lower_right(T, S), scale=scale,
-                                           enable_gqa=gqa)
+        if q.is_cuda:
+            # imported here: the module imports Triton, which must not happen before a CPU test
+            # session has chosen Triton's interpreter
+            from torch.nn.attention.bias import causal_lower_right
+
+            if gqa:  # that dispatch takes GQA through the materialised-mask path only
+                r = q.shape[2] // k.shape[2]
+                k_, v_, gqa = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1), False
+            mask = causal_lower_right(T, S)
+        else:  # the same mask, built directly (CPU SDPA materialises it anyway)
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2).contiguous()
     mask = visibility_mask(*_positions(q, k, q_pos, k_pos), causal, window)
     seen = mask.any(-1, keepdim=True)  # [B, T, 1]
