@@ -196,8 +196,6 @@ class HybridCache:
                 t.fill_(-1)
         self.next_position.zero_()
         self.seq_len = 0
-        # True while every token written had no padding: key positions are then the slot indices,
-        # which lets attention use SDPA's causal kernels instead of a position mask
         self.contiguous = True
 
     # ------------------------------------------------------------------ size

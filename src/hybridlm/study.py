@@ -68,12 +68,10 @@ def pairs_len(num_pairs: int, train_len: int) -> int:
 
 TOKEN_SHIFT_MODES = ("layers", "noconv", "all", "none")
 
-# What the study trains on, and what its size axis (``train_pairs`` / ``eval_pairs``) counts:
-TASKS = {
-    "mqar": "key-value pairs",  # multi-query associative recall; the length axis grows the filler
-    "multihop": "chains",  # variable tracking, ``hops`` copies per chain; each chain is one value to hold
-    "copy": "tokens to copy",  # copy a random string of that many tokens after a separator
-}
+# What the study trains on; its size axis (``train_pairs`` / ``eval_pairs``) counts key-value pairs
+# (MQAR, whose length axis grows the filler), chains (multi-hop, ``hops`` copies each) or the tokens
+# of the string to copy. study_report.UNITS names them.
+TASKS = ("mqar", "multihop", "copy")
 
 
 def train_task(sc: "StudyConfig", n: int) -> Task:
@@ -92,9 +90,9 @@ def size_task(sc: "StudyConfig", n: int) -> Task:
     return Copy(length=n, vocab_size=sc.vocab_size)
 
 
-def length_task(sc: "StudyConfig", t: int) -> Task | None:
+def length_task(sc: "StudyConfig", t: int) -> MQAR:
     """The test task at ``t`` tokens for the length axis (MQAR only: the others have no filler)."""
-    return MQAR(sc.eval_len_pairs, seq_len=t, vocab_size=sc.vocab_size) if sc.task == "mqar" else None
+    return MQAR(sc.eval_len_pairs, seq_len=t, vocab_size=sc.vocab_size)
 
 
 def uses_token_shift(config: HybridConfig, mode: str) -> bool:
@@ -183,7 +181,7 @@ class StudyConfig:
         if self.hidden_size % self.heads:
             raise ValueError(f"hidden_size: expected a multiple of heads ({self.heads}), got {self.hidden_size}")
         if self.task not in TASKS:
-            raise ValueError(f"task: expected one of {tuple(TASKS)}, got {self.task!r}")
+            raise ValueError(f"task: expected one of {TASKS}, got {self.task!r}")
         if not self.train_pairs or not self.eval_pairs:
             raise ValueError("train_pairs, eval_pairs: expected at least one size each")
         for n in self.train_pairs:
@@ -191,7 +189,7 @@ class StudyConfig:
         for n in self.eval_pairs:
             size_task(self, n)
         if self.task == "mqar":
-            MQAR(self.eval_len_pairs, seq_len=min(self.eval_lens), vocab_size=self.vocab_size)
+            length_task(self, min(self.eval_lens))
         uses_token_shift(HybridConfig(), self.token_shift)  # raises on an unknown mode
         if not (isinstance(self.chunk_size, int) and self.chunk_size > 0 and self.chunk_size & (self.chunk_size - 1) == 0):
             raise ValueError(f"chunk_size: expected a power of two, got {self.chunk_size!r}")
@@ -448,11 +446,14 @@ def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None 
             f"so far took {longest / 60:.1f}")
         return False
 
-    def finished(i: int, run: Run, seconds: float) -> dict[str, Any]:
+    def save(complete: bool) -> dict[str, Any]:
+        return _save(sc, out, device, jobs, threads, [runs[k] for k in sorted(runs)],
+                     [labels[k] for k in sorted(skipped)], t0, complete)
+
+    def finished(i: int, run: Run, seconds: float) -> None:
         nonlocal longest
         runs[i], longest = run, max(longest, seconds)
-        return _save(sc, out, device, jobs, threads, [runs[k] for k in sorted(runs)],
-                     [labels[k] for k in sorted(skipped)], t0, complete=False)
+        save(complete=False)
 
     if jobs == 1:
         torch.set_num_threads(threads)
@@ -474,8 +475,7 @@ def run_study(sc: StudyConfig, out_dir: str | Path, device: torch.device | None 
                 for future in wait(pending, return_when=FIRST_COMPLETED).done:
                     i, started = pending.pop(future)
                     finished(i, future.result(), time.perf_counter() - started)
-    return _save(sc, out, device, jobs, threads, [runs[k] for k in sorted(runs)], [labels[k] for k in sorted(skipped)],
-                 t0, complete=True)
+    return save(complete=True)
 
 
 def _save(sc: StudyConfig, out: Path, device: torch.device, jobs: int, threads: int, runs: list[Run],

@@ -232,8 +232,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
 
     written = [PLOTS[0], PLOTS[2], PLOTS[3]]
-    sweep("pairs", PLOTS[0], {"mqar": "key-value pairs", "multihop": "chains", "copy": "tokens to copy"}[
-        sc.get("task", "mqar")], max(sc["train_pairs"]))
+    sweep("pairs", PLOTS[0], "key-value pairs" if sc.get("task", "mqar") == "mqar" else _unit(sc),
+          max(sc["train_pairs"]))
     if _has_length(sc, runs):
         sweep("length", PLOTS[1], f"sequence length ({sc['eval_len_pairs']} pairs)", sc["train_len"])
         written.insert(1, PLOTS[1])

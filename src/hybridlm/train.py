@@ -266,7 +266,7 @@ def _save(out_dir, step, model, optimizer, run_meta, result: TrainResult, cfg: T
 
 
 def _step(model, optimizer, data: BatchSource, cfg: TrainConfig, step: int, rank: int, world: int,
-          device: torch.device) -> tuple[float, int]:
+          device: torch.device) -> tuple[torch.Tensor, int]:
     """One optimizer step over cfg.grad_accum micro-batches. Returns (mean loss over all ranks as a float64
     0-d tensor on ``device``, not read yet; tokens here)."""
     for group in optimizer.param_groups:

@@ -75,6 +75,11 @@ def softmax_attention_reference(q, k, v, *, scale=None, causal=True, window=None
     return (p @ v_).transpose(1, 2).contiguous().to(v.dtype)
 
 
+def _repeat_kv_heads(k_BHSD, v_BHSD, r):
+    """Keys and values with each head repeated r times (head-major), and gqa=False for SDPA."""
+    return k_BHSD.repeat_interleave(r, 1), v_BHSD.repeat_interleave(r, 1), False
+
+
 def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=None, k_pos=None, backend="auto"):
     """Softmax attention over keys/values [B, S, HKV, D] for queries [B, T, H, D]; returns o [B, T, H, Dv].
 
@@ -115,8 +120,7 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=No
             from torch.nn.attention.bias import causal_lower_right
 
             if gqa:  # that dispatch takes GQA through the materialised-mask path only
-                r = q.shape[2] // k.shape[2]
-                k_, v_, gqa = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1), False
+                k_, v_, gqa = _repeat_kv_heads(k_, v_, q.shape[2] // k.shape[2])
             mask = causal_lower_right(T, S)
         else:  # the same mask, built directly (CPU SDPA materialises it anyway)
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
@@ -130,7 +134,6 @@ def softmax_attention(q, k, v, *, scale=None, causal=True, window=None, q_pos=No
         # With a mask, SDPA's GQA support is the math path only: it would materialise [B, H, T, S]
         # scores in float32 (17 GB for one 2k-token chunk over a 128k cache at 16 heads). Repeating
         # the key/value heads keeps the memory-efficient kernel, for a [B, H, S, D] copy per call.
-        r = q.shape[2] // k.shape[2]
-        k_, v_, gqa = k_.repeat_interleave(r, 1), v_.repeat_interleave(r, 1), False
+        k_, v_, gqa = _repeat_kv_heads(k_, v_, q.shape[2] // k.shape[2])
     o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.transpose(1, 2).contiguous() * seen[..., None].to(o.dtype)
