@@ -116,6 +116,20 @@ def test_l2norm_gradients_match_reference():
     assert_close(got, want, TOL[DTYPES[-1]])
 
 
+@pytest.mark.parametrize("R, D, normalized", [(1, 16, True), (3, 20, True), (2, 20, False)])
+def test_qk_grad_sums_value_heads_through_the_l2norm(R, D, normalized):
+    # 37 rows of 2 heads: a partial last block of rows; D = 20: masked columns
+    from hybridlm.ops.triton.chunk_prep import qk_grad
+    gen = torch.Generator().manual_seed(R)
+    x = (3 * torch.randn(37, 2, D, generator=gen)).to(DEVICE)
+    dy = torch.randn(37, 2 * R, D, generator=gen).to(DEVICE)
+    xr = x.double().requires_grad_()
+    y = xr / torch.sqrt((xr * xr).sum(-1, keepdim=True) + 1e-6) if normalized else xr
+    (want,) = torch.autograd.grad(y, xr, dy.double().view(37, 2, R, D).sum(2))
+    got = qk_grad(x, dy, normalized)
+    assert got.dtype == x.dtype and rel_rms(got, want) < 1e-5
+
+
 def test_fused_gate_equals_gate_computed_outside():
     q, k, v, a, beta, h0 = make_inputs(1, 40, 1, 2, 16, 16, torch.float32)
     A_log = torch.tensor([0.3, -1.0], device=DEVICE, requires_grad=True)

@@ -28,7 +28,7 @@ from hybridlm.ops import _checks as ck
 from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
 from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
 from hybridlm.ops.triton.chunk_fwd import chunk_fwd
-from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows
+from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows, qk_grad
 from hybridlm.ops.triton.utils import sequence_tables
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -88,14 +88,6 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm):
             qn, torch.empty_like(qn))
 
 
-def _l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Gradient through y = x / sqrt(sum x^2 + eps): r (dy - y (y . dy)), r = (sum x^2 + eps)^-1/2."""
-    xf = x.float()
-    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True) + ck.L2NORM_EPS)
-    y = xf * r
-    return (r * (dy - y * (y * dy).sum(-1, keepdim=True))).to(x.dtype)
-
-
 @torch.library.custom_op("hybridlm::chunk_gdr_bwd", mutates_args=())
 def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
@@ -111,9 +103,9 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     dof = _flat(do.to(v.dtype))
     dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, m, dht, cu, chunk_offsets, scale, NC)
     dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, m, dof, h, dh, dvn, chunk_bounds, scale)
-    if use_qk_l2norm:
-        dq, dk = _l2norm_backward(_flat(q), dq), _l2norm_backward(_flat(k), dk)
-    return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape),
+    # sum over each q/k head's value heads, through the l2-norm's gradient when it was applied
+    dq, dk = qk_grad(_flat(q), dq, use_qk_l2norm), qk_grad(_flat(k), dk, use_qk_l2norm)
+    return (dq.view(q.shape), dk.view(k.shape), dv.view(v.shape),
             dg.view(g.shape).to(g.dtype), dbeta.view(beta.shape).to(beta.dtype), dh0)
 
 

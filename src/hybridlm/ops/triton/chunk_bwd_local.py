@@ -136,7 +136,7 @@ def chunk_bwd_local_kernel(
 
 
 def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float,
-                    block_v: int = 16, num_warps: int = 4, num_stages: int = 1):
+                    block_v: int = 16, num_warps: int = 4, num_stages: int = 2):
     """Gradients of q, k, v, g and beta from the chunk states and the state-gradient pass.
 
     Args:
@@ -145,7 +145,9 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
         dh: float32 [NC, HV, K, V] gradient of the state leaving it; dvn: float32 [NTOK, HV, V]
         gradient of V_new (``chunk_bwd_state``); chunk_bounds: int32 [NC, 2].
     Returns:
-        dq, dk float32 [NTOK, H, K]; dv [NTOK, HV, V] in v's dtype; dg, dbeta float32 [NTOK, HV].
+        dq, dk float32 [NTOK, HV, K], each value head's part (a group's heads add up to the gradient
+        of their q/k head: ``chunk_prep.qk_grad``); dv [NTOK, HV, V] in v's dtype; dg, dbeta float32
+        [NTOK, HV].
     """
     NTOK, H, K = q.shape
     HV, V = v.shape[1:]
@@ -159,10 +161,9 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
         q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
         BV=min(block_v, max(16, triton.next_power_of_2(V))), PREC=dot_precision(q.dtype),
-        # 4 warps, 1 stage: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages;
-        # BV 16 with 8 warps faulted (illegal address) on Hopper with Triton 3.6, so avoid it
+        # BV 16, 4 warps: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages (H100);
+        # 2 stages: 10.3 ms against 13.6 for 1 stage at B 4, T 16k, Hqk 16, Hv 32 (H200). BV 16 with
+        # 8 warps and BV 32 with 4 warps faulted (illegal address) on Hopper with Triton 3.6: avoid them
         num_warps=num_warps, num_stages=num_stages,
     )
-    # value heads of one group share q and k: their gradients add up
-    r = HV // H
-    return dq.view(NTOK, H, r, K).sum(2), dk.view(NTOK, H, r, K).sum(2), dv, dg, dbeta
+    return dq, dk, dv, dg, dbeta

@@ -75,6 +75,49 @@ def l2norm_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def qk_grad_kernel(x_ptr, dy_ptr, dx_ptr, n_rows, R: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                   BR: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr):
+    """dx = sum of the R value heads' gradients of a q/k row, then, with NORM, through the l2-norm:
+    r (dy - y (y . dy)) with r = (sum x^2 + eps)^-1/2 and y = x r. Stored in dx's dtype."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < n_rows)[:, None] & (o_d < D)[None, :]
+    p = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    dy = tl.zeros([BR, BD], dtype=tl.float32)
+    for j in tl.static_range(R):
+        dy += tl.load(dy_ptr + (o_r[:, None].to(tl.int64) * R + j) * D + o_d[None, :], mask=m, other=0.0)
+    if NORM:
+        x = tl.load(x_ptr + p, mask=m, other=0.0).to(tl.float32)
+        r = tl.rsqrt(tl.sum(x * x, 1) + EPS)
+        y = x * r[:, None]
+        dy = r[:, None] * (dy - y * tl.sum(y * dy, 1)[:, None])
+    tl.store(dx_ptr + p, dy.to(dx_ptr.dtype.element_ty), mask=m)
+
+
+def qk_grad(x: torch.Tensor, dy: torch.Tensor, normalized: bool) -> torch.Tensor:
+    """The gradient of q (or k) from the chunk-local kernel's per-value-head gradients, in one pass.
+
+    Args:
+        x: contiguous [NTOK, H, D] q or k as given to the op (before any l2-norm).
+        dy: float32 contiguous [NTOK, HV, D], HV a multiple of H: the gradient each value head sends
+            to its q/k head (value head i reads head i // (HV // H)), w.r.t. the normalised rows when
+            ``normalized``.
+    Returns:
+        [NTOK, H, D] in x's dtype: the group sum, taken through y = x / sqrt(sum x^2 + eps) when
+        ``normalized`` (PyTorch's sum, cast, square, reduce and scale took ~6.5 ms at 64k tokens x
+        16 heads x 128 for q and k together on an H200; this reads and writes each element once).
+    """
+    NTOK, H, D = x.shape
+    R = dy.shape[1] // H
+    dx = torch.empty_like(x)
+    n_rows = NTOK * H
+    BR = 16
+    qk_grad_kernel[(triton.cdiv(n_rows, BR),)](x, dy, dx, n_rows, R=R, D=D, BD=max(16, triton.next_power_of_2(D)),
+                                               BR=BR, NORM=normalized, EPS=L2NORM_EPS, num_warps=4)
+    return dx
+
+
+@triton.jit
 def chunk_prep_kernel(
     q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, chunk_bounds,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
