@@ -163,7 +163,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
         BV=min(block_v, max(16, triton.next_power_of_2(V))), PREC=dot_precision(q.dtype),
         # BV 16, 4 warps: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages (H100);
         # 2 stages: 10.3 ms against 13.6 for 1 stage at B 4, T 16k, Hqk 16, Hv 32 (H200). BV 16 with
-        # 8 warps and BV 32 with 4 warps faulted (illegal address) on Hopper with Triton 3.6: avoid them
+        # 8 warps and BV 32 with 4 or 8 warps faulted (illegal address) on Hopper with Triton 3.6: avoid them
         num_warps=num_warps, num_stages=num_stages,
     )
     return dq, dk, dv, dg, dbeta
