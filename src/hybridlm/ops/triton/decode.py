@@ -5,7 +5,8 @@ The rule per step (see ``hybridlm.ops.gated_delta_rule``):
 
     S = exp(g) S;   S = S + beta k (v - S^T k)^T;   o = scale S^T q
 
-Each program owns one (sequence, value head, block of BV value columns) tile of the state. The
+Each program owns one (sequence, value head, block of BV value columns) tile of the state (or, with
+a persistent grid, strides over such tiles). The
 columns of S are independent under the rule (``S^T k`` reduces over K, never over V), so splitting V
 needs no communication, and at batch 1 small BV gives enough programs to occupy every multiprocessor:
 decode is bound by state bandwidth, and a half-idle card halves it.
@@ -31,15 +32,32 @@ L2NORM_EPS = tl.constexpr(1e-6)
 @triton.jit
 def _gdn_decode_kernel(
     q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H,
-    state_in, state_out, o_BHV, scale,
+    state_in, state_out, o_BHV, scale, n_tiles,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    BETA_IS_LOGIT: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr,
 ):
-    i_v = tl.program_id(0)
-    # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
-    i_bhv = tl.program_id(1).to(tl.int64)
+    # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
+    # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
+    # last partial wave of programs when the tiles are few.
+    n_vb = tl.cdiv(V, BV)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        i_v = tile % n_vb
+        # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
+        i_bhv = (tile // n_vb).to(tl.int64)
+        _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
+                     scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
+                     BETA_IS_LOGIT, STREAM)
+
+
+@triton.jit
+def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
+                 scale, i_v, i_bhv,
+                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr,
+                 USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr):
     i_b = i_bhv // HV
     i_hv = i_bhv % HV
     i_h = i_hv // (HV // H)
@@ -51,9 +69,13 @@ def _gdn_decode_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
 
     # The state load goes first: it is the only large transfer, and issuing it before the small
-    # loads and the norms below lets them hide under its latency.
+    # loads and the norms below lets them hide under its latency. STREAM marks the state as read
+    # once (evict first) and its store as streaming: at large batch it does not fit in L2 anyway.
     p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
-    b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
+    if STREAM:
+        b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0, eviction_policy="evict_first")
+    else:
+        b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
 
     b_q = tl.load(q_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_k = tl.load(k_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -81,7 +103,10 @@ def _gdn_decode_kernel(
     b_S = b_S + b_k[:, None] * b_u[None, :]
     b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)
 
-    tl.store(state_out + p_state, b_S, mask=m_kv)
+    if STREAM:
+        tl.store(state_out + p_state, b_S, mask=m_kv, cache_modifier=".cs")
+    else:
+        tl.store(state_out + p_state, b_S, mask=m_kv)
     tl.store(o_BHV + i_bhv * V + o_v, b_o.to(o_BHV.dtype.element_ty), mask=m_v)
 
 
@@ -99,28 +124,33 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> 
     bv = bv_max
     while bv > 8 and batch * num_v_heads * triton.cdiv(V, bv) < 4 * _num_sms(device):
         bv //= 2
-    # warps measured on an H100 (bf16 inputs, HV 32, K = V = 128): 1 suits 8-16 columns, 2 suits 32
-    return bv, (4 if bv >= 64 else 2 if bv >= 32 else 1)
+    # warps measured on an H100 (bf16 inputs, HV 32, K = V = 128): 1 suits 8-16 columns, 2 suits 32;
+    # on an H200 2 warps also beat 4 at 64 columns (B 32 / 64 / 128: 39.6 / 72.9 / 137.2 us against
+    # 39.9 / 73.7 / 139.3, benchmarks/decode_sweep.py)
+    return bv, (2 if bv >= 32 else 1)
 
 
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
-                beta_is_logit, block_v=None, num_warps=None) -> None:
+                beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False) -> None:
     """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
 
     ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
-    heuristic (used by the benchmark's tuning sweep)."""
+    heuristic; ``programs_per_sm`` caps the grid at that many programs per multiprocessor (a
+    persistent grid striding over the tiles); ``stream`` sets the state's cache hints (these are
+    the benchmark's tuning knobs, ``benchmarks/decode_sweep.py``)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     bv, warps = _pick_blocks(B, HV, V, q.device)
     bv = block_v or bv
     warps = num_warps or warps
-    grid = (triton.cdiv(V, bv), B * HV)
-    _gdn_decode_kernel[grid](
+    n_tiles = triton.cdiv(V, bv) * B * HV
+    grid = n_tiles if programs_per_sm is None else min(n_tiles, programs_per_sm * _num_sms(q.device))
+    _gdn_decode_kernel[(grid,)](
         q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
-        state_in, state_out, o, scale,
+        state_in, state_out, o, scale, n_tiles,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
-        BETA_IS_LOGIT=beta_is_logit, num_warps=warps,
+        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, num_warps=warps,
     )
 
 
