@@ -85,3 +85,10 @@ def test_bench_kernels_refuses_without_cuda():
     from hybridlm.cli import main
 
     assert main(["bench", "kernels", "--quick"]) == 2
+
+
+def test_bench_kernels_rejects_unknown_sections_before_any_gpu_work():
+    from hybridlm.bench.kernels import main
+
+    with pytest.raises(ValueError, match="--sections: expected a comma-separated subset of decode, chunk, long"):
+        main(["--sections", "decode,prefill"])

@@ -245,6 +245,10 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     vocab = model.config.vocab_size
     cache = model.new_cache(batch, context + steps + 1)
     graphed = settings.use_graph(model.config)
+    if graphed and settings.compile:
+        # each row brings new shapes, so each recompiles the step: past torch.compile's recompile
+        # limit (8 by default) it would silently run the step uncompiled; start every row afresh
+        torch.compiler.reset()
     decoder = StaticDecoder(model, cache, graph=True, compile=settings.compile) if graphed else None
     decode = (lambda token, n: decoder.run(token, n)[:, -1]) if graphed else \
         (lambda token, n: decode_greedy(model, token, cache, n))

@@ -15,3 +15,6 @@ def add_kernel_arguments(p) -> None:
     p.add_argument("--max-minutes", type=float, default=6.0,
                    help="skip the sections not started after this many minutes (default: %(default)s)")
     p.add_argument("--no-peers", action="store_true", help="skip flash-linear-attention even when importable")
+    p.add_argument("--sections", default="decode,chunk,long", metavar="LIST",
+                   help="comma-separated subset of decode (decode steps), chunk (fwd, fwd+bwd vs SDPA), long "
+                        "(fwd at B = 1 up to T = 1M) (default: all)")

@@ -234,7 +234,18 @@ def run_checks(device, fla_ops) -> tuple[list[dict], bool]:
     return rows, not any(r["ok"] is False and r["note"] != "peer" for r in rows)
 
 
+SECTIONS = ("decode", "chunk", "long")
+
+
+def _sections(text: str) -> set[str]:
+    chosen = {x.strip() for x in text.split(",") if x.strip()}
+    if not chosen or not chosen <= set(SECTIONS):
+        raise ValueError(f"--sections: expected a comma-separated subset of {', '.join(SECTIONS)}, got {text!r}")
+    return chosen
+
+
 def run(args) -> int:
+    _sections(args.sections)  # a bad list fails before any GPU work
     if not torch.cuda.is_available():
         raise ValueError("bench kernels needs a CUDA device (the Triton kernels are timed natively)")
     device = torch.device("cuda")
@@ -255,10 +266,14 @@ def run(args) -> int:
     # B = 1 long-T rows come right after their B x T = 64k, T = 2k comparison row (the small-batch target)
     chunk = [(f"chunk {h.name} T={T}", lambda h=h, T=T: bench_chunk(bench, h, T, with_reference=T == plan.seq_lens[0]))
              for h in plan.heads for T in plan.seq_lens]
-    jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B)) for B in plan.decode_batches]
-    jobs += chunk[:1]
-    jobs += [(f"fwd B=1 T={T}", lambda T=T: bench_long(bench, QWEN3_NEXT, T)) for T in plan.long_seq_lens]
-    jobs += chunk[1:]
+    sections = _sections(args.sections)
+    jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B))
+            for B in plan.decode_batches if "decode" in sections]
+    # the long rows' comparison (B x T = 64k, T = 2k) is the first chunk row
+    jobs += chunk[:1] if sections & {"chunk", "long"} else []
+    jobs += [(f"fwd B=1 T={T}", lambda T=T: bench_long(bench, QWEN3_NEXT, T))
+             for T in plan.long_seq_lens if "long" in sections]
+    jobs += chunk[1:] if "chunk" in sections else []
     start = time.perf_counter()
     for name, job in jobs:
         elapsed = time.perf_counter() - start
