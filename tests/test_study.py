@@ -9,8 +9,9 @@ import torch
 
 from hybridlm import HybridLM
 from hybridlm.cli import main
-from hybridlm.study import (ALL_PATTERNS, SCALES, GateInit, PrevTokenEmbedding, Run, StudyConfig, apply_gate_init,
-                            build_model, count_params, matched_configs, run_study, uses_token_shift)
+from hybridlm.study import (ALL_PATTERNS, SCALES, GateInit, PrevTokenEmbedding, StudyConfig, apply_gate_init,
+                            build_model, count_params, matched_configs, uses_token_shift)
+from hybridlm.study_run import Run, run_study
 
 
 def test_default_patterns_get_equal_depth_and_matched_parameters():
@@ -130,7 +131,7 @@ def test_time_guard_skips_models_that_would_overrun_and_reports_the_rest(tmp_pat
                    final_loss=0.0, recall={"pairs": {2: 1.0, 4: 0.5}, "length": {32: 0.5}}, cache_bytes={64: 10},
                    decode_tokens_per_s=1.0)
 
-    monkeypatch.setattr("hybridlm.study.run_one", fake_run)
+    monkeypatch.setattr("hybridlm.study_run.run_one", fake_run)
     results = run_study(sc, tmp_path, device=torch.device("cpu"), log=lambda line: None)
     assert [r["label"] for r in results["runs"]] == ["A"]
     assert results["skipped"] == ["G", "GGGA"] and results["complete"]

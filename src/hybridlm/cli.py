@@ -376,7 +376,8 @@ def _cmd_study(args) -> int:
     import dataclasses
     import time
 
-    from hybridlm.study import SCALES, GateInit, run_study
+    from hybridlm.study import SCALES, GateInit
+    from hybridlm.study_run import run_study
 
     t0 = time.perf_counter()
     sc = SCALES[args.scale]

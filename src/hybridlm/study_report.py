@@ -1,6 +1,6 @@
 """The study's report: markdown tables, a headline in numbers, and four PNG plots.
 
-Reads only the results dict that ``hybridlm.study.run_study`` builds (the same one it saves as
+Reads only the results dict that ``hybridlm.study_run.run_study`` builds (the same one it saves as
 results.json), so a report can be rebuilt from a saved run:
 
     write_report(json.load(open("runs/study/results.json")), Path("runs/study"))
