@@ -83,9 +83,11 @@ class StaticDecoder:
             raise ValueError(f"graph: CUDA graphs need a cache on a CUDA device, got {device}")
         self.model, self.cache = model, cache
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        for module in model.modules():  # stack MoE experts now, outside the traced and captured step
-            if hasattr(module, "packed_experts"):
-                module.packed_experts()
+        # stack weights read together (MoE experts, projections of one input) now, outside the
+        # traced and captured step
+        for module in model.modules():
+            if hasattr(module, "pack_for_inference"):
+                module.pack_for_inference()
         # compile: let torch.compile fuse the step's many small element-wise kernels (norms, gates,
         # routing) before the graph captures it; the custom Triton ops stay as they are
         self._decode = torch.compile(model.decode_static, dynamic=False) if compile else model.decode_static

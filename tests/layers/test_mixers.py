@@ -156,7 +156,7 @@ def test_gated_deltanet_gate_formula_and_init():
     assert ((dt >= 1e-3 * (1 - 1e-5)) & (dt <= 0.1 * (1 + 1e-5))).all()
     x = torch.randn(2, 3, cfg.hidden_size)
     pos = torch.arange(3).expand(2, 3)
-    g = layer._log_decay(x, Tokens(pos, None))
+    g = layer._log_decay(layer.a_proj(x), Tokens(pos, None))
     expected = -A * F.softplus(layer.a_proj(x) + layer.dt_bias)
     torch.testing.assert_close(g, expected)
     assert (g <= 0).all()

@@ -12,6 +12,7 @@ from torch import nn
 from hybridlm.cache import KVSlot, ring_slots
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
+from hybridlm.layers.packing import pack_weights, packed_linears
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
@@ -54,6 +55,11 @@ class GatedAttention(nn.Module):
             self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, config.norm_zero_centered)
             self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, config.norm_zero_centered)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self._in_groups = (("q_proj",), ("k_proj",), ("v_proj",))
+
+    def pack_for_inference(self) -> None:
+        """Stack the q, k, v projections' weights now (a decoder does this before tracing or capture)."""
+        pack_weights(self, ("q_proj", "k_proj", "v_proj"))
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
         """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
@@ -78,10 +84,12 @@ class GatedAttention(nn.Module):
         keys and values zero at pads."""
         B, T, _ = x_BTD.shape
         hd = self.head_dim
-        q_proj = self.q_proj(x_BTD).view(B, T, self.num_heads, -1)
+        # one product over the stacked projection weights at inference (hybridlm.layers.packing)
+        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
+        q_proj = q_proj.reshape(B, T, self.num_heads, -1)
         q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
-        k_BTHD = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
-        v_BTHD = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, hd)
+        k_BTHD = k_proj.reshape(B, T, self.num_kv_heads, hd)
+        v_BTHD = v_proj.reshape(B, T, self.num_kv_heads, hd)
         if self.q_norm is not None and self.qk_norm_all_heads:
             q_BTHD = self.q_norm(q_BTHD.reshape(B, T, -1)).view_as(q_BTHD)
             k_BTHD = self.k_norm(k_BTHD.reshape(B, T, -1)).view_as(k_BTHD)

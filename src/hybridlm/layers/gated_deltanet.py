@@ -18,6 +18,7 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
+from hybridlm.layers.packing import pack_weights, packed_linears
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 
@@ -58,6 +59,7 @@ class GatedDeltaNet(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
         self.o_proj = nn.Linear(vv, d, bias=False)
+        self._in_groups = (("q_proj", "k_proj", "v_proj"), ("z_proj",), ("b_proj",)) + ((("a_proj",),) if gated else ())
         self.reset_decay()
 
     def reset_decay(self) -> None:
@@ -78,24 +80,30 @@ class GatedDeltaNet(nn.Module):
         """
         B, T, _ = x_BTD.shape
         H, HV, K, V = self.num_heads, self.num_v_heads, self.key_dim, self.value_dim
+        # one product over the stacked projection weights at inference (hybridlm.layers.packing)
+        qkv, z, b, *a = packed_linears(self, self._in_groups, x_BTD)
         # Zeroing pads before the conv makes a left-padded row's window what it would be alone.
-        qkv = tokens.zero_pads(torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], -1))
+        qkv = tokens.zero_pads(qkv)
         qkv = self.conv(qkv, None if slot is None else slot.conv) if self.conv is not None else F.silu(qkv)
         q_BTHK, k_BTHK, v_BTHV = torch.split(qkv, [H * K, H * K, HV * V], dim=-1)
         q_BTHK, k_BTHK = q_BTHK.reshape(B, T, H, K), k_BTHK.reshape(B, T, H, K)
         k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
         # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
-        beta_BTH = tokens.zero_pads(torch.sigmoid(at_least_fp32(self.b_proj(x_BTD))))
-        g_BTH = self._log_decay(x_BTD, tokens)
+        beta_BTH = tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
+        g_BTH = self._log_decay(a[0] if a else None, tokens)
         o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot)
-        z_BTHV = self.z_proj(x_BTD).view(B, T, HV, V)
+        z_BTHV = z.reshape(B, T, HV, V)
         return self.o_proj(self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
 
-    def _log_decay(self, x_BTD: torch.Tensor, tokens: Tokens) -> torch.Tensor | None:
-        """g [B, T, HV] float32 (<= 0), 0 at pads; None for DeltaNet."""
+    def pack_for_inference(self) -> None:
+        """Stack the input projections' weights now (a decoder does this before tracing or capture)."""
+        pack_weights(self, tuple(n for g in self._in_groups for n in g))
+
+    def _log_decay(self, a: torch.Tensor | None, tokens: Tokens) -> torch.Tensor | None:
+        """g [B, T, HV] float32 (<= 0) from the gate projection a, 0 at pads; None for DeltaNet."""
         if not self.gated or self.A_log.is_meta:
             return None
-        a = at_least_fp32(self.a_proj(x_BTD))
+        a = at_least_fp32(a)
         return tokens.zero_pads(-self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype)))
 
     def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None) -> torch.Tensor:

@@ -86,7 +86,8 @@ class MoE(nn.Module):
         self.gate = nn.Linear(d, config.num_experts, bias=False)
         # A buffer, not a parameter: it is set by a balancing rule, not by gradients.
         self.register_buffer("score_bias", torch.zeros(config.num_experts) if config.router_score_bias else None)
-        self.experts = nn.ModuleList(SwiGLU(d, config.moe_intermediate_size) for _ in range(config.num_experts))
+        self.experts = nn.ModuleList(SwiGLU(d, config.moe_intermediate_size, pack=False)
+                                     for _ in range(config.num_experts))
         self.shared_expert = None
         self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
@@ -162,9 +163,14 @@ class MoE(nn.Module):
             down = torch.stack([ex.down_proj.weight.t() for ex in self.experts])
         for e, ex in enumerate(self.experts):
             for proj, view in ((ex.gate_proj, gate[e]), (ex.up_proj, up[e]), (ex.down_proj, down[e].t())):
-                proj.weight = nn.Parameter(view, requires_grad=proj.weight.requires_grad)
+                # .data: the same Parameter object, so an optimizer holding it keeps updating it
+                proj.weight.data = view
         self._pack = (gate, up, down)
         return self._pack
+
+    def pack_for_inference(self) -> None:
+        """Stack the routed experts' weights now (a decoder does this before tracing or capture)."""
+        self.packed_experts()
 
     def _add_shared(self, out_ND: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
         if self.shared_expert_gate is not None:

@@ -1,0 +1,81 @@
+"""Several projections of one input as one matrix product at inference.
+
+A Gated DeltaNet layer projects its input six ways (q, k, v, z, b, a), attention three (q, k, v) and
+a SwiGLU MLP two (gate, up). At decode batch sizes every projection is a matrix-vector product bound
+by reading its weight, and six small ones pay six launches and six ramp-ups for what one product
+over the stacked weight reads at once.
+
+``packed_linears(owner, groups, x)`` returns the projections of ``x`` by the bias-free ``nn.Linear``
+layers ``owner.<name>``, grouped. Without gradients it stacks their weights once into one [sum out, in]
+tensor and turns each layer's weight into a view of its rows, assigned to the same ``Parameter``
+through ``.data``. So an optimizer holding the parameters still updates them, no weight is kept twice, and
+``state_dict`` and checkpoints see the same names and values. It stacks again after something
+replaced a weight (``.to(dtype)``, loading into new tensors). With gradients it runs the layers one by
+one, as before, so autograd and training are untouched. Layers that are not plain bias-free
+``nn.Linear`` (a bias, a wrapper) also run one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """Project x [..., in] by the layers ``owner.<name>`` of every group; one tensor per group, the
+    outputs of its layers side by side (so q, k, v as one group come out as one [..., 3 out] tensor).
+
+    Packed (no gradients): one product over the stacked weight, the groups its column slices.
+    Otherwise each layer runs alone and a group of several is concatenated.
+    """
+    names = tuple(n for g in groups for n in g)
+    layers = [getattr(owner, n) for n in names]
+    pack = None
+    if not (torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)):
+        pack = pack_weights(owner, names)
+    if pack is not None:
+        widths = [sum(getattr(owner, n).out_features for n in g) for g in groups]
+        return list(F.linear(x, pack).split(widths, -1))
+    outs = []
+    for g in groups:
+        ys = [getattr(owner, n)(x) for n in g]
+        outs.append(ys[0] if len(ys) == 1 else torch.cat(ys, -1))
+    return outs
+
+
+def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
+    """The stacked weight of ``owner``'s layers ``names`` (stacking it on first use), or None when they
+    cannot share one (not all bias-free ``nn.Linear`` of one dtype, device and input width)."""
+    attr = "_packed_" + "_".join(names)
+    layers = [getattr(owner, n) for n in names]
+    pack = owner.__dict__.get(attr)
+    if pack is not None and torch.compiler.is_compiling():
+        return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
+    if pack is not None and _views_of(pack, layers):
+        return pack
+    if torch.compiler.is_compiling() or not _packable(layers):
+        return None
+    with torch.no_grad():
+        pack = torch.cat([m.weight for m in layers])
+    for m, rows in zip(layers, pack.split([m.out_features for m in layers])):
+        m.weight.data = rows  # same Parameter object, now a view of the stack's rows
+    owner.__dict__[attr] = pack
+    return pack
+
+
+def _packable(layers: list[nn.Module]) -> bool:
+    first = layers[0].weight
+    return all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == first.dtype
+               and m.weight.device == first.device and m.in_features == layers[0].in_features
+               and not m.weight.is_meta for m in layers)
+
+
+def _views_of(pack: torch.Tensor, layers: list[nn.Module]) -> bool:
+    row = 0
+    for m in layers:
+        w = m.weight
+        if w.dtype != pack.dtype or w.device != pack.device or w.data_ptr() != pack[row].data_ptr():
+            return False
+        row += m.out_features
+    return row == pack.shape[0]

@@ -1,0 +1,107 @@
+"""Projections of one input stacked into one product at inference (hybridlm.layers.packing)."""
+
+import pytest
+import torch
+from torch import nn
+
+from hybridlm import HybridConfig, HybridLM
+from hybridlm.layers import GatedAttention, GatedDeltaNet
+from hybridlm.layers.mlp import SwiGLU
+from hybridlm.layers.moe import MoE
+from hybridlm.layers.packing import pack_weights, packed_linears
+from hybridlm.layers.step import Tokens
+
+
+def _tokens(B, T):
+    return Tokens(torch.arange(T).expand(B, T), None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda cfg: GatedDeltaNet(cfg), lambda cfg: GatedDeltaNet(cfg, gated=False), lambda cfg: GatedAttention(cfg),
+], ids=["G", "D", "A"])
+def test_packed_layer_equals_the_layer_run_projection_by_projection(make):
+    torch.manual_seed(0)
+    layer = make(HybridConfig())
+    x = torch.randn(2, 5, 64)
+    want = layer(x, _tokens(2, 5))  # gradients on: each projection alone
+    with torch.no_grad():
+        got = layer(x, _tokens(2, 5))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    packs = [v for k, v in layer.__dict__.items() if k.startswith("_packed_")]
+    assert len(packs) == 1
+    assert layer.q_proj.weight.data_ptr() == packs[0].data_ptr()
+
+
+def test_packing_keeps_parameter_objects_values_and_training():
+    torch.manual_seed(0)
+    mlp = SwiGLU(8, 16)
+    params = list(mlp.parameters())
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    with torch.no_grad():
+        mlp(torch.randn(3, 8))
+    pack = mlp.__dict__["_packed_gate_proj_up_proj"]
+    # same Parameter objects (the optimizer's), same values, now rows of one tensor
+    assert [id(p) for p in mlp.parameters()] == [id(p) for p in params]
+    for k, v in mlp.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert mlp.up_proj.weight.data_ptr() == pack[16].data_ptr()
+    # training after packing updates the weights, and the stack with them
+    mlp(torch.randn(3, 8)).square().sum().backward()
+    opt.step()
+    assert not torch.equal(mlp.gate_proj.weight, before["gate_proj.weight"])
+    assert torch.equal(pack[:16], mlp.gate_proj.weight) and torch.equal(pack[16:], mlp.up_proj.weight)
+    with torch.no_grad():
+        got = mlp(x := torch.randn(2, 8))
+    torch.testing.assert_close(got, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def test_stacks_again_after_the_weights_are_replaced():
+    mlp = SwiGLU(8, 16)
+    with torch.no_grad():
+        mlp(torch.randn(1, 8))
+    mlp.double()
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got = mlp(x)
+    pack = mlp.__dict__["_packed_gate_proj_up_proj"]
+    assert pack.dtype == torch.float64 and mlp.gate_proj.weight.data_ptr() == pack.data_ptr()
+    with torch.enable_grad():
+        want = mlp(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_layers_with_a_bias_run_one_by_one():
+    owner = nn.Module()
+    owner.a, owner.b = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ab, = packed_linears(owner, (("a", "b"),), x)
+        assert pack_weights(owner, ("a", "b")) is None
+    torch.testing.assert_close(ab, torch.cat([owner.a(x), owner.b(x)], -1))
+
+
+def test_moe_experts_are_stacked_by_moe_only():
+    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+    moe = MoE(cfg)
+    x = torch.randn(2, 3, cfg.hidden_size)
+    want = moe(x)
+    with torch.no_grad():
+        gate, _, _ = moe.packed_experts()
+        got = moe(x)  # the experts do not re-stack their own gate/up (that would undo MoE's stack)
+        assert moe.experts[1].gate_proj.weight.data_ptr() == gate[1].data_ptr()
+        assert moe.packed_experts()[0] is gate
+        assert "_packed_gate_proj_up_proj" in moe.shared_expert.__dict__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_packed_model_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        want = model(ids)
+    model.save_pretrained(tmp_path)
+    loaded = HybridLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), want)
