@@ -18,5 +18,5 @@ python3 -m pytest -q -p no:cacheprovider tests/test_static_decode.py tests/ops/t
     tests/ops/test_moe_decode.py -k "cuda or gpu or GPU" 2>&1 | tail -5
 $run --contexts 4k,32k,128k --batch 1 --plot "$out/prefill.png" --json > "$out/prefill.json"
 $run --contexts 128k,512k,1m --batch 1 --fill --at-max-batch --plot "$out/decode.png" --json > "$out/decode.json"
-$run --contexts 4k --batch 1 --no-twin --transformers --decode-steps 16 --json > "$out/transformers.json"
+$run --contexts 4k --batch 1 --no-twin --transformers --decode-steps 16 --prefill-repeats 3 --json > "$out/transformers.json"
 python3 -m hybridlm.profile_report "$out"/prefill.json "$out"/decode.json "$out"/transformers.json | tee "$out/table.txt"

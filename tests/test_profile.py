@@ -1,6 +1,7 @@
 """The profiler on CPU at tiny size: chunked prefill == one forward, figures present and positive,
 measured cache == memory.py, the hybrid's cache below its twin's, JSON keys, plot, CLI, bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,8 +11,8 @@ from hybridlm import memory
 from hybridlm.cli import main
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
-from hybridlm.profile import (ROW_KEYS, ProfileSettings, analytic_max_batch, bytes_per_token, copy_bandwidth,
-                              decode_greedy, measure_transformers, prefill_chunked, profile_models, scaled_config,
+from hybridlm.profile import (ROW_KEYS, ProfileSettings, analytic_max_batch, build_model, bytes_per_token,
+                              copy_bandwidth, decode_greedy, measure, measure_transformers, prefill_chunked, profile_models, scaled_config,
                               search_max_batch, warmup_length)
 from hybridlm.profile_report import format_table, plot_profile
 
@@ -179,6 +180,8 @@ def test_bad_settings_raise():
         ProfileSettings(decode_steps=0)
     with pytest.raises(ValueError, match="prefill_chunk"):
         ProfileSettings(prefill_chunk=-1)
+    with pytest.raises(ValueError, match="prefill_repeats"):
+        ProfileSettings(prefill_repeats=0)
     with pytest.raises(TypeError, match="dtype"):
         ProfileSettings(dtype=torch.int32)
     with pytest.raises(ValueError, match="device"):
@@ -244,3 +247,12 @@ def test_summary_compares_twin_at_largest_batch_transformers_and_bandwidth(tmp_p
     path.write_text(json.dumps(rows))
     assert report_main([str(path), "--context", "300"]) == 0
     assert "4.00x" in capsys.readouterr().out
+
+
+def test_prefill_repeats_report_the_median_time_to_first_token():
+    model = build_model(HybridConfig.preset(PRESET), SETTINGS)
+    settings = dataclasses.replace(SETTINGS, prefill_repeats=3)
+    row = measure(model, 96, 1, settings)
+    assert len(row["ttft_runs_s"]) == 3 and all(t > 0 for t in row["ttft_runs_s"])
+    assert row["ttft_s"] == sorted(row["ttft_runs_s"])[1]
+    assert row["cache_bytes"] == measure(model, 96, 1, SETTINGS)["cache_bytes"]

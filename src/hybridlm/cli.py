@@ -445,6 +445,8 @@ def _add_profile(sub) -> None:
     p.add_argument("--fill", action="store_true",
                    help="skip the prefill: fill the cache with random keys, values and states and time decoding only "
                         "(no TTFT; for large batches at long contexts, whose prefill takes minutes)")
+    p.add_argument("--prefill-repeats", type=int, default=1, metavar="N",
+                   help="prefill each prompt N times and report the median time to first token (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     p.add_argument("--plot", metavar="PNG", help="write decode tokens/s and cache bytes vs context")
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead of a table")
@@ -466,7 +468,8 @@ def _cmd_profile(args) -> int:
             raise ValueError(f"{flag}: expected an int >= 1, got {value}")
     settings = ProfileSettings(device=device, dtype=dtype, decode_steps=args.decode_steps,
                                prefill_chunk=args.prefill_chunk, seed=args.seed, memory_budget=args.memory_budget,
-                               graph=args.graph, fill=args.fill, compile=args.compile)
+                               graph=args.graph, fill=args.fill, compile=args.compile,
+                               prefill_repeats=args.prefill_repeats)
     cfg = scaled_config(args.preset, args.layers, args.experts)
     models = {args.preset: cfg}
     if args.vs:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ class ProfileSettings:
     else the eager step; fill: skip the prefill and fill the cache with random keys, values and states
     instead (decode speed does not depend on their values, and a prefill of a large batch at a long
     context can take minutes): rows then have no time to first token (None); compile: torch.compile
-    the decode step before the graph captures it (StaticDecoder's ``compile``). The weights are random
-    too: speed and memory do not depend on their values."""
+    the decode step before the graph captures it (StaticDecoder's ``compile``); prefill_repeats:
+    prefill the prompt this many times (the cache emptied between) and report the median time to first
+    token (one prefill is one noisy sample: three identical 4k prefills on an H200 took 0.47-0.91 s).
+    The weights are random too: speed and memory do not depend on their values."""
 
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -54,9 +57,10 @@ class ProfileSettings:
     graph: bool | None = None
     fill: bool = False
     compile: bool = False
+    prefill_repeats: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("decode_steps", "prefill_chunk"):
+        for name in ("decode_steps", "prefill_chunk", "prefill_repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
@@ -259,19 +263,25 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     decode(prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), 2)
     cache.reset()
     ids = torch.randint(0, vocab, (batch, context), generator=gen, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    t0 = time.perf_counter()
-    first = prefill_chunked(model, ids, cache, settings.prefill_chunk).argmax(-1)
-    synchronize(device)
+    ttfts = []
+    for repeat in range(settings.prefill_repeats):
+        if repeat:
+            cache.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        first = prefill_chunked(model, ids, cache, settings.prefill_chunk).argmax(-1)
+        synchronize(device)
+        ttfts.append(time.perf_counter() - t0)
+    ttft = statistics.median(ttfts)
     t1 = time.perf_counter()
     decode(first, steps)
     synchronize(device)
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"decode": ("compiled " if graphed and settings.compile else "") + ("cuda graph" if graphed else "eager"),
-            "ttft_s": t1 - t0, "prefill_tokens_per_s": batch * context / (t1 - t0),
+            "ttft_s": ttft, "ttft_runs_s": ttfts, "prefill_tokens_per_s": batch * context / ttft,
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
 
@@ -474,7 +484,7 @@ def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) 
 # ------------------------------------------------------------------------------ transformers
 def measure_transformers(model: HybridLM, name: str, context: int, batch: int, settings: ProfileSettings) -> dict:
     """transformers' generate on ``model``'s weights (saved, then loaded by AutoModelForCausalLM):
-    time to first token = a 1-token generate; decode rate from a (decode_steps + 1)-token generate
+    time to first token = a 1-token generate (median of settings.prefill_repeats); decode rate from a (decode_steps + 1)-token generate
     minus that. Greedy, every row the full context, warm-up generate first. Out of memory on CUDA
     gives a row of None figures with an "error" entry instead of ending the profile."""
     from transformers import AutoModelForCausalLM
@@ -502,7 +512,8 @@ def measure_transformers(model: HybridLM, name: str, context: int, batch: int, s
         run(2)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        ttft = run(1)
+        ttfts = [run(1) for _ in range(settings.prefill_repeats)]
+        ttft = statistics.median(ttfts)
         total = run(steps + 1)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
@@ -510,6 +521,6 @@ def measure_transformers(model: HybridLM, name: str, context: int, batch: int, s
     finally:
         del hf
         release(device)
-    row.update(ttft_s=ttft, decode_tokens_per_s=batch * steps / max(total - ttft, 1e-9),
+    row.update(ttft_s=ttft, ttft_runs_s=ttfts, decode_tokens_per_s=batch * steps / max(total - ttft, 1e-9),
                peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
     return row
