@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hybridlm.config import ATTENTION_LETTERS, LINEAR_LETTERS, HybridConfig
+from hybridlm.config import ATTENTION_LETTERS, HybridConfig
 
 _STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -401,7 +401,7 @@ def _cmd_study(args) -> int:
             overrides[field] = tuple(value) if isinstance(value, list) else value
     sc = dataclasses.replace(sc, **overrides)
     out = args.out or f"runs/{sc.name}"
-    results = run_study(sc, out)
+    run_study(sc, out)
     print(f"study finished in {time.perf_counter() - t0:.0f} s; report: {out}/report.md")
     return 0
 

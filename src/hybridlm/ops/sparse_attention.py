@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from hybridlm.ops import _checks as ck
-from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference, visibility_mask
+from hybridlm.ops.softmax_attention import softmax_attention, visibility_mask
 
 SPARSE_BACKENDS = ("auto", "reference", "triton")
 
@@ -251,7 +251,7 @@ def sparse_attention(q, k, v, indices, *, block_size=1, scale=None, q_pos=None, 
         return sparse_attention_reference(q, k, v, indices, block_size=block_size, scale=scale, q_pos=q_pos,
                                           k_pos=k_pos)
     B, T, H, D = q.shape
-    S, G, L = k.shape[1], indices.shape[2], indices.shape[3]
+    S, G = k.shape[1], indices.shape[2]
     q_pos, k_pos = _positions(B, T, S, q_pos, k_pos, q.device)
     # block ids -> the key slots they cover; an empty entry or a slot past S becomes slot -1
     offsets = torch.arange(block_size, device=q.device)
