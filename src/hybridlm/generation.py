@@ -85,9 +85,7 @@ class StaticDecoder:
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         # stack weights read together (MoE experts, projections of one input) now, outside the
         # traced and captured step
-        for module in model.modules():
-            if hasattr(module, "pack_for_inference"):
-                module.pack_for_inference()
+        model.pack_for_inference()
         # compile: let torch.compile fuse the step's many small element-wise kernels (norms, gates,
         # routing) before the graph captures it; the custom Triton ops stay as they are
         self._decode = torch.compile(model.decode_static, dynamic=False) if compile else model.decode_static

@@ -112,6 +112,16 @@ class HybridLM(nn.Module):
 
         return save_pretrained(self, path, model_type=model_type, dtype=dtype, max_shard_bytes=max_shard_bytes)
 
+    def pack_for_inference(self) -> "HybridLM":
+        """Stack the weights that inference reads together: each layer's projections of one input
+        (``hybridlm.layers.packing``) and each MoE layer's experts. The parameters keep their names,
+        values and identity (they become views of the stacks); calls without gradients then run one
+        product per stack. ``StaticDecoder`` calls this itself. Returns the model."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "pack_for_inference"):
+                module.pack_for_inference()
+        return self
+
     def num_parameters(self) -> int:
         """Number of parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())

@@ -24,6 +24,7 @@ def test_packed_layer_equals_the_layer_run_projection_by_projection(make):
     layer = make(HybridConfig())
     x = torch.randn(2, 5, 64)
     want = layer(x, _tokens(2, 5))  # gradients on: each projection alone
+    layer.pack_for_inference()
     with torch.no_grad():
         got = layer(x, _tokens(2, 5))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -38,8 +39,7 @@ def test_packing_keeps_parameter_objects_values_and_training():
     params = list(mlp.parameters())
     before = {k: v.clone() for k, v in mlp.state_dict().items()}
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
-    with torch.no_grad():
-        mlp(torch.randn(3, 8))
+    mlp.pack_for_inference()
     pack = mlp.__dict__["_packed_gate_proj_up_proj"]
     # same Parameter objects (the optimizer's), same values, now rows of one tensor
     assert [id(p) for p in mlp.parameters()] == [id(p) for p in params]
@@ -56,10 +56,21 @@ def test_packing_keeps_parameter_objects_values_and_training():
     torch.testing.assert_close(got, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
 
 
+def test_nothing_is_packed_unless_asked():
+    # a forward without gradients (an evaluation during training) leaves the weights where they are,
+    # so training after it repeats bit for bit
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next"))
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (1, 5)))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert model.pack_for_inference() is model
+    assert [p.data_ptr() for p in model.parameters()] != ptrs
+
+
 def test_stacks_again_after_the_weights_are_replaced():
     mlp = SwiGLU(8, 16)
-    with torch.no_grad():
-        mlp(torch.randn(1, 8))
+    mlp.pack_for_inference()
     mlp.double()
     x = torch.randn(2, 8, dtype=torch.float64)
     with torch.no_grad():
@@ -76,8 +87,8 @@ def test_layers_with_a_bias_run_one_by_one():
     owner.a, owner.b = nn.Linear(4, 3), nn.Linear(4, 2, bias=False)
     x = torch.randn(5, 4)
     with torch.no_grad():
-        ab, = packed_linears(owner, (("a", "b"),), x)
         assert pack_weights(owner, ("a", "b")) is None
+        ab, = packed_linears(owner, (("a", "b"),), x)
     torch.testing.assert_close(ab, torch.cat([owner.a(x), owner.b(x)], -1))
 
 
@@ -86,6 +97,8 @@ def test_moe_experts_are_stacked_by_moe_only():
     moe = MoE(cfg)
     x = torch.randn(2, 3, cfg.hidden_size)
     want = moe(x)
+    moe.pack_for_inference()
+    moe.shared_expert.pack_for_inference()
     with torch.no_grad():
         gate, _, _ = moe.packed_experts()
         got = moe(x)  # the experts do not re-stack their own gate/up (that would undo MoE's stack)
@@ -97,7 +110,7 @@ def test_moe_experts_are_stacked_by_moe_only():
 
 def test_a_packed_model_saves_and_loads(tmp_path):
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval()
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval().pack_for_inference()
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     with torch.no_grad():
         want = model(ids)

@@ -59,7 +59,9 @@ class GatedDeltaNet(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
         self.o_proj = nn.Linear(vv, d, bias=False)
-        self._in_groups = (("q_proj", "k_proj", "v_proj"), ("z_proj",), ("b_proj",)) + ((("a_proj",),) if gated else ())
+        # this order (q k v, b, a, z) is the order the layer always ran them in: with gradients they still run one
+        # by one, and autograd sums x's gradient in that order, so training repeats bit for bit
+        self._in_groups = (("q_proj", "k_proj", "v_proj"), ("b_proj",)) + ((("a_proj",),) if gated else ()) + (("z_proj",),)
         self.reset_decay()
 
     def reset_decay(self) -> None:
@@ -81,7 +83,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x_BTD.shape
         H, HV, K, V = self.num_heads, self.num_v_heads, self.key_dim, self.value_dim
         # one product over the stacked projection weights at inference (hybridlm.layers.packing)
-        qkv, z, b, *a = packed_linears(self, self._in_groups, x_BTD)
+        qkv, b, *a, z = packed_linears(self, self._in_groups, x_BTD)
         # Zeroing pads before the conv makes a left-padded row's window what it would be alone.
         qkv = tokens.zero_pads(qkv)
         qkv = self.conv(qkv, None if slot is None else slot.conv) if self.conv is not None else F.silu(qkv)

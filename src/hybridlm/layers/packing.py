@@ -5,14 +5,18 @@ a SwiGLU MLP two (gate, up). At decode batch sizes every projection is a matrix-
 by reading its weight, and six small ones pay six launches and six ramp-ups for what one product
 over the stacked weight reads at once.
 
-``packed_linears(owner, groups, x)`` returns the projections of ``x`` by the bias-free ``nn.Linear``
-layers ``owner.<name>``, grouped. Without gradients it stacks their weights once into one [sum out, in]
-tensor and turns each layer's weight into a view of its rows, assigned to the same ``Parameter``
-through ``.data``. So an optimizer holding the parameters still updates them, no weight is kept twice, and
-``state_dict`` and checkpoints see the same names and values. It stacks again after something
-replaced a weight (``.to(dtype)``, loading into new tensors). With gradients it runs the layers one by
-one, as before, so autograd and training are untouched. Layers that are not plain bias-free
-``nn.Linear`` (a bias, a wrapper) also run one by one.
+Packing is explicit: ``pack_weights(owner, names)`` (a layer's ``pack_for_inference()``;
+``StaticDecoder`` calls it on every layer) stacks the bias-free ``nn.Linear`` layers ``owner.<name>``
+into one [sum out, in] tensor and turns each layer's weight into a view of its rows, assigned to the
+same ``Parameter`` through ``.data``. So an optimizer holding the parameters still updates them,
+no weight is kept twice, and ``state_dict`` and checkpoints see the same names and values.
+
+``packed_linears(owner, groups, x)`` then runs one product when a pack exists and no gradient is
+needed, restacking first if something replaced a weight (``.to(dtype)``, loading into new tensors);
+otherwise it runs the layers one by one. Packing never happens implicitly: an evaluation under
+``no_grad`` in the middle of training leaves the parameters' storage where it was, so nothing about
+a training run depends on whether or when it evaluated. Layers that are not plain bias-free
+``nn.Linear`` (a bias, a wrapper) are never packed.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
     """Project x [..., in] by the layers ``owner.<name>`` of every group; one tensor per group, the
     outputs of its layers side by side (so q, k, v as one group come out as one [..., 3 out] tensor).
 
-    Packed (no gradients): one product over the stacked weight, the groups its column slices.
-    Otherwise each layer runs alone and a group of several is concatenated.
+    With a pack (``pack_weights`` was called) and no gradient needed: one product over the stacked
+    weight, the groups its column slices. Otherwise each layer runs alone and a group of several is
+    concatenated.
     """
     names = tuple(n for g in groups for n in g)
-    layers = [getattr(owner, n) for n in names]
     pack = None
-    if not (torch.is_grad_enabled() and any(m.weight.requires_grad for m in layers)):
+    if _attr(names) in owner.__dict__ and not (
+            torch.is_grad_enabled() and any(getattr(owner, n).weight.requires_grad for n in names)):
         pack = pack_weights(owner, names)
     if pack is not None:
         widths = [sum(getattr(owner, n).out_features for n in g) for g in groups]
@@ -45,9 +50,10 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
 
 
 def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:
-    """The stacked weight of ``owner``'s layers ``names`` (stacking it on first use), or None when they
-    cannot share one (not all bias-free ``nn.Linear`` of one dtype, device and input width)."""
-    attr = "_packed_" + "_".join(names)
+    """Stack the weights of ``owner``'s layers ``names`` (again, if something replaced one since) and
+    return the stack, or None when they cannot share one (not all bias-free ``nn.Linear`` of one
+    dtype, device and input width)."""
+    attr = _attr(names)
     layers = [getattr(owner, n) for n in names]
     pack = owner.__dict__.get(attr)
     if pack is not None and torch.compiler.is_compiling():
@@ -62,6 +68,10 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
         m.weight.data = rows  # same Parameter object, now a view of the stack's rows
     owner.__dict__[attr] = pack
     return pack
+
+
+def _attr(names: tuple[str, ...]) -> str:
+    return "_packed_" + "_".join(names)
 
 
 def _packable(layers: list[nn.Module]) -> bool:
