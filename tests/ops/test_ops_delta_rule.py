@@ -230,3 +230,51 @@ def test_output_is_contiguous_for_views():
     q, k, v, g, beta, _ = delta_inputs(T=20, HV=4, dtype=F32)
     for o, _ in (gated_delta_rule_chunked(q, k, v, g, beta), gated_delta_rule_naive(q, k, v, g, beta)):
         assert o.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fused_gate_equals_the_gate_formed_outside(backend, monkeypatch):
+    # g = -exp(A_log) softplus(a + dt_bias) inside the op (Qwen3-Next's gate), chunked form and step
+    if backend == "triton":
+        pytest.importorskip("hybridlm.ops.triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, _, beta, s0 = delta_inputs(T=70, HV=4, dtype=F32)
+    gen = torch.Generator().manual_seed(3)
+    a = 2 * torch.randn(beta.shape, generator=gen)
+    A_log, dt_bias = torch.rand(4, generator=gen).log1p(), torch.randn(4, generator=gen)
+    g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias)
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, backend=backend)
+    o, s = gated_delta_rule(q, k, v, a, beta, initial_state=s0, output_final_state=True, backend=backend,
+                            A_log=A_log, dt_bias=dt_bias)
+    assert_close(o, o_ref, F32, "o")
+    assert_close(s, s_ref, F32, "final state")
+    o1_ref, s1_ref = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0, backend=backend)
+    o1, s1 = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], a[:, 0], beta[:, 0], s0, backend=backend,
+                                   A_log=A_log, dt_bias=dt_bias)
+    assert_close(o1, o1_ref, F32, "step o")
+    assert_close(s1, s1_ref, F32, "step state")
+
+
+def test_fused_gate_differentiates_into_its_parameters():
+    q, k, v, _, beta, s0 = delta_inputs(T=20, HV=2)
+    a = torch.randn(beta.shape, dtype=F64, requires_grad=True)
+    A_log = torch.tensor([0.5, 1.0], dtype=F64, requires_grad=True)
+    dt_bias = torch.tensor([-1.0, 0.3], dtype=F64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, A, d: gated_delta_rule(q, k, v, a, beta, A_log=A, dt_bias=d,
+                                                              backend="reference")[0], (a, A_log, dt_bias))
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(A_log=torch.zeros(2)), ValueError, "A_log and dt_bias must be given together"),
+    (dict(A_log=torch.zeros(3), dt_bias=torch.zeros(3)), ValueError, r"A_log must have shape \[HV\] = \(2,\)"),
+    (dict(A_log=torch.zeros(2), dt_bias=torch.zeros(2, 1)), ValueError, "dt_bias must be 1-D"),
+    (dict(A_log=torch.zeros(2, dtype=torch.long), dt_bias=torch.zeros(2)), TypeError, "A_log must have a floating"),
+])
+def test_fused_gate_bad_inputs_name_the_argument(kwargs, error, words):
+    q, k, v, g, beta, s0 = delta_inputs(T=5, HV=2)
+    with pytest.raises(error, match=words):
+        gated_delta_rule(q, k, v, g, beta, **kwargs)
+    with pytest.raises(error, match=words):
+        gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], s0, **kwargs)
+    with pytest.raises(ValueError, match="g must be given with A_log and dt_bias"):
+        gated_delta_rule(q, k, v, None, beta, A_log=torch.zeros(2), dt_bias=torch.zeros(2))

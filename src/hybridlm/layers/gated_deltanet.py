@@ -92,8 +92,11 @@ class GatedDeltaNet(nn.Module):
         k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
         # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
         beta_BTH = tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
-        g_BTH = self._log_decay(a[0] if a else None, tokens)
-        o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot)
+        # A decode step without pads hands the raw gate input to the op, which forms the decay inside
+        # the Triton step kernel (the same formula as _log_decay; saves its small kernels per layer)
+        fuse_gate = slot is not None and T == 1 and tokens.mask_BT is None and self.gated and not self.A_log.is_meta
+        g_BTH = a[0] if fuse_gate else self._log_decay(a[0] if a else None, tokens)
+        o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot, fuse_gate)
         z_BTHV = z.reshape(B, T, HV, V)
         return self.o_proj(self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
 
@@ -108,16 +111,18 @@ class GatedDeltaNet(nn.Module):
         a = at_least_fp32(a)
         return tokens.zero_pads(-self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype)))
 
-    def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None) -> torch.Tensor:
-        """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V]."""
+    def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None, fuse_gate: bool = False) -> torch.Tensor:
+        """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V].
+        fuse_gate: g is the raw gate input a, and a decode step forms the decay from A_log, dt_bias."""
         if slot is not None and q.shape[1] == 1:
             state = slot.state.float()
             # A float32 cache state is updated where it lies (one read, one write per step);
             # other state dtypes go through a float32 copy.
             inplace = state is slot.state
             if self.gated:
+                gate = dict(A_log=self.A_log, dt_bias=self.dt_bias) if fuse_gate else {}
                 o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
-                                                     use_qk_l2norm=True, inplace=inplace)
+                                                     use_qk_l2norm=True, inplace=inplace, **gate)
             else:
                 o, new_state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, use_qk_l2norm=True,
                                                inplace=inplace)

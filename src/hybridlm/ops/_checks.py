@@ -121,6 +121,29 @@ def check_gate(name: str, x, shape: tuple, layout: str, ref: torch.Tensor) -> No
         raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def check_fused_gate(A_log, dt_bias, g, num_v_heads: int, ref: torch.Tensor) -> None:
+    """A_log and dt_bias (the fused gate g = -exp(A_log) softplus(g + dt_bias)): both or neither, each
+    a float [HV] tensor on ref's device, and then g (the raw gate input) must be given."""
+    if A_log is None and dt_bias is None:
+        return
+    if A_log is None or dt_bias is None:
+        raise ValueError("A_log and dt_bias must be given together (the fused gate) or both left None")
+    if g is None:
+        raise ValueError("g must be given with A_log and dt_bias: it is the raw gate input a")
+    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
+        check_float_tensor(name, x, 1, "[HV]")
+        check_same(name, x, "q", ref, dtype=False)
+        if x.shape[0] != num_v_heads:
+            raise ValueError(f"{name} must have shape [HV] = ({num_v_heads},), got {tuple(x.shape)}")
+
+
+def fused_gate(a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Qwen3-Next's log-decay from the raw gate input: -exp(A_log) * softplus(a + dt_bias), in float32
+    (float64 stays float64)."""
+    a = a.to(torch.promote_types(a.dtype, torch.float32))
+    return -A_log.to(a.dtype).exp() * torch.nn.functional.softplus(a + dt_bias.to(a.dtype))
+
+
 def check_state(name: str, state, shape: tuple, ref: torch.Tensor) -> None:
     check_float_tensor(name, state, 4, "[B, HV, K, V]")
     check_same(name, state, "q", ref, dtype=False)

@@ -111,6 +111,9 @@ _DOC_ARGS = """
             changes rounding only, never the result. The Triton kernels pick their own.
         use_qk_l2norm: l2-normalise q and k over K in float32 (eps 1e-6) inside the op.
         check_inputs: also check g <= 0 and 0 <= beta <= 1 (reads the values: a device sync).
+        A_log, dt_bias (``gated_delta_rule`` only): optional [HV] float tensors; with them g is the raw
+            gate input a and the log-decay is -exp(A_log) * softplus(a + dt_bias) (Qwen3-Next's
+            gate), computed inside the op.
     Returns:
         o [B, T, HV, V] in v's dtype, and the final state [B or N, HV, K, V] or None.
 """
@@ -143,14 +146,22 @@ def gated_delta_rule_chunked(q, k, v, g, beta, *, scale=None, initial_state=None
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, chunk_size=64, use_qk_l2norm=False, backend="auto", check_inputs=False):
+                     cu_seqlens=None, chunk_size=64, use_qk_l2norm=False, backend="auto", check_inputs=False,
+                     A_log=None, dt_bias=None):
     ck.check_chunk_size(chunk_size)
-    _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, backend, check_inputs)
+    # with the fused gate, g holds the raw gate input: its value range is checked once g is formed
+    _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm, backend, check_inputs and A_log is None)
+    ck.check_fused_gate(A_log, dt_bias, g, v.shape[2], q)
     kernel = ck.load_kernel("chunk_gated_delta_rule", backend, q)
     if kernel is not None:
         g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
         return kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm)
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+                      A_log=A_log, dt_bias=dt_bias)
+    if A_log is not None:
+        g = ck.fused_gate(g, A_log, dt_bias)
+        if check_inputs:
+            ck.check_value_ranges(g, beta)
     return gated_delta_rule_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                                     chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm)
@@ -179,7 +190,7 @@ def delta_rule_chunked(q, k, v, beta, *, scale=None, initial_state=None, output_
 
 # --------------------------------------------------------------------------- decode step
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, inplace=False,
-                          backend="auto"):
+                          backend="auto", A_log=None, dt_bias=None):
     """One decode token of the gated delta rule; returns (o [B, HV, V] in v's dtype, new state).
 
     Args:
@@ -189,6 +200,8 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
         inplace: write the new state into ``state`` and return that tensor (fixed address, so a
             decode loop can be captured in a CUDA graph); otherwise ``state`` is left untouched.
         backend: "auto" | "reference" | "triton".
+        A_log, dt_bias: optional [HV] float tensors of the fused gate, as in :func:`gated_delta_rule`
+            (the Triton kernel computes it in registers; saves the gate's small kernels per step).
 
     Example::
 
@@ -203,10 +216,14 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     ck.check_state("state", state, (B, HV, K, V), q)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    ck.check_fused_gate(A_log, dt_bias, g, HV, q)
     kernel = ck.load_kernel("fused_recurrent_gated_delta_rule_step", backend, q)
     if kernel is not None:
         g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
-        return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, inplace=inplace)
+        return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, inplace=inplace,
+                      A_log=A_log, dt_bias=dt_bias)
+    if A_log is not None:
+        g = ck.fused_gate(g, A_log, dt_bias)
     o, S = gated_delta_rule_naive(q[:, None], k[:, None], v[:, None], None if g is None else g[:, None],
                                   beta[:, None], scale=scale, initial_state=state, output_final_state=True,
                                   use_qk_l2norm=use_qk_l2norm)

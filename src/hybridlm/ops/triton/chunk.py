@@ -22,7 +22,6 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from hybridlm.ops import _checks as ck
 from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
@@ -193,7 +192,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log, dt_bias)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if A_log is not None:
-        g = -A_log.float().exp() * F.softplus(g.float() + dt_bias.float())
+        g = ck.fused_gate(g, A_log, dt_bias)
     h0 = None if initial_state is None else initial_state.float()
     o, final_state, *_ = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
                                        beta.contiguous(), h0, cu_seqlens, scale, bool(use_qk_l2norm))
