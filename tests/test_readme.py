@@ -20,4 +20,5 @@ def test_python_example_runs():
     assert tuple(scope["o"].shape) == (1, 1000, 4, 64)
     assert tuple(scope["state"].shape) == (1, 4, 64, 64)
     assert tuple(scope["new_tokens"].shape) == (2, 8)
+    assert tuple(scope["tokens"].shape) == (2, 8)
     assert scope["cache"].nbytes() == sum(scope["cache"].breakdown().values())
