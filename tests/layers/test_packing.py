@@ -118,3 +118,20 @@ def test_a_packed_model_saves_and_loads(tmp_path):
     loaded = HybridLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), want)
+
+
+def test_a_layer_replaced_after_packing_runs_alone():
+    # a layer swapped for another shape (or a wrapper) after packing: no stale stack, no index error
+    mlp = SwiGLU(8, 16)
+    mlp.pack_for_inference()
+    mlp.up_proj = nn.Linear(8, 16, bias=True)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        got = mlp(x)
+    torch.testing.assert_close(got, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+    # wider layers: more rows than the old stack held
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (nn.Linear(8, 40, bias=False), nn.Linear(8, 40, bias=False),
+                                                 nn.Linear(40, 8, bias=False))
+    with torch.no_grad():
+        got = mlp(x)
+    torch.testing.assert_close(got, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))

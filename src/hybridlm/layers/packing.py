@@ -84,8 +84,9 @@ def _packable(layers: list[nn.Module]) -> bool:
 def _views_of(pack: torch.Tensor, layers: list[nn.Module]) -> bool:
     row = 0
     for m in layers:
-        w = m.weight
-        if w.dtype != pack.dtype or w.device != pack.device or w.data_ptr() != pack[row].data_ptr():
+        w = getattr(m, "weight", None)
+        if (not isinstance(w, torch.Tensor) or row >= pack.shape[0] or w.dtype != pack.dtype
+                or w.device != pack.device or w.data_ptr() != pack[row].data_ptr()):
             return False
         row += m.out_features
     return row == pack.shape[0]
