@@ -135,3 +135,22 @@ def test_a_layer_replaced_after_packing_runs_alone():
     with torch.no_grad():
         got = mlp(x)
     torch.testing.assert_close(got, mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def test_a_wrapped_layer_after_packing_trains_through_the_wrapper():
+    class Scaled(nn.Module):  # a wrapper without .weight (as LoRA-style adapters are)
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.scale = inner, nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return self.scale * self.inner(x)
+
+    mlp = SwiGLU(8, 16)
+    mlp.pack_for_inference()
+    mlp.up_proj = Scaled(mlp.up_proj)
+    mlp(torch.randn(2, 8)).sum().backward()  # gradients on: one by one, through the wrapper
+    assert mlp.up_proj.scale.grad is not None
+    with torch.no_grad():
+        x = torch.randn(2, 8)
+        torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))

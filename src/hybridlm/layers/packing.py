@@ -37,7 +37,7 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
     names = tuple(n for g in groups for n in g)
     pack = None
     if _attr(names) in owner.__dict__ and not (
-            torch.is_grad_enabled() and any(getattr(owner, n).weight.requires_grad for n in names)):
+            torch.is_grad_enabled() and any(p.requires_grad for n in names for p in getattr(owner, n).parameters())):
         pack = pack_weights(owner, names)
     if pack is not None:
         widths = [sum(getattr(owner, n).out_features for n in g) for g in groups]
