@@ -19,6 +19,7 @@ import math
 import sys
 
 import torch
+import triton
 
 from hybridlm.bench import timing
 from hybridlm.ops import gated_delta_rule_step
@@ -73,7 +74,7 @@ def sweep(B, H, HV, K, V, device, copy_rate) -> list[dict]:
     rows = []
     blocks = BLOCKS + ([(default_bv, default_warps)] if (default_bv, default_warps) not in BLOCKS else [])
     for (bv, warps), pps, stream in itertools.product(blocks, PERSISTENT, STREAM):
-        if bv > triton_next_pow2(V):
+        if bv > triton.next_power_of_2(V):
             continue
         cfg = (bv, warps, pps, stream)
         err = _check(q, k, v, g, beta, states[0], cfg)
@@ -90,10 +91,6 @@ def sweep(B, H, HV, K, V, device, copy_rate) -> list[dict]:
     del states
     torch.cuda.empty_cache()
     return rows
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def main(argv=None) -> int:

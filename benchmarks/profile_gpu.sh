@@ -36,7 +36,6 @@ if has transformers; then
     $run --contexts 4k --batch 1 --no-twin --transformers --decode-steps 16 --prefill-repeats 3 --json \
         > "$out/transformers.json"
 fi
-shopt -s nullglob
 rows=("$out"/prefill.json "$out"/decode.json "$out"/transformers.json)
 existing=()
 for f in "${rows[@]}"; do [[ -s $f ]] && existing+=("$f"); done

@@ -353,7 +353,8 @@ def _add_study(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--train-len", type=int, default=None, help="training sequence length")
     p.add_argument("--vocab", type=int, default=None, help="token ids of the task (keys and values from two halves)")
-    p.add_argument("--train-pairs", type=parse_int_list, default=None, help="sizes trained on (pairs, chains or copy lengths: see --task), e.g. 2,4,8")
+    p.add_argument("--train-pairs", type=parse_int_list, default=None,
+                   help="sizes trained on (pairs, chains or copy lengths: see --task), e.g. 2,4,8")
     p.add_argument("--eval-pairs", type=parse_int_list, default=None, help="sizes evaluated (see --task)")
     p.add_argument("--eval-lens", type=parse_int_list, default=None, help="sequence lengths evaluated")
     p.add_argument("--eval-len-pairs", type=int, default=None, help="pairs in the length sweep")
@@ -388,8 +389,8 @@ def _cmd_study(args) -> int:
         "name": args.name or ("study" if args.scale == "cpu" else "study-gpu"),
         "gate_inits": tuple(GateInit.parse(t) for t in (args.gate_init or [])),
     }
-    for field, value in (("task", args.task), ("hops", args.hops), ("num_layers", args.layers), ("hidden_size", args.hidden), ("linear_key_dim", args.key_dim),
-                         ("steps", args.steps),
+    for field, value in (("task", args.task), ("hops", args.hops), ("num_layers", args.layers),
+                         ("hidden_size", args.hidden), ("linear_key_dim", args.key_dim), ("steps", args.steps),
                          ("batch_size", args.batch_size), ("lr", args.lr), ("train_len", args.train_len), ("vocab_size", args.vocab),
                          ("train_pairs", args.train_pairs), ("eval_pairs", args.eval_pairs),
                          ("eval_lens", args.eval_lens), ("eval_len_pairs", args.eval_len_pairs),

@@ -76,7 +76,8 @@ class StaticDecoder:
         if not isinstance(warmup, int) or isinstance(warmup, bool) or not 1 <= warmup < cache.max_len:
             raise ValueError(f"warmup: expected an int in [1, max_len = {cache.max_len}), got {warmup!r}")
         device = cache.next_position.device
-        if generator is not None and (device.type == "cuda" if graph is None else graph):
+        use_graph = device.type == "cuda" if graph is None else graph
+        if generator is not None and use_graph:
             raise ValueError("generator: a CUDA graph samples from the default CUDA generator; seed it with "
                              "torch.cuda.manual_seed, or pass graph=False to use this generator")
         if graph and device.type != "cuda":
@@ -92,7 +93,7 @@ class StaticDecoder:
         self.token_B1 = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.graph = None
-        if device.type == "cuda" if graph is None else graph:
+        if use_graph:
             self._capture(warmup)
 
     def _step(self) -> None:

@@ -484,9 +484,10 @@ def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) 
 # ------------------------------------------------------------------------------ transformers
 def measure_transformers(model: HybridLM, name: str, context: int, batch: int, settings: ProfileSettings) -> dict:
     """transformers' generate on ``model``'s weights (saved, then loaded by AutoModelForCausalLM):
-    time to first token = a 1-token generate (median of settings.prefill_repeats); decode rate from a (decode_steps + 1)-token generate
-    minus that. Greedy, every row the full context, warm-up generate first. Out of memory on CUDA
-    gives a row of None figures with an "error" entry instead of ending the profile."""
+    time to first token = a 1-token generate (median of settings.prefill_repeats); decode rate from
+    a (decode_steps + 1)-token generate minus that. Greedy, every row the full context, warm-up
+    generate first. Out of memory on CUDA gives a row of None figures with an "error" entry instead
+    of ending the profile."""
     from transformers import AutoModelForCausalLM
 
     device, steps = settings.torch_device, settings.decode_steps

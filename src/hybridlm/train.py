@@ -216,7 +216,7 @@ def train(
     bar = _progress(end - start, show)
     model.train()
     tokens, t0 = 0, time.perf_counter()
-    # Step losses stay on the device until a log line, an evaluation or a checkpoint needs them:
+    # Step losses stay on the device until a log line or a checkpoint needs them:
     # reading each with .item() would stop the host every step until the GPU is done, so the next
     # batch could not be drawn while the GPU still works on this one.
     pending: list[torch.Tensor] = []

@@ -245,7 +245,7 @@ def _sections(text: str) -> set[str]:
 
 
 def run(args) -> int:
-    _sections(args.sections)  # a bad list fails before any GPU work
+    sections = _sections(args.sections)  # a bad list fails before any GPU work
     if not torch.cuda.is_available():
         raise ValueError("bench kernels needs a CUDA device (the Triton kernels are timed natively)")
     device = torch.device("cuda")
@@ -266,7 +266,6 @@ def run(args) -> int:
     # B = 1 long-T rows come right after their B x T = 64k, T = 2k comparison row (the small-batch target)
     chunk = [(f"chunk {h.name} T={T}", lambda h=h, T=T: bench_chunk(bench, h, T, with_reference=T == plan.seq_lens[0]))
              for h in plan.heads for T in plan.seq_lens]
-    sections = _sections(args.sections)
     jobs = [(f"decode B={B}", lambda B=B: bench_decode(bench, QWEN3_NEXT, B))
             for B in plan.decode_batches if "decode" in sections]
     # the long rows' comparison (B x T = 64k, T = 2k) is the first chunk row

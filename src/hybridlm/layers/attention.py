@@ -12,7 +12,7 @@ from torch import nn
 from hybridlm.cache import KVSlot, ring_slots
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
-from hybridlm.layers.packing import pack_weights, packed_linears
+from hybridlm.layers.packing import pack_groups, packed_linears
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
@@ -59,7 +59,7 @@ class GatedAttention(nn.Module):
 
     def pack_for_inference(self) -> None:
         """Stack the q, k, v projections' weights now (a decoder does this before tracing or capture)."""
-        pack_weights(self, ("q_proj", "k_proj", "v_proj"))
+        pack_groups(self, self._in_groups)
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
         """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.

@@ -18,7 +18,7 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.packing import pack_weights, packed_linears
+from hybridlm.layers.packing import pack_groups, packed_linears
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 
@@ -59,9 +59,11 @@ class GatedDeltaNet(nn.Module):
             self.dt_bias = nn.Parameter(torch.empty(self.num_v_heads))
         self.norm = GatedRMSNorm(self.value_dim, config.rms_norm_eps)
         self.o_proj = nn.Linear(vv, d, bias=False)
-        # this order (q k v, b, a, z) is the order the layer always ran them in: with gradients they still run one
-        # by one, and autograd sums x's gradient in that order, so training repeats bit for bit
-        self._in_groups = (("q_proj", "k_proj", "v_proj"), ("b_proj",)) + ((("a_proj",),) if gated else ()) + (("z_proj",),)
+        # this order (q k v, b, a, z) is the order the layer always ran them in: with gradients they
+        # still run one by one, and autograd sums x's gradient in that order, so training repeats bit
+        # for bit
+        gate = (("a_proj",),) if gated else ()
+        self._in_groups = (("q_proj", "k_proj", "v_proj"), ("b_proj",), *gate, ("z_proj",))
         self.reset_decay()
 
     def reset_decay(self) -> None:
@@ -102,7 +104,7 @@ class GatedDeltaNet(nn.Module):
 
     def pack_for_inference(self) -> None:
         """Stack the input projections' weights now (a decoder does this before tracing or capture)."""
-        pack_weights(self, tuple(n for g in self._in_groups for n in g))
+        pack_groups(self, self._in_groups)
 
     def _log_decay(self, a: torch.Tensor | None, tokens: Tokens) -> torch.Tensor | None:
         """g [B, T, HV] float32 (<= 0) from the gate projection a, 0 at pads; None for DeltaNet."""

@@ -34,7 +34,7 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
     weight, the groups its column slices. Otherwise each layer runs alone and a group of several is
     concatenated.
     """
-    names = tuple(n for g in groups for n in g)
+    names = _names(groups)
     pack = None
     if _attr(names) in owner.__dict__ and not (
             torch.is_grad_enabled() and any(p.requires_grad for n in names for p in getattr(owner, n).parameters())):
@@ -68,6 +68,15 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
         m.weight.data = rows  # same Parameter object, now a view of the stack's rows
     owner.__dict__[attr] = pack
     return pack
+
+
+def pack_groups(owner: nn.Module, groups: tuple[tuple[str, ...], ...]) -> torch.Tensor | None:
+    """``pack_weights`` for the layers of ``groups`` (the argument ``packed_linears`` takes)."""
+    return pack_weights(owner, _names(groups))
+
+
+def _names(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
+    return tuple(n for g in groups for n in g)
 
 
 def _attr(names: tuple[str, ...]) -> str:
