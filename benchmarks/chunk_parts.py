@@ -23,7 +23,7 @@ from hybridlm.bench import timing
 from hybridlm.ops.triton.chunk import _tables
 from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
 from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
-from hybridlm.ops.triton.chunk_fwd import chunk_fwd, chunk_fwd_wu
+from hybridlm.ops.triton.chunk_fwd import chunk_fwd
 from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows, qk_grad
 
 SHAPES = {"qwen": (16, 32, 128), "h16": (16, 16, 128)}  # H, HV, d
@@ -57,13 +57,9 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
 
     t("l2norm q,k", lambda: (l2norm_rows(q), l2norm_rows(k)))
     qn, kn = l2norm_rows(q), l2norm_rows(k)
-    t("prep (gc, T, M: backward's)", lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV))
-    t("prep (gc, M, W, U: inference forward)",
-      lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV, v_NHV=v, store_t=False))
-    t("prep (gc, T, M, W, U: training forward)", lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV, v_NHV=v))
-    gc, tt, m, w, u = chunk_prep(qn, kn, g, beta, chunk_bounds, HV, v_NHV=v)
-    t("fwd state pass from W, U", lambda: chunk_fwd_wu(qn, kn, w, u, gc, m, None, cu, chunk_offsets, scale))
-    t("fwd state pass from T", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale))
+    t("prep", lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV))
+    gc, tt, m = chunk_prep(qn, kn, g, beta, chunk_bounds, HV)
+    t("fwd state pass", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale))
     t("fwd state pass storing states", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets,
                                                          scale, store_chunks=NC))
     _, _, h = chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale, store_chunks=NC)

@@ -3,10 +3,9 @@
 Legend: B batch, T tokens, N sequences, NTOK = B * T flat tokens, NC chunks, H q/k heads,
 HV value heads, K key size, V value size.
 
-Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum, WY transform T, causal Q K^T,
-W = T diag(beta exp(gc)) K and U = T diag(beta) V) then ``chunk_fwd_wu`` (sequential over chunks:
-output and states). Backward reuses the prep's gc, T and M, reruns the state pass (``chunk_fwd``,
-from T) storing the state entering every chunk, carries the state gradient from the
+Forward: ``chunk_prep`` (per chunk, parallel: in-chunk decay cumsum, WY transform, causal Q K^T)
+then ``chunk_fwd`` (sequential over chunks: output and states). Backward reuses the prep outputs,
+reruns the state pass storing the state entering every chunk, carries the state gradient from the
 last chunk to the first (``chunk_bwd_state``) and ends with chunk-local gradients
 (``chunk_bwd_local``).
 
@@ -27,7 +26,7 @@ import torch
 from hybridlm.ops import _checks as ck
 from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
 from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
-from hybridlm.ops.triton.chunk_fwd import chunk_fwd, chunk_fwd_wu
+from hybridlm.ops.triton.chunk_fwd import chunk_fwd
 from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows, qk_grad
 from hybridlm.ops.triton.utils import sequence_tables
 
@@ -59,33 +58,32 @@ BwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten, _Ten]  # dq, dk, dv, dg, dbeta, dh0
 @torch.library.custom_op("hybridlm::chunk_gdr_fwd", mutates_args=())
 def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-                  scale: float, use_qk_l2norm: bool, for_backward: bool = True) -> FwdOut:
+                  scale: float, use_qk_l2norm: bool) -> FwdOut:
     """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V], then what the backward
     reuses: ``chunk_prep``'s gc, t, m and the l2-normalised q, k (empty without ``use_qk_l2norm``));
-    inputs as the entry point. Without ``for_backward`` t is empty (inference needs no T)."""
+    inputs as the entry point."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
     HV = v.shape[2]
     beta_f = _flat(beta)
     qf, kf = _flat(q), _flat(k)
     if use_qk_l2norm:
         qf, kf = l2norm_rows(qf), l2norm_rows(kf)
-    gc, t, m, w, u = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV, v_NHV=_flat(v), store_t=for_backward)
+    gc, t, m = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV)
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht = chunk_fwd_wu(qf, kf, w, u, gc, m, h0, cu, chunk_offsets, scale)
+    o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale)
     if not use_qk_l2norm:  # outputs may not alias inputs
         qf, kf = q.new_empty(0), k.new_empty(0)
     return o.view(v.shape), ht, gc, t, m, qf, kf
 
 
 @chunk_gdr_fwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, for_backward=True):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     NTOK, HV = q.shape[0] * q.shape[1], v.shape[2]
     state = q.new_empty(N, HV, q.shape[3], v.shape[3], dtype=torch.float32)
-    m = q.new_empty(NTOK, HV, 64)
-    t = torch.empty_like(m) if for_backward else q.new_empty(0)
+    t = q.new_empty(NTOK, HV, 64)
     qn = q.new_empty(NTOK, *q.shape[2:]) if use_qk_l2norm else q.new_empty(0)
-    return (torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, m,
+    return (torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t),
             qn, torch.empty_like(qn))
 
 
@@ -119,7 +117,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, gc, t, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, *_ = inputs
+    q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm = inputs
     saved = output[2:]
     ctx.mark_non_differentiable(*saved)
     ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, *saved)
@@ -131,7 +129,7 @@ def _backward(ctx, do, dht, *_):
     dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale,
                                                ctx.use_qk_l2norm, gc, t, m, qn, kn, do.contiguous(),
                                                None if dht is None else dht.contiguous())
-    return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None, None, None
+    return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None, None
 
 
 chunk_gdr_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -196,10 +194,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     if A_log is not None:
         g = ck.fused_gate(g, A_log, dt_bias)
     h0 = None if initial_state is None else initial_state.float()
-    # T is stored for the backward only when autograd will call it
-    for_backward = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, h0))
     o, final_state, *_ = chunk_gdr_fwd(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
-                                       beta.contiguous(), h0, cu_seqlens, scale, bool(use_qk_l2norm),
-                                       for_backward)
+                                       beta.contiguous(), h0, cu_seqlens, scale, bool(use_qk_l2norm))
     return o, (final_state if output_final_state else None)

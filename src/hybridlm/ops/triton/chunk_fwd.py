@@ -116,48 +116,6 @@ def chunk_fwd_kernel(
     tl.store(ht_ptr + state_row + off_kv, b_s, mask=m_kv)
 
 
-@triton.jit
-def chunk_fwd_wu_kernel(
-    q_ptr, k_ptr, w_ptr, u_ptr, gc_ptr, m_ptr, h0_ptr, o_ptr, ht_ptr,
-    cu, chunk_offsets, scale,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
-):
-    """The forward state pass from the prep's W and U: V_new = U - W S (one product between the
-    entering state and V_new, where the T form has two)."""
-    i_hv, i_h, bos, eos, c_first, o_v, m_kv, off_kv, state_row, b_s = state_program(
-        cu, chunk_offsets, h0_ptr, HAS_H0, H, HV, K, V, BK, BV)
-    DT = q_ptr.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    o_c = tl.arange(0, 64)
-    for t0 in range(bos, eos, 64):
-        o_t = t0 + o_c
-        m_t = o_t < eos
-        m_qk = m_t[:, None] & (o_k < K)[None, :]
-        row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
-        b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
-        b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
-        row_hv = o_t.to(tl.int64) * HV + i_hv
-        b_w = tl.load(w_ptr + row_hv[:, None] * K + o_k[None, :], mask=m_qk, other=0.0)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        row_v = row_hv[:, None] * V + o_v[None, :]
-        b_u = tl.load(u_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
-        last = tl.minimum(t0 + 64, eos) - 1
-        b_gl = tl.load(gc_ptr + last.to(tl.int64) * HV + i_hv)
-        b_gc = tl.where(m_t, tl.load(gc_ptr + row_hv, mask=m_t, other=0.0), b_gl)
-        b_m = tl.load(m_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
-
-        b_sd = b_s.to(DT)
-        b_vn = b_u - tl.dot(b_w, b_sd, input_precision=PREC)
-        b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
-        b_o = tl.dot(b_m, b_vn.to(DT), acc=tl.exp(b_gc)[:, None] * b_qs, input_precision=PREC)
-        tl.store(o_ptr + row_v, (b_o * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-        b_vnd = (b_vn * tl.exp(b_gl - b_gc)[:, None]).to(DT)
-        b_s = b_s * tl.exp(b_gl) + tl.dot(tl.trans(b_k), b_vnd, input_precision=PREC)
-
-    tl.store(ht_ptr + state_row + off_kv, b_s, mask=m_kv)
-
-
 def state_pass_stages(dtype: torch.dtype) -> int:
     """Software-pipelining depth of the state passes: float32 tiles are twice as large, and three
     stages of them overflow the 227 KB of shared memory a Hopper block may use."""
@@ -209,29 +167,3 @@ def chunk_fwd(q, k, v, gc, beta, t, m, initial_state, cu, chunk_offsets, scale: 
         num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
     )
     return o, ht, h
-
-
-def chunk_fwd_wu(q, k, w, u, gc, m, initial_state, cu, chunk_offsets, scale: float,
-                 block_v: int | None = None, num_warps: int = 4):
-    """The forward state pass from ``chunk_prep``'s W and U (no chunk states stored: the backward
-    reruns ``chunk_fwd`` from T).
-
-    Args:
-        q, k: [NTOK, H, K]; w: [NTOK, HV, K]; u: [NTOK, HV, V] (one 16/32-bit float dtype, contiguous).
-        gc: float32 [NTOK, HV]; m: [NTOK, HV, 64]; initial_state, cu, chunk_offsets as ``chunk_fwd``.
-    Returns:
-        o [NTOK, HV, V] in u's dtype and the final state float32 [N, HV, K, V].
-    """
-    NTOK, H, K = q.shape
-    HV, V = u.shape[1:]
-    N = cu.shape[0] - 1
-    o = torch.empty_like(u)
-    ht = torch.empty(N, HV, K, V, device=q.device, dtype=torch.float32)
-    BV = block_v or pick_block_v(N * HV, V, q.device)
-    chunk_fwd_wu_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, w, u, gc, m, initial_state, o, ht, cu, chunk_offsets, scale,
-        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-        HAS_H0=initial_state is not None, PREC=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
-    )
-    return o, ht
