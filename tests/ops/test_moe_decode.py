@@ -135,13 +135,11 @@ def test_dispatch_backends():
 
 
 def test_block_choice_fills_the_card():
-    """Qwen3-Next scale at batch 1 on 132 SMs: the gate/up grid holds at least one program per SM,
-    the down grid four, reading 256-byte row pieces."""
+    """Qwen3-Next scale at batch 1 on 132 SMs: both grids hold at least one program per SM."""
     N, K, I, D = 1, 10, 512, 2048
     bi1, bd1, bi2, bd2 = pick_blocks(N, K, I, D, num_sms=132)
     assert bd1 >= 128 and N * K * -(-I // bi1) >= 132
-    assert bd2 == 128 and N * K * -(-I // bi2) * -(-D // bd2) >= 4 * 132
-    assert pick_blocks(1, 1, 16, 32, num_sms=132)[2:] == (16, 32)  # tiny: rows no fewer than one tile's
+    assert N * -(-D // bd2) >= 128 and bi2 * bd2 <= 4096
     assert pick_blocks(64, 8, 512, 2048, num_sms=132)[0] == 64  # a large batch keeps wide blocks
 
 
