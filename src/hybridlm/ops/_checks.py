@@ -231,6 +231,14 @@ def run_per_sequence(core, tensors_BHT: list, state0: torch.Tensor, bounds: list
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
+def check_kernel_device(name: str, x: torch.Tensor) -> None:
+    """The Triton kernels run on CUDA tensors, or on CPU ones only under Triton's interpreter: say so
+    before a launch fails inside Triton."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name} must be a CUDA tensor for the Triton kernel, got one on {x.device} "
+                         "(use backend='reference', or set TRITON_INTERPRET=1 to interpret the kernel on CPU)")
+
+
 def load_kernel(name: str, backend: str, x: torch.Tensor):
     """The Triton entry point ``name`` when ``backend`` asks for it and it can run on x, else None.
 

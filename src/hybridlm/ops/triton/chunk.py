@@ -190,6 +190,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
         ...                               use_qk_l2norm=True, output_final_state=True)
     """
     _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log, dt_bias)
+    ck.check_kernel_device("q", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if A_log is not None:
         g = ck.fused_gate(g, A_log, dt_bias)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops._checks import check_kernel_device
+
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
 L2NORM_EPS = tl.constexpr(1e-6)
 
@@ -251,14 +253,16 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
         (o, new_state): o [B, HV, V] in v's dtype; new_state [B, HV, K, V] float32 (``state`` itself
         when inplace). All math runs in float32.
 
-    Example:
+    Example (CUDA tensors; CPU ones only under TRITON_INTERPRET=1):
         >>> B, H, HV, K, V = 2, 2, 4, 16, 16
-        >>> q, k = torch.randn(B, H, K), torch.randn(B, H, K)
-        >>> v, state = torch.randn(B, HV, V), torch.zeros(B, HV, K, V)
-        >>> g, beta = -torch.rand(B, HV), torch.rand(B, HV)
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> q, k = torch.randn(B, H, K, device=dev), torch.randn(B, H, K, device=dev)
+        >>> v, state = torch.randn(B, HV, V, device=dev), torch.zeros(B, HV, K, V, device=dev)
+        >>> g, beta = -torch.rand(B, HV, device=dev), torch.rand(B, HV, device=dev)
         >>> o, state = fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
     """
     _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace)
+    check_kernel_device("q", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     args = (q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous())
     gate = (None if A_log is None else A_log.contiguous(),

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.decode_attention import check_decode_attention
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 
@@ -228,12 +229,16 @@ def split_kv_decode_attention(q, k, v, *, q_pos, k_pos, scale=None, window=None,
     :func:`pick_num_splits` for the shape and the device's multiprocessor count. Computes in float32,
     so float64 inputs are refused (the reference serves them).
 
-    Example:
-        >>> q, k, v = torch.randn(1, 4, 16), torch.randn(1, 100, 2, 16), torch.randn(1, 100, 2, 16)
-        >>> k_pos = torch.arange(100)[None].masked_fill(torch.arange(100)[None] > 70, -1)
-        >>> o = split_kv_decode_attention(q, k, v, q_pos=torch.tensor([70]), k_pos=k_pos, num_splits=2)
+    Example (CUDA tensors; CPU ones only under TRITON_INTERPRET=1):
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> q, k = torch.randn(1, 4, 16, device=dev), torch.randn(1, 100, 2, 16, device=dev)
+        >>> v = torch.randn(1, 100, 2, 16, device=dev)
+        >>> k_pos = torch.arange(100, device=dev)[None]
+        >>> k_pos = k_pos.masked_fill(k_pos > 70, -1)
+        >>> o = split_kv_decode_attention(q, k, v, q_pos=torch.tensor([70], device=dev), k_pos=k_pos, num_splits=2)
     """
     check_decode_attention(q, k, v, q_pos, k_pos, scale, window)
+    check_kernel_device("q", q)
     if q.dtype == torch.float64:
         raise TypeError("q must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
                         "use backend='reference'")

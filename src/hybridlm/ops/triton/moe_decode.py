@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 
@@ -166,6 +167,7 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID,
         ...                          gate, up, down)
     """
     check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+    check_kernel_device("x_ND", x_ND)
     if x_ND.dtype == torch.float64:
         raise TypeError("x_ND must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
                         "use backend='reference'")

@@ -1,0 +1,40 @@
+"""The Triton entry points refuse CPU tensors outside Triton's interpreter with an error that names
+the argument, before any launch (which would fail deep inside Triton)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import of the session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from hybridlm.ops.triton import (  # noqa: E402
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule_step,
+    moe_experts_decode,
+    split_kv_decode_attention,
+)
+
+B, T, H, HV, K, V = 1, 8, 1, 2, 16, 16
+r = torch.randn
+CALLS = {
+    "chunk": (lambda: chunk_gated_delta_rule(r(B, T, H, K), r(B, T, H, K), r(B, T, HV, V), -torch.rand(B, T, HV),
+                                             torch.rand(B, T, HV)), "q"),
+    "step": (lambda: fused_recurrent_gated_delta_rule_step(r(B, H, K), r(B, H, K), r(B, HV, V), -torch.rand(B, HV),
+                                                           torch.rand(B, HV), torch.zeros(B, HV, K, V)), "q"),
+    "moe": (lambda: moe_experts_decode(r(2, 48), torch.tensor([[0, 2], [2, 1]]), torch.rand(2, 2),
+                                       r(3, 4, 48), r(3, 4, 48), r(3, 4, 48)), "x_ND"),
+    "attention": (lambda: split_kv_decode_attention(r(1, 4, 16), r(1, 10, 2, 16), r(1, 10, 2, 16),
+                                                    q_pos=torch.tensor([9]), k_pos=torch.arange(10)[None]), "q"),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(CALLS))
+def test_cpu_tensors_without_the_interpreter_raise_naming_the_argument(entry, monkeypatch):
+    fn, name = CALLS[entry]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=rf"^{name} must be a CUDA tensor.*TRITON_INTERPRET=1"):
+        fn()
