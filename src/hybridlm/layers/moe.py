@@ -108,7 +108,6 @@ class MoE(nn.Module):
         weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
                                          self.score_bias, self.n_group, self.topk_group)
         weights_NK = weights_NK * self.routed_scaling_factor
-        out_ND = torch.zeros_like(x_ND)
         if static and x_ND.shape[0] * self.top_k < len(self.experts):
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA)
             gate_EID, up_EID, down_EID = self.packed_experts()
@@ -130,15 +129,20 @@ class MoE(nn.Module):
         # Tokens sorted by expert, one host sync per layer (the per-expert counts), then one pass per
         # expert over its contiguous rows: no dense all-experts compute, and no sync per expert (with a
         # `nonzero` per expert, a 2k-token prefill chunk of 48 layers x 32 experts took ~0.5 s on an H200).
-        K = experts_NK.shape[1]
+        # The combine puts each expert output back in its (token, slot) place, then takes the
+        # weighted sum over a token's K slots as one batched product (float32 accumulation, a fixed
+        # order). A scatter-add (`index_add_`) would sum in the output's dtype, and on CUDA with
+        # atomics: bf16 roundings in a run-dependent order, and the slowest prefill kernel measured
+        # (334 us a call at 4k tokens x 10 slots x 2048, H200).
+        N, K = experts_NK.shape
         flat_E = experts_NK.reshape(-1)
         order = torch.argsort(flat_E, stable=True)
         counts = torch.bincount(flat_E, minlength=len(self.experts)).tolist()
-        token_idx = order // K
-        x_sorted = x_ND.index_select(0, token_idx)
+        x_sorted = x_ND.index_select(0, order // K)
         ys = [self.experts[e](rows) for e, rows in enumerate(x_sorted.split(counts)) if counts[e]]
-        y_sorted = torch.cat(ys) * weights_NK.reshape(-1)[order].to(x_ND.dtype)[:, None]
-        out_ND.index_add_(0, token_idx, y_sorted)
+        y_sorted = torch.cat(ys)
+        y_NKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)
+        out_ND = torch.bmm(weights_NK.to(y_NKD.dtype)[:, None, :], y_NKD).squeeze(1)
         return self._add_shared(out_ND, x_ND).view_as(x_BTD)
 
     def packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
