@@ -145,7 +145,7 @@ def test_fused_gate_equals_gate_computed_outside():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_inference_forward_matches_reference(dtype):
-    """The forward without autograd (inference: nothing saved), packed sequences and the l2-norm included."""
+    """The forward under no_grad (what inference runs), packed sequences and the l2-norm included."""
     bounds = [0, 20, 84, 200]
     cu = torch.tensor(bounds, device=DEVICE, dtype=torch.int32)
     xs = make_inputs(1, bounds[-1], 2, 4, 16, 32, dtype, N=len(bounds) - 1)

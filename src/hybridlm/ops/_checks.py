@@ -231,10 +231,14 @@ def run_per_sequence(core, tensors_BHT: list, state0: torch.Tensor, bounds: list
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
+def _kernel_runs_on(x: torch.Tensor) -> bool:
+    """Triton kernels run on CUDA tensors, and on CPU ones only under Triton's interpreter."""
+    return (isinstance(x, torch.Tensor) and x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_kernel_device(name: str, x: torch.Tensor) -> None:
-    """The Triton kernels run on CUDA tensors, or on CPU ones only under Triton's interpreter: say so
-    before a launch fails inside Triton."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    """Say that x cannot reach a Triton kernel (``_kernel_runs_on``) before a launch fails inside Triton."""
+    if not _kernel_runs_on(x):
         raise ValueError(f"{name} must be a CUDA tensor for the Triton kernel, got one on {x.device} "
                          "(use backend='reference', or set TRITON_INTERPRET=1 to interpret the kernel on CPU)")
 
@@ -255,7 +259,7 @@ def load_kernel(name: str, backend: str, x: torch.Tensor):
         reason = None if fn is not None else f"hybridlm.ops.triton provides no {name}"
     except ImportError as exc:  # triton missing, or the kernels package failed to import
         fn, reason = None, f"hybridlm.ops.triton does not import ({exc})"
-    if fn is not None and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if fn is not None and not _kernel_runs_on(x):
         fn, reason = None, "the tensors are not on a CUDA device and TRITON_INTERPRET=1 is not set"
     if fn is None and backend == "triton":
         raise RuntimeError(f"backend='triton' is unavailable: {reason}; use backend='reference' or 'auto'")

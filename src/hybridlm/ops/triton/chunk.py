@@ -152,13 +152,7 @@ def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log
     N = B if bounds is None else len(bounds) - 1
     if initial_state is not None:
         ck.check_state("initial_state", initial_state, (N, HV, K, V), q)
-    if (A_log is None) != (dt_bias is None):
-        raise ValueError("A_log and dt_bias must be given together (raw gate) or both left None")
-    for name, x in (("A_log", A_log), ("dt_bias", dt_bias)):
-        if x is not None:
-            ck.check_float_tensor(name, x, 1, "[HV]")
-            if x.shape[0] != HV:
-                raise ValueError(f"{name} must have shape [HV] = ({HV},), got {tuple(x.shape)}")
+    ck.check_fused_gate(A_log, dt_bias, g, HV, q)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
