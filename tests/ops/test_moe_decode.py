@@ -86,6 +86,15 @@ def test_every_output_element_written(blocks):
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 
 
+def test_many_partial_rows():
+    """More partial down rows per token than the sum kernel loads at once (9 slots x 8 row blocks = 72
+    > 64): its loop over them, with a masked tail, adds every one."""
+    x, experts, weights, gate, up, down = make_inputs(2, 9, 10, 48, 64, seed=7)
+    out = torch.full_like(x, float("nan"))
+    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=(8, 16, 8, 16))
+    assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
+
+
 def test_weight_views_and_strided_tokens():
     """Weight stacks that are views (a slice of a larger stack, rows strided), a strided x and int32
     expert indices are read as they are."""
@@ -135,11 +144,13 @@ def test_dispatch_backends():
 
 
 def test_block_choice_fills_the_card():
-    """Qwen3-Next scale at batch 1 on 132 SMs: both grids hold at least one program per SM."""
+    """Qwen3-Next scale at batch 1 on 132 SMs: the gate/up grid holds at least one program per SM,
+    the down grid four, reading 256-byte row pieces."""
     N, K, I, D = 1, 10, 512, 2048
     bi1, bd1, bi2, bd2 = pick_blocks(N, K, I, D, num_sms=132)
     assert bd1 >= 128 and N * K * -(-I // bi1) >= 132
-    assert N * -(-D // bd2) >= 128 and bi2 * bd2 <= 4096
+    assert bd2 == 128 and N * K * -(-I // bi2) * -(-D // bd2) >= 4 * 132
+    assert pick_blocks(1, 1, 16, 32, num_sms=132)[2:] == (16, 32)  # tiny: rows no fewer than one tile's
     assert pick_blocks(64, 8, 512, 2048, num_sms=132)[0] == 64  # a large batch keeps wide blocks
 
 
