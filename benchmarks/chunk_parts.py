@@ -3,7 +3,8 @@ launch configuration of the chunk-local gradient kernel (the backward's largest 
 
 Parts, in the order the backward op runs them: q/k l2-norm, prep (gc, T, M), forward state pass
 (storing the state entering each chunk), reverse state pass, chunk-local gradients, the q/k
-gradients' group sum and l2-norm backward.
+gradients' group sum and l2-norm backward; the forward op's two kernels with the l2-norm fused
+(prep and state pass on the raw q, k) are timed beside them.
 Each chunk-local configuration is checked against the default one (every gradient) before it is
 timed; the JSON is rewritten after every measurement, so a configuration that faults leaves the
 others on disk.
@@ -58,8 +59,12 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
     t("l2norm q,k", lambda: (l2norm_rows(q), l2norm_rows(k)))
     qn, kn = l2norm_rows(q), l2norm_rows(k)
     t("prep", lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV))
-    gc, tt, m = chunk_prep(qn, kn, g, beta, chunk_bounds, HV)
+    t("prep, l2-norm fused (forward)", lambda: chunk_prep(q, k, g, beta, chunk_bounds, HV, l2norm=True))
+    _, _, _, rq, rk = chunk_prep(q, k, g, beta, chunk_bounds, HV, l2norm=True)
+    gc, tt, m, _, _ = chunk_prep(qn, kn, g, beta, chunk_bounds, HV)
     t("fwd state pass", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale))
+    t("fwd state pass, l2-norm fused (forward)", lambda: chunk_fwd(q, k, v, gc, beta, tt, m, None, cu,
+                                                                   chunk_offsets, scale, rq=rq, rk=rk))
     t("fwd state pass storing states", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets,
                                                          scale, store_chunks=NC))
     _, _, h = chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale, store_chunks=NC)

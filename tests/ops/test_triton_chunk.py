@@ -157,17 +157,27 @@ def test_inference_forward_matches_reference(dtype):
     assert_close((o, ht), (ro, rht), TOL[dtype])
 
 
+@pytest.mark.parametrize("l2norm", [False, True])
 @pytest.mark.parametrize("T", [1, 40, 64, 65])
-def test_prep_matches_its_definition(T):
+def test_prep_matches_its_definition(T, l2norm):
     """gc, T = (I + A)^-1 and M of every chunk (a partial chunk, a full one, one token over) against
-    their formulas in float64."""
+    their formulas in float64; with ``l2norm`` they are formed from the l2-normalised rows, and the
+    inverse row norms handed to the state pass match theirs."""
+    from hybridlm.ops._checks import L2NORM_EPS
     from hybridlm.ops.triton.chunk import _tables
     from hybridlm.ops.triton.chunk_prep import chunk_prep
 
-    H, HV, K, V = 1, 2, 16, 32
+    H, HV, K, V = 2, 4, 16, 32
     q, k, _, g, beta, _ = make_inputs(1, T, H, HV, K, V, torch.float32)
+    q, k = q * 3.0, k * 0.5  # rows whose norms are far from 1, so a skipped scale shows
     _, _, bounds = _tables(q, None)
-    gc, t, m = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV)
+    gc, t, m, rq, rk = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, l2norm=l2norm)
+    if l2norm:
+        for x, r in ((q, rq), (k, rk)):
+            assert rel_rms(r, (x[0].double().square().sum(-1) + L2NORM_EPS).rsqrt()) < 1e-6
+        q, k = (x.double() * (x.double().square().sum(-1, keepdim=True) + L2NORM_EPS).rsqrt() for x in (q, k))
+    else:
+        assert rq is None and rk is None
     for bos in range(0, T, 64):
         n = min(64, T - bos)
         for hv in range(HV):

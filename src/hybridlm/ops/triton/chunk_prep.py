@@ -123,8 +123,9 @@ def qk_grad(x: torch.Tensor, dy: torch.Tensor, normalized: bool) -> torch.Tensor
 
 @triton.jit
 def chunk_prep_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, chunk_bounds,
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, rq_ptr, rk_ptr, chunk_bounds,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, EPS: tl.constexpr,
 ):
     # value heads vary fastest, so the heads of one q/k group read their shared q, k tiles from L2
     i_hv = tl.program_id(0)
@@ -145,13 +146,26 @@ def chunk_prep_kernel(
     b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
 
     b_decay = causal_decay(b_gc)
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay
+    if NORM:
+        # the l2-norm as row scales of the products (q_n k_n^T = diag(rq) q k^T diag(rk)), in float32;
+        # the state pass reads the scales, so normalised copies of q and k are never written
+        b_rq = tl.rsqrt(tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1) + EPS)
+        b_rk = tl.rsqrt(tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1) + EPS)
+        if i_hv % (HV // H) == 0:
+            row_h = o_t.to(tl.int64) * H + i_h
+            tl.store(rq_ptr + row_h, b_rq, mask=m_t)
+            tl.store(rk_ptr + row_h, b_rk, mask=m_t)
+        b_kk = b_kk * b_rk[:, None] * b_rk[None, :]
     o_c = tl.arange(0, 64)
     strict = o_c[:, None] > o_c[None, :]
-    b_a = tl.where(strict, tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay * b_beta[:, None], 0.0)
+    b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
     b_t = _inv_unit_lower64(b_a, PREC)
     p_cc = row_hv[:, None] * 64 + o_c[None, :]
     tl.store(t_ptr + p_cc, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
     b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_decay
+    if NORM:
+        b_m = b_m * b_rq[:, None] * b_rk[None, :]
     tl.store(m_ptr + p_cc, b_m.to(m_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
@@ -161,26 +175,33 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
-               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4):
+               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4, l2norm: bool = False):
     """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
         q_NHK, k_NHK: [NTOK, H, K] queries and keys (flat tokens), float32/bfloat16/float16, contiguous.
         g_NHV: [NTOK, HV] log-decay, any float dtype. beta_NHV: [NTOK, HV] write strength.
         chunk_bounds: int32 [NC, 2] flat token range of each chunk (``utils.sequence_tables``).
+        l2norm: treat q and k as l2-normalised over K (``_checks.l2norm``, float32): the products
+            are scaled by the rows' inverse norms, which are returned for the state pass.
     Returns:
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
         m: [NTOK, HV, 64] row i of its chunk's (Q K^T * exp(gc_i - gc_j), i >= j), in k's dtype.
+        rq, rk: float32 [NTOK, H] inverse l2-norms of q's and k's rows with ``l2norm``, else None.
     """
     NTOK, H, K = k_NHK.shape
     gc = torch.empty(NTOK, HV, device=k_NHK.device, dtype=torch.float32)
     t = torch.empty(NTOK, HV, CHUNK, device=k_NHK.device, dtype=k_NHK.dtype)
     m = torch.empty_like(t)
+    rq = rk = None
+    if l2norm:
+        rq = torch.empty(NTOK, H, device=k_NHK.device, dtype=torch.float32)
+        rk = torch.empty_like(rq)
     NC = chunk_bounds.shape[0]
     chunk_prep_kernel[(HV, NC)](
-        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, chunk_bounds,
+        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, rq, rk, chunk_bounds,
         H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
-        num_warps=num_warps,
+        NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps,
     )
-    return gc, t, m
+    return gc, t, m, rq, rk
