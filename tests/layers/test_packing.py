@@ -154,3 +154,71 @@ def test_a_wrapped_layer_after_packing_trains_through_the_wrapper():
     with torch.no_grad():
         x = torch.randn(2, 8)
         torch.testing.assert_close(mlp(x), mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)))
+
+
+def test_converting_a_packed_layer_releases_the_old_stack_and_stacks_the_new_weights():
+    """``.double()`` / ``.to(dtype)``: the old stack is not held beside the converted weights (before,
+    it lived until the next inference call restacked); the new weights are rows of a new stack at
+    once. A conversion that changes nothing keeps the very same storage (a captured graph's)."""
+    import weakref
+
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(HybridConfig())
+    layer.pack_for_inference()
+    attr, = (k for k in layer.__dict__ if k.startswith("_packed_"))
+    old = weakref.ref(layer.__dict__[attr])
+    layer.double()
+    assert old() is None
+    pack = layer.__dict__[attr]
+    row = 0
+    for name in layer.__dict__["_pack_names"][attr]:  # every weight its rows of the new stack, in order
+        w = getattr(layer, name).weight
+        assert w.dtype == torch.float64 and w.data_ptr() == pack[row].data_ptr(), name
+        row += w.shape[0]
+    assert row == pack.shape[0]
+    x = torch.randn(1, 4, 64, dtype=torch.float64)
+    with torch.no_grad():
+        got = layer(x, _tokens(1, 4))
+    assert layer.__dict__[attr] is pack  # no restack at the call
+    torch.testing.assert_close(got, layer(x, _tokens(1, 4)))  # gradients on: projection by projection
+    ptr = pack.data_ptr()
+    layer.to(torch.float64)
+    layer.double()
+    assert layer.__dict__[attr].data_ptr() == ptr == layer.q_proj.weight.data_ptr()
+
+
+def test_converting_packed_moe_experts_stacks_them_again():
+    import weakref
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    moe.pack_for_inference()
+    olds = [weakref.ref(t) for t in moe.packed_experts()]
+    moe.double()
+    assert all(r() is None for r in olds)
+    gate, up, down = moe.__dict__["_pack"]
+    assert gate.dtype == up.dtype == down.dtype == torch.float64
+    assert moe.experts[2].down_proj.weight.data_ptr() == down[2].data_ptr()
+    ptrs = [t.data_ptr() for t in (gate, up, down)]
+    moe.double()  # nothing to convert: the same stacks
+    assert [t.data_ptr() for t in moe.packed_experts()] == ptrs
+    x = torch.randn(2, 3, cfg.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        got = moe(x)
+    torch.testing.assert_close(got, moe(x))
+
+
+def test_a_packed_model_moved_to_meta_and_back_runs():
+    """``to_empty`` after the meta device: no stack over meta tensors; stacks come back with the
+    materialised weights."""
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).pack_for_inference()
+    model.to("meta")
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with torch.no_grad():
+        got = model(ids)
+    torch.testing.assert_close(got, model(ids))

@@ -12,13 +12,13 @@ from torch import nn
 from hybridlm.cache import KVSlot, ring_slots
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
-from hybridlm.layers.packing import pack_groups, packed_linears
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
 
 
-class GatedAttention(nn.Module):
+class GatedAttention(PacksWeights):
     """Softmax attention with GQA, q/k norm, partial rotary and an optional sigmoid output gate.
 
     Args:

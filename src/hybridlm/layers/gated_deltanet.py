@@ -18,12 +18,12 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.packing import pack_groups, packed_linears
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 
 
-class GatedDeltaNet(nn.Module):
+class GatedDeltaNet(PacksWeights):
     """The linear-attention mixer of Qwen3-Next; ``gated=False`` gives plain DeltaNet (g = 0).
 
     Args:

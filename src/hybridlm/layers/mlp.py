@@ -6,10 +6,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hybridlm.layers.packing import pack_groups, packed_linears
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(PacksWeights):
     """The gated MLP of Llama / Qwen.
 
     Args:

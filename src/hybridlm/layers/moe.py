@@ -16,6 +16,7 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
+from hybridlm.layers.packing import PacksWeights, storage_view
 from hybridlm.ops import moe_experts
 
 
@@ -62,7 +63,7 @@ def _keep_best_groups(choice_NE: torch.Tensor, n_group: int, topk_group: int) ->
     return groups.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
 
 
-class MoE(nn.Module):
+class MoE(PacksWeights):
     """Top-k routed SwiGLU experts (+ a shared expert scaled by sigmoid(W x) when configured).
 
     Uses config.num_experts, num_experts_per_tok, moe_intermediate_size, router, norm_topk_prob,
@@ -175,6 +176,24 @@ class MoE(nn.Module):
     def pack_for_inference(self) -> None:
         """Stack the routed experts' weights now (a decoder does this before tracing or capture)."""
         self.packed_experts()
+
+    def _release_packs(self):
+        # the experts' stacks, as PacksWeights does for stacked projections (``.to()`` and the like)
+        pack = self.__dict__.pop("_pack", None)
+        return super()._release_packs(), (None if pack is None else [tuple(t.shape) for t in pack])
+
+    def _restore_packs(self, held) -> None:
+        linear, shapes = held
+        super()._restore_packs(linear)
+        if shapes is None:
+            return
+        ex0 = self.experts[0]
+        views = [storage_view(w, shape) for w, shape in
+                 zip((ex0.gate_proj.weight, ex0.up_proj.weight, ex0.down_proj.weight), shapes)]
+        if all(v is not None for v in views):
+            self._pack = tuple(views)  # packed_experts keeps it if the weights still are its rows
+        if not any(p.is_meta for p in self.parameters()):
+            self.packed_experts()
 
     def _add_shared(self, out_ND: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
         if self.shared_expert_gate is not None:

@@ -12,8 +12,10 @@ same ``Parameter`` through ``.data``. So an optimizer holding the parameters sti
 no weight is kept twice, and ``state_dict`` and checkpoints see the same names and values.
 
 ``packed_linears(owner, groups, x)`` then runs one product when a pack exists and no gradient is
-needed, restacking first if something replaced a weight (``.to(dtype)``, loading into new tensors);
-otherwise it runs the layers one by one. Packing never happens implicitly: an evaluation under
+needed, restacking first if something replaced a weight (loading into new tensors); otherwise it
+runs the layers one by one. Layers that pack derive from ``PacksWeights``: ``.to()``, ``.double()``,
+``.cuda()`` release their stacks before converting, so the old storage goes as the weights are
+converted, and take them up again after (the same stack when nothing moved). Packing never happens implicitly: an evaluation under
 ``no_grad`` in the middle of training leaves the parameters' storage where it was, so nothing about
 a training run depends on whether or when it evaluated. Layers that are not plain bias-free
 ``nn.Linear`` (a bias, a wrapper) are never packed.
@@ -24,6 +26,58 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
+
+
+class PacksWeights(nn.Module):
+    """Base of the layers that stack weights (``pack_weights``; ``MoE`` its experts').
+
+    ``nn.Module._apply`` (behind ``.to()``, ``.double()``, ``.cuda()``, ``.to_empty()``) converts
+    each parameter and repoints it to the result. A stack held past that keeps the old storage
+    alive beside the converted weights until the next inference call restacks (a model packed in
+    float32, then cast to bfloat16, held both copies). So the stacks are released first, and afterwards taken up again:
+    as the same stack when the weights still are its rows (a ``.to`` that changed nothing, so a
+    captured CUDA graph keeps reading live memory), else stacked anew when they can be.
+    """
+
+    def _apply(self, fn, recurse=True):
+        held = self._release_packs()
+        out = super()._apply(fn, recurse)
+        self._restore_packs(held)
+        return out
+
+    def _release_packs(self):
+        names = self.__dict__.get(_NAMES, {})
+        for attr in names:
+            self.__dict__.pop(attr, None)
+        return [(attr, n) for attr, n in names.items()]
+
+    def _restore_packs(self, held) -> None:
+        for attr, names in held:
+            layers = [getattr(self, n, None) for n in names]
+            rows = sum(getattr(m, "out_features", 0) for m in layers)
+            w0 = getattr(layers[0], "weight", None)
+            view = storage_view(w0, (rows, getattr(layers[0], "in_features", 0)))
+            if view is not None and _views_of(view, layers):
+                self.__dict__[attr] = view
+            else:
+                pack_weights(self, names)
+
+
+def storage_view(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A contiguous ``shape`` tensor over ``t``'s storage from ``t``'s first element, or None when
+    ``t`` is not a materialised tensor or its storage is too short (then ``t`` is not a stack's row)."""
+    if not isinstance(t, torch.Tensor) or t.is_meta:
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    if n == 0 or (t.storage_offset() + n) * t.element_size() > t.untyped_storage().nbytes():
+        return None
+    with torch.no_grad():
+        return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), shape)
 
 
 def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor) -> list[torch.Tensor]:
@@ -67,6 +121,7 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
     for m, rows in zip(layers, pack.split([m.out_features for m in layers])):
         m.weight.data = rows  # same Parameter object, now a view of the stack's rows
     owner.__dict__[attr] = pack
+    owner.__dict__.setdefault(_NAMES, {})[attr] = names
     return pack
 
 
