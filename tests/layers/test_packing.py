@@ -92,8 +92,14 @@ def test_layers_with_a_bias_run_one_by_one():
     torch.testing.assert_close(ab, torch.cat([owner.a(x), owner.b(x)], -1))
 
 
-def test_moe_experts_are_stacked_by_moe_only():
-    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+@pytest.mark.parametrize("shared_gate", [True, False])
+def test_moe_experts_are_stacked_by_moe_only(shared_gate):
+    """The routed experts' stacks, and one stack of the router, the shared expert's sigmoid gate and
+    its gate and up (all projections of the layer's input): MoE owns both, and the shared expert
+    does not stack its own gate/up (that would undo MoE's stack)."""
+    torch.manual_seed(0)
+    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+                       shared_expert_gate=shared_gate)
     moe = MoE(cfg)
     x = torch.randn(2, 3, cfg.hidden_size)
     want = moe(x)
@@ -101,11 +107,44 @@ def test_moe_experts_are_stacked_by_moe_only():
     moe.shared_expert.pack_for_inference()
     with torch.no_grad():
         gate, _, _ = moe.packed_experts()
-        got = moe(x)  # the experts do not re-stack their own gate/up (that would undo MoE's stack)
+        got = moe(x)
         assert moe.experts[1].gate_proj.weight.data_ptr() == gate[1].data_ptr()
         assert moe.packed_experts()[0] is gate
-        assert "_packed_gate_proj_up_proj" in moe.shared_expert.__dict__
+        assert not any(k.startswith("_packed_") for k in moe.shared_expert.__dict__)
+        packs = [v for k, v in moe.__dict__.items() if k.startswith("_packed_")]
+        assert len(packs) == 1
+        rows = [moe.gate, *([moe.shared_expert_gate] if shared_gate else []), moe.shared_expert.gate_proj,
+                moe.shared_expert.up_proj]
+        assert packs[0].shape[0] == sum(m.out_features for m in rows)
+        assert moe.shared_expert.up_proj.weight.data_ptr() == packs[0][-32].data_ptr()
+        assert moe.gate.weight.data_ptr() == packs[0].data_ptr()
+        got_static = moe(x, static=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_static, want, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_with_a_replaced_shared_expert_runs_it_as_it_is():
+    class Doubled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+    moe = MoE(cfg)
+    x = torch.randn(2, 3, cfg.hidden_size)
+    inner = moe.shared_expert
+    moe.shared_expert = Doubled(inner)
+    moe.pack_for_inference()
+    with torch.no_grad():
+        got = moe(x)
+        moe.shared_expert = inner
+        half = moe(x)
+        shared = torch.sigmoid(moe.shared_expert_gate(x)) * inner(x)
+    torch.testing.assert_close(got, half + shared, rtol=1e-5, atol=1e-6)
 
 
 def test_a_packed_model_saves_and_loads(tmp_path):

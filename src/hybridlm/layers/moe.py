@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
-from hybridlm.layers.packing import PacksWeights, storage_view
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, storage_view
 from hybridlm.ops import moe_experts
 
 
@@ -92,7 +92,8 @@ class MoE(PacksWeights):
         self.shared_expert = None
         self.shared_expert_gate = None
         if config.shared_expert_intermediate_size > 0:
-            self.shared_expert = SwiGLU(d, config.shared_expert_intermediate_size)
+            # MoE stacks the shared expert's gate and up with the router (``_in_groups``), not the MLP
+            self.shared_expert = SwiGLU(d, config.shared_expert_intermediate_size, pack=False)
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
@@ -106,14 +107,15 @@ class MoE(PacksWeights):
         reads them all anyway).
         """
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        weights_NK, experts_NK = route(self.gate(x_ND), self.top_k, self.router, self.norm_topk_prob,
+        logits_NE, shared_ND = self._router_and_shared(x_ND)
+        weights_NK, experts_NK = route(logits_NE, self.top_k, self.router, self.norm_topk_prob,
                                          self.score_bias, self.n_group, self.topk_group)
         weights_NK = weights_NK * self.routed_scaling_factor
         if static and x_ND.shape[0] * self.top_k < len(self.experts):
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA)
             gate_EID, up_EID, down_EID = self.packed_experts()
             out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
-            return self._add_shared(out_ND, x_ND).view_as(x_BTD)
+            return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         if static:
             # [N, E] combine weights, 0 for the experts a token was not routed to; three GEMMs over
             # the packed weights instead of three per expert (a decode graph of 48 MoE layers with
@@ -126,7 +128,7 @@ class MoE(PacksWeights):
                      (x_ND @ up_EFD.view(E * F_, D).t())).view(-1, E, F_)
             h_NEF = h_NEF * dense_NE.to(h_NEF.dtype)[:, :, None]
             out_ND = h_NEF.view(-1, E * F_) @ down_EFD.view(E * F_, D)
-            return self._add_shared(out_ND, x_ND).view_as(x_BTD)
+            return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         # Tokens sorted by expert, one host sync per layer (the per-expert counts), then one pass per
         # expert over its contiguous rows: no dense all-experts compute, and no sync per expert (with a
         # `nonzero` per expert, a 2k-token prefill chunk of 48 layers x 32 experts took ~0.5 s on an H200).
@@ -144,7 +146,7 @@ class MoE(PacksWeights):
         y_sorted = torch.cat(ys)
         y_NKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)
         out_ND = torch.bmm(weights_NK.to(y_NKD.dtype)[:, None, :], y_NKD).squeeze(1)
-        return self._add_shared(out_ND, x_ND).view_as(x_BTD)
+        return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
 
     def packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routed experts' weights stacked: gate and up [E, I, D], down transposed [E, I, D].
@@ -174,8 +176,12 @@ class MoE(PacksWeights):
         return self._pack
 
     def pack_for_inference(self) -> None:
-        """Stack the routed experts' weights now (a decoder does this before tracing or capture)."""
+        """Stack the routed experts' weights, and the router with the shared expert's input
+        projections, now (a decoder does this before tracing or capture)."""
         self.packed_experts()
+        groups = self._in_groups()
+        if groups is not None:
+            pack_groups(self, groups)
 
     def _release_packs(self):
         # the experts' stacks, as PacksWeights does for stacked projections (``.to()`` and the like)
@@ -195,9 +201,33 @@ class MoE(PacksWeights):
         if not any(p.is_meta for p in self.parameters()):
             self.packed_experts()
 
-    def _add_shared(self, out_ND: torch.Tensor, x_ND: torch.Tensor) -> torch.Tensor:
+    def _in_groups(self) -> tuple[tuple[str, ...], ...] | None:
+        """The projections of the layer's input that one product can serve: router, shared gate,
+        shared expert's gate and up (None without a shared expert, or with one replaced by a module
+        that is not a SwiGLU: that one runs as it is)."""
+        if type(self.shared_expert) is not SwiGLU:
+            return None
+        gate = (("shared_expert_gate",),) if self.shared_expert_gate is not None else ()
+        return (("gate",), *gate, ("shared_expert.gate_proj",), ("shared_expert.up_proj",))
+
+    def _router_and_shared(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Router logits [N, E] and the shared expert's gated output [N, D] (None without one).
+
+        Once packed, the router, the shared expert's gate and up and its sigmoid gate are one product
+        over stacked weights: at decode the four are matrix-vector products bound by their weight
+        reads, and the router's and the one-row gate's launches cost more than their bytes."""
+        groups = self._in_groups()
+        if groups is None:
+            shared = None if self.shared_expert is None else self.shared_expert(x_ND)
+            if shared is not None and self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared
+            return self.gate(x_ND), shared
+        outs = packed_linears(self, groups, x_ND)
+        shared = self.shared_expert.down_proj(torch.nn.functional.silu(outs[-2]) * outs[-1])
         if self.shared_expert_gate is not None:
-            return out_ND + torch.sigmoid(self.shared_expert_gate(x_ND)) * self.shared_expert(x_ND)
-        if self.shared_expert is not None:
-            return out_ND + self.shared_expert(x_ND)
-        return out_ND
+            shared = torch.sigmoid(outs[1]) * shared
+        return outs[0], shared
+
+    @staticmethod
+    def _add_shared(out_ND: torch.Tensor, shared_ND: torch.Tensor | None) -> torch.Tensor:
+        return out_ND if shared_ND is None else out_ND + shared_ND

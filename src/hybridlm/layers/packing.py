@@ -1,13 +1,14 @@
 """Several projections of one input as one matrix product at inference.
 
-A Gated DeltaNet layer projects its input six ways (q, k, v, z, b, a), attention three (q, k, v) and
-a SwiGLU MLP two (gate, up). At decode batch sizes every projection is a matrix-vector product bound
+A Gated DeltaNet layer projects its input six ways (q, k, v, z, b, a), attention three (q, k, v), a
+SwiGLU MLP two (gate, up) and an MoE layer with a shared expert up to four (router, shared expert's
+sigmoid gate, gate, up). At decode batch sizes every projection is a matrix-vector product bound
 by reading its weight, and six small ones pay six launches and six ramp-ups for what one product
 over the stacked weight reads at once.
 
 Packing is explicit: ``pack_weights(owner, names)`` (a layer's ``pack_for_inference()``;
 ``StaticDecoder`` calls it on every layer) stacks the bias-free ``nn.Linear`` layers ``owner.<name>``
-into one [sum out, in] tensor and turns each layer's weight into a view of its rows, assigned to the
+(a name may be a dotted path into a child) into one [sum out, in] tensor and turns each layer's weight into a view of its rows, assigned to the
 same ``Parameter`` through ``.data``. So an optimizer holding the parameters still updates them,
 no weight is kept twice, and ``state_dict`` and checkpoints see the same names and values.
 
@@ -56,7 +57,7 @@ class PacksWeights(nn.Module):
 
     def _restore_packs(self, held) -> None:
         for attr, names in held:
-            layers = [getattr(self, n, None) for n in names]
+            layers = [_layer(self, n) for n in names]
             rows = sum(getattr(m, "out_features", 0) for m in layers)
             w0 = getattr(layers[0], "weight", None)
             view = storage_view(w0, (rows, getattr(layers[0], "in_features", 0)))
@@ -91,14 +92,14 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
     names = _names(groups)
     pack = None
     if _attr(names) in owner.__dict__ and not (
-            torch.is_grad_enabled() and any(p.requires_grad for n in names for p in getattr(owner, n).parameters())):
+            torch.is_grad_enabled() and any(p.requires_grad for n in names for p in _layer(owner, n).parameters())):
         pack = pack_weights(owner, names)
     if pack is not None:
-        widths = [sum(getattr(owner, n).out_features for n in g) for g in groups]
+        widths = [sum(_layer(owner, n).out_features for n in g) for g in groups]
         return list(F.linear(x, pack).split(widths, -1))
     outs = []
     for g in groups:
-        ys = [getattr(owner, n)(x) for n in g]
+        ys = [_layer(owner, n)(x) for n in g]
         outs.append(ys[0] if len(ys) == 1 else torch.cat(ys, -1))
     return outs
 
@@ -108,7 +109,7 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
     return the stack, or None when they cannot share one (not all bias-free ``nn.Linear`` of one
     dtype, device and input width)."""
     attr = _attr(names)
-    layers = [getattr(owner, n) for n in names]
+    layers = [_layer(owner, n) for n in names]
     pack = owner.__dict__.get(attr)
     if pack is not None and torch.compiler.is_compiling():
         return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
@@ -128,6 +129,14 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
 def pack_groups(owner: nn.Module, groups: tuple[tuple[str, ...], ...]) -> torch.Tensor | None:
     """``pack_weights`` for the layers of ``groups`` (the argument ``packed_linears`` takes)."""
     return pack_weights(owner, _names(groups))
+
+
+def _layer(owner: nn.Module, name: str) -> nn.Module | None:
+    """``owner.<name>``, where name may be a dotted path into a child (``shared_expert.up_proj``)."""
+    try:
+        return owner.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _names(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
