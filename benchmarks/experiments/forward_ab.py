@@ -1,0 +1,115 @@
+"""Chunked forward parts at Qwen3-Next heads (Hqk 16, Hv 32, d 128, bf16), B 1: the l2-norm pass,
+the prep and the state pass with the norm separate and fused, the op's forward and fla 0.6.0's
+(when importable), for beta in float32 (what the model layers pass) and in bfloat16. With
+``--baseline FILE`` (a ``chunk_fwd.py`` of another commit) its state pass is timed beside ours.
+
+    git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
+    python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
+
+Timings: medians of ``triton.testing.do_bench`` (``hybridlm.bench.timing``), one process, one card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import torch
+
+from hybridlm.bench import timing
+from hybridlm.ops.triton import chunk_fwd as CF
+from hybridlm.ops.triton import chunk_prep as CP
+from hybridlm.ops.triton.chunk import chunk_gated_delta_rule
+from hybridlm.ops.triton.utils import sequence_tables
+
+H, HV, D = 16, 32, 128
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("chunk_fwd_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        return fla_chunk
+    except ImportError:
+        return None
+
+
+def _meta(kernel):
+    """(registers, spills, shared bytes) of every compiled variant of a Triton kernel."""
+    out = []
+    for cache in kernel.device_caches.values():
+        for compiled in cache[0].values():
+            out.append(dict(regs=compiled.n_regs, spills=compiled.n_spills, shared=compiled.metadata.shared))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--T", type=int, default=32768)
+    ap.add_argument("--baseline", help="a chunk_fwd.py (another commit's) whose state pass is timed beside ours")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    base = _load(args.baseline) if args.baseline else None
+    fla_chunk = _fla()
+    T = args.T
+    cu, co, cb = sequence_tables(1, T, None, dev)
+    rows = []
+
+    def rec(name, ms, **kw):
+        rows.append(dict(name=name, ms=ms, T=T, **kw))
+        print(f"{name:44s} {ms:8.3f} ms {kw if kw else ''}", flush=True)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    for beta_dtype in (torch.float32, torch.bfloat16):
+        tag = f"[beta {str(beta_dtype).split('.')[-1]}]"
+        torch.manual_seed(0)
+        q = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(T, H, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(T, HV, D, device=dev, dtype=torch.bfloat16)
+        g = torch.nn.functional.logsigmoid(torch.randn(T, HV, device=dev) + 3.0)
+        beta = torch.rand(T, HV, device=dev).to(beta_dtype)
+        sc = D ** -0.5
+        qn, kn = CP.l2norm_rows(q), CP.l2norm_rows(k)
+        rec(f"{tag} l2norm pass q, k", timing.median_ms(lambda: (CP.l2norm_rows(q), CP.l2norm_rows(k))))
+        rec(f"{tag} prep", timing.median_ms(lambda: CP.chunk_prep(qn, kn, g, beta, cb, HV)))
+        rec(f"{tag} prep, l2-norm fused", timing.median_ms(lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)))
+        gc, t, m, rq, rk = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
+        o_ref, _, _ = CF.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)
+        rec(f"{tag} state pass", timing.median_ms(lambda: CF.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)))
+        o_f, _, _ = CF.chunk_fwd(q, k, v, gc, beta, t, m, None, cu, co, sc, rq=rq, rk=rk)
+        rec(f"{tag} state pass, l2-norm fused", timing.median_ms(
+            lambda: CF.chunk_fwd(q, k, v, gc, beta, t, m, None, cu, co, sc, rq=rq, rk=rk)), diff=rel(o_f, o_ref))
+        if base is not None:
+            o_b, _, _ = base.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)
+            rec(f"{tag} state pass, baseline", timing.median_ms(
+                lambda: base.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)), diff=rel(o_b, o_ref))
+        xs = (q[None], k[None], v[None], g[None], beta[None])
+        with torch.no_grad():
+            rec(f"{tag} op forward", timing.median_ms(
+                lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)))
+            if fla_chunk is not None:
+                rec(f"{tag} fla forward", timing.median_ms(
+                    lambda: fla_chunk(*xs, use_qk_l2norm_in_kernel=True, output_final_state=True)))
+    meta = {"prep": _meta(CP.chunk_prep_kernel), "state pass": _meta(CF.chunk_fwd_kernel)}
+    if base is not None:
+        meta["state pass, baseline"] = _meta(base.chunk_fwd_kernel)
+    for name, variants in meta.items():
+        print(name, variants)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(dev), torch=torch.__version__, rows=rows, meta=meta), f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
