@@ -60,14 +60,14 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
     qn, kn = l2norm_rows(q), l2norm_rows(k)
     t("prep", lambda: chunk_prep(qn, kn, g, beta, chunk_bounds, HV))
     t("prep, l2-norm fused (forward)", lambda: chunk_prep(q, k, g, beta, chunk_bounds, HV, l2norm=True))
-    _, _, _, rq, rk = chunk_prep(q, k, g, beta, chunk_bounds, HV, l2norm=True)
-    gc, tt, m, _, _ = chunk_prep(qn, kn, g, beta, chunk_bounds, HV)
-    t("fwd state pass", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale))
-    t("fwd state pass, l2-norm fused (forward)", lambda: chunk_fwd(q, k, v, gc, beta, tt, m, None, cu,
-                                                                   chunk_offsets, scale, rq=rq, rk=rk))
-    t("fwd state pass storing states", lambda: chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets,
+    _, _, _, vec_n = chunk_prep(q, k, g, beta, chunk_bounds, HV, l2norm=True)
+    gc, tt, m, vec = chunk_prep(qn, kn, g, beta, chunk_bounds, HV)
+    t("fwd state pass", lambda: chunk_fwd(qn, kn, v, vec, tt, m, None, cu, chunk_offsets, scale))
+    t("fwd state pass, l2-norm fused (forward)", lambda: chunk_fwd(q, k, v, vec_n, tt, m, None, cu, chunk_offsets,
+                                                                   scale, l2norm=True))
+    t("fwd state pass storing states", lambda: chunk_fwd(qn, kn, v, vec, tt, m, None, cu, chunk_offsets,
                                                          scale, store_chunks=NC))
-    _, _, h = chunk_fwd(qn, kn, v, gc, beta, tt, m, None, cu, chunk_offsets, scale, store_chunks=NC)
+    _, _, h = chunk_fwd(qn, kn, v, vec, tt, m, None, cu, chunk_offsets, scale, store_chunks=NC)
     t("bwd state pass", lambda: chunk_bwd_state(qn, kn, do, gc, beta, tt, m, None, cu, chunk_offsets, scale, NC))
     dh, _, dvn = chunk_bwd_state(qn, kn, do, gc, beta, tt, m, None, cu, chunk_offsets, scale, NC)
     dq, dk = torch.randn(NTOK, HV, d, device=device), torch.randn(NTOK, HV, d, device=device)

@@ -1,7 +1,8 @@
 """Chunked forward parts at Qwen3-Next heads (Hqk 16, Hv 32, d 128, bf16), B 1: the l2-norm pass,
 the prep and the state pass with the norm separate and fused, the op's forward and fla 0.6.0's
 (when importable), for beta in float32 (what the model layers pass) and in bfloat16. With
-``--baseline FILE`` (a ``chunk_fwd.py`` of another commit) its state pass is timed beside ours.
+``--baseline FILE`` (a ``chunk_fwd.py`` of another commit whose state pass takes token-major gc and
+beta, as d076bcf's does) its state pass is timed beside ours.
 
     git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
     python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
@@ -83,12 +84,12 @@ def main() -> None:
         rec(f"{tag} l2norm pass q, k", timing.median_ms(lambda: (CP.l2norm_rows(q), CP.l2norm_rows(k))))
         rec(f"{tag} prep", timing.median_ms(lambda: CP.chunk_prep(qn, kn, g, beta, cb, HV)))
         rec(f"{tag} prep, l2-norm fused", timing.median_ms(lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)))
-        gc, t, m, rq, rk = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
-        o_ref, _, _ = CF.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)
-        rec(f"{tag} state pass", timing.median_ms(lambda: CF.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)))
-        o_f, _, _ = CF.chunk_fwd(q, k, v, gc, beta, t, m, None, cu, co, sc, rq=rq, rk=rk)
+        gc, t, m, vec = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
+        o_ref, _, _ = CF.chunk_fwd(qn, kn, v, vec, t, m, None, cu, co, sc)
+        rec(f"{tag} state pass", timing.median_ms(lambda: CF.chunk_fwd(qn, kn, v, vec, t, m, None, cu, co, sc)))
+        o_f, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)
         rec(f"{tag} state pass, l2-norm fused", timing.median_ms(
-            lambda: CF.chunk_fwd(q, k, v, gc, beta, t, m, None, cu, co, sc, rq=rq, rk=rk)), diff=rel(o_f, o_ref))
+            lambda: CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)), diff=rel(o_f, o_ref))
         if base is not None:
             o_b, _, _ = base.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)
             rec(f"{tag} state pass, baseline", timing.median_ms(

@@ -39,8 +39,8 @@ def main() -> None:
     beta = torch.rand(T, HV, device=dev, dtype=torch.bfloat16)
     sc = D ** -0.5
     cu, co, cb = sequence_tables(1, T, None, dev)
-    gc, t, m, _, _ = CP.chunk_prep(q, k, g, beta, cb, HV)
-    want, _, _ = CF.chunk_fwd(q, k, v, gc, beta, t, m, None, cu, co, sc)
+    _, t, m, vec = CP.chunk_prep(q, k, g, beta, cb, HV)
+    want, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc)
     rows = []
     for n in (int(s) for s in args.segments.split(",")):
         if T % (64 * n):
@@ -66,8 +66,8 @@ def main() -> None:
                 sl = slice(s * L, (s + 1) * L)
                 with torch.cuda.stream(side_state):
                     side_state.wait_event(ready[s])
-                    gc_s, t_s, m_s, _, _ = preps[s]
-                    o, h, _ = CF.chunk_fwd(q[sl], k[sl], v[sl], gc_s, beta[sl], t_s, m_s, h, tables[0], tables[1], sc)
+                    _, t_s, m_s, vec_s = preps[s]
+                    o, h, _ = CF.chunk_fwd(q[sl], k[sl], v[sl], vec_s, t_s, m_s, h, tables[0], tables[1], sc)
                     outs.append(o)
             main_stream.wait_stream(side_prep)
             main_stream.wait_stream(side_state)

@@ -161,8 +161,9 @@ def test_inference_forward_matches_reference(dtype):
 @pytest.mark.parametrize("T", [1, 40, 64, 65])
 def test_prep_matches_its_definition(T, l2norm):
     """gc, T = (I + A)^-1 and M of every chunk (a partial chunk, a full one, one token over) against
-    their formulas in float64; with ``l2norm`` they are formed from the l2-normalised rows, and the
-    inverse row norms handed to the state pass match theirs."""
+    their formulas in float64; with ``l2norm`` they are formed from the l2-normalised rows. The
+    chunk-major vectors for the state pass hold gc (padding rows at the chunk's last gc), beta and
+    the inverse row norms (1 without ``l2norm``), padding rows 0."""
     from hybridlm.ops._checks import L2NORM_EPS
     from hybridlm.ops.triton.chunk import _tables
     from hybridlm.ops.triton.chunk_prep import chunk_prep
@@ -171,14 +172,12 @@ def test_prep_matches_its_definition(T, l2norm):
     q, k, _, g, beta, _ = make_inputs(1, T, H, HV, K, V, torch.float32)
     q, k = q * 3.0, k * 0.5  # rows whose norms are far from 1, so a skipped scale shows
     _, _, bounds = _tables(q, None)
-    gc, t, m, rq, rk = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, l2norm=l2norm)
+    gc, t, m, vec = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, l2norm=l2norm, vec_chunks=5)
+    assert vec.shape == (5, HV, 64, 4)
+    inv_norm = [(x[0].double().square().sum(-1) + L2NORM_EPS).rsqrt() for x in (q, k)]
     if l2norm:
-        for x, r in ((q, rq), (k, rk)):
-            assert rel_rms(r, (x[0].double().square().sum(-1) + L2NORM_EPS).rsqrt()) < 1e-6
         q, k = (x.double() * (x.double().square().sum(-1, keepdim=True) + L2NORM_EPS).rsqrt() for x in (q, k))
-    else:
-        assert rq is None and rk is None
-    for bos in range(0, T, 64):
+    for c, bos in enumerate(range(0, T, 64)):
         n = min(64, T - bos)
         for hv in range(HV):
             sl = slice(bos, bos + n)
@@ -193,6 +192,12 @@ def test_prep_matches_its_definition(T, l2norm):
             for name in want:
                 assert rel_rms(got[name], want[name]) < 1e-5, name
             assert (t[sl, hv, n:] == 0).all() and (m[sl, hv, n:] == 0).all()
+            h = hv * H // HV
+            norms = [r[sl, h] if l2norm else torch.ones(n, dtype=torch.float64) for r in inv_norm]
+            for col, want_col in enumerate([gcc, bc, *norms]):
+                assert rel_rms(vec[c, hv, :n, col], want_col) < 1e-6, col
+            assert (vec[c, hv, n:, 0] == gc[bos + n - 1, hv]).all()
+            assert (vec[c, hv, n:, 1:] == 0).all()
 
 
 def test_no_initial_state_and_no_final_state():

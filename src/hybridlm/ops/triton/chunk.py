@@ -47,12 +47,20 @@ def _tables(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     return sequence_tables(B, T, [int(b) for b in cu_seqlens.tolist()], q.device)
 
 
+def _vec_chunks(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
+    """Rows of ``chunk_prep``'s vec as the op allocates them: at least the chunk count, from shapes
+    alone (packed sequences make the count itself data-dependent, which a fake kernel cannot know):
+    each of N sequences adds at most one partial chunk to NTOK // 64 full ones."""
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return q.shape[0] * q.shape[1] // 64 + N
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).contiguous()
 
 
 _Ten = torch.Tensor
-FwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten]  # o, final state, gc, t, m
+FwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten, _Ten]  # o, final state, gc, t, m, vec
 BwdOut = tuple[_Ten, _Ten, _Ten, _Ten, _Ten, _Ten]  # dq, dk, dv, dg, dbeta, dh0
 
 
@@ -61,7 +69,7 @@ def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
                   scale: float, use_qk_l2norm: bool) -> FwdOut:
     """(o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V], then what the backward
-    reuses: ``chunk_prep``'s gc, t, m); inputs as the entry point.
+    reuses: ``chunk_prep``'s gc, t, m, vec); inputs as the entry point.
 
     The q/k l2-norm is applied inside the kernels as row scales of their products, so no normalised
     copy of q or k is written (a separate pass took 0.134 ms of 1.71 at Qwen3-Next heads, B 1, T 32k,
@@ -70,10 +78,11 @@ def chunk_gdr_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     HV = v.shape[2]
     beta_f = _flat(beta)
     qf, kf = _flat(q), _flat(k)
-    gc, t, m, rq, rk = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV, l2norm=use_qk_l2norm)
+    gc, t, m, vec = chunk_prep(qf, kf, _flat(g), beta_f, chunk_bounds, HV, l2norm=use_qk_l2norm,
+                               vec_chunks=_vec_chunks(q, cu_seqlens))
     h0 = None if initial_state is None else initial_state.contiguous()
-    o, ht, _ = chunk_fwd(qf, kf, _flat(v), gc, beta_f, t, m, h0, cu, chunk_offsets, scale, rq=rq, rk=rk)
-    return o.view(v.shape), ht, gc, t, m
+    o, ht, _ = chunk_fwd(qf, kf, _flat(v), vec, t, m, h0, cu, chunk_offsets, scale, l2norm=use_qk_l2norm)
+    return o.view(v.shape), ht, gc, t, m, vec
 
 
 @chunk_gdr_fwd.register_fake
@@ -82,13 +91,14 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm):
     NTOK, HV = q.shape[0] * q.shape[1], v.shape[2]
     state = q.new_empty(N, HV, q.shape[3], v.shape[3], dtype=torch.float32)
     t = q.new_empty(NTOK, HV, 64)
-    return torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t)
+    vec = q.new_empty(_vec_chunks(q, cu_seqlens), HV, 64, 4, dtype=torch.float32)
+    return torch.empty_like(v), state, q.new_empty(NTOK, HV, dtype=torch.float32), t, torch.empty_like(t), vec
 
 
 @torch.library.custom_op("hybridlm::chunk_gdr_bwd", mutates_args=())
 def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                   initial_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], scale: float,
-                  use_qk_l2norm: bool, gc: torch.Tensor, t: torch.Tensor, m: torch.Tensor,
+                  use_qk_l2norm: bool, gc: torch.Tensor, t: torch.Tensor, m: torch.Tensor, vec: torch.Tensor,
                   do: torch.Tensor, dht: Optional[torch.Tensor]) -> BwdOut:
     """(dq, dk, dv, dg, dbeta, dh0) in the dtypes of (q, k, v, g, beta, float32 state)."""
     cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
@@ -98,7 +108,7 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         qf, kf = l2norm_rows(qf), l2norm_rows(kf)
     vf, beta_f = _flat(v), _flat(beta)
     h0 = None if initial_state is None else initial_state.contiguous()
-    _, _, h = chunk_fwd(qf, kf, vf, gc, beta_f, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
+    _, _, h = chunk_fwd(qf, kf, vf, vec, t, m, h0, cu, chunk_offsets, scale, store_chunks=NC)
     dof = _flat(do.to(v.dtype))
     dh, dh0, dvn = chunk_bwd_state(qf, kf, dof, gc, beta_f, t, m, dht, cu, chunk_offsets, scale, NC)
     dq, dk, dv, dg, dbeta = chunk_bwd_local(qf, kf, vf, gc, beta_f, t, m, dof, h, dh, dvn, chunk_bounds, scale)
@@ -109,7 +119,7 @@ def chunk_gdr_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
 
 
 @chunk_gdr_bwd.register_fake
-def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, gc, t, m, do, dht):
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, gc, t, m, vec, do, dht):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dh0 = q.new_empty(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
@@ -125,9 +135,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, do, dht, *_):
-    q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m = ctx.saved_tensors
+    q, k, v, g, beta, initial_state, cu_seqlens, gc, t, m, vec = ctx.saved_tensors
     dq, dk, dv, dg, dbeta, dh0 = chunk_gdr_bwd(q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale,
-                                               ctx.use_qk_l2norm, gc, t, m, do.contiguous(),
+                                               ctx.use_qk_l2norm, gc, t, m, vec, do.contiguous(),
                                                None if dht is None else dht.contiguous())
     return dq, dk, dv, dg, dbeta, (None if initial_state is None else dh0), None, None, None
 

@@ -49,25 +49,16 @@ def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h
 
 
 @triton.jit
-def load_chunk_vectors(gc_ptr, beta_ptr, rq_ptr, rk_ptr, t0, eos, i_h, i_hv,
-                       H: tl.constexpr, HV: tl.constexpr, NORM: tl.constexpr):
-    """A chunk's per-row vectors as loaded, nothing computed from them (so issuing these loads a
-    chunk ahead does not wait for them): gc and beta [C] (padding rows 0), gc_last, and with NORM
-    the inverse q/k row norms [C] (else placeholders). A chunk past the sequence's end loads nothing."""
-    o_t = t0 + tl.arange(0, 64)
-    m_t = o_t < eos
-    row_hv = o_t.to(tl.int64) * HV + i_hv
-    last = tl.minimum(t0 + 64, eos) - 1
-    b_gl = tl.load(gc_ptr + last.to(tl.int64) * HV + i_hv, mask=t0 < eos, other=0.0)
-    b_gc = tl.load(gc_ptr + row_hv, mask=m_t, other=0.0)
-    b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0)
-    if NORM:
-        row_h = o_t.to(tl.int64) * H + i_h
-        b_rq = tl.load(rq_ptr + row_h, mask=m_t, other=0.0)
-        b_rk = tl.load(rk_ptr + row_h, mask=m_t, other=0.0)
-    else:
-        b_rq = tl.zeros([64], dtype=tl.float32)
-        b_rk = tl.zeros([64], dtype=tl.float32)
+def load_chunk_vectors(vec_ptr, i_c, i_hv, HV: tl.constexpr):
+    """A chunk's per-row vectors from ``chunk_prep``'s chunk-major [64, 4] block (one contiguous
+    1 KB load): gc (padding rows at gc_last), beta, rq, rk (padding rows 0), and gc_last."""
+    base = (i_c.to(tl.int64) * HV + i_hv) * 256
+    o_c = tl.arange(0, 64)
+    b = tl.load(vec_ptr + base + o_c[:, None] * 4 + tl.arange(0, 4)[None, :])
+    even, odd = tl.split(tl.reshape(b, [64, 2, 2]))  # columns (0, 2) and (1, 3)
+    b_gc, b_rq = tl.split(even)
+    b_beta, b_rk = tl.split(odd)
+    b_gl = tl.load(vec_ptr + base + 63 * 4)
     return b_gc, b_beta, b_gl, b_rq, b_rk
 
 
@@ -100,7 +91,7 @@ def state_program(cu, chunk_offsets, init_ptr, HAS_INIT: tl.constexpr,
 
 @triton.jit
 def chunk_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, rq_ptr, rk_ptr, h0_ptr, o_ptr, ht_ptr, h_ptr,
+    q_ptr, k_ptr, v_ptr, vec_ptr, t_ptr, m_ptr, h0_ptr, o_ptr, ht_ptr, h_ptr,
     cu, chunk_offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
@@ -110,21 +101,16 @@ def chunk_fwd_kernel(
         cu, chunk_offsets, h0_ptr, HAS_H0, H, HV, K, V, BK, BV)
     DT = q_ptr.dtype.element_ty
 
-    # the per-row vectors are loaded a chunk ahead (the compiler's pipelining stages the tiles that
-    # feed products). Measured on an H200 at Qwen3-Next heads, B 1, T 32k, the pass's time moves with
-    # code generation more than with this: 0.852 / 1.057 ms before (beta float32 / bfloat16), 0.965 /
-    # 0.784 after, 0.931 / 0.948 after with the l2-norm fused (the op's path)
-    n_gc, n_beta, n_gl, n_rq, n_rk = load_chunk_vectors(gc_ptr, beta_ptr, rq_ptr, rk_ptr, bos, eos, i_h, i_hv,
-                                                         H, HV, NORM)
     o_c = tl.arange(0, 64)
     o_k = tl.arange(0, BK)
     for t0 in range(bos, eos, 64):
+        i_c = c_first + (t0 - bos) // 64
         if STORE_H:
-            i_c = c_first + (t0 - bos) // 64
             tl.store(h_ptr + (i_c.to(tl.int64) * HV + i_hv) * K * V + off_kv, b_s, mask=m_kv)
-        b_gc, b_beta, b_gl, b_rq, b_rk = n_gc, n_beta, n_gl, n_rq, n_rk
-        n_gc, n_beta, n_gl, n_rq, n_rk = load_chunk_vectors(gc_ptr, beta_ptr, rq_ptr, rk_ptr, t0 + 64, eos, i_h,
-                                                             i_hv, H, HV, NORM)
+        # the per-row vectors as one coalesced block (``chunk_prep``'s vec). Token-major gc and beta
+        # cost 64 scattered sectors each per chunk; measured on an H200 (Qwen3-Next heads, B 1, T 32k)
+        # the pass then swung 0.78-1.06 ms with code generation (beta's dtype alone: 0.852 / 1.057)
+        b_gc, b_beta, b_gl, b_rq, b_rk = load_chunk_vectors(vec_ptr, i_c, i_hv, HV)
         o_t = t0 + tl.arange(0, 64)
         m_t = o_t < eos
         m_qk = m_t[:, None] & (o_k < K)[None, :]
@@ -141,14 +127,13 @@ def chunk_fwd_kernel(
         b_sd = b_s.to(DT)
         b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
         b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
-        b_gc = tl.where(m_t, b_gc, b_gl)  # padding rows decay like the last one
         b_decay = tl.exp(b_gc)
         b_decay_end = tl.exp(b_gl - b_gc)
         if NORM:  # q and k l2-normalised through their rows' inverse norms (``chunk_prep``)
             b_ks = b_ks * b_rk[:, None]
             b_qs = b_qs * b_rq[:, None]
             b_decay_end = b_decay_end * b_rk
-        b_x = b_beta.to(tl.float32)[:, None] * (b_v - b_decay[:, None] * b_ks)
+        b_x = b_beta[:, None] * (b_v - b_decay[:, None] * b_ks)
         b_vn = tl.dot(b_t, b_x.to(DT), input_precision=PREC)
 
         b_o = tl.dot(b_m, b_vn.to(DT), acc=b_decay[:, None] * b_qs, input_precision=PREC)
@@ -184,15 +169,15 @@ def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) 
     return width
 
 
-def chunk_fwd(q, k, v, gc, beta, t, m, initial_state, cu, chunk_offsets, scale: float,
-              store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4, rq=None, rk=None):
+def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float,
+              store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4, l2norm: bool = False):
     """Run the state pass over every sequence.
 
     Args:
         q, k: [NTOK, H, K]; v: [NTOK, HV, V] (float32/bfloat16/float16, one dtype, contiguous).
-        gc: float32 [NTOK, HV]; beta: [NTOK, HV]; t, m: [NTOK, HV, 64] from ``chunk_prep``.
-        rq, rk: float32 [NTOK, H] inverse row norms from ``chunk_prep(..., l2norm=True)``: q and k
-            are then used l2-normalised (both or neither).
+        vec: float32 [NC, HV, 64, 4]; t, m: [NTOK, HV, 64] from ``chunk_prep``.
+        l2norm: use q and k l2-normalised through the inverse row norms in vec (``chunk_prep`` with
+            ``l2norm=True``).
         initial_state: float32 [N, HV, K, V] or None. cu, chunk_offsets: int32 [N + 1].
         store_chunks: NC, the total chunk count, to also return the state entering every chunk,
             float32 [NC, HV, K, V] (for backward); 0 to skip it.
@@ -209,9 +194,9 @@ def chunk_fwd(q, k, v, gc, beta, t, m, initial_state, cu, chunk_offsets, scale: 
         h = torch.empty(store_chunks, HV, K, V, device=q.device, dtype=torch.float32)
     BV = block_v or pick_block_v(N * HV, V, q.device)
     chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, v, gc, beta, t, m, rq, rk, initial_state, o, ht, h, cu, chunk_offsets, scale,
+        q, k, v, vec, t, m, initial_state, o, ht, h, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
-        HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype), NORM=rq is not None,
+        HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype), NORM=l2norm,
         num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
     )
     return o, ht, h

@@ -123,7 +123,7 @@ def qk_grad(x: torch.Tensor, dy: torch.Tensor, normalized: bool) -> torch.Tensor
 
 @triton.jit
 def chunk_prep_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, rq_ptr, rk_ptr, chunk_bounds,
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr, chunk_bounds,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     NORM: tl.constexpr, EPS: tl.constexpr,
 ):
@@ -144,6 +144,14 @@ def chunk_prep_kernel(
     b_gc = tl.cumsum(tl.load(g_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32), 0)
     tl.store(gc_ptr + row_hv, b_gc, mask=m_t)
     b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
+    o_c = tl.arange(0, 64)
+    # the state pass's per-row vectors, chunk-major: one contiguous [64, 4] block (gc with padding
+    # rows at gc_last, beta, rq, rk; padding rows 0) per chunk and value head, where the
+    # token-major [NTOK, HV] arrays give it 64 rows that each sit in their own cache sector
+    p_vec = (i_c.to(tl.int64) * HV + i_hv) * 256 + o_c * 4
+    b_gl = tl.sum(tl.where(o_c == eos - bos - 1, b_gc, 0.0), 0)
+    tl.store(vec_ptr + p_vec, tl.where(m_t, b_gc, b_gl))
+    tl.store(vec_ptr + p_vec + 1, b_beta)
 
     b_decay = causal_decay(b_gc)
     b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay
@@ -152,12 +160,12 @@ def chunk_prep_kernel(
         # the state pass reads the scales, so normalised copies of q and k are never written
         b_rq = tl.rsqrt(tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1) + EPS)
         b_rk = tl.rsqrt(tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1) + EPS)
-        if i_hv % (HV // H) == 0:
-            row_h = o_t.to(tl.int64) * H + i_h
-            tl.store(rq_ptr + row_h, b_rq, mask=m_t)
-            tl.store(rk_ptr + row_h, b_rk, mask=m_t)
+        tl.store(vec_ptr + p_vec + 2, tl.where(m_t, b_rq, 0.0))
+        tl.store(vec_ptr + p_vec + 3, tl.where(m_t, b_rk, 0.0))
         b_kk = b_kk * b_rk[:, None] * b_rk[None, :]
-    o_c = tl.arange(0, 64)
+    else:
+        tl.store(vec_ptr + p_vec + 2, tl.where(m_t, 1.0, 0.0))
+        tl.store(vec_ptr + p_vec + 3, tl.where(m_t, 1.0, 0.0))
     strict = o_c[:, None] > o_c[None, :]
     b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
     b_t = _inv_unit_lower64(b_a, PREC)
@@ -175,7 +183,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
-               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4, l2norm: bool = False):
+               chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4, l2norm: bool = False,
+               vec_chunks: int = 0):
     """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
@@ -183,25 +192,25 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
         g_NHV: [NTOK, HV] log-decay, any float dtype. beta_NHV: [NTOK, HV] write strength.
         chunk_bounds: int32 [NC, 2] flat token range of each chunk (``utils.sequence_tables``).
         l2norm: treat q and k as l2-normalised over K (``_checks.l2norm``, float32): the products
-            are scaled by the rows' inverse norms, which are returned for the state pass.
+            are scaled by the rows' inverse norms, which ``vec`` carries to the state pass.
+        vec_chunks: allocate vec with this many chunk rows when more than NC (rows past NC unused).
     Returns:
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
         m: [NTOK, HV, 64] row i of its chunk's (Q K^T * exp(gc_i - gc_j), i >= j), in k's dtype.
-        rq, rk: float32 [NTOK, H] inverse l2-norms of q's and k's rows with ``l2norm``, else None.
+        vec: float32 [max(NC, vec_chunks), HV, 64, 4] per chunk, value head and row: gc (padding rows: the chunk's
+            last gc), beta, and the inverse l2-norms of q's and k's rows with ``l2norm`` (else 1);
+            padding rows 0 but for gc.
     """
     NTOK, H, K = k_NHK.shape
     gc = torch.empty(NTOK, HV, device=k_NHK.device, dtype=torch.float32)
     t = torch.empty(NTOK, HV, CHUNK, device=k_NHK.device, dtype=k_NHK.dtype)
     m = torch.empty_like(t)
-    rq = rk = None
-    if l2norm:
-        rq = torch.empty(NTOK, H, device=k_NHK.device, dtype=torch.float32)
-        rk = torch.empty_like(rq)
     NC = chunk_bounds.shape[0]
+    vec = torch.empty(max(NC, vec_chunks), HV, CHUNK, 4, device=k_NHK.device, dtype=torch.float32)
     chunk_prep_kernel[(HV, NC)](
-        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, rq, rk, chunk_bounds,
+        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, vec, chunk_bounds,
         H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
         NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps,
     )
-    return gc, t, m, rq, rk
+    return gc, t, m, vec
