@@ -8,21 +8,24 @@ over the stacked weight reads at once.
 
 Packing is explicit: ``pack_weights(owner, names)`` (a layer's ``pack_for_inference()``;
 ``StaticDecoder`` calls it on every layer) stacks the bias-free ``nn.Linear`` layers ``owner.<name>``
-(a name may be a dotted path into a child) into one [sum out, in] tensor and turns each layer's weight into a view of its rows, assigned to the
-same ``Parameter`` through ``.data``. So an optimizer holding the parameters still updates them,
-no weight is kept twice, and ``state_dict`` and checkpoints see the same names and values.
+(a name may be a dotted path into a child) into one [sum out, in] tensor and turns each layer's
+weight into a view of its rows, assigned to the same ``Parameter`` through ``.data``. So an
+optimizer holding the parameters still updates them, no weight is kept twice, and ``state_dict``
+and checkpoints see the same names and values.
 
 ``packed_linears(owner, groups, x)`` then runs one product when a pack exists and no gradient is
 needed, restacking first if something replaced a weight (loading into new tensors); otherwise it
 runs the layers one by one. Layers that pack derive from ``PacksWeights``: ``.to()``, ``.double()``,
 ``.cuda()`` release their stacks before converting, so the old storage goes as the weights are
-converted, and take them up again after (the same stack when nothing moved). Packing never happens implicitly: an evaluation under
-``no_grad`` in the middle of training leaves the parameters' storage where it was, so nothing about
-a training run depends on whether or when it evaluated. Layers that are not plain bias-free
-``nn.Linear`` (a bias, a wrapper) are never packed.
+converted, and take them up again after (the same stack when nothing moved). Packing never happens
+implicitly: an evaluation under ``no_grad`` in the middle of training leaves the parameters' storage
+where it was, so nothing about a training run depends on whether or when it evaluated. Layers that
+are not plain bias-free ``nn.Linear`` (a bias, a wrapper) are never packed.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +41,10 @@ class PacksWeights(nn.Module):
     ``nn.Module._apply`` (behind ``.to()``, ``.double()``, ``.cuda()``, ``.to_empty()``) converts
     each parameter and repoints it to the result. A stack held past that keeps the old storage
     alive beside the converted weights until the next inference call restacks (a model packed in
-    float32, then cast to bfloat16, held both copies). So the stacks are released first, and afterwards taken up again:
-    as the same stack when the weights still are its rows (a ``.to`` that changed nothing, so a
-    captured CUDA graph keeps reading live memory), else stacked anew when they can be.
+    float32, then cast to bfloat16, held both copies). So the stacks are released first, and
+    afterwards taken up again: as the same stack when the weights still are its rows (a ``.to``
+    that changed nothing, so a captured CUDA graph keeps reading live memory), else stacked anew
+    when they can be.
     """
 
     def _apply(self, fn, recurse=True):
@@ -72,9 +76,7 @@ def storage_view(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor
     ``t`` is not a materialised tensor or its storage is too short (then ``t`` is not a stack's row)."""
     if not isinstance(t, torch.Tensor) or t.is_meta:
         return None
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     if n == 0 or (t.storage_offset() + n) * t.element_size() > t.untyped_storage().nbytes():
         return None
     with torch.no_grad():

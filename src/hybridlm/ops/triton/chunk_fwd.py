@@ -27,9 +27,9 @@ from hybridlm.ops.triton.chunk_prep import dot_precision
 
 
 @triton.jit
-def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
-                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T and M [C, C], gc_last of a chunk."""
+def load_chunk_tiles(q_ptr, k_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """q, k [C, BK] and T, M [C, C] of a chunk (padding rows zeros)."""
     o_t = t0 + tl.arange(0, 64)
     m_t = o_t < eos
     o_k = tl.arange(0, BK)
@@ -38,13 +38,25 @@ def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h
     b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
     b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
     row_hv = o_t.to(tl.int64) * HV + i_hv
+    o_c = tl.arange(0, 64)
+    b_t = tl.load(t_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
+    b_m = tl.load(m_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
+    return b_q, b_k, b_t, b_m
+
+
+@triton.jit
+def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
+                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T and M [C, C], gc_last of a
+    chunk; gc and beta from the token-major [NTOK, HV] arrays."""
+    b_q, b_k, b_t, b_m = load_chunk_tiles(q_ptr, k_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
+    o_t = t0 + tl.arange(0, 64)
+    m_t = o_t < eos
+    row_hv = o_t.to(tl.int64) * HV + i_hv
     last = tl.minimum(t0 + 64, eos) - 1
     b_gl = tl.load(gc_ptr + last.to(tl.int64) * HV + i_hv)
     b_gc = tl.where(m_t, tl.load(gc_ptr + row_hv, mask=m_t, other=0.0), b_gl)
     b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
-    o_c = tl.arange(0, 64)
-    b_t = tl.load(t_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
-    b_m = tl.load(m_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
     return b_q, b_k, b_gc, b_beta, b_t, b_m, b_gl
 
 
@@ -101,8 +113,6 @@ def chunk_fwd_kernel(
         cu, chunk_offsets, h0_ptr, HAS_H0, H, HV, K, V, BK, BV)
     DT = q_ptr.dtype.element_ty
 
-    o_c = tl.arange(0, 64)
-    o_k = tl.arange(0, BK)
     for t0 in range(bos, eos, 64):
         i_c = c_first + (t0 - bos) // 64
         if STORE_H:
@@ -111,16 +121,9 @@ def chunk_fwd_kernel(
         # cost 64 scattered sectors each per chunk; measured on an H200 (Qwen3-Next heads, B 1, T 32k)
         # the pass then swung 0.78-1.06 ms with code generation (beta's dtype alone: 0.852 / 1.057)
         b_gc, b_beta, b_gl, b_rq, b_rk = load_chunk_vectors(vec_ptr, i_c, i_hv, HV)
+        b_q, b_k, b_t, b_m = load_chunk_tiles(q_ptr, k_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv, H, HV, K, BK)
         o_t = t0 + tl.arange(0, 64)
-        m_t = o_t < eos
-        m_qk = m_t[:, None] & (o_k < K)[None, :]
-        row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
-        b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
-        b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
-        row_hv = o_t.to(tl.int64) * HV + i_hv
-        b_t = tl.load(t_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
-        b_m = tl.load(m_ptr + row_hv[:, None] * 64 + o_c[None, :], mask=m_t[:, None], other=0.0)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_tv = (o_t < eos)[:, None] & (o_v < V)[None, :]
         row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
         b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
 

@@ -15,7 +15,8 @@ recursive doubling: six levels, the first an element-wise negation and the other
 0.545 ms, against 0.70 ms with the first level as products too, 0.91 ms for doubling on the chunk's
 two 32-row halves joined by T_ba = -T_bb A_ba T_aa (a sixth of the FLOPs, a longer chain: the time
 is the chain of dependent products, not their FLOPs) and 0.86 ms (H100) for forward substitution on
-16 x 16 blocks, whose row-by-row reductions serialise the warps. It also forms M = Q K^T * exp(gc_i - gc_j), i >= j.
+16 x 16 blocks, whose row-by-row reductions serialise the warps. It also forms
+M = Q K^T * exp(gc_i - gc_j), i >= j.
 """
 
 from __future__ import annotations
@@ -198,9 +199,9 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
         m: [NTOK, HV, 64] row i of its chunk's (Q K^T * exp(gc_i - gc_j), i >= j), in k's dtype.
-        vec: float32 [max(NC, vec_chunks), HV, 64, 4] per chunk, value head and row: gc (padding rows: the chunk's
-            last gc), beta, and the inverse l2-norms of q's and k's rows with ``l2norm`` (else 1);
-            padding rows 0 but for gc.
+        vec: float32 [max(NC, vec_chunks), HV, 64, 4] per chunk, value head and row: gc (padding
+            rows: the chunk's last gc), beta, and the inverse l2-norms of q's and k's rows with
+            ``l2norm`` (else 1); padding rows 0 but for gc.
     """
     NTOK, H, K = k_NHK.shape
     gc = torch.empty(NTOK, HV, device=k_NHK.device, dtype=torch.float32)
