@@ -146,7 +146,9 @@ def _names(groups: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
 
 
 def _attr(names: tuple[str, ...]) -> str:
-    return "_packed_" + "_".join(names)
+    """The owner attribute holding the stack: a Python identifier (dotted names' dots become ``__``),
+    since torch.compile (2.11's dynamo) asserts on attribute names with a dot in them."""
+    return "_packed_" + "_".join(n.replace(".", "__") for n in names)
 
 
 def _packable(layers: list[nn.Module]) -> bool:
