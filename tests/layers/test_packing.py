@@ -263,3 +263,32 @@ def test_a_packed_model_moved_to_meta_and_back_runs():
     with torch.no_grad():
         got = model(ids)
     torch.testing.assert_close(got, model(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype, monkeypatch):
+    """Once packed, many tokens (prefill) go through three grouped products over the stacks, with
+    no host sync; unpacked, or with gradients needed, the experts run one by one. Same result, also
+    with experts no token was routed to."""
+    from hybridlm.layers import moe as moe_mod
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+    moe = MoE(cfg).to(dtype)
+    with torch.no_grad():
+        moe.gate.weight[5:] = -10.0  # experts 5-7 never chosen by tokens with positive router inputs
+    x = torch.randn(3, 7, cfg.hidden_size).abs().to(dtype)
+    with torch.no_grad():
+        want = moe(x)
+    calls = []
+    real = moe_mod.grouped_experts
+    monkeypatch.setattr(moe_mod, "grouped_experts", lambda *a: calls.append(a[1].tolist()) or real(*a))
+    moe.pack_for_inference()
+    with torch.no_grad():
+        got = moe(x)
+    assert len(calls) == 1 and calls[0][5:] == [0, 0, 0] and sum(calls[0]) == 21 * 2
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    got_grad = moe(x)  # gradients needed: the expert loop, which autograd goes through
+    assert len(calls) == 1 and got_grad.requires_grad
+    torch.testing.assert_close(got_grad.detach(), want, **tol)

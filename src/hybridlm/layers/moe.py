@@ -63,6 +63,45 @@ def _keep_best_groups(choice_NE: torch.Tensor, n_group: int, topk_group: int) ->
     return groups.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
 
 
+def _grouped_mm():
+    """torch's grouped matrix product (``F.grouped_mm`` where torch has it public, else the private
+    ``torch._grouped_mm`` of torch 2.8 and later), or None."""
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_runs(x: torch.Tensor) -> bool:
+    """Whether ``grouped_experts`` can run on x: torch's grouped product takes bfloat16 on Hopper
+    and Blackwell GPUs, and float32 or bfloat16 on the CPU (a loop inside torch there: it is used so
+    that the same code path is tested without a GPU)."""
+    if _grouped_mm() is None:
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def grouped_experts(x_sorted: torch.Tensor, counts_E: torch.Tensor, gate_EID: torch.Tensor,
+                    up_EID: torch.Tensor, down_EID: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows sorted by expert, as three grouped products (no host sync).
+
+    Args:
+        x_sorted: [M, D] rows, those of expert 0 first, then expert 1's, and so on.
+        counts_E: int [E] rows per expert (on x's device).
+        gate_EID, up_EID, down_EID: the stacks of ``MoE.packed_experts`` ([E, I, D]; down transposed).
+    Returns:
+        [M, D]: row r through its expert, down(silu(gate x) * up x), in x's dtype.
+    """
+    mm = _grouped_mm()
+    offs = counts_E.cumsum(0).to(torch.int32)
+    h = torch.nn.functional.silu(mm(x_sorted, gate_EID.transpose(1, 2), offs=offs))
+    h = h * mm(x_sorted, up_EID.transpose(1, 2), offs=offs)
+    return mm(h, down_EID, offs=offs)
+
+
+def _needs_grad(module: nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+
+
 class MoE(PacksWeights):
     """Top-k routed SwiGLU experts (+ a shared expert scaled by sigmoid(W x) when configured).
 
@@ -129,21 +168,28 @@ class MoE(PacksWeights):
             h_NEF = h_NEF * dense_NE.to(h_NEF.dtype)[:, :, None]
             out_ND = h_NEF.view(-1, E * F_) @ down_EFD.view(E * F_, D)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
-        # Tokens sorted by expert, one host sync per layer (the per-expert counts), then one pass per
-        # expert over its contiguous rows: no dense all-experts compute, and no sync per expert (with a
-        # `nonzero` per expert, a 2k-token prefill chunk of 48 layers x 32 experts took ~0.5 s on an H200).
-        # The combine puts each expert output back in its (token, slot) place, then takes the
-        # weighted sum over a token's K slots as one batched product (float32 accumulation, a fixed
-        # order). A scatter-add (`index_add_`) would sum in the output's dtype, and on CUDA with
-        # atomics: bf16 roundings in a run-dependent order, and the slowest prefill kernel measured
-        # (334 us a call at 4k tokens x 10 slots x 2048, H200).
+        # Tokens sorted by expert, then each expert over its contiguous rows: no dense all-experts
+        # compute. Once packed (a decoder packs before its prefill), where the grouped matrix product
+        # runs, all experts' rows go through three grouped products with no host sync; otherwise
+        # one host sync per layer (the per-expert counts) and one pass per expert, ~5 launches each
+        # (the 4-layer compiled trace of a 4k prefill at 32 experts on an H200: 2,367 launches,
+        # 19.4 ms of kernels in 52 ms; with a `nonzero` per expert a 2k-token chunk of 48 layers took
+        # ~0.5 s). The combine puts each expert output back in its (token, slot) place, then takes
+        # the weighted sum over a token's K slots as one batched product (float32 accumulation, a
+        # fixed order). A scatter-add (`index_add_`) would sum in the output's dtype, and on CUDA
+        # with atomics: bf16 roundings in a run-dependent order, and the slowest prefill kernel
+        # measured (334 us a call at 4k tokens x 10 slots x 2048, H200).
         N, K = experts_NK.shape
         flat_E = experts_NK.reshape(-1)
         order = torch.argsort(flat_E, stable=True)
-        counts = torch.bincount(flat_E, minlength=len(self.experts)).tolist()
+        counts_E = torch.bincount(flat_E, minlength=len(self.experts))
         x_sorted = x_ND.index_select(0, order // K)
-        ys = [self.experts[e](rows) for e, rows in enumerate(x_sorted.split(counts)) if counts[e]]
-        y_sorted = torch.cat(ys)
+        pack = self._live_pack() if grouped_mm_runs(x_ND) and not _needs_grad(self) else None
+        if pack is not None:
+            y_sorted = grouped_experts(x_sorted, counts_E, *pack)
+        else:
+            counts = counts_E.tolist()
+            y_sorted = torch.cat([self.experts[e](rows) for e, rows in enumerate(x_sorted.split(counts)) if counts[e]])
         y_NKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(N, K, -1)
         out_ND = torch.bmm(weights_NK.to(y_NKD.dtype)[:, None, :], y_NKD).squeeze(1)
         return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
@@ -156,13 +202,8 @@ class MoE(PacksWeights):
         later calls return the stack while the views still point into it, and stack again after
         something replaced the weights (``.to(dtype)``, loading a checkpoint into new tensors).
         """
-        pack = getattr(self, "_pack", None)
-        if pack is not None and torch.compiler.is_compiling():
-            return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
-        if pack is not None and all(
-                ex.gate_proj.weight.data_ptr() == pack[0][e].data_ptr() and
-                ex.up_proj.weight.data_ptr() == pack[1][e].data_ptr() and
-                ex.down_proj.weight.data_ptr() == pack[2][e].data_ptr() for e, ex in enumerate(self.experts)):
+        pack = self._live_pack()
+        if pack is not None:
             return pack
         with torch.no_grad():
             gate = torch.stack([ex.gate_proj.weight for ex in self.experts])
@@ -174,6 +215,18 @@ class MoE(PacksWeights):
                 proj.weight.data = view
         self._pack = (gate, up, down)
         return self._pack
+
+    def _live_pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The experts' stacks while every expert's weights still are views of them, else None
+        (never packed, or something replaced a weight since)."""
+        pack = getattr(self, "_pack", None)
+        if pack is None or torch.compiler.is_compiling():
+            return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
+        for e, ex in enumerate(self.experts):
+            ws = [getattr(getattr(ex, n, None), "weight", None) for n in ("gate_proj", "up_proj", "down_proj")]
+            if not all(isinstance(w, torch.Tensor) and w.data_ptr() == p[e].data_ptr() for w, p in zip(ws, pack)):
+                return None
+        return pack
 
     def pack_for_inference(self) -> None:
         """Stack the routed experts' weights, and the router with the shared expert's input
