@@ -214,12 +214,18 @@ def test_no_initial_state_and_no_final_state():
     assert_close((o, o, *grads), (ro, ro, *rgrads), TOL[torch.float32])
 
 
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("packed", [False, True])
+def test_compiles_fullgraph(packed):
+    """fullgraph traces the custom ops, also with packed sequences (whose boundaries the entry
+    point cannot read while traced: the op checks them when it runs)."""
+    cu = torch.tensor([0, 1, 66, 70], device=DEVICE) if packed else None
     q, k, v, g, beta, h0 = make_inputs(1, 70, 1, 2, 16, 16, torch.float32)
+    if packed:
+        h0 = torch.randn(3, *h0.shape[1:], device=DEVICE)
 
     def f(q, k, v, g, beta, h0):
         o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
-                                       use_qk_l2norm=True)
+                                       use_qk_l2norm=True, cu_seqlens=cu)
         return o.sum() + ht.sum()
 
     xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
@@ -232,6 +238,10 @@ def test_compiles_fullgraph():
     rgrads = torch.autograd.grad(ref, ys)
     assert rel_rms(out, ref) < 1e-5
     assert all(rel_rms(a, b) < 1e-5 for a, b in zip(grads, rgrads))
+    if packed:  # bad boundaries still raise a clear error from the compiled call
+        cu = torch.tensor([0, 66, 66, 70], device=DEVICE)
+        with pytest.raises(ValueError, match="cu_seqlens must be strictly increasing"):
+            compiled(*xs)
 
 
 def test_bad_inputs_raise_naming_the_argument():

@@ -151,8 +151,12 @@ def check_state(name: str, state, shape: tuple, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(state.shape)}")
 
 
-def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[int] | None:
-    """Validate packed-sequence boundaries; returns them as a host list (or None)."""
+def check_cu_seqlens(cu_seqlens, B: int, T: int, values: bool = True) -> list[int] | None:
+    """Validate packed-sequence boundaries; returns them as a host list (or None).
+
+    values=False checks type, dtype, shape and B only and returns None: reading the values is a
+    host sync that ``torch.compile(fullgraph=True)`` cannot trace, so a custom op that is traced
+    checks them inside its eager implementation instead."""
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -163,6 +167,8 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int) -> list[int] | None:
         raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1 sequences, got shape {tuple(cu_seqlens.shape)}")
     if B != 1:
         raise ValueError(f"with cu_seqlens the batch size B must be 1 (sequences packed along T), got B = {B}")
+    if not values:
+        return None
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")

@@ -44,7 +44,8 @@ def _tables(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     B, T = q.shape[:2]
     if cu_seqlens is None:
         return _uniform_tables(B, T, q.device)
-    return sequence_tables(B, T, [int(b) for b in cu_seqlens.tolist()], q.device)
+    # the entry point skips reading the values when traced by torch.compile; they are checked here
+    return sequence_tables(B, T, ck.check_cu_seqlens(cu_seqlens, B, T), q.device)
 
 
 def _vec_chunks(q: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> int:
@@ -158,8 +159,9 @@ def _check(q, k, v, g, beta, scale, initial_state, cu_seqlens, chunk_size, A_log
     T = q.shape[1]
     ck.check_gate("g", g, (B, T, HV), "[B, T, HV]", q)
     ck.check_gate("beta", beta, (B, T, HV), "[B, T, HV]", q)
-    bounds = ck.check_cu_seqlens(cu_seqlens, B, T)
-    N = B if bounds is None else len(bounds) - 1
+    # traced by torch.compile the values cannot be read (a host sync); the custom op checks them
+    ck.check_cu_seqlens(cu_seqlens, B, T, values=not torch.compiler.is_compiling())
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         ck.check_state("initial_state", initial_state, (N, HV, K, V), q)
     ck.check_fused_gate(A_log, dt_bias, g, HV, q)
