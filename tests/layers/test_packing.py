@@ -117,8 +117,9 @@ def test_moe_experts_are_stacked_by_moe_only(shared_gate):
         assert all(k.isidentifier() for k in moe.__dict__ if k.startswith("_packed_"))
         rows = [moe.gate, *([moe.shared_expert_gate] if shared_gate else []), moe.shared_expert.gate_proj,
                 moe.shared_expert.up_proj]
-        assert packs[0].shape[0] == sum(m.out_features for m in rows)
-        assert moe.shared_expert.up_proj.weight.data_ptr() == packs[0][-32].data_ptr()
+        n = sum(m.out_features for m in rows)  # 69 or 68: zero rows up to 72 keep the product aligned
+        assert packs[0].shape[0] == 72 and (packs[0][n:] == 0).all()
+        assert moe.shared_expert.up_proj.weight.data_ptr() == packs[0][n - 32].data_ptr()
         assert moe.gate.weight.data_ptr() == packs[0].data_ptr()
         got_static = moe(x, static=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -292,3 +293,29 @@ def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype
     got_grad = moe(x)  # gradients needed: the expert loop, which autograd goes through
     assert len(calls) == 1 and got_grad.requires_grad
     torch.testing.assert_close(got_grad.detach(), want, **tol)
+
+
+def test_odd_widths_stack_with_zero_rows_to_a_multiple_of_8():
+    """Output rows of the product stay 16-byte aligned in 16-bit dtypes; the zero rows never reach
+    an output, survive a .to() that changes nothing and are rebuilt by one that converts."""
+    torch.manual_seed(0)
+    owner = nn.Module()
+    owner.a, owner.b = nn.Linear(16, 5, bias=False), nn.Linear(16, 6, bias=False)
+    x = torch.randn(3, 16)
+    pack = pack_weights(owner, ("a", "b"))
+    assert pack.shape == (16, 16) and (pack[11:] == 0).all()
+    with torch.no_grad():
+        a, b = packed_linears(owner, (("a",), ("b",)), x)
+    assert a.shape == (3, 5) and b.shape == (3, 6)
+    torch.testing.assert_close(torch.cat([a, b], -1), torch.cat([owner.a(x), owner.b(x)], -1))
+    mlp = SwiGLU(16, 13)  # gate + up: 26 rows -> 32
+    want = mlp(x)
+    mlp.pack_for_inference()
+    stack = mlp.__dict__["_packed_gate_proj_up_proj"]
+    assert stack.shape[0] == 32 and mlp.to(torch.float32).__dict__["_packed_gate_proj_up_proj"] is not None
+    assert mlp.__dict__["_packed_gate_proj_up_proj"].data_ptr() == stack.data_ptr()
+    mlp.double()
+    with torch.no_grad():
+        got = mlp(x.double())
+    assert mlp.__dict__["_packed_gate_proj_up_proj"].shape == (32, 16)
+    torch.testing.assert_close(got, want.double().detach(), rtol=1e-6, atol=1e-6)
