@@ -283,7 +283,7 @@ def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype
         want = moe(x)
     calls = []
     real = moe_mod.grouped_experts
-    monkeypatch.setattr(moe_mod, "grouped_experts", lambda *a: calls.append(a[1].tolist()) or real(*a))
+    monkeypatch.setattr(moe_mod, "grouped_experts", lambda *a, **kw: calls.append(a[1].tolist()) or real(*a, **kw))
     moe.pack_for_inference()
     with torch.no_grad():
         got = moe(x)
