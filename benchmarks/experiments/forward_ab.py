@@ -2,10 +2,14 @@
 the prep and the state pass with the norm separate and fused, the op's forward and fla 0.6.0's
 (when importable), for beta in float32 (what the model layers pass) and in bfloat16. With
 ``--baseline FILE`` (a ``chunk_fwd.py`` of another commit whose state pass takes token-major gc and
-beta, as d076bcf's does) its state pass is timed beside ours.
+beta, as d076bcf's does) its state pass is timed beside ours; with ``--baseline-prep FILE`` (another
+commit's ``chunk_prep.py``) its prep is timed beside ours, and ``--maxnreg 168,128`` times our prep
+with those register caps.
 
     git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
     python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
+    git show 0e55bd0:src/hybridlm/ops/triton/chunk_prep.py > /tmp/chunk_prep_base.py
+    python benchmarks/experiments/forward_ab.py --baseline-prep /tmp/chunk_prep_base.py --maxnreg 168,128
 
 Timings: medians of ``triton.testing.do_bench`` (``hybridlm.bench.timing``), one process, one card.
 """
@@ -27,8 +31,8 @@ from hybridlm.ops.triton.utils import sequence_tables
 H, HV, D = 16, 32, 128
 
 
-def _load(path):
-    spec = importlib.util.spec_from_file_location("chunk_fwd_baseline", path)
+def _load(path, name="chunk_fwd_baseline"):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -55,10 +59,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--baseline", help="a chunk_fwd.py (another commit's) whose state pass is timed beside ours")
+    ap.add_argument("--baseline-prep", help="a chunk_prep.py (another commit's) whose prep is timed beside ours")
+    ap.add_argument("--maxnreg", default="", help="register caps to time the prep at, e.g. 168,128")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dev = torch.device("cuda")
     base = _load(args.baseline) if args.baseline else None
+    base_prep = _load(args.baseline_prep, "chunk_prep_baseline") if args.baseline_prep else None
+    caps = [int(c) for c in args.maxnreg.split(",") if c]
     fla_chunk = _fla()
     T = args.T
     cu, co, cb = sequence_tables(1, T, None, dev)
@@ -85,6 +93,15 @@ def main() -> None:
         rec(f"{tag} prep", timing.median_ms(lambda: CP.chunk_prep(qn, kn, g, beta, cb, HV)))
         rec(f"{tag} prep, l2-norm fused", timing.median_ms(lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)))
         gc, t, m, vec = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
+        for cap in caps:
+            _, t_c, m_c, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap)
+            rec(f"{tag} prep, l2-norm fused, maxnreg {cap}", timing.median_ms(
+                lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap)),
+                diff=max(rel(t_c, t), rel(m_c, m)))
+        if base_prep is not None:
+            _, t_b, m_b, _ = base_prep.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
+            rec(f"{tag} prep, l2-norm fused, baseline", timing.median_ms(
+                lambda: base_prep.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)), diff=max(rel(t_b, t), rel(m_b, m)))
         o_ref, _, _ = CF.chunk_fwd(qn, kn, v, vec, t, m, None, cu, co, sc)
         rec(f"{tag} state pass", timing.median_ms(lambda: CF.chunk_fwd(qn, kn, v, vec, t, m, None, cu, co, sc)))
         o_f, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)
@@ -104,6 +121,8 @@ def main() -> None:
     meta = {"prep": _meta(CP.chunk_prep_kernel), "state pass": _meta(CF.chunk_fwd_kernel)}
     if base is not None:
         meta["state pass, baseline"] = _meta(base.chunk_fwd_kernel)
+    if base_prep is not None:
+        meta["prep, baseline"] = _meta(base_prep.chunk_prep_kernel)
     for name, variants in meta.items():
         print(name, variants)
     if args.json:

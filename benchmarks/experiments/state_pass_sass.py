@@ -1,4 +1,4 @@
-"""Compile the forward state pass for sm_90 without a GPU and count what its machine code does:
+"""Compile the forward state pass and the prep for sm_90 without a GPU and count what its machine code does:
 registers, shared memory, tensor-core products (HGMMA), asynchronous copies (LDGSTS: loads the
 compiler's pipelining staged) and plain global loads (LDG: loads a program waits on).
 
@@ -25,47 +25,68 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+from hybridlm.ops._checks import L2NORM_EPS
 from hybridlm.ops.triton import chunk_fwd as CF
+from hybridlm.ops.triton import chunk_prep as CP
 
 PATTERNS = dict(HGMMA="HGMMA", LDGSTS="LDGSTS", LDG=r"LDG\.", LDGDEPBAR="LDGDEPBAR", BAR=r" BAR\.", LDS=r" LDS")
 
 
-def compile_state_pass(norm: bool, out_dir: str | None = None) -> dict:
-    k = CF.chunk_fwd_kernel
-    sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", vec_ptr="*fp32", t_ptr="*bf16", m_ptr="*bf16",
-               h0_ptr="constexpr", o_ptr="*bf16", ht_ptr="*fp32", h_ptr="constexpr", cu="*i32",
-               chunk_offsets="*i32", scale="fp32")
-    const = dict(H=16, HV=32, K=128, V=128, BK=128, BV=32, HAS_H0=False, STORE_H=False, PREC="tf32", NORM=norm,
-                 h0_ptr=None, h_ptr=None)
-    for name in const:
-        sig[name] = "constexpr"
-    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
-    src = triton.compiler.ASTSource(fn=k, signature=sig, attrs=attrs,
-                                    constexprs={(k.arg_names.index(n),): v for n, v in const.items()})
+def compile_sm90(kernel, sig: dict, const: dict, num_warps: int, num_stages: int, name: str,
+                 out_dir: str | None = None) -> dict:
+    """Compile a Triton kernel for sm_90 (pointer arguments 16-byte aligned, as the GPU launcher
+    specialises them); write NAME.cubin and NAME.sass to out_dir; return the counts."""
+    sig = dict(sig)
+    for n in const:
+        sig[n] = "constexpr"
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
+                                    constexprs={(kernel.arg_names.index(n),): v for n, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=CF.state_pass_stages(torch.bfloat16)))
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     out_dir = out_dir or "/tmp"
-    cubin = os.path.join(out_dir, f"state_pass_norm{int(norm)}.cubin")
+    cubin = os.path.join(out_dir, f"{name}.cubin")
     with open(cubin, "wb") as f:
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
     sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
     with open(cubin.replace(".cubin", ".sass"), "w") as f:
         f.write(sass)
-    row = dict(norm=norm, registers=int(re.search(r"REG:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
-               instructions=len(re.findall(r"/\*[0-9a-f]{4}\*/", sass)))
-    row.update({name: len(re.findall(p, sass)) for name, p in PATTERNS.items()})
+    row = dict(name=name, registers=int(re.search(r"REG:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
+               instructions=len(re.findall(r"/\*[0-9a-f]{4}\*/", sass)),
+               stack=int(m.group(1)) if (m := re.search(r"STACK:(\d+)", usage)) else None)
+    row.update({n: len(re.findall(p, sass)) for n, p in PATTERNS.items()})
     return row
+
+
+def compile_state_pass(norm: bool, out_dir: str | None = None) -> dict:
+    sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", vec_ptr="*fp32", t_ptr="*bf16", m_ptr="*bf16",
+               h0_ptr="constexpr", o_ptr="*bf16", ht_ptr="*fp32", h_ptr="constexpr", cu="*i32",
+               chunk_offsets="*i32", scale="fp32")
+    const = dict(H=16, HV=32, K=128, V=128, BK=128, BV=32, HAS_H0=False, STORE_H=False, PREC="tf32", NORM=norm,
+                 h0_ptr=None, h_ptr=None)
+    return compile_sm90(CF.chunk_fwd_kernel, sig, const, 4, CF.state_pass_stages(torch.bfloat16),
+                        f"state_pass_norm{int(norm)}", out_dir)
+
+
+def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None) -> dict:
+    sig = dict(q_ptr="*bf16", k_ptr="*bf16", g_ptr="*fp32", beta_ptr="*fp32", gc_ptr="*fp32", t_ptr="*bf16",
+               m_ptr="*bf16", vec_ptr="*fp32", chunk_bounds="*i32")
+    const = dict(H=16, HV=32, K=128, BK=128, PREC="tf32", NORM=norm, EPS=L2NORM_EPS)
+    return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, f"prep_norm{int(norm)}_w{num_warps}", out_dir)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder for the cubin and SASS files (default /tmp)")
     args = ap.parse_args()
-    print(f"Triton {triton.__version__}, sm_90, Qwen3-Next heads, BV 32, 4 warps")
+    print(f"Triton {triton.__version__}, sm_90, Qwen3-Next heads; state pass BV 32, 4 warps")
     for norm in (False, True):
         print(compile_state_pass(norm, out_dir=args.out))
+    for norm in (False, True):
+        for warps in (4, 8):
+            print(compile_prep(norm, warps, out_dir=args.out))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,6 @@ def chunk_prep_kernel(
     tl.store(vec_ptr + p_vec + 1, b_beta)
 
     b_decay = causal_decay(b_gc)
-    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay
     if NORM:
         # the l2-norm as row scales of the products (q_n k_n^T = diag(rq) q k^T diag(rk)), in float32;
         # the state pass reads the scales, so normalised copies of q and k are never written
@@ -163,19 +162,25 @@ def chunk_prep_kernel(
         b_rk = tl.rsqrt(tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1) + EPS)
         tl.store(vec_ptr + p_vec + 2, tl.where(m_t, b_rq, 0.0))
         tl.store(vec_ptr + p_vec + 3, tl.where(m_t, b_rk, 0.0))
-        b_kk = b_kk * b_rk[:, None] * b_rk[None, :]
     else:
         tl.store(vec_ptr + p_vec + 2, tl.where(m_t, 1.0, 0.0))
         tl.store(vec_ptr + p_vec + 3, tl.where(m_t, 1.0, 0.0))
-    strict = o_c[:, None] > o_c[None, :]
-    b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
-    b_t = _inv_unit_lower64(b_a, PREC)
+    # M and K K^T first, so the q and k tiles are dead before the inverse's chain of products
+    # (held across it, they cost 64 registers a thread and a third of the programs per SM)
     p_cc = row_hv[:, None] * 64 + o_c[None, :]
-    tl.store(t_ptr + p_cc, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
     b_m = tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * b_decay
     if NORM:
         b_m = b_m * b_rq[:, None] * b_rk[None, :]
     tl.store(m_ptr + p_cc, b_m.to(m_ptr.dtype.element_ty), mask=m_t[:, None])
+    b_kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay
+    if NORM:
+        b_kk = b_kk * b_rk[:, None] * b_rk[None, :]
+    strict = o_c[:, None] > o_c[None, :]
+    b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
+    b_t = _inv_unit_lower64(b_a, PREC)
+    # the offsets formed again here rather than p_cc kept live across the chain
+    p_t = (row_hv * 64)[:, None] + o_c[None, :]
+    tl.store(t_ptr + p_t, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -185,7 +190,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
                chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4, l2norm: bool = False,
-               vec_chunks: int = 0):
+               vec_chunks: int = 0, maxnreg: int | None = None):
     """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
@@ -195,6 +200,9 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
         l2norm: treat q and k as l2-normalised over K (``_checks.l2norm``, float32): the products
             are scaled by the rows' inverse norms, which ``vec`` carries to the state pass.
         vec_chunks: allocate vec with this many chunk rows when more than NC (rows past NC unused).
+        maxnreg: cap on registers per thread (ptxas spills past it), for occupancy experiments: at
+            4 warps the kernel takes 177-182 registers on sm_90 (2 programs per multiprocessor);
+            168 fits 3 with 56 bytes of spills, 128 fits 4 with 184-224.
     Returns:
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
@@ -212,6 +220,6 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
     chunk_prep_kernel[(HV, NC)](
         q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, vec, chunk_bounds,
         H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
-        NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps,
+        NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return gc, t, m, vec
