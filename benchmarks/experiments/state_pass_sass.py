@@ -1,6 +1,7 @@
-"""Compile the forward state pass and the prep for sm_90 without a GPU and count what its machine code does:
-registers, shared memory, tensor-core products (HGMMA), asynchronous copies (LDGSTS: loads the
-compiler's pipelining staged) and plain global loads (LDG: loads a program waits on).
+"""Compile the forward state pass, the prep and the backward's chunk-local kernel for sm_90 without
+a GPU and count what their machine code does: registers, spill stack, shared memory, tensor-core
+products (HGMMA), asynchronous copies (LDGSTS: loads the compiler's pipelining staged) and plain
+global loads (LDG: loads a program waits on).
 
 Triton's code generation differs between versions, so use the device's (3.6), installed beside the
 CPU build (the wheel is ~180 MB; nothing else changes):
@@ -54,7 +55,7 @@ def compile_sm90(kernel, sig: dict, const: dict, num_warps: int, num_stages: int
     with open(cubin.replace(".cubin", ".sass"), "w") as f:
         f.write(sass)
     row = dict(name=name, registers=int(re.search(r"REG:(\d+)", usage).group(1)), shared=compiled.metadata.shared,
-               instructions=len(re.findall(r"/\*[0-9a-f]{4}\*/", sass)),
+               instructions=len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),  # addresses past 0xfff0 have 5 digits
                stack=int(m.group(1)) if (m := re.search(r"STACK:(\d+)", usage)) else None)
     row.update({n: len(re.findall(p, sass)) for n, p in PATTERNS.items()})
     return row
@@ -77,6 +78,18 @@ def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None) -> 
     return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, f"prep_norm{int(norm)}_w{num_warps}", out_dir)
 
 
+def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 2, out_dir: str | None = None) -> dict:
+    """The backward's chunk-local gradient kernel at one launch configuration."""
+    from hybridlm.ops.triton import chunk_bwd_local as L
+
+    sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", gc_ptr="*fp32", beta_ptr="*fp32", t_ptr="*bf16",
+               m_ptr="*bf16", do_ptr="*bf16", h_ptr="*fp32", dh_ptr="*fp32", dvn_ptr="*fp32", chunk_bounds="*i32",
+               dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*bf16", dg_ptr="*fp32", dbeta_ptr="*fp32", scale="fp32")
+    const = dict(H=16, HV=32, K=128, V=128, BK=128, BV=block_v, PREC="tf32")
+    return compile_sm90(L.chunk_bwd_local_kernel, sig, const, num_warps, num_stages,
+                        f"local_bv{block_v}_w{num_warps}_s{num_stages}", out_dir)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="folder for the cubin and SASS files (default /tmp)")
@@ -87,6 +100,7 @@ def main() -> None:
     for norm in (False, True):
         for warps in (4, 8):
             print(compile_prep(norm, warps, out_dir=args.out))
+    print(compile_local(out_dir=args.out))
 
 
 if __name__ == "__main__":
