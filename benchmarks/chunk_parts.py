@@ -32,7 +32,8 @@ SHAPES = {"qwen": (16, 32, 128), "h16": (16, 16, 128)}  # H, HV, d
 # heads, B 4, T 16k: (16, 4, 2) 9.25 ms, (16, 4, 3) 9.27, (16, 4, 1) 12.5, (16, 2, 2) 147.5 (spills).
 # Left out because they fault with an illegal memory access on Hopper with Triton 3.6: (16, 8, *)
 # (H100), (32, 4, 1) and (32, 8, 1) (H200); (64, 8, 1) and (32, 8, 2) never ran (the fault ends the process).
-LOCAL_CONFIGS = [(16, 4, 2), (16, 4, 1), (16, 4, 3)]
+# (..., True): the split path (two kernels, chunk_bwd_local(split=True)), not yet timed.
+LOCAL_CONFIGS = [(16, 4, 2, False), (16, 4, 1, False), (16, 4, 3, False), (16, 4, 2, True), (16, 4, 3, True)]
 
 
 def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
@@ -73,10 +74,10 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
     dq, dk = torch.randn(NTOK, HV, d, device=device), torch.randn(NTOK, HV, d, device=device)
     t("group sum + l2norm bwd (q, k)", lambda: (qk_grad(q, dq, True), qk_grad(k, dk, True)))
     ref = None
-    for bv, warps, stages in LOCAL_CONFIGS:
-        name = f"bwd local BV{bv} w{warps} s{stages}"
+    for bv, warps, stages, split in LOCAL_CONFIGS:
+        name = f"bwd local{' split' if split else ''} BV{bv} w{warps} s{stages}"
         got = chunk_bwd_local(qn, kn, v, gc, beta, tt, m, do, h, dh, dvn, chunk_bounds, scale,
-                              block_v=bv, num_warps=warps, num_stages=stages)
+                              block_v=bv, num_warps=warps, num_stages=stages, split=split)
         torch.cuda.synchronize()
         if ref is None:
             ref = got
@@ -86,9 +87,9 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
             print(f"  {key:18s} {name}: WRONG, rel diff {max(errs):.2e} vs the default", flush=True)
             dump()
             continue
-        t(name, lambda bv=bv, warps=warps, stages=stages: chunk_bwd_local(
+        t(name, lambda bv=bv, warps=warps, stages=stages, split=split: chunk_bwd_local(
             qn, kn, v, gc, beta, tt, m, do, h, dh, dvn, chunk_bounds, scale, block_v=bv, num_warps=warps,
-            num_stages=stages))
+            num_stages=stages, split=split))
     qs = torch.randn(B, HV, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     ks, vs = torch.randn_like(qs, requires_grad=True), torch.randn_like(qs, requires_grad=True)
     dos = torch.randn_like(qs)

@@ -78,16 +78,26 @@ def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None) -> 
     return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, f"prep_norm{int(norm)}_w{num_warps}", out_dir)
 
 
-def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 2, out_dir: str | None = None) -> dict:
-    """The backward's chunk-local gradient kernel at one launch configuration."""
+def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 2, split: bool = False,
+                  out_dir: str | None = None) -> list[dict]:
+    """The backward's chunk-local gradient kernel at one launch configuration (with ``split``: its
+    [C, C] part and the dq/dk kernel)."""
     from hybridlm.ops.triton import chunk_bwd_local as L
 
     sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", gc_ptr="*fp32", beta_ptr="*fp32", t_ptr="*bf16",
                m_ptr="*bf16", do_ptr="*bf16", h_ptr="*fp32", dh_ptr="*fp32", dvn_ptr="*fp32", chunk_bounds="*i32",
-               dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*bf16", dg_ptr="*fp32", dbeta_ptr="*fp32", scale="fp32")
+               dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*bf16", dg_ptr="*fp32", dbeta_ptr="*fp32",
+               dkk_ptr="*bf16", dqk_ptr="*bf16", scale="fp32")
     const = dict(H=16, HV=32, K=128, V=128, BK=128, BV=block_v, PREC="tf32")
-    return compile_sm90(L.chunk_bwd_local_kernel, sig, const, num_warps, num_stages,
-                        f"local_bv{block_v}_w{num_warps}_s{num_stages}", out_dir)
+    tag = f"bv{block_v}_w{num_warps}_s{num_stages}"
+    first = L.chunk_bwd_local_cc_kernel if split else L.chunk_bwd_local_kernel
+    rows = [compile_sm90(first, {n: sig[n] for n in first.arg_names if n in sig}, const, num_warps, num_stages,
+                         f"local{'_cc' if split else ''}_{tag}", out_dir)]
+    if split:
+        sig_kq = {n: sig[n] for n in L.chunk_bwd_local_kq_kernel.arg_names if n in sig}
+        rows.append(compile_sm90(L.chunk_bwd_local_kq_kernel, sig_kq, const, num_warps, num_stages,
+                                 f"local_kq_{tag}", out_dir))
+    return rows
 
 
 def main() -> None:
@@ -100,7 +110,9 @@ def main() -> None:
     for norm in (False, True):
         for warps in (4, 8):
             print(compile_prep(norm, warps, out_dir=args.out))
-    print(compile_local(out_dir=args.out))
+    for split in (False, True):
+        for row in compile_local(split=split, out_dir=args.out):
+            print(row)
 
 
 if __name__ == "__main__":
