@@ -3,8 +3,8 @@ the prep and the state pass with the norm separate and fused, the op's forward a
 (when importable), for beta in float32 (what the model layers pass) and in bfloat16. With
 ``--baseline FILE`` (a ``chunk_fwd.py`` of another commit whose state pass takes token-major gc and
 beta, as d076bcf's does) its state pass is timed beside ours; with ``--baseline-prep FILE`` (another
-commit's ``chunk_prep.py``) its prep is timed beside ours, and ``--maxnreg 168,128`` times our prep
-with those register caps.
+commit's ``chunk_prep.py``) its prep is timed beside ours, ``--maxnreg 168,128`` times our prep
+with those register caps and ``--state-configs 16:2,32:2`` the state pass at those (BV, stages).
 
     git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
     python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
@@ -61,12 +61,15 @@ def main() -> None:
     ap.add_argument("--baseline", help="a chunk_fwd.py (another commit's) whose state pass is timed beside ours")
     ap.add_argument("--baseline-prep", help="a chunk_prep.py (another commit's) whose prep is timed beside ours")
     ap.add_argument("--maxnreg", default="", help="register caps to time the prep at, e.g. 168,128")
+    ap.add_argument("--state-configs", default="",
+                    help="state-pass launches to time beside the default, BV:stages, e.g. 16:2,32:2")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dev = torch.device("cuda")
     base = _load(args.baseline) if args.baseline else None
     base_prep = _load(args.baseline_prep, "chunk_prep_baseline") if args.baseline_prep else None
     caps = [int(c) for c in args.maxnreg.split(",") if c]
+    state_configs = [tuple(int(x) for x in c.split(":")) for c in args.state_configs.split(",") if c]
     fla_chunk = _fla()
     T = args.T
     cu, co, cb = sequence_tables(1, T, None, dev)
@@ -107,6 +110,11 @@ def main() -> None:
         o_f, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)
         rec(f"{tag} state pass, l2-norm fused", timing.median_ms(
             lambda: CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)), diff=rel(o_f, o_ref))
+        for bv, stages in state_configs:
+            o_c, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True, block_v=bv, num_stages=stages)
+            rec(f"{tag} state pass, l2-norm fused, BV {bv}, {stages} stages", timing.median_ms(
+                lambda: CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True, block_v=bv,
+                                     num_stages=stages)), diff=rel(o_c, o_f))
         if base is not None:
             o_b, _, _ = base.chunk_fwd(qn, kn, v, gc, beta, t, m, None, cu, co, sc)
             rec(f"{tag} state pass, baseline", timing.median_ms(

@@ -4,7 +4,8 @@
 #   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART
 # (the device tool: PYTHONPATH=src, and for `prep` BASE_PREP=<0e55bd0's chunk_prep.py> carried along)
 # Parts:
-#   prep      the reordered prep (42db7de) against 0e55bd0's, and with register caps 168 / 128
+#   prep      the reordered prep (42db7de) against 0e55bd0's, and with register caps 168 / 128;
+#             the state pass at 2 stages (two programs per multiprocessor) with BV 16 and 32
 #             (forward_ab.py; also times the op forward and fla 0.6.0's when importable)
 #   local     the chunk-local backward split (77da1d3) beside the one kernel (chunk_parts.py,
 #             Qwen3-Next heads, B 4, T 16k; each launch checked against the default first)
@@ -22,7 +23,7 @@ case $part in
         base=${BASE_PREP:-$out/chunk_prep_0e55bd0.py}
         [[ -s $base ]] || git show 0e55bd0:src/hybridlm/ops/triton/chunk_prep.py > "$base"
         python3 benchmarks/experiments/forward_ab.py --baseline-prep "$base" \
-            --maxnreg 168,128 --json "$out/forward_ab.json" 2>&1 | tee "$out/forward_ab.log"
+            --maxnreg 168,128 --state-configs 16:2,32:2 --json "$out/forward_ab.json" 2>&1 | tee "$out/forward_ab.log"
         ;;
     local)
         python3 benchmarks/chunk_parts.py --shapes qwen --json "$out/chunk_parts.json" 2>&1 | tee "$out/chunk_parts.log"

@@ -173,7 +173,8 @@ def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) 
 
 
 def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float,
-              store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4, l2norm: bool = False):
+              store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4, l2norm: bool = False,
+              num_stages: int | None = None):
     """Run the state pass over every sequence.
 
     Args:
@@ -184,6 +185,10 @@ def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float
         initial_state: float32 [N, HV, K, V] or None. cu, chunk_offsets: int32 [N + 1].
         store_chunks: NC, the total chunk count, to also return the state entering every chunk,
             float32 [NC, HV, K, V] (for backward); 0 to skip it.
+        block_v, num_warps, num_stages: launch overrides (defaults: ``pick_block_v``, 4,
+            ``state_pass_stages``). Offline sm_90 compiles (Triton 3.6, bf16, Qwen3-Next heads): 3 stages
+            take 158-166 KB of shared memory (one program per multiprocessor); 2 stages 105 KB at BV 16
+            and 112 KB at BV 32, so two programs share a multiprocessor.
     Returns:
         o [NTOK, HV, V] in v's dtype, final state float32 [N, HV, K, V], chunk states or None.
     """
@@ -200,6 +205,6 @@ def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float
         q, k, v, vec, t, m, initial_state, o, ht, h, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
         HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype), NORM=l2norm,
-        num_warps=num_warps, num_stages=state_pass_stages(q.dtype),
+        num_warps=num_warps, num_stages=num_stages or state_pass_stages(q.dtype),
     )
     return o, ht, h
