@@ -319,3 +319,25 @@ def test_odd_widths_stack_with_zero_rows_to_a_multiple_of_8():
         got = mlp(x.double())
     assert mlp.__dict__["_packed_gate_proj_up_proj"].shape == (32, 16)
     torch.testing.assert_close(got, want.double().detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_moe_pack_is_dropped_when_an_expert_or_its_weight_is_replaced():
+    """The per-call check of the experts' stacks (read through the module dicts, for speed) sees a
+    replaced weight, a replaced expert and an expert added since packing."""
+    torch.manual_seed(0)
+    cfg = HybridConfig(num_experts=4, num_experts_per_tok=2)
+    moe = MoE(cfg)
+    x = torch.randn(2, 9, cfg.hidden_size)
+    moe.pack_for_inference()
+    assert moe._live_pack() is not None
+    with torch.no_grad():
+        moe.experts[2].up_proj.weight = nn.Parameter(moe.experts[2].up_proj.weight * 2)
+        assert moe._live_pack() is None
+        want = moe(x)  # the expert loop, on the new weight
+        moe.pack_for_inference()
+        torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-6)  # stacked again, grouped
+    moe.experts[1] = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size, pack=False)
+    assert moe._live_pack() is None
+    moe.pack_for_inference()
+    moe.experts.append(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size, pack=False))
+    assert moe._live_pack() is None

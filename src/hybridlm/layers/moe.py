@@ -235,10 +235,19 @@ class MoE(PacksWeights):
         pack = getattr(self, "_pack", None)
         if pack is None or torch.compiler.is_compiling():
             return pack  # traced code cannot compare storage pointers; the decoder packed before compiling
-        for e, ex in enumerate(self.experts):
-            ws = [getattr(getattr(ex, n, None), "weight", None) for n in ("gate_proj", "up_proj", "down_proj")]
-            if not all(isinstance(w, torch.Tensor) and w.data_ptr() == p[e].data_ptr() for w, p in zip(ws, pack)):
-                return None
+        # Runs on every prefill call, so it reads the module and parameter dicts directly: through
+        # nn.Module.__getattr__ and a view per expert it took ~0.7 ms for 32 experts (CPU), a sizeable
+        # part of a host-bound GPU prefill (48 layers x 2 chunks at 4k).
+        experts = self.experts._modules
+        if len(experts) != pack[0].shape[0]:
+            return None
+        rows = [(p.data_ptr(), p.stride(0) * p.element_size()) for p in pack]
+        for e, ex in enumerate(experts.values()):
+            for (base, step), name in zip(rows, ("gate_proj", "up_proj", "down_proj")):
+                proj = getattr(ex, "_modules", {}).get(name)
+                w = None if proj is None else proj._parameters.get("weight")
+                if w is None or w.data_ptr() != base + e * step:
+                    return None
         return pack
 
     def pack_for_inference(self) -> None:

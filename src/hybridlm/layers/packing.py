@@ -173,11 +173,13 @@ def _packable(layers: list[nn.Module]) -> bool:
 
 
 def _views_of(pack: torch.Tensor, layers: list[nn.Module]) -> bool:
+    # row addresses by arithmetic: indexing pack[row] makes a view per layer, on every call
+    base, step = pack.data_ptr(), pack.stride(0) * pack.element_size()
     row = 0
     for m in layers:
         w = getattr(m, "weight", None)
         if (not isinstance(w, torch.Tensor) or row >= pack.shape[0] or w.dtype != pack.dtype
-                or w.device != pack.device or w.data_ptr() != pack[row].data_ptr()):
+                or w.device != pack.device or w.data_ptr() != base + row * step):
             return False
         row += m.out_features
     return _padded(row) == pack.shape[0]
