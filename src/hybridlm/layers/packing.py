@@ -139,7 +139,10 @@ def pack_groups(owner: nn.Module, groups: tuple[tuple[str, ...], ...]) -> torch.
 
 
 def _layer(owner: nn.Module, name: str) -> nn.Module | None:
-    """``owner.<name>``, where name may be a dotted path into a child (``shared_expert.up_proj``)."""
+    """``owner.<name>``, where name may be a dotted path into a child (``shared_expert.up_proj``).
+    A plain name is read from the module dict: this runs several times per layer call."""
+    if "." not in name:
+        return owner._modules.get(name)
     try:
         return owner.get_submodule(name)
     except AttributeError:
