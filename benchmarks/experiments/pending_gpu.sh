@@ -9,9 +9,10 @@
 #             (forward_ab.py; also times the op forward and fla 0.6.0's when importable)
 #   local     the chunk-local backward split (77da1d3) beside the one kernel (chunk_parts.py,
 #             Qwen3-Next heads, B 4, T 16k; each launch checked against the default first)
-#   prefill   TTFT at 4k and 32k with the padded MoE stack (e70df42) and the gather combine
-#             (c4b993c), and the 4-layer prefill trace
-#   tests     the chunked op's GPU tests, bf16 and packed (about 4 minutes)
+#   prefill   TTFT at 4k and 32k with the padded MoE stack (e70df42), the gather combine
+#             (c4b993c), the cheaper pack checks (316322f) and the Triton RMSNorm, and the
+#             4-layer prefill trace
+#   tests     the Triton RMSNorm's and the chunked op's GPU tests, bf16 and packed (about 4 minutes)
 set -euo pipefail
 out=${1:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
 part=${2:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
@@ -36,8 +37,9 @@ case $part in
             --batch 1 --json "$out/trace.json" 2>&1 | grep -A12 "prefill of" | tee "$out/trace.txt"
         ;;
     tests)
-        python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \
-            -k "bfloat16 or compiles or packed or split" 2>&1 | tail -5 | tee "$out/tests.txt"
+        python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_norm.py \
+            tests/ops/test_triton_chunk.py -k "bfloat16 or compiles or packed or split or norm" 2>&1 | tail -5 \
+            | tee "$out/tests.txt"
         ;;
     *)
         echo "PART: unknown '$part' (expected prep, local, prefill, tests)" >&2

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from hybridlm.ops._checks import load_kernel
+
 
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w over the last dimension.
@@ -39,7 +41,16 @@ class RMSNorm(nn.Module):
             self.weight.fill_(0.0 if self.zero_centered else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim], any float dtype -> [..., dim] in x's dtype."""
+        """x: [..., dim], any float dtype -> [..., dim] in x's dtype.
+
+        On CUDA, with no gradient needed and outside torch.compile (which fuses these ops itself),
+        one Triton pass (``ops.triton.rms_norm_rows``, same float32 arithmetic) replaces the ~ten
+        kernels below."""
+        if x.is_cuda and not torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            kernel = load_kernel("rms_norm_rows", "auto", x)
+            if kernel is not None:
+                return kernel(x, self.weight, self.eps, self.zero_centered)
         ct = torch.promote_types(x.dtype, torch.float32)
         x32 = x.to(ct)
         x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -1,0 +1,77 @@
+"""Triton RMSNorm (inference path of layers.norms.RMSNorm on CUDA) vs the layer's PyTorch ops.
+
+Without CUDA the kernel runs under Triton's interpreter in float32; on a GPU the same tests add
+bfloat16 and float16, and check that the layer dispatches to the kernel."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first triton import of the session
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from hybridlm.layers.norms import RMSNorm  # noqa: E402
+from hybridlm.ops.triton.norm import rms_norm_rows  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+
+
+def reference(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """The layer's PyTorch ops (grad mode on, so the layer never takes the kernel)."""
+    with torch.enable_grad():
+        w = norm.weight.detach().requires_grad_()
+        ref = RMSNorm(x.shape[-1], norm.eps, norm.zero_centered).to(x.device)
+        ref.weight = torch.nn.Parameter(w)
+        return ref(x).detach()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (3, 7, 48), (2, 5, 130), (37, 2048)], ids=str)
+def test_kernel_equals_the_layer(shape, zero_centered, dtype, monkeypatch):
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    norm = RMSNorm(shape[-1], eps=1e-6, zero_centered=zero_centered).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5)
+    got = rms_norm_rows(x, norm.weight, norm.eps, zero_centered)
+    want = reference(norm, x)
+    assert got.dtype == x.dtype and not got.isnan().any()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_non_contiguous_rows_and_bad_weight():
+    x = torch.randn(6, 40, device=DEVICE)[:, :32]  # rows 40 apart
+    w = torch.randn(32, device=DEVICE)
+    norm = RMSNorm(32).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    torch.testing.assert_close(rms_norm_rows(x, w, 1e-6), reference(norm, x.contiguous()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm_rows(x, torch.ones(31, device=DEVICE), 1e-6)
+    with pytest.raises(TypeError, match="x must be"):
+        rms_norm_rows(x.double(), w, 1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="the layer dispatches to the kernel on CUDA tensors only")
+def test_layer_uses_the_kernel_without_gradients(monkeypatch):
+    from hybridlm.ops import triton as kernels
+
+    calls = []
+    real = kernels.rms_norm_rows
+    monkeypatch.setattr(kernels, "rms_norm_rows", lambda *a: calls.append(1) or real(*a))
+    norm = RMSNorm(64, zero_centered=True).cuda()
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = norm(x)
+    assert calls and y.dtype == torch.bfloat16
+    norm(x.float().requires_grad_())  # a gradient needed: the PyTorch ops, which autograd goes through
+    assert len(calls) == 1
