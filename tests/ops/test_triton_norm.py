@@ -13,7 +13,7 @@ if not torch.cuda.is_available():  # must precede the first triton import of the
 
 triton = pytest.importorskip("triton")
 
-from hybridlm.layers.norms import RMSNorm  # noqa: E402
+from hybridlm.layers.norms import GatedRMSNorm, RMSNorm  # noqa: E402
 from hybridlm.ops.triton.norm import rms_norm_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -48,6 +48,31 @@ def test_kernel_equals_the_layer(shape, zero_centered, dtype, monkeypatch):
     torch.testing.assert_close(got, want, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("gate", ["silu", "sigmoid"])
+def test_gated_kernel_equals_the_gated_layer(gate, dtype, monkeypatch):
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(1)
+    o = (torch.randn(2, 9, 3, 48, generator=gen) * 2).to(DEVICE, dtype)
+    z = (torch.randn(2, 9, 3, 48, generator=gen) * 3).to(DEVICE, dtype)
+    norm = GatedRMSNorm(48, gate=gate).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen))
+    with torch.enable_grad():  # the layer's PyTorch ops
+        want = norm(o.requires_grad_(), z).detach()
+    got = rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z, gate=gate)
+    assert got.dtype == o.dtype and not got.isnan().any()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(ValueError, match="z and gate go together"):
+        rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z)
+    with pytest.raises(ValueError, match="z must have x's shape"):
+        rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z[:, :4], gate=gate)
+    with pytest.raises(ValueError, match="gate must be"):
+        rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z, gate="relu")
+
+
 def test_non_contiguous_rows_and_bad_weight():
     x = torch.randn(6, 40, device=DEVICE)[:, :32]  # rows 40 apart
     w = torch.randn(32, device=DEVICE)
@@ -75,3 +100,7 @@ def test_layer_uses_the_kernel_without_gradients(monkeypatch):
     assert calls and y.dtype == torch.bfloat16
     norm(x.float().requires_grad_())  # a gradient needed: the PyTorch ops, which autograd goes through
     assert len(calls) == 1
+    gated = GatedRMSNorm(64).cuda()
+    with torch.no_grad():
+        gated(x, x)
+    assert len(calls) == 2

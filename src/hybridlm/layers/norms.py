@@ -13,6 +13,16 @@ import torch.nn.functional as F
 from hybridlm.ops._checks import load_kernel
 
 
+def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = None):
+    """``ops.triton.rms_norm_rows`` for CUDA tensors when no gradient is needed and torch.compile is
+    not tracing (it fuses the PyTorch ops itself), else None."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (z is not None and z.requires_grad)):
+        return None
+    return load_kernel("rms_norm_rows", "auto", x)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * w over the last dimension.
 
@@ -46,11 +56,9 @@ class RMSNorm(nn.Module):
         On CUDA, with no gradient needed and outside torch.compile (which fuses these ops itself),
         one Triton pass (``ops.triton.rms_norm_rows``, same float32 arithmetic) replaces the ~ten
         kernels below."""
-        if x.is_cuda and not torch.compiler.is_compiling() and not (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            kernel = load_kernel("rms_norm_rows", "auto", x)
-            if kernel is not None:
-                return kernel(x, self.weight, self.eps, self.zero_centered)
+        kernel = _inference_kernel(x, self.weight)
+        if kernel is not None:
+            return kernel(x, self.weight, self.eps, self.zero_centered)
         ct = torch.promote_types(x.dtype, torch.float32)
         x32 = x.to(ct)
         x_hat = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -83,7 +91,11 @@ class GatedRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype."""
+        """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype.
+        On CUDA without gradients (and outside torch.compile): one Triton pass, as RMSNorm."""
+        kernel = _inference_kernel(o, self.weight, z)
+        if kernel is not None:
+            return kernel(o, self.weight, self.eps, z=z, gate="silu" if self.gate is F.silu else "sigmoid")
         ct = torch.promote_types(o.dtype, torch.float32)
         o32 = o.to(ct)
         o_hat = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.eps)

@@ -1,4 +1,5 @@
-"""RMSNorm as one Triton pass over the rows (inference on the GPU).
+"""RMSNorm (and the gated RMSNorm of Gated DeltaNet's output) as one Triton pass over the rows
+(inference on the GPU).
 
 ``layers.norms.RMSNorm`` computes in float32 as y = (x * rsqrt(mean(x^2) + eps)) * w (w + 1 when
 zero-centred) and rounds once to x's dtype: about ten PyTorch kernels (cast, square, mean, add,
@@ -17,8 +18,8 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, D, eps, BD: tl.constexpr, BR: tl.constexpr,
-                    ZERO_CENTERED: tl.constexpr):
+def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, n_rows, D, eps, BD: tl.constexpr, BR: tl.constexpr,
+                    ZERO_CENTERED: tl.constexpr, GATE: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -30,31 +31,48 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, D, eps, BD: tl.constexpr, BR: t
     if ZERO_CENTERED:
         w = 1.0 + w
     y = (x * r[:, None]) * w[None, :]
+    if GATE != 0:  # 1: y * silu(z) (Gated DeltaNet's output gate), 2: y * sigmoid(z) (Kimi's)
+        z = tl.load(z_ptr + p, mask=m, other=0.0).to(tl.float32)
+        y = y * (z * tl.sigmoid(z) if GATE == 1 else tl.sigmoid(z))
     tl.store(y_ptr + p, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+_GATES = {None: 0, "silu": 1, "sigmoid": 2}
+
+
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False,
+                  z: torch.Tensor | None = None, gate: str | None = None) -> torch.Tensor:
     """RMSNorm of x's rows (last dimension D) by ``weight`` [D], computed in float32, in x's dtype.
 
     Args:
         x: [..., D] float32, bfloat16 or float16 (made contiguous if it is not).
         weight: [D], any float dtype; with ``zero_centered`` the scale is 1 + weight.
         eps: added to the mean of squares.
+        z, gate: the gated norm (``layers.norms.GatedRMSNorm``): the result times silu(z) or
+            sigmoid(z), z of x's shape, any float dtype.
     Returns:
-        a new [..., D] tensor in x's dtype. No gradient: the layer runs this only when none is needed.
+        a new [..., D] tensor in x's dtype. No gradient: the layers run this only when none is needed.
     """
     D = x.shape[-1]
     if weight.shape != (D,):
         raise ValueError(f"weight must have shape ({D},) to match x's last dimension, got {tuple(weight.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be float32, bfloat16 or float16 for the Triton kernel, got {x.dtype}")
+    if gate not in _GATES:
+        raise ValueError(f"gate must be 'silu', 'sigmoid' or None, got {gate!r}")
+    if (z is None) != (gate is None):
+        raise ValueError("z and gate go together: give both for the gated norm, or neither")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     x = x.contiguous()
+    z = x if z is None else z.contiguous()  # not read without a gate
     y = torch.empty_like(x)
     n_rows = x.numel() // D if D else 0
     if n_rows == 0:
         return y
     BD = max(16, triton.next_power_of_2(D))
     BR = max(1, min(16, 4096 // BD))  # rows per program: ~4k elements, so wide rows do not spill
-    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight.contiguous(), y, n_rows, D, float(eps), BD=BD, BR=BR,
-                                                ZERO_CENTERED=zero_centered, num_warps=4 if BD <= 1024 else 8)
+    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight.contiguous(), z, y, n_rows, D, float(eps), BD=BD, BR=BR,
+                                                ZERO_CENTERED=zero_centered, GATE=_GATES[gate],
+                                                num_warps=4 if BD <= 1024 else 8)
     return y
