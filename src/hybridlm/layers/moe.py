@@ -70,13 +70,14 @@ def _grouped_mm():
 
 
 def grouped_mm_runs(x: torch.Tensor) -> bool:
-    """Whether ``grouped_experts`` can run on x: torch's grouped product takes bfloat16 on Hopper
-    and Blackwell GPUs, and float32 or bfloat16 on the CPU (a loop inside torch there: it is used so
-    that the same code path is tested without a GPU)."""
+    """Whether ``grouped_experts`` runs on x: bfloat16 on Hopper GPUs (where it was checked against
+    the expert loop, H200 with torch 2.11), and float32 or bfloat16 on the CPU (a loop inside torch
+    there: it is used so that the same code path is tested without a GPU). Elsewhere the experts run
+    one by one."""
     if _grouped_mm() is None:
         return False
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] == 9
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
 
 
