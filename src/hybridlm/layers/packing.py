@@ -9,9 +9,10 @@ over the stacked weight reads at once.
 Packing is explicit: ``pack_weights(owner, names)`` (a layer's ``pack_for_inference()``;
 ``StaticDecoder`` calls it on every layer) stacks the bias-free ``nn.Linear`` layers ``owner.<name>``
 (a name may be a dotted path into a child) into one [sum out, in] tensor (with zero rows up to a
-multiple of 8, for aligned products) and turns each layer's weight into a view of its rows, assigned to the same ``Parameter`` through ``.data``. So an
-optimizer holding the parameters still updates them, no weight is kept twice, and ``state_dict``
-and checkpoints see the same names and values.
+multiple of 8, for aligned products) and turns each layer's weight into a view of its rows,
+assigned to the same ``Parameter`` through ``.data``. So an optimizer holding the parameters still
+updates them, no weight is kept twice, and ``state_dict`` and checkpoints see the same names and
+values.
 
 ``packed_linears(owner, groups, x)`` then runs one product when a pack exists and no gradient is
 needed, restacking first if something replaced a weight (loading into new tensors); otherwise it
@@ -126,8 +127,8 @@ def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | Non
         w0 = layers[0].weight
         pad = [w0.new_zeros(_padded(rows) - rows, w0.shape[1])] if _padded(rows) > rows else []
         pack = torch.cat([m.weight for m in layers] + pad)
-    for m, rows in zip(layers, pack[:rows].split([m.out_features for m in layers])):
-        m.weight.data = rows  # same Parameter object, now a view of the stack's rows
+    for m, view in zip(layers, pack[:rows].split([m.out_features for m in layers])):
+        m.weight.data = view  # same Parameter object, now a view of the stack's rows
     owner.__dict__[attr] = pack
     owner.__dict__.setdefault(_NAMES, {})[attr] = names
     return pack

@@ -267,12 +267,13 @@ def chunk_bwd_local_kq_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq and dk of one (chunk, value head) after ``chunk_bwd_local_kernel`` with SPLIT: the value
-    blocks' K S, V_new and dX formed again (three small products per block), so neither kernel
-    holds all four accumulators."""
+    """dq and dk of one (chunk, value head) after ``chunk_bwd_local_cc_kernel``: the value blocks'
+    K S, V_new and dX formed again (three small products per block), so neither kernel holds all
+    four accumulators."""
     i_hv = tl.program_id(0)
     i_c = tl.program_id(1)
     DT = q_ptr.dtype.element_ty
+    # no M here: t_ptr stands in for m_ptr, and the unused load is dropped by the compiler
     o_t, m_t, o_k, m_qk, row_hv, p_cc, b_q, b_k, b_gl, b_gc, b_beta, b_t, _ = _chunk_rows(
         q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, t_ptr, chunk_bounds, i_c, i_hv, H, HV, K, BK)
     b_gamma = tl.exp(b_gc)
@@ -306,7 +307,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     Triton 3.6, spills 1,144 bytes a thread at 255 registers. The first of the two keeps the [C, C]
     ones and stores dP * G and dM * G in q's dtype (the one kernel rounds them so before its last
     products); the second forms each value block's K S, V_new and dX again and keeps dq and dk.
-    Offline: 112 and 0 bytes of spills. Not yet timed on a GPU, so not the default.
+    Offline: 96 and 0 bytes of spills. Not yet timed on a GPU, so not the default.
 
     Args:
         q, k: [NTOK, H, K]; v, do: [NTOK, HV, V] (one dtype); gc, beta: [NTOK, HV];
@@ -326,8 +327,8 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     dv = torch.empty_like(v)
     dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
     dbeta = torch.empty_like(dg)
+    BK, BV = max(16, triton.next_power_of_2(K)), min(block_v, max(16, triton.next_power_of_2(V)))
     if split:
-        BK, BV = max(16, triton.next_power_of_2(K)), min(block_v, max(16, triton.next_power_of_2(V)))
         dkk, dqk = torch.empty_like(t), torch.empty_like(t)
         launch = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype), num_warps=num_warps,
                       num_stages=num_stages)
@@ -338,8 +339,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
         return dq, dk, dv, dg, dbeta
     chunk_bwd_local_kernel[(HV, NC)](
         q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
-        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
-        BV=min(block_v, max(16, triton.next_power_of_2(V))), PREC=dot_precision(q.dtype),
+        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype),
         # BV 16, 4 warps: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages (H100);
         # 2 stages: 10.3 ms against 13.6 for 1 stage at B 4, T 16k, Hqk 16, Hv 32 (H200). BV 16 with
         # 8 warps and BV 32 with 4 or 8 warps faulted (illegal address) on Hopper with Triton 3.6: avoid them

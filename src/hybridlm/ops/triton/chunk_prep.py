@@ -178,9 +178,7 @@ def chunk_prep_kernel(
     strict = o_c[:, None] > o_c[None, :]
     b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
     b_t = _inv_unit_lower64(b_a, PREC)
-    # the offsets formed again here rather than p_cc kept live across the chain
-    p_t = (row_hv * 64)[:, None] + o_c[None, :]
-    tl.store(t_ptr + p_t, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
+    tl.store(t_ptr + p_cc, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
