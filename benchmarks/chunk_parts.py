@@ -29,11 +29,10 @@ from hybridlm.ops.triton.chunk_prep import chunk_prep, l2norm_rows, qk_grad
 
 SHAPES = {"qwen": (16, 32, 128), "h16": (16, 16, 128)}  # H, HV, d
 # (block_v, num_warps, num_stages); the first is the default. Measured on an H200 (Triton 3.6), Qwen3-Next
-# heads, B 4, T 16k: (16, 4, 2) 9.25 ms, (16, 4, 3) 9.27, (16, 4, 1) 12.5, (16, 2, 2) 147.5 (spills).
-# Left out because they fault with an illegal memory access on Hopper with Triton 3.6: (16, 8, *)
-# (H100), (32, 4, 1) and (32, 8, 1) (H200); (64, 8, 1) and (32, 8, 2) never ran (the fault ends the process).
-# (..., True): the split path (two kernels, chunk_bwd_local(split=True)), not yet timed.
-LOCAL_CONFIGS = [(16, 4, 2, False), (16, 4, 1, False), (16, 4, 3, False), (16, 4, 2, True), (16, 4, 3, True)]
+# heads, B 4, T 16k, two kernels: (16, 4, 3) 6.70 ms, (16, 4, 2) 7.71 (the former one kernel: 9.22 at 3
+# stages, 9.25 at 2, 12.5 at 1). The one kernel faulted with an illegal memory access on Hopper with
+# Triton 3.6 at (16, 8, *), (32, 4, 1) and (32, 8, 1): not timed here.
+LOCAL_CONFIGS = [(16, 4, 3), (16, 4, 2)]
 
 
 def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
@@ -74,10 +73,10 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
     dq, dk = torch.randn(NTOK, HV, d, device=device), torch.randn(NTOK, HV, d, device=device)
     t("group sum + l2norm bwd (q, k)", lambda: (qk_grad(q, dq, True), qk_grad(k, dk, True)))
     ref = None
-    for bv, warps, stages, split in LOCAL_CONFIGS:
-        name = f"bwd local{' split' if split else ''} BV{bv} w{warps} s{stages}"
+    for bv, warps, stages in LOCAL_CONFIGS:
+        name = f"bwd local BV{bv} w{warps} s{stages}"
         got = chunk_bwd_local(qn, kn, v, gc, beta, tt, m, do, h, dh, dvn, chunk_bounds, scale,
-                              block_v=bv, num_warps=warps, num_stages=stages, split=split)
+                              block_v=bv, num_warps=warps, num_stages=stages)
         torch.cuda.synchronize()
         if ref is None:
             ref = got
@@ -87,9 +86,9 @@ def parts(B, T, H, HV, d, device, out: dict, dump) -> None:
             print(f"  {key:18s} {name}: WRONG, rel diff {max(errs):.2e} vs the default", flush=True)
             dump()
             continue
-        t(name, lambda bv=bv, warps=warps, stages=stages, split=split: chunk_bwd_local(
+        t(name, lambda bv=bv, warps=warps, stages=stages: chunk_bwd_local(
             qn, kn, v, gc, beta, tt, m, do, h, dh, dvn, chunk_bounds, scale, block_v=bv, num_warps=warps,
-            num_stages=stages, split=split))
+            num_stages=stages))
     qs = torch.randn(B, HV, T, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     ks, vs = torch.randn_like(qs, requires_grad=True), torch.randn_like(qs, requires_grad=True)
     dos = torch.randn_like(qs)

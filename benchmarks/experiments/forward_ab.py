@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=32768)
     ap.add_argument("--baseline", help="a chunk_fwd.py (another commit's) whose state pass is timed beside ours")
     ap.add_argument("--baseline-prep", help="a chunk_prep.py (another commit's) whose prep is timed beside ours")
-    ap.add_argument("--maxnreg", default="", help="register caps to time the prep at, e.g. 168,128")
+    ap.add_argument("--maxnreg", default="", help="register caps to time the prep at, e.g. 168,128 "
+                    "('none': uncapped; the default prep is capped on Hopper)")
     ap.add_argument("--state-configs", default="",
                     help="state-pass launches to time beside the default, BV:stages, e.g. 16:2,32:2")
     ap.add_argument("--json", help="write the rows here")
@@ -68,7 +69,7 @@ def main() -> None:
     dev = torch.device("cuda")
     base = _load(args.baseline) if args.baseline else None
     base_prep = _load(args.baseline_prep, "chunk_prep_baseline") if args.baseline_prep else None
-    caps = [int(c) for c in args.maxnreg.split(",") if c]
+    caps = [None if c == "none" else int(c) for c in args.maxnreg.split(",") if c]
     state_configs = [tuple(int(x) for x in c.split(":")) for c in args.state_configs.split(",") if c]
     fla_chunk = _fla()
     T = args.T

@@ -78,10 +78,10 @@ def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None) -> 
     return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, f"prep_norm{int(norm)}_w{num_warps}", out_dir)
 
 
-def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 2, split: bool = False,
+def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 3,
                   out_dir: str | None = None) -> list[dict]:
-    """The backward's chunk-local gradient kernel at one launch configuration (with ``split``: its
-    [C, C] part and the dq/dk kernel)."""
+    """The backward's two chunk-local gradient kernels (the [C, C] part, then dq/dk) at one launch
+    configuration."""
     from hybridlm.ops.triton import chunk_bwd_local as L
 
     sig = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", gc_ptr="*fp32", beta_ptr="*fp32", t_ptr="*bf16",
@@ -90,14 +90,9 @@ def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 2, sp
                dkk_ptr="*bf16", dqk_ptr="*bf16", scale="fp32")
     const = dict(H=16, HV=32, K=128, V=128, BK=128, BV=block_v, PREC="tf32")
     tag = f"bv{block_v}_w{num_warps}_s{num_stages}"
-    first = L.chunk_bwd_local_cc_kernel if split else L.chunk_bwd_local_kernel
-    rows = [compile_sm90(first, {n: sig[n] for n in first.arg_names if n in sig}, const, num_warps, num_stages,
-                         f"local{'_cc' if split else ''}_{tag}", out_dir)]
-    if split:
-        sig_kq = {n: sig[n] for n in L.chunk_bwd_local_kq_kernel.arg_names if n in sig}
-        rows.append(compile_sm90(L.chunk_bwd_local_kq_kernel, sig_kq, const, num_warps, num_stages,
-                                 f"local_kq_{tag}", out_dir))
-    return rows
+    return [compile_sm90(kernel, {n: sig[n] for n in kernel.arg_names if n in sig}, const, num_warps, num_stages,
+                         f"local_{part}_{tag}", out_dir)
+            for part, kernel in (("cc", L.chunk_bwd_local_cc_kernel), ("kq", L.chunk_bwd_local_kq_kernel))]
 
 
 def main() -> None:
@@ -110,9 +105,8 @@ def main() -> None:
     for norm in (False, True):
         for warps in (4, 8):
             print(compile_prep(norm, warps, out_dir=args.out))
-    for split in (False, True):
-        for row in compile_local(split=split, out_dir=args.out):
-            print(row)
+    for row in compile_local(out_dir=args.out):
+        print(row)
 
 
 if __name__ == "__main__":

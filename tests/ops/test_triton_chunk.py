@@ -109,34 +109,6 @@ def test_packed_sequences_match_per_sequence_runs(dtype):
         assert rel_rms(ht_i, got[1][i:i + 1]) < TOL[dtype]
 
 
-@pytest.mark.parametrize("bounds", [[0, 65], [0, 1, 64, 130]], ids=["T65", "packed"])
-@pytest.mark.parametrize("dims", [(2, 4, 32, 32), (1, 1, 16, 48)], ids=["HV2H", "KneV"])
-def test_split_local_gradients_equal_the_one_kernel(bounds, dims):
-    """chunk_bwd_local(split=True) (two kernels, fewer accumulators each) gives the one kernel's
-    gradients, on a partial last chunk and on packed sequences (NaN-poisoned outputs)."""
-    from hybridlm.ops.triton.chunk import _tables
-    from hybridlm.ops.triton.chunk_bwd import chunk_bwd_state
-    from hybridlm.ops.triton.chunk_bwd_local import chunk_bwd_local
-    from hybridlm.ops.triton.chunk_fwd import chunk_fwd
-    from hybridlm.ops.triton.chunk_prep import chunk_prep
-
-    H, HV, K, V = dims
-    cu_seqlens = torch.tensor(bounds, device=DEVICE, dtype=torch.int32)
-    q, k, v, g, beta, _ = make_inputs(1, bounds[-1], H, HV, K, V, torch.float32)
-    cu, chunk_offsets, chunk_bounds = _tables(q, cu_seqlens)
-    NC, scale = chunk_bounds.shape[0], K ** -0.5
-    q, k, v, g, beta = (x[0].contiguous() for x in (q, k, v, g, beta))
-    do = torch.randn(v.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    gc, t, m, vec = chunk_prep(q, k, g, beta, chunk_bounds, HV)
-    _, _, h = chunk_fwd(q, k, v, vec, t, m, None, cu, chunk_offsets, scale, store_chunks=NC)
-    dh, _, dvn = chunk_bwd_state(q, k, do, gc, beta, t, m, None, cu, chunk_offsets, scale, NC)
-    one = chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale)
-    two = chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale, split=True)
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), two, one):
-        assert not a.isnan().any(), name
-        assert rel_rms(a, b) < 1e-6, name
-
-
 def test_l2norm_gradients_match_reference():
     xs = make_inputs(1, 70, 1, 2, 16, 16, DTYPES[-1])
     xs[0], xs[1] = 3 * xs[0], 3 * xs[1]  # unnormalised inputs, so the norm matters

@@ -92,7 +92,7 @@ def test_layer_uses_the_kernel_without_gradients(monkeypatch):
 
     calls = []
     real = kernels.rms_norm_rows
-    monkeypatch.setattr(kernels, "rms_norm_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "rms_norm_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     norm = RMSNorm(64, zero_centered=True).cuda()
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

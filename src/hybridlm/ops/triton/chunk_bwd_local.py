@@ -32,113 +32,6 @@ from hybridlm.ops.triton.chunk_prep import causal_decay, dot_precision
 
 
 @triton.jit
-def chunk_bwd_local_kernel(
-    q_ptr, k_ptr, v_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, do_ptr, h_ptr, dh_ptr, dvn_ptr, chunk_bounds,
-    dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, scale,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    i_hv = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_h = i_hv // (HV // H)
-    bos = tl.load(chunk_bounds + 2 * i_c)
-    eos = tl.load(chunk_bounds + 2 * i_c + 1)
-    DT = q_ptr.dtype.element_ty
-
-    # kept as written (not through _chunk_rows) while the split path is untimed: the same source
-    # compiles to the same machine code that was measured on the H200
-    o_t = bos + tl.arange(0, 64)
-    m_t = o_t < eos
-    o_k = tl.arange(0, BK)
-    m_qk = m_t[:, None] & (o_k < K)[None, :]
-    row_qk = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
-    b_q = tl.load(q_ptr + row_qk, mask=m_qk, other=0.0)
-    b_k = tl.load(k_ptr + row_qk, mask=m_qk, other=0.0)
-    row_hv = o_t.to(tl.int64) * HV + i_hv
-    b_gl = tl.load(gc_ptr + (eos - 1).to(tl.int64) * HV + i_hv)
-    b_gc = tl.where(m_t, tl.load(gc_ptr + row_hv, mask=m_t, other=0.0), b_gl)
-    b_beta = tl.load(beta_ptr + row_hv, mask=m_t, other=0.0).to(tl.float32)
-    o_c = tl.arange(0, 64)
-    p_cc = row_hv[:, None] * 64 + o_c[None, :]
-    b_t = tl.load(t_ptr + p_cc, mask=m_t[:, None], other=0.0)
-    b_m = tl.load(m_ptr + p_cc, mask=m_t[:, None], other=0.0).to(tl.float32)
-    b_gamma = tl.exp(b_gc)
-    b_e = tl.exp(b_gl - b_gc)
-    state = (i_c.to(tl.int64) * HV + i_hv) * K * V
-
-    b_dq = tl.zeros([64, BK], dtype=tl.float32)     # dO S^T
-    b_dk = tl.zeros([64, BK], dtype=tl.float32)     # -diag(beta gamma) dX S^T + diag(e) V_new dS'^T
-    b_dt = tl.zeros([64, 64], dtype=tl.float32)     # dV_new X^T
-    b_dm = tl.zeros([64, 64], dtype=tl.float32)     # dO V_new^T
-    b_dbeta = tl.zeros([64], dtype=tl.float32)
-    b_dgamma = tl.zeros([64], dtype=tl.float32)
-    b_de = tl.zeros([64], dtype=tl.float32)
-    b_dlast = tl.zeros([BK], dtype=tl.float32)      # column sums of S * dS'
-    for v0 in range(0, V, BV):
-        o_v = v0 + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
-        p_kv = state + o_k[:, None] * V + o_v[None, :]
-        b_s = tl.load(h_ptr + p_kv, mask=m_kv, other=0.0)
-        b_ds = tl.load(dh_ptr + p_kv, mask=m_kv, other=0.0)
-        row_v = (o_t[:, None].to(tl.int64) * HV + i_hv) * V + o_v[None, :]
-        b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_do = tl.load(do_ptr + row_v, mask=m_tv, other=0.0)
-        b_dvn = tl.load(dvn_ptr + row_v, mask=m_tv, other=0.0)
-
-        b_sd = b_s.to(DT)
-        b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
-        b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
-        b_r = b_v - b_gamma[:, None] * b_ks                     # X / beta
-        b_x = (b_beta[:, None] * b_r).to(DT)
-        b_vn = tl.dot(b_t, b_x, input_precision=PREC)
-        b_dx = tl.dot(tl.trans(b_t), b_dvn.to(DT), input_precision=PREC)
-        tl.store(dv_ptr + row_v, (b_beta[:, None] * b_dx).to(dv_ptr.dtype.element_ty), mask=m_tv)
-
-        b_dt += tl.dot(b_dvn.to(DT), tl.trans(b_x), input_precision=PREC)
-        b_dm += tl.dot(b_do, tl.trans(b_vn.to(DT)), input_precision=PREC)
-        b_dq += tl.dot(b_do, tl.trans(b_sd), input_precision=PREC)
-        b_dsd = b_ds.to(DT)
-        b_dk += tl.dot((-(b_beta * b_gamma)[:, None] * b_dx).to(DT), tl.trans(b_sd), input_precision=PREC)
-        b_dk += tl.dot((b_e[:, None] * b_vn).to(DT), tl.trans(b_dsd), input_precision=PREC)
-        b_de += tl.sum(b_vn * tl.dot(b_k, b_dsd, input_precision=PREC), 1)
-        b_dbeta += tl.sum(b_dx * b_r, 1)
-        b_dgamma += scale * tl.sum(b_do.to(tl.float32) * b_qs, 1) - b_beta * tl.sum(b_dx * b_ks, 1)
-        b_dlast += tl.sum(b_s * b_ds, 1)
-
-    b_dm = b_dm * scale
-    b_decay = causal_decay(b_gc)
-    strict = o_c[:, None] > o_c[None, :]
-    b_kks = tl.where(strict, tl.dot(b_k, tl.trans(b_k), input_precision=PREC) * b_decay, 0.0)
-    b_tt = tl.trans(b_t)
-    b_da = -tl.dot(b_tt, tl.dot(b_dt.to(DT), b_tt, input_precision=PREC).to(DT), input_precision=PREC)
-    b_da = tl.where(strict, b_da, 0.0)
-    b_dp = b_beta[:, None] * b_da
-    b_dbeta += tl.sum(b_da * b_kks, 1)
-    b_dkk = (b_dp * b_decay).to(DT)
-    b_dqk = (b_dm * b_decay).to(DT)
-
-    b_dq = scale * b_gamma[:, None] * b_dq + tl.dot(b_dqk, b_k, input_precision=PREC)
-    b_dk += tl.dot(b_dkk, b_k, input_precision=PREC) + tl.dot(tl.trans(b_dkk), b_k, input_precision=PREC)
-    b_dk += tl.dot(tl.trans(b_dqk), b_q, input_precision=PREC)
-
-    b_mm = b_dm * b_m
-    b_pk = b_dp * b_kks
-    b_dgc = b_dgamma * b_gamma + tl.sum(b_mm, 1) - tl.sum(b_mm, 0) + tl.sum(b_pk, 1) - tl.sum(b_pk, 0)
-    b_dgc -= b_de * b_e
-    # gc_last: a padding row carries it too, so adding at row 63 reaches every real row in the reverse cumsum
-    d_last = tl.sum(b_de * b_e, 0) + tl.sum(b_dlast, 0) * tl.exp(b_gl)
-    b_dgc += tl.where(o_c == 63, d_last, 0.0)
-    b_dg = tl.cumsum(b_dgc, 0, reverse=True)
-
-    p_qk = (o_t[:, None].to(tl.int64) * HV + i_hv) * K + o_k[None, :]
-    tl.store(dq_ptr + p_qk, b_dq, mask=m_qk)
-    tl.store(dk_ptr + p_qk, b_dk, mask=m_qk)
-    tl.store(dg_ptr + row_hv, b_dg, mask=m_t)
-    tl.store(dbeta_ptr + row_hv, b_dbeta, mask=m_t)
-
-
-@triton.jit
 def _chunk_rows(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, chunk_bounds, i_c, i_hv,
                 H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """What every chunk-local kernel reads first, for one (chunk, value head): row masks and
@@ -222,9 +115,9 @@ def chunk_bwd_local_cc_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The split path's first kernel, one (chunk, value head): everything ``chunk_bwd_local_kernel``
-    computes but dq and dk (dv, dg, dbeta), without its two [C, K] accumulators; it stores dP * G and
-    dM * G for ``chunk_bwd_local_kq_kernel``."""
+    """The first of the two kernels, one (chunk, value head): dv, dg and dbeta, from the [C, C]
+    accumulators dT = dV_new X^T and dM = dO V_new^T; it stores dP * G and dM * G for
+    ``chunk_bwd_local_kq_kernel``."""
     i_hv = tl.program_id(0)
     i_c = tl.program_id(1)
     DT = q_ptr.dtype.element_ty
@@ -299,21 +192,24 @@ def chunk_bwd_local_kq_kernel(
 
 
 def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale: float,
-                    block_v: int = 16, num_warps: int = 4, num_stages: int = 2, split: bool = False):
+                    block_v: int = 16, num_warps: int = 4, num_stages: int = 3):
     """Gradients of q, k, v, g and beta from the chunk states and the state-gradient pass.
 
-    split: two kernels instead of one. The one kernel holds four float32 accumulators ([C, K] dq
-    and dk, [C, C] dT and dM: 192 registers a thread at 4 warps) and, compiled for sm_90 with
-    Triton 3.6, spills 1,144 bytes a thread at 255 registers. The first of the two keeps the [C, C]
-    ones and stores dP * G and dM * G in q's dtype (the one kernel rounds them so before its last
-    products); the second forms each value block's K S, V_new and dX again and keeps dq and dk.
-    Offline: 96 and 0 bytes of spills. Not yet timed on a GPU, so not the default.
+    Two kernels per (chunk, value head). The first keeps the [C, C] accumulators (dT, dM), writes
+    dv, dg and dbeta, and stores dP * G and dM * G in q's dtype; the second forms each value block's
+    K S, V_new and dX again and keeps the [C, K] dq and dk. One kernel holding all four accumulators
+    spilled 1,144 bytes a thread at 255 registers (sm_90, Triton 3.6) and took 9.22 ms at Qwen3-Next
+    heads, B 4, T 16k on an H200; the two take 6.70 ms at 3 stages (7.71 at 2) with 96 and 0 bytes
+    of spills (benchmarks/RESULTS.md, "2026-12-02 sixth session").
 
     Args:
         q, k: [NTOK, H, K]; v, do: [NTOK, HV, V] (one dtype); gc, beta: [NTOK, HV];
         t, m: [NTOK, HV, 64] (``chunk_prep``); h: float32 [NC, HV, K, V] state entering each chunk;
         dh: float32 [NC, HV, K, V] gradient of the state leaving it; dvn: float32 [NTOK, HV, V]
         gradient of V_new (``chunk_bwd_state``); chunk_bounds: int32 [NC, 2].
+        block_v, num_warps, num_stages: launch shape of both kernels. BV 16 with 8 warps and BV 32
+            with 4 or 8 warps faulted (illegal address) in the former one kernel on Hopper with
+            Triton 3.6; only BV 16 at 4 warps is tested on the GPU.
     Returns:
         dq, dk float32 [NTOK, HV, K], each value head's part (a group's heads add up to the gradient
         of their q/k head: ``chunk_prep.qk_grad``); dv [NTOK, HV, V] in v's dtype; dg, dbeta float32
@@ -328,21 +224,11 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
     dbeta = torch.empty_like(dg)
     BK, BV = max(16, triton.next_power_of_2(K)), min(block_v, max(16, triton.next_power_of_2(V)))
-    if split:
-        dkk, dqk = torch.empty_like(t), torch.empty_like(t)
-        launch = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype), num_warps=num_warps,
-                      num_stages=num_stages)
-        chunk_bwd_local_cc_kernel[(HV, NC)](q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dv, dg, dbeta,
-                                            dkk, dqk, scale, **launch)
-        chunk_bwd_local_kq_kernel[(HV, NC)](q, k, v, gc, beta, t, do, h, dh, dvn, chunk_bounds, dkk, dqk, dq, dk,
-                                            scale, **launch)
-        return dq, dk, dv, dg, dbeta
-    chunk_bwd_local_kernel[(HV, NC)](
-        q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dq, dk, dv, dg, dbeta, scale,
-        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype),
-        # BV 16, 4 warps: 8.8 ms at B 4, T 16k, H 16 against 11.2 ms for BV 32, 8 warps, 2 stages (H100);
-        # 2 stages: 10.3 ms against 13.6 for 1 stage at B 4, T 16k, Hqk 16, Hv 32 (H200). BV 16 with
-        # 8 warps and BV 32 with 4 or 8 warps faulted (illegal address) on Hopper with Triton 3.6: avoid them
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    dkk, dqk = torch.empty_like(t), torch.empty_like(t)
+    launch = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype), num_warps=num_warps,
+                  num_stages=num_stages)
+    chunk_bwd_local_cc_kernel[(HV, NC)](q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, dv, dg, dbeta,
+                                        dkk, dqk, scale, **launch)
+    chunk_bwd_local_kq_kernel[(HV, NC)](q, k, v, gc, beta, t, do, h, dh, dvn, chunk_bounds, dkk, dqk, dq, dk,
+                                        scale, **launch)
     return dq, dk, dv, dg, dbeta
