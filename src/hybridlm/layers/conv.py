@@ -11,6 +11,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from hybridlm.ops._checks import load_kernel
+
 
 class ShortConv(nn.Module):
     """Depthwise causal convolution of width ``kernel_size`` followed by SiLU.
@@ -50,7 +52,14 @@ class ShortConv(nn.Module):
                 None means zero history and nothing is kept.
         Returns:
             [B, T, C] in x's dtype.
+
+        On CUDA, with no gradient needed and outside torch.compile (which fuses these ops itself),
+        one Triton pass (``ops.triton.causal_conv_rows``, float32 sums, one rounding) replaces the
+        transpose, concatenation, products and sums below.
         """
+        kernel = self._inference_kernel(x_BTC)
+        if kernel is not None and (window_BCW is None or window_BCW.is_contiguous()):
+            return kernel(x_BTC, self.weight, window_BCW)
         width = self.kernel_size - 1
         x_BCT = x_BTC.transpose(1, 2)
         if window_BCW is None:
@@ -64,3 +73,10 @@ class ShortConv(nn.Module):
         T, w_CK = x_BCT.shape[2], self.weight[:, 0].to(x_BCT.dtype)
         y_BCT = sum(x_ext[:, :, j:j + T] * w_CK[:, j:j + 1] for j in range(self.kernel_size))
         return F.silu(y_BCT).transpose(1, 2)
+
+    def _inference_kernel(self, x: torch.Tensor):
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return None
+        return load_kernel("causal_conv_rows", "auto", x)

@@ -187,8 +187,12 @@ class MoE(PacksWeights):
         # measured (334 us a call at 4k tokens x 10 slots x 2048, H200).
         N, K = experts_NK.shape
         flat_E = experts_NK.reshape(-1)
-        order = torch.argsort(flat_E, stable=True)
-        counts_E = torch.bincount(flat_E, minlength=len(self.experts))
+        sorted_E, order = torch.sort(flat_E, stable=True)
+        # rows per expert from the sorted ids, with no host sync: torch.bincount reads the ids'
+        # range back to the host (on CUDA its min and max, a sync per layer that stopped the host
+        # running ahead of the GPU: 16 device-to-host copies in the 4-layer H200 prefill trace)
+        bounds = torch.arange(len(self.experts) + 1, device=flat_E.device, dtype=flat_E.dtype)
+        counts_E = torch.searchsorted(sorted_E, bounds).diff()
         x_sorted = x_ND.index_select(0, order // K)
         # slot i of the flat (token, slot) list sits at row pos[i] of the sorted rows; gathering by
         # it is a contiguous read per row (index_copy_ into the inverse order ran at a third of the
