@@ -88,6 +88,8 @@ def test_bad_arguments_are_named():
         causal_conv_rows(x, torch.randn(8, 1, 4, device=DEVICE), torch.zeros(1, 8, 2, device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         causal_conv_rows(x, torch.randn(8, 1, 4, device=DEVICE), torch.zeros(1, 3, 8, device=DEVICE).transpose(1, 2))
+    with pytest.raises(ValueError, match="1 to 4 taps"):
+        causal_conv_rows(x, torch.randn(8, 1, 5, device=DEVICE))
     with pytest.raises(TypeError, match="x_BTC"):
         causal_conv_rows(x.double(), torch.randn(8, 1, 4, device=DEVICE))
 

@@ -75,7 +75,7 @@ class ShortConv(nn.Module):
         return F.silu(y_BCT).transpose(1, 2)
 
     def _inference_kernel(self, x: torch.Tensor):
-        if not x.is_cuda or torch.compiler.is_compiling():
+        if not x.is_cuda or torch.compiler.is_compiling() or self.kernel_size > 4:  # the kernel's MAX_TAPS
             return None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None

@@ -5,9 +5,12 @@
 front, and sums ``kernel_size`` shifted products before the SiLU: in the 4-layer H200 trace of a
 4k prefill at Qwen3-Next's size (C = 8,192), its concatenation alone took 134 us a call and its
 strided products and sums most of the 1.4 ms of non-vectorised elementwise kernels, for a read and
-a write of 33 MB (~16 us at the card's copy rate). This kernel reads the rows where they lie (any
-row stride, so the slice of a packed projection's output needs no copy), takes rows before the
-chunk from the window, sums the taps in float32 and writes [B, T, C] once.
+a write of 33 MB (~16 us at the card's copy rate). This kernel streams each program's rows once, in
+order, where they lie (any row stride, so the slice of a packed projection's output needs no copy),
+keeps the three inputs before the current row in registers (taken from the window before the
+first row), sums the taps in float32 and writes [B, T, C] once. A first version that loaded a
+[rows, channels] tile per tap compiled (offline, sm_90, Triton 3.6) to 250+ registers or a 6 KB
+spill stack per thread; this one takes 32 registers and no stack.
 
 The layer rounds every product and partial sum to x's dtype; this kernel rounds once, at the end.
 In float32 the two agree to rounding; in 16-bit dtypes the kernel is the more exact one.
@@ -19,55 +22,79 @@ import torch
 import triton
 import triton.language as tl
 
+MAX_TAPS = 4  # the kernel keeps the three inputs before the current row in registers
+
 
 @triton.jit
-def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt,
-                       KS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BW: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr, UPDATE: tl.constexpr):
+def _row(x_b, win_b, src, o_c, m_c, stride_xt, W: tl.constexpr, HAS_WINDOW: tl.constexpr, XT: tl.constexpr):
+    """Input row ``src`` of [window, x] for channels o_c, float32 (through x's dtype): x's row when
+    src >= 0, the window's column W + src when -W <= src < 0, else 0."""
+    src_c = src + 0 * o_c    # per channel: the interpreter takes no scalar & vector masks
+    v = tl.load(x_b + src.to(tl.int64) * stride_xt + o_c, mask=m_c & (src_c >= 0), other=0.0).to(tl.float32)
+    if HAS_WINDOW:
+        old = tl.load(win_b + o_c * W + (W + src_c), mask=m_c & (src_c < 0) & (W + src_c >= 0), other=0.0)
+        v += old.to(XT).to(tl.float32)    # the layer casts the window to x's dtype
+    return v
+
+
+@triton.jit
+def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt, BT,
+                       KS: tl.constexpr, BC: tl.constexpr, HAS_WINDOW: tl.constexpr, UPDATE: tl.constexpr):
+    """Rows t0 .. t0 + BT - 1 of BC channels, one row after another: the three inputs before the
+    current row stay in registers (filters of up to 4 taps; a shorter one is padded with leading
+    zero taps), so each input row is read once and a thread only touches its own channels."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     W: tl.constexpr = KS - 1
-    o_t = i_t * BT + tl.arange(0, BT)
+    XT = x_ptr.dtype.element_ty
     o_c = i_c * BC + tl.arange(0, BC)
-    m_t, m_c = o_t < T, o_c < C
+    m_c = o_c < C
     x_b = x_ptr + i_b.to(tl.int64) * stride_xb
     win_b = win_ptr + i_b.to(tl.int64) * C * W     # the window is contiguous [B, C, W]
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(KS):
-        src = o_t - W + j                           # input row of tap j; < 0: from the window
-        m = ((src >= 0) & m_t)[:, None] & m_c[None, :]
-        xv = tl.load(x_b + src[:, None].to(tl.int64) * stride_xt + o_c[None, :], mask=m, other=0.0).to(tl.float32)
-        if HAS_WINDOW:
-            m_w = ((src < 0) & m_t)[:, None] & m_c[None, :]
-            wv = tl.load(win_b + o_c[None, :] * W + (W + src)[:, None], mask=m_w, other=0.0)
-            xv += wv.to(x_ptr.dtype.element_ty).to(tl.float32)   # the layer casts the window to x's dtype
-        w_j = tl.load(w_ptr + o_c * KS + j, mask=m_c, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
-        acc += xv * w_j[None, :]
-    y = acc * tl.sigmoid(acc)
-    p_y = (i_b.to(tl.int64) * T + o_t[:, None]) * C + o_c[None, :]
-    tl.store(y_ptr + p_y, y.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+    y_b = y_ptr + i_b.to(tl.int64) * T * C
+    # taps of x_{t-3}, x_{t-2}, x_{t-1}, x_t (in x's dtype, as the layer multiplies); a filter of
+    # fewer than 4 taps gets leading zero taps
+    w3 = tl.zeros([BC], dtype=tl.float32)
+    w2 = tl.zeros([BC], dtype=tl.float32)
+    w1 = tl.zeros([BC], dtype=tl.float32)
+    if KS >= 4:
+        w3 = tl.load(w_ptr + o_c * KS + (KS - 4), mask=m_c, other=0.0).to(XT).to(tl.float32)
+    if KS >= 3:
+        w2 = tl.load(w_ptr + o_c * KS + (KS - 3), mask=m_c, other=0.0).to(XT).to(tl.float32)
+    if KS >= 2:
+        w1 = tl.load(w_ptr + o_c * KS + (KS - 2), mask=m_c, other=0.0).to(XT).to(tl.float32)
+    w0 = tl.load(w_ptr + o_c * KS + (KS - 1), mask=m_c, other=0.0).to(XT).to(tl.float32)
+    t0 = i_t * BT
+    p3 = _row(x_b, win_b, t0 - 3, o_c, m_c, stride_xt, W, HAS_WINDOW, XT)
+    p2 = _row(x_b, win_b, t0 - 2, o_c, m_c, stride_xt, W, HAS_WINDOW, XT)
+    p1 = _row(x_b, win_b, t0 - 1, o_c, m_c, stride_xt, W, HAS_WINDOW, XT)
+    p_x = x_b + t0.to(tl.int64) * stride_xt + o_c   # advanced a row at a time: no int32 overflow
+    p_y = y_b + t0.to(tl.int64) * C + o_c
+    for _ in range(0, tl.minimum(BT, T - t0)):
+        cur = tl.load(p_x, mask=m_c, other=0.0).to(tl.float32)
+        acc = w3 * p3 + w2 * p2 + w1 * p1 + w0 * cur
+        tl.store(p_y, (acc * tl.sigmoid(acc)).to(y_ptr.dtype.element_ty), mask=m_c)
+        p3, p2, p1 = p2, p1, cur
+        p_x += stride_xt
+        p_y += C
     if UPDATE:
-        # one program holds all T rows of its channels: the new window is the last W rows of
-        # [window, x], window[w] <- x[T - W + w], or the old window[T + w] where that is < 0
-        o_w = tl.arange(0, BW)
-        src = T - W + o_w
-        m_x = ((o_w < W) & (src >= 0))[None, :] & m_c[:, None]
-        m_o = ((o_w < W) & (src < 0))[None, :] & m_c[:, None]
-        nv = tl.load(x_b + src[None, :].to(tl.int64) * stride_xt + o_c[:, None], mask=m_x, other=0.0).to(tl.float32)
-        old = tl.load(win_b + o_c[:, None] * W + (T + o_w)[None, :], mask=m_o, other=0.0)
-        nv += old.to(x_ptr.dtype.element_ty).to(tl.float32)    # through x's dtype, as the layer's
-        tl.debug_barrier()  # every thread has read the old window before any writes it
-        tl.store(win_b + o_c[:, None] * W + o_w[None, :], nv.to(win_ptr.dtype.element_ty),
-                 mask=(o_w < W)[None, :] & m_c[:, None])
+        # one program covers all T rows of its channels, and p1, p2, p3 now hold the last three
+        # inputs of [window, x]: the new window (each thread writes only channels it read itself)
+        WT = win_ptr.dtype.element_ty
+        tl.store(win_b + o_c * W + (W - 1), p1.to(WT), mask=m_c)
+        if W >= 2:
+            tl.store(win_b + o_c * W + (W - 2), p2.to(WT), mask=m_c)
+        if W >= 3:
+            tl.store(win_b + o_c * W + (W - 3), p3.to(WT), mask=m_c)
 
 
 def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torch.Tensor | None = None,
-                     block_t: int = 64) -> torch.Tensor:
+                     block_t: int = 32) -> torch.Tensor:
     """silu(depthwise causal conv of x over T) in x's dtype; with a window, continue from it and
     update it in place (``layers.conv.ShortConv.forward``'s contract).
 
     Args:
         x_BTC: [B, T, C] float32, bfloat16 or float16, channels contiguous (any row stride).
-        weight: [C, 1, KS] or [C, KS] filters (nn.Conv1d's depthwise layout).
+        weight: [C, 1, KS] or [C, KS] filters (nn.Conv1d's depthwise layout), KS from 1 to 4.
         window_BCW: optional contiguous [B, C, KS - 1], any float dtype: the inputs before x
             (None: zero history, nothing kept). Afterwards it holds the last KS - 1 inputs.
         block_t: rows per program.
@@ -83,6 +110,8 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     if w.dim() != 2 or w.shape[0] != C or (weight.dim() == 3 and weight.shape[1] != 1):
         raise ValueError(f"weight must be [C, 1, KS] or [C, KS] with C = {C}, got {tuple(weight.shape)}")
     KS = w.shape[1]
+    if not 1 <= KS <= MAX_TAPS:
+        raise ValueError(f"weight: the kernel takes filters of 1 to {MAX_TAPS} taps, got {KS}")
     W = KS - 1
     if window_BCW is not None and tuple(window_BCW.shape) != (B, C, W):
         raise ValueError(f"window_BCW must have shape {(B, C, W)}, got {tuple(window_BCW.shape)}")
@@ -94,14 +123,13 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     if B == 0 or T == 0 or C == 0:
         return y
     has_window = window_BCW is not None and W > 0
-    BT = min(block_t, triton.next_power_of_2(T))
-    BC = max(16, min(128, 8192 // BT, triton.next_power_of_2(C)))
+    BT = max(1, min(block_t, T))
+    BC = max(32, min(256, triton.next_power_of_2(C)))
     update = has_window and T <= BT          # one program covers every row of its channels
     win = window_BCW if has_window else y    # not read without a window
     causal_conv_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
-        x_BTC, w.contiguous(), win, y, T, C, x_BTC.stride(0), x_BTC.stride(1),
-        KS=KS, BT=BT, BC=BC, BW=max(2, triton.next_power_of_2(max(W, 1))), HAS_WINDOW=has_window, UPDATE=update,
-        num_warps=4)
+        x_BTC, w.contiguous(), win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), BT,
+        KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4)
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]
         if T >= W:
             window_BCW.copy_(x_BTC[:, T - W:].transpose(1, 2))
