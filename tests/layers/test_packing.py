@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch import nn
 
 from hybridlm import HybridConfig, HybridLM
@@ -266,6 +267,23 @@ def test_a_packed_model_moved_to_meta_and_back_runs():
     torch.testing.assert_close(got, model(ids))
 
 
+class _SyncOps(TorchDispatchMode):
+    """Records the ops that make the host wait for the GPU when their inputs live on CUDA: a value
+    read back (.item(), int(), .tolist()), or an output size that depends on values (torch.bincount
+    reads the ids' min and max: once a layer, it kept the H200 prefill from running ahead)."""
+
+    NAMES = ("_local_scalar_dense", "bincount", "nonzero", "masked_select", "unique", "repeat_interleave")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(n in str(func) for n in self.NAMES):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype, monkeypatch):
     """Once packed, many tokens (prefill) go through three grouped products over the stacks, with
@@ -290,6 +308,10 @@ def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype
     assert len(calls) == 1 and calls[0][5:] == [0, 0, 0] and sum(calls[0]) == 21 * 2
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
+    monkeypatch.setattr(moe_mod, "grouped_experts", real)
+    with torch.no_grad(), _SyncOps() as syncs:  # ops that read a CUDA tensor back to the host
+        moe(x)
+    assert syncs.seen == [], f"host syncs on the grouped path: {syncs.seen}"
     got_grad = moe(x)  # gradients needed: the expert loop, which autograd goes through
     assert len(calls) == 1 and got_grad.requires_grad
     torch.testing.assert_close(got_grad.detach(), want, **tol)
