@@ -78,7 +78,9 @@ def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt,
         p_y += C
     if UPDATE:
         # one program covers all T rows of its channels, and p1, p2, p3 now hold the last three
-        # inputs of [window, x]: the new window (each thread writes only channels it read itself)
+        # inputs of [window, x]: the new window. With fewer channels than threads a channel has
+        # several threads; the barrier keeps one's store from reaching another's load of the old one
+        tl.debug_barrier()
         WT = win_ptr.dtype.element_ty
         tl.store(win_b + o_c * W + (W - 1), p1.to(WT), mask=m_c)
         if W >= 2:
