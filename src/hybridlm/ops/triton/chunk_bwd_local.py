@@ -200,7 +200,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     K S, V_new and dX again and keeps the [C, K] dq and dk. One kernel holding all four accumulators
     spilled 1,144 bytes a thread at 255 registers (sm_90, Triton 3.6) and took 9.22 ms at Qwen3-Next
     heads, B 4, T 16k on an H200; the two take 6.70 ms at 3 stages (7.71 at 2) with 96 and 0 bytes
-    of spills (benchmarks/RESULTS.md, "2026-12-02 sixth session").
+    of spills (benchmarks/RESULTS.md, "Sixth 2026-12-02 session").
 
     Args:
         q, k: [NTOK, H, K]; v, do: [NTOK, HV, V] (one dtype); gc, beta: [NTOK, HV];
