@@ -5,6 +5,10 @@ Builds the preset (random weights, bf16, layer/expert cuts as ``hybridlm profile
 replays the same kernels; the profiler sees them one by one only outside it), with ``--compile`` as
 the profiler's flag. Prints the kernels that take the most device time per step, and the graph-replay
 wall time per step beside the summed kernel time (their gap is the idle time between kernels).
+On CUDA the prefill is also timed unprofiled (median of three), and the host's share is listed: the
+ops that take the most CPU self time while the prefill is launched (a prefill whose wall time
+exceeds its kernel time is host-bound; these are where the host spends it, profiler overhead
+included).
 
     python benchmarks/step_trace.py --preset qwen3-next-80b-a3b --layers 4 --experts 32 \\
         --context 4096 --batch 1 [--compile] [--json out.json]
@@ -39,6 +43,17 @@ def kernel_table(prof, per: int, cuda: bool) -> list[dict]:
             count[e.name] += 1
     rows = [dict(kernel=name, us=t / per, calls=count[name] / per) for name, t in total.items()]
     return sorted(rows, key=lambda r: -r["us"])
+
+
+def host_table(prof) -> list[dict]:
+    """CPU self time per op name (microseconds), largest first: where the host spends a profiled call."""
+    total = defaultdict(float)
+    count = defaultdict(int)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU:
+            total[e.name] += e.self_cpu_time_total
+            count[e.name] += 1
+    return sorted((dict(op=n, us=t, calls=count[n]) for n, t in total.items()), key=lambda r: -r["us"])
 
 
 def show(title: str, rows: list[dict], top: int) -> None:
@@ -80,15 +95,31 @@ def main(argv=None) -> int:
         graphed = StaticDecoder(model, cache, graph=True, compile=args.compile) if cuda else None
         eager = StaticDecoder(model, cache, graph=False, compile=args.compile)
         prefill_chunked(model, ids, cache, args.chunk)  # warm-up (autotuning, first launches)
+        walls = []
+        for _ in range(3 if cuda else 1):
+            cache.reset()
+            sync()
+            t0 = time.perf_counter()
+            prefill_chunked(model, ids, cache, args.chunk)
+            sync()
+            walls.append(time.perf_counter() - t0)
+        out["prefill_wall_s"] = sorted(walls)[len(walls) // 2]
         cache.reset()
         sync()
-        with profile(activities=[activity]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, activity] if cuda else [activity]) as prof:
             t0 = time.perf_counter()
             first = prefill_chunked(model, ids, cache, args.chunk).argmax(-1)
             sync()
             out["prefill_s"] = time.perf_counter() - t0
         out["prefill"] = kernel_table(prof, 1, cuda)
-        show(f"prefill of {T} tokens x {B} ({out['prefill_s']:.3f} s wall, profiled)", out["prefill"], args.top)
+        show(f"prefill of {T} tokens x {B} ({out['prefill_s']:.3f} s wall profiled, {out['prefill_wall_s']:.3f} s "
+             f"unprofiled)", out["prefill"], args.top)
+        if cuda:
+            out["prefill_host"] = host_table(prof)
+            host_us = sum(r["us"] for r in out["prefill_host"])
+            print(f"\nprefill, host: {host_us:,.1f} us of CPU self time in ops (profiled)")
+            for r in out["prefill_host"][:args.top]:
+                print(f"  {r['us']:9.1f} us {r['us'] / host_us:6.1%} {r['calls']:6d}x  {r['op'][:110]}")
 
         decoder = graphed or eager
         decoder.run(first, args.steps)  # warm

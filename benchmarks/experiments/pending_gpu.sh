@@ -8,7 +8,8 @@
 #             and compile tests; the conv kernel's window barrier is untested on a GPU
 #   kernels   the whole kernel suite (`bench kernels`) with the two-kernel backward and the capped
 #             prep: the H 16 rows and the decode and long sections were not rerun with them
-#   prefill   TTFT at 4k and 32k and the 4-layer prefill trace (0.202 s / 1.73 s in the sixth session)
+#   prefill   TTFT at 4k and 32k and the 4-layer prefill trace (0.202 s / 1.73 s in the sixth session),
+#             now with the host's table: which ops take the CPU time of the still host-bound prefill
 #   compiled  the compiled largest-batch and long-context rows still owed in docs/profile
 set -euo pipefail
 out=${1:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
@@ -24,7 +25,7 @@ case $part in
             --no-twin --decode-steps 16 --prefill-repeats 3 --json > "$out/profile.json"
         python3 -m hybridlm.profile_report "$out/profile.json" | tee "$out/profile.txt"
         python3 benchmarks/step_trace.py --preset qwen3-next-80b-a3b --layers 4 --experts 32 --context 4096 \
-            --batch 1 --json "$out/trace.json" 2>&1 | grep -A12 "prefill of" | tee "$out/trace.txt"
+            --batch 1 --top 15 --json "$out/trace.json" 2>&1 | grep -v "^USDT" | tee "$out/trace.txt"
         ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_conv.py \
