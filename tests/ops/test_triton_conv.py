@@ -80,6 +80,28 @@ def test_streaming_in_pieces_equals_one_call(block_t):
     torch.testing.assert_close(window, x[:, -3:].transpose(1, 2))
 
 
+@pytest.mark.parametrize("T", [2, 40])
+def test_window_slice_of_a_shared_window(T):
+    """Kimi's layer hands each conv a channel slice of one [B, q + k + v channels, W] window: with
+    B > 1 not contiguous, but every batch row is; it is read and updated in place, in the kernel
+    (T within one block of rows) or after it (T past a block), and the channels around it stay."""
+    gen = torch.Generator().manual_seed(5)
+    B, C = 2, 24
+    conv = ShortConv(C, 4).to(DEVICE)
+    x = torch.randn(B, T, C, generator=gen).to(DEVICE)
+    shared = torch.randn(B, C + 16, 3, generator=gen).to(DEVICE)
+    window = shared[:, 8:8 + C]
+    assert not window.is_contiguous()
+    before = shared.clone()
+    want_window = window.clone().contiguous()
+    want = layer_ops(conv, x, want_window)
+    got = causal_conv_rows(x, conv.weight, window, block_t=32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(window, want_window, rtol=0, atol=0)
+    torch.testing.assert_close(shared[:, :8], before[:, :8], rtol=0, atol=0)
+    torch.testing.assert_close(shared[:, 8 + C:], before[:, 8 + C:], rtol=0, atol=0)
+
+
 def test_bad_arguments_are_named():
     x = torch.randn(1, 4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):

@@ -58,7 +58,7 @@ class ShortConv(nn.Module):
         transpose, concatenation, products and sums below.
         """
         kernel = self._inference_kernel(x_BTC)
-        if kernel is not None and (window_BCW is None or window_BCW.is_contiguous()):
+        if kernel is not None and (window_BCW is None or _window_fits(window_BCW)):
             return kernel(x_BTC, self.weight, window_BCW)
         width = self.kernel_size - 1
         x_BCT = x_BTC.transpose(1, 2)
@@ -80,3 +80,9 @@ class ShortConv(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None
         return load_kernel("causal_conv_rows", "auto", x)
+
+
+def _window_fits(window_BCW: torch.Tensor) -> bool:
+    from hybridlm.ops.triton.conv import window_fits  # imports Triton: only on the CUDA path
+
+    return window_fits(window_BCW)

@@ -38,7 +38,7 @@ def _row(x_b, win_b, src, o_c, m_c, stride_xt, W: tl.constexpr, HAS_WINDOW: tl.c
 
 
 @triton.jit
-def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt, BT,
+def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt, stride_wb, BT,
                        KS: tl.constexpr, BC: tl.constexpr, HAS_WINDOW: tl.constexpr, UPDATE: tl.constexpr):
     """Rows t0 .. t0 + BT - 1 of BC channels, one row after another: the three inputs before the
     current row stay in registers (filters of up to 4 taps; a shorter one is padded with leading
@@ -49,7 +49,7 @@ def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt,
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     x_b = x_ptr + i_b.to(tl.int64) * stride_xb
-    win_b = win_ptr + i_b.to(tl.int64) * C * W     # the window is contiguous [B, C, W]
+    win_b = win_ptr + i_b.to(tl.int64) * stride_wb  # each row of the window: contiguous [C, W]
     y_b = y_ptr + i_b.to(tl.int64) * T * C
     # taps of x_{t-3}, x_{t-2}, x_{t-1}, x_t (in x's dtype, as the layer multiplies); a filter of
     # fewer than 4 taps gets leading zero taps
@@ -89,6 +89,15 @@ def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt,
             tl.store(win_b + o_c * W + (W - 3), p3.to(WT), mask=m_c)
 
 
+def window_fits(window_BCW: torch.Tensor) -> bool:
+    """Whether the kernel can read and update this [B, C, W] window in place: every batch row a
+    contiguous [C, W] (any batch stride)."""
+    _, C, W = window_BCW.shape
+    if W == 0 or C == 0:
+        return True  # nothing to read or write
+    return (W == 1 or window_BCW.stride(2) == 1) and (C == 1 or window_BCW.stride(1) == W)
+
+
 def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torch.Tensor | None = None,
                      block_t: int = 32) -> torch.Tensor:
     """silu(depthwise causal conv of x over T) in x's dtype; with a window, continue from it and
@@ -97,8 +106,9 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     Args:
         x_BTC: [B, T, C] float32, bfloat16 or float16, channels contiguous (any row stride).
         weight: [C, 1, KS] or [C, KS] filters (nn.Conv1d's depthwise layout), KS from 1 to 4.
-        window_BCW: optional contiguous [B, C, KS - 1], any float dtype: the inputs before x
-            (None: zero history, nothing kept). Afterwards it holds the last KS - 1 inputs.
+        window_BCW: optional [B, C, KS - 1], any float dtype, each batch row a contiguous [C, KS - 1]
+            (``window_fits``; Kimi's layer passes channel slices of one window): the inputs
+            before x (None: zero history, nothing kept). Afterwards it holds the last KS - 1 inputs.
         block_t: rows per program.
     Returns:
         a new contiguous [B, T, C] tensor. No gradient: the layer runs this only when none is needed.
@@ -117,8 +127,9 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     W = KS - 1
     if window_BCW is not None and tuple(window_BCW.shape) != (B, C, W):
         raise ValueError(f"window_BCW must have shape {(B, C, W)}, got {tuple(window_BCW.shape)}")
-    if window_BCW is not None and not window_BCW.is_contiguous():
-        raise ValueError("window_BCW must be contiguous (it is updated in place)")
+    if window_BCW is not None and not window_fits(window_BCW):
+        raise ValueError("window_BCW: each batch row must be a contiguous [C, KS - 1] (it is updated in place), "
+                         f"got strides {window_BCW.stride()}")
     if x_BTC.stride(2) != 1:
         x_BTC = x_BTC.contiguous()
     y = torch.empty(B, T, C, device=x_BTC.device, dtype=x_BTC.dtype)
@@ -130,7 +141,7 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     update = has_window and T <= BT          # one program covers every row of its channels
     win = window_BCW if has_window else y    # not read without a window
     causal_conv_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
-        x_BTC, w.contiguous(), win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), BT,
+        x_BTC, w.contiguous(), win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
         KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4)
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]
         if T >= W:
