@@ -30,8 +30,8 @@ from hybridlm.profile import ProfileSettings, build_model, prefill_chunked, scal
 
 
 def kernel_table(prof, per: int, cuda: bool) -> list[dict]:
-    """Device time per kernel name (on CPU: self time per op), microseconds per ``per`` steps,
-    largest first."""
+    """Device time per kernel name (cuda False: CPU self time per op, the host's share), microseconds
+    per ``per`` steps, largest first."""
     total = defaultdict(float)
     count = defaultdict(int)
     for e in prof.events():
@@ -43,17 +43,6 @@ def kernel_table(prof, per: int, cuda: bool) -> list[dict]:
             count[e.name] += 1
     rows = [dict(kernel=name, us=t / per, calls=count[name] / per) for name, t in total.items()]
     return sorted(rows, key=lambda r: -r["us"])
-
-
-def host_table(prof) -> list[dict]:
-    """CPU self time per op name (microseconds), largest first: where the host spends a profiled call."""
-    total = defaultdict(float)
-    count = defaultdict(int)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CPU:
-            total[e.name] += e.self_cpu_time_total
-            count[e.name] += 1
-    return sorted((dict(op=n, us=t, calls=count[n]) for n, t in total.items()), key=lambda r: -r["us"])
 
 
 def show(title: str, rows: list[dict], top: int) -> None:
@@ -115,11 +104,8 @@ def main(argv=None) -> int:
         show(f"prefill of {T} tokens x {B} ({out['prefill_s']:.3f} s wall profiled, {out['prefill_wall_s']:.3f} s "
              f"unprofiled)", out["prefill"], args.top)
         if cuda:
-            out["prefill_host"] = host_table(prof)
-            host_us = sum(r["us"] for r in out["prefill_host"])
-            print(f"\nprefill, host: {host_us:,.1f} us of CPU self time in ops (profiled)")
-            for r in out["prefill_host"][:args.top]:
-                print(f"  {r['us']:9.1f} us {r['us'] / host_us:6.1%} {r['calls']:6d}x  {r['op'][:110]}")
+            out["prefill_host"] = kernel_table(prof, 1, cuda=False)
+            show("prefill, host (CPU self time per op, profiled)", out["prefill_host"], args.top)
 
         decoder = graphed or eager
         decoder.run(first, args.steps)  # warm

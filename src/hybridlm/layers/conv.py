@@ -11,7 +11,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hybridlm.ops._checks import load_kernel
+from hybridlm.ops._checks import inference_kernel
 
 
 class ShortConv(nn.Module):
@@ -57,7 +57,8 @@ class ShortConv(nn.Module):
         one Triton pass (``ops.triton.causal_conv_rows``, float32 sums, one rounding) replaces the
         transpose, concatenation, products and sums below.
         """
-        kernel = self._inference_kernel(x_BTC)
+        # the kernel keeps at most 4 taps (ops.triton.conv.MAX_TAPS)
+        kernel = inference_kernel("causal_conv_rows", x_BTC, self.weight) if self.kernel_size <= 4 else None
         if kernel is not None and (window_BCW is None or _window_fits(window_BCW)):
             return kernel(x_BTC, self.weight, window_BCW)
         width = self.kernel_size - 1
@@ -73,13 +74,6 @@ class ShortConv(nn.Module):
         T, w_CK = x_BCT.shape[2], self.weight[:, 0].to(x_BCT.dtype)
         y_BCT = sum(x_ext[:, :, j:j + T] * w_CK[:, j:j + 1] for j in range(self.kernel_size))
         return F.silu(y_BCT).transpose(1, 2)
-
-    def _inference_kernel(self, x: torch.Tensor):
-        if not x.is_cuda or torch.compiler.is_compiling() or self.kernel_size > 4:  # the kernel's MAX_TAPS
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return None
-        return load_kernel("causal_conv_rows", "auto", x)
 
 
 def _window_fits(window_BCW: torch.Tensor) -> bool:

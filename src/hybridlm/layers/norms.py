@@ -10,17 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hybridlm.ops._checks import load_kernel
-
-
-def _inference_kernel(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None = None):
-    """``ops.triton.rms_norm_rows`` for CUDA tensors when no gradient is needed and torch.compile is
-    not tracing (it fuses the PyTorch ops itself), else None."""
-    if not x.is_cuda or torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (z is not None and z.requires_grad)):
-        return None
-    return load_kernel("rms_norm_rows", "auto", x)
+from hybridlm.ops._checks import inference_kernel
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +46,7 @@ class RMSNorm(nn.Module):
         On CUDA, with no gradient needed and outside torch.compile (which fuses these ops itself),
         one Triton pass (``ops.triton.rms_norm_rows``, same float32 arithmetic) replaces the ~ten
         kernels below."""
-        kernel = _inference_kernel(x, self.weight)
+        kernel = inference_kernel("rms_norm_rows", x, self.weight)
         if kernel is not None:
             return kernel(x, self.weight, self.eps, self.zero_centered)
         ct = torch.promote_types(x.dtype, torch.float32)
@@ -93,7 +83,7 @@ class GatedRMSNorm(nn.Module):
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype.
         On CUDA without gradients (and outside torch.compile): one Triton pass, as RMSNorm."""
-        kernel = _inference_kernel(o, self.weight, z)
+        kernel = inference_kernel("rms_norm_rows", o, self.weight, z)
         if kernel is not None:
             return kernel(o, self.weight, self.eps, z=z, gate="silu" if self.gate is F.silu else "sigmoid")
         ct = torch.promote_types(o.dtype, torch.float32)

@@ -249,6 +249,17 @@ def check_kernel_device(name: str, x: torch.Tensor) -> None:
                          "(use backend='reference', or set TRITON_INTERPRET=1 to interpret the kernel on CPU)")
 
 
+def inference_kernel(name: str, x: torch.Tensor, *others: torch.Tensor | None):
+    """``load_kernel(name, "auto", x)`` for a layer's inference-only Triton path: only for CUDA
+    tensors, outside torch.compile (which fuses the layer's PyTorch ops itself) and when no
+    gradient is needed through x or ``others`` (weights, gates; None skipped); else None."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
+        return None
+    return load_kernel(name, "auto", x)
+
+
 def load_kernel(name: str, backend: str, x: torch.Tensor):
     """The Triton entry point ``name`` when ``backend`` asks for it and it can run on x, else None.
 
