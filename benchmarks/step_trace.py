@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--context", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--chunk", type=int, help="prompt tokens per prefill call (default: the profiler's, "
+                   "ProfileSettings.chunk_for)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--top", type=int, default=25)
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     settings = ProfileSettings(device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
                                prefill_chunk=args.chunk)
+    args.chunk = settings.chunk_for(args.batch)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU
     cfg = scaled_config(args.preset, args.layers, args.experts)

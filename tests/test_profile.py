@@ -11,7 +11,7 @@ from hybridlm import memory
 from hybridlm.cli import main
 from hybridlm.config import HybridConfig
 from hybridlm.model import HybridLM
-from hybridlm.profile import (ROW_KEYS, ProfileSettings, analytic_max_batch, build_model, bytes_per_token,
+from hybridlm.profile import (PREFILL_TOKENS, ROW_KEYS, ProfileSettings, analytic_max_batch, build_model, bytes_per_token,
                               copy_bandwidth, decode_greedy, measure, measure_transformers, prefill_chunked, profile_models, scaled_config,
                               search_max_batch, warmup_length)
 from hybridlm.profile_report import format_table, plot_profile
@@ -171,6 +171,26 @@ def test_cli_bad_arguments(argv, words, capsys):
     code = main(["profile", "--device", "cpu", "--contexts", "8"] + argv)
     assert code == 2
     assert words in capsys.readouterr().err
+
+
+def test_prefill_chunk_spreads_a_token_budget_over_the_batch():
+    cpu = ProfileSettings(device="cpu")
+    assert cpu.chunk_for(1) == PREFILL_TOKENS["cpu"] == 2048
+    assert [cpu.chunk_for(b) for b in (3, 32, 33, 100, 4096)] == [640, 64, 62, 20, 1]
+    for b in (1, 2, 3, 7, 31, 32, 33, 100, 999, 2048):  # never more tokens a call than the budget
+        assert 1 <= b * cpu.chunk_for(b) <= PREFILL_TOKENS["cpu"]
+    assert ProfileSettings(device="cpu", prefill_chunk=100).chunk_for(8) == 100  # set: per prompt, as given
+    with pytest.raises(ValueError, match="prefill_chunk: expected an int >= 1 or None"):
+        ProfileSettings(prefill_chunk=0)
+
+
+def test_rows_record_their_prefill_chunk():
+    cfg = HybridConfig.preset(PRESET)
+    settings = dataclasses.replace(SETTINGS, prefill_chunk=None)
+    row, = profile_models({"hybrid": cfg}, [70], [4], settings)
+    assert row["prefill_chunk"] == settings.chunk_for(4) == 512
+    row, = profile_models({"hybrid": cfg}, [70], [4], SETTINGS)
+    assert row["prefill_chunk"] == 64
 
 
 def test_bad_settings_raise():

@@ -426,9 +426,10 @@ def _add_profile(sub) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
                    help="weights, KV and conv windows (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--decode-steps", type=int, default=32, help="greedy tokens timed per row (default: %(default)s)")
-    p.add_argument("--prefill-chunk", type=parse_size, default=2048,
-                   help="tokens per prefill call (default: 2k; each attention call holds about chunk x context "
-                        "mask and score bytes, see docs/profile/README.md)")
+    p.add_argument("--prefill-chunk", type=parse_size, default=None,
+                   help="tokens of each prompt per prefill call (default: 16k tokens a call on cuda, 2k on cpu, "
+                        "split over the batch; on cpu each attention call holds chunk x context score bytes, "
+                        "see docs/profile/README.md)")
     p.add_argument("--max-batch-search", action="store_true",
                    help="also find the largest batch by allocating it (CUDA only)")
     p.add_argument("--at-max-batch", action="store_true",

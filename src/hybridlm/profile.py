@@ -30,14 +30,16 @@ from hybridlm.generation import StaticDecoder, decode_one_token
 from hybridlm.model import HybridLM
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# tokens (all prompts of the batch together) per prefill call when ProfileSettings.prefill_chunk is None
+PREFILL_TOKENS = {"cuda": 16384, "cpu": 2048}
 ROW_KEYS = ("model", "engine", "context", "batch", "ttft_s", "decode_tokens_per_s", "peak_bytes", "cache_bytes")
 
 
 @dataclass
 class ProfileSettings:
     """How to run: device ("cpu" | "cuda" | "cuda:1"), dtype (weights, KV and conv windows),
-    decode_steps greedy tokens timed per row, prefill_chunk tokens per prefill call, seed of the
-    random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
+    decode_steps greedy tokens timed per row, prefill_chunk tokens of each prompt per prefill call
+    (None: ``chunk_for`` spreads PREFILL_TOKENS over the batch), seed of the random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
     device's free memory once the model is loaded); graph: decode through a CUDA graph of the
     fixed-shape step (``StaticDecoder``; default: on CUDA, when every layer letter has a static step),
     else the eager step; fill: skip the prefill and fill the cache with random keys, values and states
@@ -51,7 +53,7 @@ class ProfileSettings:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     decode_steps: int = 32
-    prefill_chunk: int = 2048
+    prefill_chunk: int | None = None
     seed: int = 0
     memory_budget: int | None = None
     graph: bool | None = None
@@ -62,8 +64,11 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         for name in ("decode_steps", "prefill_chunk", "prefill_repeats"):
             value = getattr(self, name)
+            if value is None and name == "prefill_chunk":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+                raise ValueError(f"{name}: expected an int >= 1{' or None' * (name == 'prefill_chunk')}, "
+                                 f"got {value!r}")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
             raise ValueError(f"memory_budget: expected None or an int >= 1 (bytes), got {self.memory_budget!r}")
         for name in ("fill", "compile"):
@@ -88,6 +93,22 @@ class ProfileSettings:
             raise ValueError(f"graph: layers {sorted(set(cfg.layer_types) & set('WMS'))} have no static decode "
                              "step; use graph=None or False")
         return self.graph
+
+    def chunk_for(self, batch: int) -> int:
+        """Tokens of each prompt per prefill call at ``batch``: prefill_chunk when set, else
+        PREFILL_TOKENS[device type] // batch, rounded down to a multiple of 64 (the chunked kernels'
+        block) when at least 64.
+
+        The prefill of a batch-1 prompt is host-bound at small calls: on an H200, Qwen3-Next's layers
+        (48, 32 experts) spend ~2.1 ms of host time per layer and call against ~1.2 ms of kernels for
+        2k tokens, so a 4k prompt took 0.209 s in 2k calls and 0.108 s in one call; 32k took 1.82 /
+        1.06 / 0.99 s in 2k / 8k / 16k calls. A budget per call rather than per prompt keeps the
+        activations (and so the largest batch that fits) independent of the batch. On the CPU each
+        call materialises [chunk, context] attention scores, so the budget stays at 2k."""
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        chunk = max(1, PREFILL_TOKENS[self.torch_device.type] // batch)
+        return chunk // 64 * 64 if chunk >= 64 else chunk
 
     @property
     def torch_device(self) -> torch.device:
@@ -258,9 +279,9 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
         (lambda token, n: decode_greedy(model, token, cache, n))
     if settings.fill:
         return _measure_filled(model, cache, context, batch, settings, decode, graphed)
-    warm = torch.randint(0, vocab, (batch, warmup_length(context, settings.prefill_chunk)), generator=gen,
-                         device=device)
-    decode(prefill_chunked(model, warm, cache, settings.prefill_chunk).argmax(-1), 2)
+    chunk = settings.chunk_for(batch)
+    warm = torch.randint(0, vocab, (batch, warmup_length(context, chunk)), generator=gen, device=device)
+    decode(prefill_chunked(model, warm, cache, chunk).argmax(-1), 2)
     cache.reset()
     ids = torch.randint(0, vocab, (batch, context), generator=gen, device=device)
     ttfts = []
@@ -271,7 +292,7 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
             torch.cuda.reset_peak_memory_stats(device)
         synchronize(device)
         t0 = time.perf_counter()
-        first = prefill_chunked(model, ids, cache, settings.prefill_chunk).argmax(-1)
+        first = prefill_chunked(model, ids, cache, chunk).argmax(-1)
         synchronize(device)
         ttfts.append(time.perf_counter() - t0)
     ttft = statistics.median(ttfts)
@@ -281,7 +302,7 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"decode": ("compiled " if graphed and settings.compile else "") + ("cuda graph" if graphed else "eager"),
-            "ttft_s": ttft, "ttft_runs_s": ttfts, "prefill_tokens_per_s": batch * context / ttft,
+            "ttft_s": ttft, "ttft_runs_s": ttfts, "prefill_chunk": chunk, "prefill_tokens_per_s": batch * context / ttft,
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
 
@@ -350,11 +371,14 @@ def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: li
     for context in contexts:
         budget = free_bytes(device) if settings.memory_budget is None else settings.memory_budget
         here = [_row(model, name, context, batch, settings, bandwidth, weights) for batch in batches]
-        # activations per row seen on CUDA (peak beyond weights and cache), so the analytic answer
-        # leaves room for the prefill as well as the cache
-        extra = max([(r["peak_bytes"] - weights - r["cache_bytes"]) / r["batch"] for r in here
-                     if r["peak_bytes"] is not None] + [0.0])
-        top = analytic_max_batch(cfg, context + settings.decode_steps + 1, budget, dt, extra)
+        # activations seen on CUDA (peak beyond weights and cache), so the analytic answer leaves room
+        # for the prefill as well as the cache: per row when each prompt's chunk is fixed, once when
+        # the tokens per call are (the default: chunk_for)
+        seen = [(r["peak_bytes"] - weights - r["cache_bytes"], r["batch"]) for r in here if r["peak_bytes"] is not None]
+        fixed = max([a for a, _ in seen] + [0]) if settings.prefill_chunk is None else 0
+        extra = max([a / b for a, b in seen] + [0.0]) if settings.prefill_chunk is not None else 0.0
+        room = None if budget is None else max(0, budget - fixed)
+        top = analytic_max_batch(cfg, context + settings.decode_steps + 1, room, dt, extra)
         found = search_max_batch(model, context, settings, top) if max_batch_search and top else None
         if at_max_batch and (found or top) and (found or top) not in batches:
             here.append(_row_at_most(model, name, context, found or top, settings, bandwidth, weights))
@@ -464,7 +488,7 @@ def _require_cuda(device: torch.device) -> None:
 
 
 def _fits(model: HybridLM, context: int, batch: int, settings: ProfileSettings) -> bool:
-    chunk, device = settings.prefill_chunk, settings.torch_device
+    chunk, device = settings.chunk_for(batch), settings.torch_device
     try:
         cache = model.new_cache(batch, context + settings.decode_steps + 1)
         ids = torch.zeros(batch, min(chunk, context), dtype=torch.long, device=device)
