@@ -8,7 +8,7 @@
 #        10-minute device call; the table at the end reads whichever JSON files OUT_DIR holds)
 # Parts (PARTS, default all, in this order):
 #   checks       GPU checks of the decode path (CUDA graph == eager, decode attention and MoE kernels vs reference);
-#   prefill      real chunked prefill + graphed decode at 4k, 32k, 128k, batch 1 (TTFT, decode tokens/s);
+#   prefill      real chunked prefill (median of 3) + graphed decode at 4k, 32k, 128k, batch 1 (TTFT, decode tokens/s);
 #   decode       decode on filled caches at 128k, 512k and 1M, batch 1 and the largest batch that fits;
 #   transformers transformers' generate on the same weights (Qwen3NextForCausalLM), 4k, batch 1, beside ours.
 set -euo pipefail
@@ -27,7 +27,7 @@ if has checks; then
         tests/ops/test_moe_decode.py -k "cuda or gpu or GPU" 2>&1 | tail -5
 fi
 if has prefill; then
-    $run --contexts 4k,32k,128k --batch 1 --plot "$out/prefill.png" --json > "$out/prefill.json"
+    $run --contexts 4k,32k,128k --batch 1 --prefill-repeats 3 --plot "$out/prefill.png" --json > "$out/prefill.json"
 fi
 if has decode; then
     $run --contexts 128k,512k,1m --batch 1 --fill --at-max-batch --plot "$out/decode.png" --json > "$out/decode.json"
