@@ -143,7 +143,8 @@ def test_at_max_batch_row_uses_the_budget():
 
 def test_table_and_plot(rows, tmp_path):
     table = format_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "copy bandwidth" in table
+    assert table.count("\n") == len(rows) + 2 and "copy bandwidth" in table
+    assert "prefill tokens of each prompt per call: 64 at batch 1, 64 at batch 2" in table
     path = tmp_path / "p.png"
     plot_profile(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -38,6 +38,10 @@ def format_table(rows: list[dict]) -> str:
             + (f"  {r['error']}" if r.get("error") else ""))
     if any(r.get("at_max_batch") for r in rows):
         lines.append("* the largest batch that fits (max batch: analytic, then found by allocation after '/')")
+    chunks = sorted({(r["batch"], r["prefill_chunk"]) for r in rows if r.get("prefill_chunk")})
+    if chunks:
+        lines.append("prefill tokens of each prompt per call: "
+                     + ", ".join(f"{chunk:,} at batch {batch}" for batch, chunk in chunks))
     first = rows[0]
     if first.get("copy_bandwidth_bytes_per_s"):
         lines.append(f"copy bandwidth {first['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s on {first['device']} "
