@@ -96,6 +96,29 @@ def test_empty_slots_are_never_read():
         assert torch.isfinite(o).all() and rel_err(o, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("block_s, skip_empty, num_stages", [(32, False, 3), (64, False, 2), (32, True, 1)])
+@pytest.mark.parametrize("window", [None, 50])
+def test_launch_choices_give_the_same_result(block_s, skip_empty, num_stages, window):
+    """The tuning choices: masked blocks without the skip branch (software-pipelined loads), other
+    block sizes. Empty slots hold NaN / inf: masked loads must not read them, and a block with no
+    visible slot (row 1's tail, row 2 throughout, the window's start) must add nothing."""
+    B, S, H, HKV, D, Dv = 3, 300, 4, 2, 32, 16
+    q, k, v, q_pos, k_pos = make_cache(B, S, H, HKV, D, Dv, seed=4)
+    k, v = k.contiguous(), v.contiguous()
+    ref = softmax_attention_decode(q, k, v, q_pos=q_pos, k_pos=k_pos, window=window, backend="reference")
+    unseen = (k_pos < 0) | (k_pos > q_pos[:, None])
+    if window is not None:
+        unseen |= q_pos[:, None] - k_pos >= window
+    k_nan = k.masked_fill(unseen[..., None, None], float("nan"))
+    v_nan = v.masked_fill(unseen[..., None, None], float("inf"))
+    for n in (1, 3):
+        o = torch.full((B, H, Dv), float("nan"), device=DEVICE)
+        decode_attention_into(q, k_nan, v_nan, q_pos, k_pos, o, scale=D ** -0.5, window=window, n_splits=n,
+                              block_s=block_s, skip_empty=skip_empty, num_stages=num_stages)
+        assert torch.isfinite(o).all() and rel_err(o, ref) < TOL[torch.float32], f"num_splits={n}"
+        assert torch.equal(o[2], torch.zeros_like(o[2]))
+
+
 @pytest.mark.parametrize("n_splits", [1, 3, 8])
 def test_every_output_and_partial_written(n_splits):
     """NaN-poisoned output and scratch: every element the combine reads is written by a split."""

@@ -42,6 +42,25 @@ MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
 @triton.jit
+def _attend_block(b_q, p_k, p_v, o_b, o_d, o_dv, m_d, m_dv, vis, sk_s, sk_d, sv_s, sv_d, b_m, b_l, b_acc,
+                  qk_scale, PRECISION: tl.constexpr):
+    """One block of slots into the online softmax: (running max, running sum, unnormalised output)."""
+    b_k = tl.load(p_k + o_b[:, None] * sk_s + o_d[None, :] * sk_d, mask=vis[:, None] & m_d[None, :], other=0.0)
+    b_v = tl.load(p_v + o_b[:, None] * sv_s + o_dv[None, :] * sv_d, mask=vis[:, None] & m_dv[None, :], other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    b_s = tl.where(vis[None, :], b_s * qk_scale, float("-inf"))
+    # padded rows (q = 0) score 0 at visible slots; a block with no visible slot (run without the
+    # skip branch) has max -inf: keep the old max, add weights of 0
+    m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(b_m - m_safe)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    b_l = b_l * alpha + tl.sum(b_p, axis=1)
+    b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_k.dtype), b_v, input_precision=PRECISION)
+    return m_new, b_l, b_acc
+
+
+@triton.jit
 def _split_kv_kernel(
     q, k, v, q_pos, k_pos, part_acc, part_m, part_l, o,
     scale, window, S, blocks_per_split, n_splits,
@@ -49,6 +68,7 @@ def _split_kv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, STAGES: tl.constexpr,
 ):
     R: tl.constexpr = H // HKV
     i_bk = tl.program_id(0)
@@ -81,27 +101,24 @@ def _split_kv_kernel(
     p_kp = k_pos + i_b * skp_b + start.to(tl.int64) * skp_s
     p_k = k + i_b * sk_b + i_kh * sk_h + start.to(tl.int64) * sk_s
     p_v = v + i_b * sv_b + i_kh * sv_h + start.to(tl.int64) * sv_s
-    for s0 in range(start, end, BLOCK_S):
+    for s0 in tl.range(start, end, BLOCK_S, num_stages=STAGES):
         m_s = s0 + o_b < end
         kp = tl.load(p_kp + o_b * skp_s, mask=m_s, other=-1)
         vis = m_s & (kp >= 0) & (kp <= qp)
         if HAS_WINDOW:
             vis = vis & (qp - kp < window)
-        # Every row of the program shares the query position, so a block is seen by all rows or none.
-        if tl.max(vis.to(tl.int32), axis=0) > 0:
-            b_k = tl.load(p_k + o_b[:, None] * sk_s + o_d[None, :] * sk_d,
-                          mask=vis[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(p_v + o_b[:, None] * sv_s + o_dv[None, :] * sv_d,
-                          mask=vis[:, None] & m_dv[None, :], other=0.0)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-            b_s = tl.where(vis[None, :], b_s * qk_scale, float("-inf"))
-            # finite: the block has a visible slot, and padded rows (q = 0) score 0 there
-            m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-            alpha = tl.exp2(b_m - m_new)
-            b_p = tl.exp2(b_s - m_new[:, None])
-            b_l = b_l * alpha + tl.sum(b_p, axis=1)
-            b_acc = b_acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
-            b_m = m_new
+        if SKIP_EMPTY:
+            # Every row of the program shares the query position, so a block is seen by all rows or
+            # none; a block with no visible slot skips its loads and products (but loads inside a
+            # branch are not software-pipelined: each block waits for its positions, then its keys)
+            if tl.max(vis.to(tl.int32), axis=0) > 0:
+                b_m, b_l, b_acc = _attend_block(b_q, p_k, p_v, o_b, o_d, o_dv, m_d, m_dv, vis, sk_s, sk_d,
+                                                sv_s, sv_d, b_m, b_l, b_acc, qk_scale, PRECISION)
+        else:
+            # masked loads of invisible slots read nothing, and the pipeliner overlaps the next
+            # blocks' loads with this block's products; an all-invisible block costs its products
+            b_m, b_l, b_acc = _attend_block(b_q, p_k, p_v, o_b, o_d, o_dv, m_d, m_dv, vis, sk_s, sk_d,
+                                            sv_s, sv_d, b_m, b_l, b_acc, qk_scale, PRECISION)
         p_kp += BLOCK_S * skp_s
         p_k += BLOCK_S * sk_s
         p_v += BLOCK_S * sv_s
@@ -166,11 +183,12 @@ def alloc_partials(B: int, H: int, n: int, Dv: int, device) -> tuple[torch.Tenso
             torch.empty(B, H, n, device=device, dtype=torch.float32))
 
 
-def split_plan(q, k, v, n_splits: Optional[int] = None) -> tuple[int, int, int]:
+def split_plan(q, k, v, n_splits: Optional[int] = None, block_s: Optional[int] = None) -> tuple[int, int, int]:
     """(NSPLIT, blocks per split, BLOCK_S) for these operands; ``n_splits`` overrides the heuristic
-    and is capped at one split per block (and trimmed so no split is empty)."""
+    and is capped at one split per block (and trimmed so no split is empty); ``block_s`` overrides
+    :func:`block_size`."""
     B, S, HKV = k.shape[:3]
-    bs = block_size(q.shape[2], v.shape[3])
+    bs = block_s or block_size(q.shape[2], v.shape[3])
     n_blocks = max(1, triton.cdiv(S, bs))
     n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs) if n_splits is None else min(n_splits, n_blocks)
     per_split = triton.cdiv(n_blocks, max(1, n))
@@ -178,15 +196,19 @@ def split_plan(q, k, v, n_splits: Optional[int] = None) -> tuple[int, int, int]:
 
 
 def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Optional[int],
-                          n_splits: Optional[int] = None, partials=None, num_warps: int = 4) -> None:
+                          n_splits: Optional[int] = None, partials=None, num_warps: int = 4,
+                          block_s: Optional[int] = None, skip_empty: bool = True, num_stages: int = 1) -> None:
     """Launch on validated tensors, writing ``o`` [B, H, Dv] (contiguous). ``n_splits`` overrides
     NSPLIT (tests, tuning); ``partials`` is scratch from :func:`alloc_partials` for
-    :func:`split_plan`'s NSPLIT (allocated here when None), used only when NSPLIT > 1."""
+    :func:`split_plan`'s NSPLIT (allocated here when None), used only when NSPLIT > 1.
+    ``num_warps``, ``block_s`` (slots per block), ``skip_empty`` (branch around blocks with no
+    visible slot, or run them masked so the loop's loads can be software-pipelined ``num_stages``
+    deep) are launch choices for tuning; every choice computes the same result."""
     B, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[3]
     if B == 0 or H == 0:
         return
-    n, per_split, bs = split_plan(q, k, v, n_splits)
+    n, per_split, bs = split_plan(q, k, v, n_splits, block_s)
     if n > 1 and partials is None:
         partials = alloc_partials(B, H, n, Dv, q.device)
     if n > 1 and tuple(partials[0].shape) != (B, H, n, Dv):
@@ -201,7 +223,7 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
         BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)), BLOCK_S=bs,
         # float32 inputs keep float32 products (no TF32), as the reference computes
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=n == 1,
-        num_warps=num_warps,
+        SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps,
     )
     if n > 1:
         _combine_kernel[(B * H,)](part_acc, part_m, part_l, o, n, DV=Dv, BDV=triton.next_power_of_2(Dv),
