@@ -9,6 +9,12 @@ block sizes 32 and 64, 4 and 8 warps, and 2, 4 or 8 programs per multiprocessor 
 checked against the default's output first. Bytes: keys, values and positions read once.
 
     python benchmarks/experiments/decode_attn_sweep.py --json out.json
+
+Offline sm_90 compiles (Triton 3.6, head dim 256, the launcher's specialisation of unit strides
+and 16-divisible ones; without it the compile spills kilobytes and says nothing about the GPU):
+the default (block 32, 4 warps, branch) takes 190 registers and no stack; masked blocks at 3
+stages stage every load as an asynchronous copy (LDGSTS) at 184 registers (4 warps) or 108
+(8 warps), 42 KB of shared memory.
 """
 
 from __future__ import annotations
