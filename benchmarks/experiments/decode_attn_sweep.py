@@ -6,7 +6,8 @@ kernel branches around blocks with no visible slot, and loads inside a branch ar
 software-pipelined: each block waits for its positions, then for its keys and values. This times
 the kernel with the branch (the default) against blocks run masked with 2-4 pipeline stages, at
 block sizes 32 and 64, 4 and 8 warps, and 2, 4 or 8 programs per multiprocessor (NSPLIT), each
-checked against the default's output first. Bytes: keys, values and positions read once.
+checked against the default's output first. Bytes: the visible keys and values and every position,
+read once.
 
     python benchmarks/experiments/decode_attn_sweep.py --json out.json
 
@@ -38,6 +39,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="BxS,... (default: %(default)s)")
+    ap.add_argument("--visible", type=int, help="only the first N slots hold keys (the rest empty, position -1): "
+                    "what a mostly empty preallocated cache costs each launch")
+    ap.add_argument("--configs", help="only these launches, skip:stages:block:warps,... e.g. 1:1:32:4,0:3:64:8 "
+                    "(splits from the default heuristic)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     sms = _num_sms(dev)
@@ -51,13 +56,18 @@ def main() -> None:
         k = torch.randn(B, S, HKV, D, device=dev, dtype=torch.bfloat16)
         v = torch.randn(B, S, HKV, D, device=dev, dtype=torch.bfloat16)
         k_pos = torch.arange(S, device=dev, dtype=torch.int32)[None].expand(B, S).contiguous()
-        q_pos = torch.full((B,), S - 1, device=dev, dtype=torch.int32)
-        nbytes = k.numel() * 2 + v.numel() * 2 + k_pos.numel() * 4
+        seen = S if args.visible is None else min(S, args.visible)
+        k_pos[:, seen:] = -1
+        q_pos = torch.full((B,), seen - 1, device=dev, dtype=torch.int32)
+        nbytes = (k.numel() + v.numel()) * 2 * seen // S + k_pos.numel() * 4
         ref = torch.empty(B, H, D, device=dev, dtype=torch.bfloat16)
         decode_attention_into(q, k, v, q_pos, k_pos, ref, scale=D ** -0.5, window=None)
         default_n = split_plan(q, k, v)[0]
-        for (skip, stages), bs, warps, per_sm in itertools.product(
-                [(True, 1), (False, 2), (False, 3), (False, 4)], [32, 64], [4, 8], [None, 4, 8]):
+        launches = itertools.product([(True, 1), (False, 2), (False, 3), (False, 4)], [32, 64], [4, 8], [None, 4, 8])
+        if args.configs:
+            launches = [((bool(int(c[0])), int(c[1])), int(c[2]), int(c[3]), None)
+                        for c in (x.split(":") for x in args.configs.split(","))]
+        for (skip, stages), bs, warps, per_sm in launches:
             n = None if per_sm is None else triton.cdiv(per_sm * sms, B * HKV)
             o = torch.empty_like(ref)
 
@@ -73,7 +83,7 @@ def main() -> None:
                 continue
             err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
             ms = timing.median_ms(run)
-            row = dict(B=B, S=S, skip_empty=skip, stages=stages, block_s=bs, warps=warps,
+            row = dict(B=B, S=S, visible=seen, skip_empty=skip, stages=stages, block_s=bs, warps=warps,
                        n_splits=n or default_n, ms=ms, gbps=nbytes / ms / 1e6, copy_share=nbytes / (ms * 1e-3) / copy,
                        rel_err=err)
             rows.append(row)

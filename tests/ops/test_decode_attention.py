@@ -21,8 +21,11 @@ from ops_testing import rel_err  # noqa: E402
 
 from hybridlm.ops import softmax_attention, softmax_attention_decode  # noqa: E402
 from hybridlm.ops.triton.decode_attention import (  # noqa: E402
+    PROGRAMS_PER_SM,
+    TILE_BYTES,
     alloc_partials,
     decode_attention_into,
+    launch_config,
     pick_num_splits,
     split_kv_decode_attention,
     split_plan,
@@ -151,13 +154,24 @@ def test_split_plan_caps_and_checks_scratch():
                               partials=alloc_partials(2, 4, 8, 16, DEVICE))
 
 
+def test_launch_config_keeps_pipelined_tiles_within_shared_memory():
+    assert launch_config(256, 256, torch.bfloat16) == (64, 8, 3)  # the launch measured on the H200
+    assert launch_config(128, 128, torch.bfloat16) == (64, 4, 3)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for D, Dv in ((16, 16), (64, 64), (100, 72), (128, 128), (192, 128), (256, 256), (512, 512), (576, 512)):
+            block, warps, stages = launch_config(D, Dv, dtype)
+            row = (max(16, 1 << (D - 1).bit_length()) + max(16, 1 << (Dv - 1).bit_length())) * dtype.itemsize
+            assert block in (16, 32, 64) and warps in (4, 8) and stages in (1, 2, 3)
+            assert block * row <= TILE_BYTES or (block, stages) == (16, 1), (D, Dv, dtype)
+
+
 def test_split_count_fills_the_card():
     sms = 132
     n = pick_num_splits(1, 2, 32768, sms, 64)
-    assert 1 < n <= 512 and 2 * n >= 2 * sms  # >= 2 programs per multiprocessor at batch 1
+    assert 1 < n <= 512 and 2 * n >= PROGRAMS_PER_SM * sms  # PROGRAMS_PER_SM per multiprocessor at batch 1
     assert pick_num_splits(1, 2, 100, sms, 64) == 2  # at most one split per block of slots
     assert pick_num_splits(1, 1, 1, sms, 64) == 1
-    assert pick_num_splits(64, 8, 32768, sms, 64) == 1  # large batches already fill the card
+    assert pick_num_splits(128, 8, 32768, sms, 64) == 1  # large batches already fill the card
     for S in (1, 63, 65, 1000, 4097, 1 << 20):  # no empty split: the last one starts before S
         for B in (1, 3, 16):
             n = pick_num_splits(B, 2, S, sms, 32)

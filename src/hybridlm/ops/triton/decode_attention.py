@@ -13,9 +13,12 @@ max, running sum) to float32 scratch. A second small kernel merges the NSPLIT pa
 (sequence, query head). With NSPLIT = 1 (large batches already fill the card) the first kernel
 normalises and writes the output itself.
 
-Each block loads its slot positions first and skips the key/value loads when no slot of the block is
-visible, so a large, mostly empty preallocated cache costs its position reads and little more.
-Key/value loads are masked by visibility too: an empty slot is never read, whatever it holds.
+Each block loads its slot positions, then its keys and values masked by visibility: an empty slot is
+never read, whatever it holds. By default every block runs, visible or not, so the loop's loads are
+software-pipelined (3 stages) and a split streams its range at the copy rate; a block with no visible
+slot still costs its two small products (a large, mostly empty preallocated cache pays them; the
+``skip_empty`` launch branches around such blocks instead, at the price of unpipelined loads: on an
+H200 at head dim 256 it read a full 1M-slot cache at 45% of the copy rate, against 100% pipelined).
 
 The op is registered with ``torch.library`` (``hybridlm::softmax_attention_decode``) so
 ``torch.compile(fullgraph=True)`` traces through it; it reads no tensor values on the host and every
@@ -37,7 +40,10 @@ from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Programs the split kernel should give each multiprocessor (latency hiding wants several loads in
 # flight per SM); NSPLIT grows until B * HKV * NSPLIT reaches this many per SM, or one block per split.
-PROGRAMS_PER_SM = 2
+# Measured on an H200 (head dim 256, bf16, 64-slot blocks, 8 warps, 3 stages; benchmarks/experiments/
+# decode_attn_sweep.py): 2 / 4 / 8 per SM gave 54 / 63 / 50% of the copy rate at B 1, S 128k, 101 /
+# 100 / 95% at B 1, S 1M, 63 / 87 / 83% at B 8, S 32k and 84 / 91 / 102% at B 40, S 128k.
+PROGRAMS_PER_SM = 4
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
@@ -162,9 +168,25 @@ def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV
     tl.store(o + i_bh * DV + o_dv, b_o.to(o.dtype.element_ty), mask=m_dv)
 
 
-def block_size(D: int, Dv: int) -> int:
-    """Slots per block: 64, or 32 when a head is wider than 128 (keeps the K/V tiles in registers)."""
-    return 64 if max(D, Dv) <= 128 else 32
+# Bytes of one block's key and value rows (padded head dims): the shared memory a pipelined block
+# takes grows with it; at 64 KB every launch compiled offline for sm_90 (Triton 3.6: head dims 64 to
+# 1024, bf16 and float32) stays within 76-131 KB of a block's 227 KB.
+TILE_BYTES = 64 * 1024
+
+
+def launch_config(D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(slots per block, warps, pipeline stages) of the split kernel: the largest block of 64, 32 or
+    16 slots whose key and value rows fit TILE_BYTES, 8 warps for heads wider than 128 (4 otherwise),
+    3 stages for 16-bit caches and 2 for float32 (1 when even 16 slots exceed TILE_BYTES).
+
+    Measured on an H200 at head dim 256, bf16 (decode_attn_sweep.py, 4 programs per SM): 63 / 100 /
+    87 / 91% of the copy rate at (B 1, S 128k) / (1, 1M) / (8, 32k) / (40, 128k), against 46 / 67 /
+    62 / 53% for the earlier 32-slot blocks of 4 warps that branched around empty blocks. Other head
+    dims are not yet timed on a GPU."""
+    row = (max(16, triton.next_power_of_2(D)) + max(16, triton.next_power_of_2(Dv))) * dtype.itemsize
+    block = next((b for b in (64, 32, 16) if b * row <= TILE_BYTES), 16)
+    stages = (3 if dtype.itemsize <= 2 else 2) if block * row <= TILE_BYTES else 1
+    return block, (8 if max(D, Dv) > 128 else 4), stages
 
 
 def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int) -> int:
@@ -186,9 +208,9 @@ def alloc_partials(B: int, H: int, n: int, Dv: int, device) -> tuple[torch.Tenso
 def split_plan(q, k, v, n_splits: Optional[int] = None, block_s: Optional[int] = None) -> tuple[int, int, int]:
     """(NSPLIT, blocks per split, BLOCK_S) for these operands; ``n_splits`` overrides the heuristic
     and is capped at one split per block (and trimmed so no split is empty); ``block_s`` overrides
-    :func:`block_size`."""
+    :func:`launch_config`'s."""
     B, S, HKV = k.shape[:3]
-    bs = block_s or block_size(q.shape[2], v.shape[3])
+    bs = block_s or launch_config(q.shape[2], v.shape[3], k.dtype)[0]
     n_blocks = max(1, triton.cdiv(S, bs))
     n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs) if n_splits is None else min(n_splits, n_blocks)
     per_split = triton.cdiv(n_blocks, max(1, n))
@@ -196,18 +218,22 @@ def split_plan(q, k, v, n_splits: Optional[int] = None, block_s: Optional[int] =
 
 
 def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Optional[int],
-                          n_splits: Optional[int] = None, partials=None, num_warps: int = 4,
-                          block_s: Optional[int] = None, skip_empty: bool = True, num_stages: int = 1) -> None:
+                          n_splits: Optional[int] = None, partials=None, num_warps: Optional[int] = None,
+                          block_s: Optional[int] = None, skip_empty: bool = False,
+                          num_stages: Optional[int] = None) -> None:
     """Launch on validated tensors, writing ``o`` [B, H, Dv] (contiguous). ``n_splits`` overrides
     NSPLIT (tests, tuning); ``partials`` is scratch from :func:`alloc_partials` for
     :func:`split_plan`'s NSPLIT (allocated here when None), used only when NSPLIT > 1.
     ``num_warps``, ``block_s`` (slots per block), ``skip_empty`` (branch around blocks with no
     visible slot, or run them masked so the loop's loads can be software-pipelined ``num_stages``
-    deep) are launch choices for tuning; every choice computes the same result."""
+    deep) are launch choices for tuning (None: :func:`launch_config`'s); every choice computes the
+    same result."""
     B, H, D = q.shape
     HKV, Dv = k.shape[2], v.shape[3]
     if B == 0 or H == 0:
         return
+    _, warps, stages = launch_config(D, Dv, k.dtype)
+    num_warps, num_stages = num_warps or warps, num_stages or stages
     n, per_split, bs = split_plan(q, k, v, n_splits, block_s)
     if n > 1 and partials is None:
         partials = alloc_partials(B, H, n, Dv, q.device)
@@ -227,7 +253,7 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
     )
     if n > 1:
         _combine_kernel[(B * H,)](part_acc, part_m, part_l, o, n, DV=Dv, BDV=triton.next_power_of_2(Dv),
-                                  BN=min(16, triton.next_power_of_2(n)), num_warps=num_warps)
+                                  BN=min(16, triton.next_power_of_2(n)), num_warps=4)
 
 
 @torch.library.custom_op("hybridlm::softmax_attention_decode", mutates_args=())
