@@ -1,6 +1,7 @@
 """One chunked forward at Qwen3-Next heads (Hqk 16, Hv 32, d 128, bf16, beta float32), B 1, T 32k,
-for Nsight Compute to read the prep's and the state pass's hardware counters (is the state pass
-bound by L2 bandwidth? NOTES-chunk v12 counts ~3.5 GB of L2 loads in 0.76 ms):
+for Nsight Compute to read the prep's and the state pass's hardware counters (NOTES-chunk v12: on
+the H200 the state pass used 39% of L2 bandwidth at 6.25% occupancy, latency-bound; the prep's
+L1/shared-memory pipe ran at 78%):
 
     ncu --clock-control none -k regex:"chunk_(prep|fwd)_kernel" --launch-skip 2 --launch-count 2 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
