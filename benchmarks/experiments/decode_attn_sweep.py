@@ -1,5 +1,6 @@
-"""Launch sweep of the split-KV decode attention kernel at long context (Qwen3-Next's attention
-layers: 16 query heads, 2 key/value heads, head dim 256, bf16, every slot of the cache visible).
+"""Launch sweep of the split-KV decode attention kernel at long context (default: Qwen3-Next's
+attention layers, 16 query heads, 2 key/value heads, head dim 256; bf16, every slot of the cache
+visible unless --visible).
 
 docs/profile (2026-12-01) measured the twin's long-context KV reads at 40-60% of the copy rate. The
 kernel branches around blocks with no visible slot, and loads inside a branch are not
@@ -31,7 +32,6 @@ from hybridlm.bench import timing
 from hybridlm.ops.triton.decode import _num_sms
 from hybridlm.ops.triton.decode_attention import decode_attention_into, split_plan
 
-H, HKV, D = 16, 2, 256
 SHAPES = [(1, 131072), (1, 1048576), (8, 32768), (40, 131072)]
 
 
@@ -39,11 +39,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json")
     ap.add_argument("--shapes", default=",".join(f"{b}x{s}" for b, s in SHAPES), help="BxS,... (default: %(default)s)")
+    ap.add_argument("--heads", default="16:2", help="query heads:key/value heads (default: %(default)s, Qwen3-Next)")
+    ap.add_argument("--dim", type=int, default=256, help="head dim of keys and values (default: %(default)s)")
     ap.add_argument("--visible", type=int, help="only the first N slots hold keys (the rest empty, position -1): "
                     "what a mostly empty preallocated cache costs each launch")
     ap.add_argument("--configs", help="only these launches, skip:stages:block:warps,... e.g. 1:1:32:4,0:3:64:8 "
                     "(splits from the default heuristic)")
     args = ap.parse_args()
+    H, HKV = (int(x) for x in args.heads.split(":"))
+    D = args.dim
     dev = torch.device("cuda")
     sms = _num_sms(dev)
     copy = timing.copy_bytes_per_s(dev)
