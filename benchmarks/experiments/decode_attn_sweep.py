@@ -91,7 +91,8 @@ def main() -> None:
                        n_splits=n or default_n, ms=ms, gbps=nbytes / ms / 1e6, copy_share=nbytes / (ms * 1e-3) / copy,
                        rel_err=err)
             rows.append(row)
-            print(f"B {B:3d} S {S:8d} skip {skip!s:5} stages {stages} bs {bs} warps {warps} splits {row['n_splits']:4d}: "
+            print(f"B {B:3d} S {S:8d} skip {skip!s:5} stages {stages} bs {bs} warps {warps} "
+                  f"splits {row['n_splits']:4d}: "
                   f"{ms * 1e3:9.1f} us {row['gbps']:7.0f} GB/s {row['copy_share']:6.1%} err {err:.1e}", flush=True)
         best = max((r for r in rows if r["B"] == B and r["S"] == S and r["rel_err"] < 1e-2), key=lambda r: r["gbps"])
         print("best", best, flush=True)

@@ -39,8 +39,9 @@ ROW_KEYS = ("model", "engine", "context", "batch", "ttft_s", "decode_tokens_per_
 class ProfileSettings:
     """How to run: device ("cpu" | "cuda" | "cuda:1"), dtype (weights, KV and conv windows),
     decode_steps greedy tokens timed per row, prefill_chunk tokens of each prompt per prefill call
-    (None: ``chunk_for`` spreads PREFILL_TOKENS over the batch), seed of the random prompt; memory_budget: bytes the caches may take for the largest-batch answer (default: the
-    device's free memory once the model is loaded); graph: decode through a CUDA graph of the
+    (None: ``chunk_for`` spreads PREFILL_TOKENS over the batch), seed of the random prompt;
+    memory_budget: bytes the caches may take for the largest-batch answer (default: the device's free
+    memory once the model is loaded); graph: decode through a CUDA graph of the
     fixed-shape step (``StaticDecoder``; default: on CUDA, when every layer letter has a static step),
     else the eager step; fill: skip the prefill and fill the cache with random keys, values and states
     instead (decode speed does not depend on their values, and a prefill of a large batch at a long
@@ -302,7 +303,8 @@ def measure(model: HybridLM, context: int, batch: int, settings: ProfileSettings
     t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"decode": ("compiled " if graphed and settings.compile else "") + ("cuda graph" if graphed else "eager"),
-            "ttft_s": ttft, "ttft_runs_s": ttfts, "prefill_chunk": chunk, "prefill_tokens_per_s": batch * context / ttft,
+            "ttft_s": ttft, "ttft_runs_s": ttfts, "prefill_chunk": chunk,
+            "prefill_tokens_per_s": batch * context / ttft,
             "decode_tokens_per_s": batch * steps / (t2 - t1), "decode_step_s": (t2 - t1) / steps,
             "peak_bytes": peak, "cache_bytes": cache.nbytes(), "cache_max_len": cache.max_len}
 

@@ -180,9 +180,9 @@ def launch_config(D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     3 stages for 16-bit caches and 2 for float32 (1 when even 16 slots exceed TILE_BYTES).
 
     Measured on an H200 at head dim 256, bf16 (decode_attn_sweep.py, 4 programs per SM): 63 / 100 /
-    87 / 91% of the copy rate at (B 1, S 128k) / (1, 1M) / (8, 32k) / (40, 128k), against 46 / 67 /
-    62 / 53% for the earlier 32-slot blocks of 4 warps that branched around empty blocks. Other head
-    dims are not yet timed on a GPU."""
+    87 / 91% of the copy rate at (B 1, S 128k) / (1, 1M) / (8, 32k) / (40, 128k); the earlier
+    default (32-slot blocks, 4 warps, branching around empty blocks, 2 programs per SM) read 53 / 45 /
+    39 / 45% (46 / 67 / 62 / 53% at 4 per SM). Other head dims are not yet timed on a GPU."""
     row = (max(16, triton.next_power_of_2(D)) + max(16, triton.next_power_of_2(Dv))) * dtype.itemsize
     block = next((b for b in (64, 32, 16) if b * row <= TILE_BYTES), 16)
     stages = (3 if dtype.itemsize <= 2 else 2) if block * row <= TILE_BYTES else 1
