@@ -377,8 +377,10 @@ def profile_model(name: str, cfg: HybridConfig, contexts: list[int], batches: li
         # for the prefill as well as the cache: per row when each prompt's chunk is fixed, once when
         # the tokens per call are (the default: chunk_for)
         seen = [(r["peak_bytes"] - weights - r["cache_bytes"], r["batch"]) for r in here if r["peak_bytes"] is not None]
-        fixed = max([a for a, _ in seen] + [0]) if settings.prefill_chunk is None else 0
-        extra = max([a / b for a, b in seen] + [0.0]) if settings.prefill_chunk is not None else 0.0
+        if settings.prefill_chunk is None:
+            fixed, extra = max([a for a, _ in seen] + [0]), 0.0
+        else:
+            fixed, extra = 0, max([a / b for a, b in seen] + [0.0])
         room = None if budget is None else max(0, budget - fixed)
         top = analytic_max_batch(cfg, context + settings.decode_steps + 1, room, dt, extra)
         found = search_max_batch(model, context, settings, top) if max_batch_search and top else None

@@ -232,9 +232,9 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
     HKV, Dv = k.shape[2], v.shape[3]
     if B == 0 or H == 0:
         return
-    _, warps, stages = launch_config(D, Dv, k.dtype)
+    block, warps, stages = launch_config(D, Dv, k.dtype)
     num_warps, num_stages = num_warps or warps, num_stages or stages
-    n, per_split, bs = split_plan(q, k, v, n_splits, block_s)
+    n, per_split, bs = split_plan(q, k, v, n_splits, block_s or block)
     if n > 1 and partials is None:
         partials = alloc_partials(B, H, n, Dv, q.device)
     if n > 1 and tuple(partials[0].shape) != (B, H, n, Dv):
