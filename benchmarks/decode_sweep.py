@@ -1,7 +1,9 @@
 """Tuning sweep of the Triton decode step (gated delta rule, one token per sequence) on one GPU.
 
 For each batch it times every launch configuration (value-block width, warps, a persistent grid of
-N programs per multiprocessor or one program per tile, streaming cache hints) as CUDA-graph replays
+N programs per multiprocessor or one program per tile, streaming cache hints, and the persistent loop
+software-pipelined over S stages: the next tiles' state copied into shared memory asynchronously
+while one computes) as CUDA-graph replays
 over distinct state buffers totalling >= 4x L2, as ``hybridlm bench kernels`` does, and prints the
 share of two copy rates: the 1 GiB device-to-device copy (the issue's yardstick) and a copy of
 exactly the state bytes one step moves, over the same number of distinct buffers (what a kernel of
@@ -29,6 +31,10 @@ from hybridlm.ops.triton.decode import _pick_blocks, decode_into
 BLOCKS = [(16, 1), (16, 2), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
 PERSISTENT = [None, 4, 8]
 STREAM = [False, True]
+# (block_v, num_warps, programs per SM, stages) of the pipelined persistent loop: the launches an
+# offline sm_90 compile shows without a spill stack (BV 64 at 2 warps spills from 2 stages on)
+PIPELINED = [(bv, w, pps, st) for bv, w in ((16, 1), (16, 2), (32, 2), (32, 4), (64, 4))
+             for pps in (1, 2, 4) for st in (2, 3, 4)]
 
 
 def _inputs(B, H, HV, K, V, n_states, device):
@@ -43,10 +49,11 @@ def _inputs(B, H, HV, K, V, n_states, device):
 
 
 def _calls(q, k, v, g, beta, states, o, cfg):
-    bv, warps, pps, stream = cfg
+    bv, warps, pps, stream, stages = cfg
     return [lambda s=s: decode_into(q, k, v, g, beta, s, s, o, scale=q.shape[-1] ** -0.5, use_qk_l2norm=True,
                                     A_log=None, dt_bias=None, beta_is_logit=False, block_v=bv,
-                                    num_warps=warps, programs_per_sm=pps, stream=stream) for s in states]
+                                    num_warps=warps, programs_per_sm=pps, stream=stream, stages=stages)
+            for s in states]
 
 
 def _check(q, k, v, g, beta, state, cfg) -> float:
@@ -73,18 +80,21 @@ def sweep(B, H, HV, K, V, device, copy_rate) -> list[dict]:
     o = torch.empty_like(v)
     rows = []
     blocks = BLOCKS + ([(default_bv, default_warps)] if (default_bv, default_warps) not in BLOCKS else [])
-    for (bv, warps), pps, stream in itertools.product(blocks, PERSISTENT, STREAM):
+    configs = [(bv, warps, pps, stream, 1) for (bv, warps), pps, stream in itertools.product(blocks, PERSISTENT, STREAM)]
+    configs += [(bv, warps, pps, False, stages) for bv, warps, pps, stages in PIPELINED]
+    for cfg in configs:
+        bv, warps, pps, stream, stages = cfg
         if bv > triton.next_power_of_2(V):
             continue
-        cfg = (bv, warps, pps, stream)
         err = _check(q, k, v, g, beta, states[0], cfg)
         if not err < 1e-2:
-            rows.append(dict(B=B, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream, error=err))
+            rows.append(dict(B=B, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream, stages=stages,
+                             error=err))
             print(f"B {B} {cfg}: WRONG (rel err {err:.2e})", flush=True)
             continue
         ms = timing.graphed_ms_per_call(_calls(q, k, v, g, beta, states, o, cfg), warmup_ms=10, rep_ms=50)
         rows.append(dict(B=B, H=H, HV=HV, K=K, V=V, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream,
-                         default=(bv, warps, pps, stream) == (default_bv, default_warps, None, False),
+                         stages=stages, default=cfg == (default_bv, default_warps, None, False, 1),
                          us=ms * 1e3, error=err, copy_share=nbytes / (ms * 1e-3) / copy_rate,
                          same_size_copy_share=nbytes / (ms * 1e-3) / same_size_rate,
                          same_size_copy_us=copy_ms * 1e3))
@@ -117,10 +127,17 @@ def main(argv=None) -> int:
         print(f"\nB {B}: same-size copy {ok[0]['same_size_copy_us']:.2f} us; default "
               f"(BV {default['block_v']}, {default['warps']} warps) {default['us']:.2f} us = "
               f"{default['copy_share']:.1%} of 1 GiB copy, {default['same_size_copy_share']:.1%} of same-size copy")
-        print(" block_v warps persistent stream      us  copy%  same-size%")
-        for r in ok[:6]:
+        print(" block_v warps persistent stream stages      us  copy%  same-size%")
+        for r in ok[:8]:
             print(f"  {r['block_v']:6d} {r['warps']:5d} {str(r['programs_per_sm']):>10} {str(r['stream']):>6} "
+                  f"{r['stages']:6d} "
                   f"{r['us']:7.2f} {r['copy_share']:6.1%} {r['same_size_copy_share']:8.1%}", flush=True)
+        for label, rs_ in (("one pass", [r for r in ok if r["stages"] == 1]),
+                           ("pipelined", [r for r in ok if r["stages"] > 1])):
+            if rs_:
+                r = rs_[0]
+                print(f"  best {label}: BV {r['block_v']} warps {r['warps']} persistent {r['programs_per_sm']} "
+                      f"stages {r['stages']}: {r['us']:.2f} us, {r['copy_share']:.1%} of 1 GiB copy", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "torch": torch.__version__,

@@ -136,23 +136,26 @@ def test_fused_gate_and_beta_logit(with_dt_bias):
     assert rel_err(s, s_ref) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("block_v, programs_per_sm, stream", [
-    (8, None, False), (16, None, False), (64, None, False),
+@pytest.mark.parametrize("block_v, programs_per_sm, stream, stages", [
+    (8, None, False, 1), (16, None, False, 1), (64, None, False, 1),
     # a persistent grid striding over the tiles (on CPU one "SM": 3 programs for 12 or 24 tiles),
     # and the streaming cache hints
-    (8, 3, False), (16, 3, True), (64, None, True)])
-def test_every_output_element_written(block_v, programs_per_sm, stream):
+    (8, 3, False, 1), (16, 3, True, 1), (64, None, True, 1),
+    # the software-pipelined persistent loop (its prefetch runs past the last tile of a program)
+    (8, 3, False, 3), (16, 5, False, 2)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_every_output_element_written(block_v, programs_per_sm, stream, stages, inplace):
     B, H, HV, K, V = SHAPES[1]
     gen = torch.Generator().manual_seed(5)
     q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
     h0 = make_state(B, HV, K, V, gen)
     o = torch.full((B, HV, V), float("nan"), device=DEVICE)
-    new_state = torch.full_like(h0, float("nan"))
+    o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
+    new_state = h0 if inplace else torch.full_like(h0, float("nan"))
     decode_into(q, k, v, g, beta, h0, new_state, o, scale=K ** -0.5, use_qk_l2norm=True, A_log=None,
                 dt_bias=None, beta_is_logit=False, block_v=block_v, programs_per_sm=programs_per_sm,
-                stream=stream)
+                stream=stream, stages=stages)
     assert not o.isnan().any() and not new_state.isnan().any()
-    o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
     assert rel_err(o, o_ref) < TOL[torch.float32]
     assert rel_err(new_state, s_ref) < TOL[torch.float32]
 

@@ -38,19 +38,30 @@ def _gdn_decode_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
     # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
-    # last partial wave of programs when the tiles are few.
+    # last partial wave of programs when the tiles are few. With STAGES > 1 the persistent loop is
+    # software-pipelined: the state tiles of the next STAGES - 1 iterations are copied into shared
+    # memory asynchronously while this one computes (a plain `range` is not pipelined: its loads
+    # feed no tensor-core product, and Triton pipelines those only in a loop given num_stages).
     n_vb = tl.cdiv(V, BV)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        i_v = tile % n_vb
-        # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
-        i_bhv = (tile // n_vb).to(tl.int64)
-        _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
-                     scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                     BETA_IS_LOGIT, STREAM)
+    if STAGES > 1:
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
+            i_v = tile % n_vb
+            i_bhv = (tile // n_vb).to(tl.int64)
+            _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
+                         scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
+                         BETA_IS_LOGIT, STREAM)
+    else:
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            i_v = tile % n_vb
+            # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
+            i_bhv = (tile // n_vb).to(tl.int64)
+            _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
+                         scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
+                         BETA_IS_LOGIT, STREAM)
 
 
 @triton.jit
@@ -133,7 +144,8 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> 
 
 
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
-                beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False) -> None:
+                beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False,
+                stages=1) -> None:
     """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
 
     ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
@@ -152,7 +164,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         state_in, state_out, o, scale, n_tiles,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
-        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, num_warps=warps,
+        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, num_warps=warps,
     )
 
 
