@@ -67,7 +67,7 @@ def main() -> None:
         ref = torch.empty(B, H, D, device=dev, dtype=torch.bfloat16)
         decode_attention_into(q, k, v, q_pos, k_pos, ref, scale=D ** -0.5, window=None)
         default_n = split_plan(q, k, v)[0]
-        launches = itertools.product([(True, 1), (False, 2), (False, 3), (False, 4)], [32, 64], [4, 8], [None, 4, 8])
+        launches = itertools.product([(True, 1), (False, 2), (False, 3), (False, 4)], [32, 64], [4, 8], [None, 4, 8, 16])
         if args.configs:
             launches = [((bool(int(c[0])), int(c[1])), int(c[2]), int(c[3]), None)
                         for c in (x.split(":") for x in args.configs.split(","))]

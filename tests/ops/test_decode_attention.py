@@ -144,6 +144,26 @@ def test_every_output_and_partial_written(n_splits):
     assert rel_err(o, ref) < TOL[torch.float32]
 
 
+def test_combine_over_many_split_groups():
+    """More splits than the combine takes in one group (64): its running maximum must rescale the
+    sums of earlier groups when a later group holds a larger score, and a row whose first groups saw
+    no key (empty slots at the start of its cache) must not pick up their zero weights as NaN."""
+    B, S, H, HKV, D, Dv = 2, 2100, 2, 1, 16, 16
+    q, k, v, q_pos, k_pos = make_cache(B, S, H, HKV, D, Dv, seed=7)
+    k, v = k.contiguous(), v.contiguous()
+    k_pos = k_pos.clone()
+    k_pos[1, :1100] = -1  # row 1: splits 0-68 (slots 0-1103) hold no visible key
+    k = k.clone()
+    k[0, 1900:1910] *= 4.0  # row 0: the largest scores sit in the last group
+    q = 3.0 * q
+    ref = softmax_attention_decode(q, k, v, q_pos=q_pos, k_pos=k_pos, backend="reference")
+    for n in (100, 132):
+        assert split_plan(q, k, v, n, block_s=16)[0] > 64
+        o = torch.full((B, H, Dv), float("nan"), device=DEVICE)
+        decode_attention_into(q, k, v, q_pos, k_pos, o, scale=D ** -0.5, window=None, n_splits=n, block_s=16)
+        assert torch.isfinite(o).all() and rel_err(o, ref) < TOL[torch.float32], f"n_splits={n}"
+
+
 def test_split_plan_caps_and_checks_scratch():
     q, k, v, q_pos, k_pos = make_cache(2, 100, 4, 2, 32, 16, seed=6)
     assert split_plan(q, k, v, 8)[:2] == (2, 1)  # 2 blocks of 64 slots: at most 2 splits
