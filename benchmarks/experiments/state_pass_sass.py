@@ -34,13 +34,16 @@ PATTERNS = dict(HGMMA="HGMMA", LDGSTS="LDGSTS", LDG=r"LDG\.", LDGDEPBAR="LDGDEPB
 
 
 def compile_sm90(kernel, sig: dict, const: dict, num_warps: int, num_stages: int, name: str,
-                 out_dir: str | None = None) -> dict:
+                 out_dir: str | None = None, divisible: tuple = ()) -> dict:
     """Compile a Triton kernel for sm_90 (pointer arguments 16-byte aligned, as the GPU launcher
-    specialises them); write NAME.cubin and NAME.sass to out_dir; return the counts."""
+    specialises them; so are the integer arguments named in ``divisible``, as the launcher does for
+    strides and sizes divisible by 16: without it a runtime row stride blocks vector loads and
+    asynchronous copies); write NAME.cubin and NAME.sass to out_dir; return the counts."""
     sig = dict(sig)
     for n in const:
         sig[n] = "constexpr"
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t.startswith("*")}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or n in divisible}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
                                     constexprs={(kernel.arg_names.index(n),): v for n, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),

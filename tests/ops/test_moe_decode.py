@@ -76,12 +76,15 @@ def test_triton_matches_reference_and_linear_experts(N, K, E, D, I, dtype):
     assert rel_err(out, linear_experts(*args)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("blocks", [(8, 16, 8, 16), (16, 32, 32, 16), (64, 256, 256, 128)])
-def test_every_output_element_written(blocks):
+@pytest.mark.parametrize("blocks, stages", [((8, 16, 8, 16), (1, 1)), ((16, 32, 32, 16), (1, 1)),
+                                            ((64, 256, 256, 128), (1, 1)),
+                                            # software-pipelined loops, prefetching past their masked tails
+                                            ((8, 16, 8, 16), (3, 3)), ((16, 32, 32, 16), (2, 4))])
+def test_every_output_element_written(blocks, stages):
     """Blocks smaller than D and I (loops with masked tails) and larger than both."""
     x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=3)
     out = torch.full_like(x, float("nan"))
-    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks)
+    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, stages=stages)
     assert not out.isnan().any()
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 
@@ -151,7 +154,10 @@ def test_block_choice_fills_the_card():
     assert bd1 >= 128 and N * K * -(-I // bi1) >= 132
     assert bd2 == 128 and N * K * -(-I // bi2) * -(-D // bd2) >= 4 * 132
     assert pick_blocks(1, 1, 16, 32, num_sms=132)[2:] == (16, 32)  # tiny: rows no fewer than one tile's
-    assert pick_blocks(64, 8, 512, 2048, num_sms=132)[0] == 64  # a large batch keeps wide blocks
+    # a large batch keeps the widest gate/up tile whose two float32 accumulators fit in registers
+    # (4096 elements: 16 rows of 256; 64 rows spilled and ran 20x slower on the H200)
+    assert pick_blocks(64, 8, 512, 2048, num_sms=132)[:2] == (16, 256)
+    assert pick_blocks(64, 8, 512, 64, num_sms=132)[:2] == (64, 64)
 
 
 _GOOD = make_inputs(2, 2, 4, 48, 40, seed=7)

@@ -53,7 +53,7 @@ TILE = 4096  # elements of a weight tile per loop step (16 per thread at 4 warps
 @triton.jit
 def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
                     s_xn, s_ge, s_gi, s_ue, s_ui,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
     i_nk = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1)
     i_n = i_nk // K
@@ -66,7 +66,10 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
     p_up = up_EID + i_e * s_ue + o_i.to(tl.int64)[:, None] * s_ui
     acc_gate = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    # STAGES > 1: the next tiles' loads are issued (copied into shared memory asynchronously) while
+    # this one is summed; a plain loop waits for every tile (a loop whose loads feed no tensor-core
+    # product is pipelined only when given num_stages)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         m_id = m_i[:, None] & m_d[None, :]
@@ -82,7 +85,7 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 
 @triton.jit
 def _down_kernel(h_NKI, experts_NK, down_EID, part_NPD, K, I, D, s_de, s_di,
-                 BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+                 BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr):
     # program (token-slot, d-block, i-block): BLOCK_I rows of one expert's down matrix, ROWS at a time,
     # summed into a float32 partial row of the token's P = K * cdiv(I, BLOCK_I) partials
     i_nk = tl.program_id(0).to(tl.int64)
@@ -93,7 +96,7 @@ def _down_kernel(h_NKI, experts_NK, down_EID, part_NPD, K, I, D, s_de, s_di,
     i_e = tl.load(experts_NK + i_nk).to(tl.int64)
     p_down = down_EID + i_e * s_de + o_d[None, :]
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for i0 in range(i_s * BLOCK_I, (i_s + 1) * BLOCK_I, ROWS):
+    for i0 in tl.range(i_s * BLOCK_I, (i_s + 1) * BLOCK_I, ROWS, num_stages=STAGES):
         o_i = i0 + tl.arange(0, ROWS)
         m_i = o_i < I
         b_h = tl.load(h_NKI + i_nk * I + o_i, mask=m_i, other=0.0)
@@ -123,13 +126,16 @@ def _sum_parts_kernel(part_NPD, out_ND, P, D, s_on, BLOCK_P: tl.constexpr, BLOCK
 def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int, int, int]:
     """(gate/up BLOCK_I, gate/up BLOCK_D, down BLOCK_I, down BLOCK_D) for the shape.
 
-    Gate/up: rows BLOCK_D = 256 wide (fewer for a small D) and BLOCK_I from 64 down to 8 until
+    Gate/up: rows BLOCK_D = 256 wide (fewer for a small D) and BLOCK_I from 64 (at most a TILE-element
+    tile) down to 8 until
     N * K * cdiv(I, BLOCK_I) reaches PROGRAMS_PER_SM programs per SM. Down: rows 128 wide (256 bytes
     of a 16-bit row) and BLOCK_I from all of I down to a TILE-element tile's rows until
     N * K * cdiv(I, BLOCK_I) * cdiv(D, BLOCK_D) does.
     """
     bd1 = max(16, min(256, triton.next_power_of_2(D)))
-    bi1 = max(8, min(64, triton.next_power_of_2(I)))
+    # at most a TILE-element tile: its two float32 accumulators stay in registers (64 x 256 spilled a
+    # 2.4 KB stack on sm_90, and 16 tokens x 10 experts took 2.5 ms a layer on the H200)
+    bi1 = max(8, min(64, TILE // bd1, triton.next_power_of_2(I)))
     while bi1 > 8 and N * K * triton.cdiv(I, bi1) < PROGRAMS_PER_SM * num_sms:
         bi1 //= 2
     bd2 = max(16, min(128, triton.next_power_of_2(D)))
@@ -141,7 +147,8 @@ def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int,
 
 
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, out_ND, *,
-                     blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4) -> None:
+                     blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
+                     stages: tuple[int, int] = (1, 1)) -> None:
     """Launch both kernels on validated tensors, writing ``out_ND`` [N, D].
 
     x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks may have any strides
@@ -159,12 +166,12 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, o
     _gate_up_kernel[(N * K, triton.cdiv(I, bi1))](
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
-        BLOCK_I=bi1, BLOCK_D=bd1, num_warps=num_warps)
+        BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps)
     n_split = triton.cdiv(I, bi2)
     part_NPD = torch.empty(N, K * n_split, D, device=x_ND.device, dtype=torch.float32)
     _down_kernel[(N * K, triton.cdiv(D, bd2), n_split)](
         h_NKI, experts_NK, down_EID, part_NPD, K, I, D, down_EID.stride(0), down_EID.stride(1),
-        BLOCK_I=bi2, BLOCK_D=bd2, ROWS=min(bi2, max(1, TILE // bd2)), num_warps=num_warps)
+        BLOCK_I=bi2, BLOCK_D=bd2, ROWS=min(bi2, max(1, TILE // bd2)), STAGES=stages[1], num_warps=num_warps)
     P = K * n_split
     bpr = max(1, min(64, triton.next_power_of_2(P)))
     bdr = max(16, min(TILE // bpr, triton.next_power_of_2(D)))
