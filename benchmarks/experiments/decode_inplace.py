@@ -14,12 +14,11 @@ and prints each as a share of the 1 GiB copy rate.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
 
-from hybridlm.bench import timing
+from hybridlm.bench import report, timing
 from hybridlm.ops.triton.decode import decode_into
 
 
@@ -63,10 +62,7 @@ def main() -> None:
                                                      for c in cases), flush=True)
         del src, dst
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(dev), torch=torch.__version__, copy_bytes_per_s=rate,
-                           rows=rows), f, indent=1)
+    report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,14 @@ from ops_testing import rel_err  # noqa: E402
 
 from hybridlm.ops import softmax_attention, softmax_attention_decode  # noqa: E402
 from hybridlm.ops.triton.decode_attention import (  # noqa: E402
-    PROGRAMS_PER_SM,
+    MIN_WAVE_FILL,
     TILE_BYTES,
+    WAVES,
     alloc_partials,
     decode_attention_into,
     launch_config,
     pick_num_splits,
+    resident_programs,
     split_kv_decode_attention,
     split_plan,
 )
@@ -188,7 +190,20 @@ def test_launch_config_keeps_pipelined_tiles_within_shared_memory():
 def test_split_count_fills_the_card():
     sms = 132
     n = pick_num_splits(1, 2, 32768, sms, 64)
-    assert 1 < n <= 512 and 2 * n >= PROGRAMS_PER_SM * sms  # PROGRAMS_PER_SM per multiprocessor at batch 1
+    assert 1 < n <= 512 and WAVES * sms / 2 <= 2 * n <= 2 * WAVES * sms  # about WAVES waves at batch 1
+    # Qwen3-Next's decode shapes (2 key/value heads, head dim 256, one program per SM): whole waves,
+    # as the H200 sweep preferred (256 splits at B 1, S 128k: 69% of the copy rate; the 293 of a
+    # rule rounding up: 4.44 waves, 61%)
+    assert pick_num_splits(1, 2, 131072, sms, 64) == 256
+    assert pick_num_splits(8, 2, 32768, sms, 64) == 32
+    assert pick_num_splits(40, 2, 131072, sms, 64) == 8  # 4.85 waves: the nearest nearly full
+    for B, HKV, S, res in ((1, 2, 131072, 1), (3, 2, 50000, 1), (36, 2, 131072, 1), (1, 8, 1 << 20, 2),
+                           (5, 1, 70000, 2), (1, 1, 131072, 2)):
+        n = pick_num_splits(B, HKV, S, sms, 64, res)
+        waves = B * HKV * n / (res * sms)
+        assert waves / -(-waves // 1) >= MIN_WAVE_FILL or waves < 1, (B, HKV, S, n)
+    assert resident_programs(64, 256, 256, torch.bfloat16, 3) == 1  # 192 KB of tiles
+    assert resident_programs(64, 128, 128, torch.bfloat16, 3) == 2
     assert pick_num_splits(1, 2, 100, sms, 64) == 2  # at most one split per block of slots
     assert pick_num_splits(1, 1, 1, sms, 64) == 1
     assert pick_num_splits(128, 8, 32768, sms, 64) == 1  # large batches already fill the card

@@ -8,6 +8,7 @@ note ("OOM", "raises ..."). Rows of one (section, shape, B, T) compare side by s
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 
 import torch
@@ -145,6 +146,14 @@ def environment(has_fla: bool) -> dict:
             import fla
             env["fla"] = getattr(fla, "__version__", "unknown")
     return env
+
+
+def write_rows_json(path: str | None, rows: list[dict], **extra) -> None:
+    """An experiment's rows as JSON at ``path`` (nothing when None), beside the date, card and
+    versions (:func:`environment`) and any ``extra`` fields (the measured copy rate, say)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(environment(False), **extra, rows=rows), f, indent=1)
 
 
 def markdown_section(env: dict, checks: list[dict], rows: list[dict]) -> str:

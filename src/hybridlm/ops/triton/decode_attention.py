@@ -27,6 +27,8 @@ shape it allocates depends only on input shapes, so a CUDA graph can capture it.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
@@ -38,12 +40,19 @@ from hybridlm.ops.decode_attention import check_decode_attention
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 
 LOG2E = tl.constexpr(1.4426950408889634)
-# Programs the split kernel should give each multiprocessor (latency hiding wants several loads in
-# flight per SM); NSPLIT grows until B * HKV * NSPLIT reaches this many per SM, or one block per split.
-# Measured on an H200 (head dim 256, bf16, 64-slot blocks, 8 warps, 3 stages; benchmarks/experiments/
-# decode_attn_sweep.py): 2 / 4 / 8 per SM gave 54 / 63 / 50% of the copy rate at B 1, S 128k, 101 /
-# 100 / 95% at B 1, S 1M, 63 / 87 / 83% at B 8, S 32k and 84 / 91 / 102% at B 40, S 128k.
-PROGRAMS_PER_SM = 4
+# Waves of resident programs the split kernel should run (latency hiding wants several loads in flight
+# per SM; a program's pipeline prologue wants a few blocks). A multiprocessor holds as many programs
+# as its shared memory fits pipelined tiles (SMEM_PER_SM): one at head dim 256 (3 stages of 64-slot
+# blocks, 192 KB), two at 128. Measured on an H200 (bf16, benchmarks/experiments/decode_attn_sweep.py):
+# at head dim 256, 2 / 4 / 8 programs per SM gave 54 / 63 / 50% of the copy rate at B 1, S 128k and
+# 63 / 87 / 83% at B 8, S 32k; at head dim 128 (8 heads, 8 key/value heads) 4 / 8 per SM gave
+# 73 / 84% at B 1, S 128k and 85 / 99% at B 1, S 1M.
+WAVES = 4
+SMEM_PER_SM = 227 * 1024
+# The last wave's share of a full one that a split count must reach (see pick_num_splits): at head dim
+# 256 and B 1, S 128k, 293 splits (586 programs, 4.44 waves of 132) read 61% of the copy rate and 256
+# (3.88 waves) 69%; at B 8, S 32k, 35 splits 72% and 32 87%.
+MIN_WAVE_FILL = 0.95
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
 
 
@@ -197,13 +206,36 @@ def launch_config(D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     return block, (8 if max(D, Dv) > 128 else 4), stages
 
 
-def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int) -> int:
-    """NSPLIT for the shape: enough ranges of S that B * HKV * NSPLIT reaches PROGRAMS_PER_SM
-    programs per multiprocessor (a little above, as every range holds whole blocks and none is
-    empty), and at most one range per BLOCK_S block."""
+@functools.lru_cache(maxsize=1024)
+def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int, resident: int = 1) -> int:
+    """NSPLIT for the shape: about WAVES waves of ``resident`` programs per multiprocessor, with
+    the last wave nearly full.
+
+    Every split holds whole blocks of ``block_s`` slots (so only some counts are realisable) and
+    each (sequence, key/value head, split) is one program. Among the realisable counts from half to
+    twice the target, the one nearest the target whose programs fill their last wave to at least
+    MIN_WAVE_FILL (a wave a quarter full costs as long as a full one), else the fullest."""
     n_blocks = max(1, triton.cdiv(S, block_s))
-    want = max(1, min(triton.cdiv(PROGRAMS_PER_SM * num_sms, max(1, B * HKV)), n_blocks))
-    return triton.cdiv(n_blocks, n_blocks // want)
+    rows = max(1, B * HKV)
+    wave = max(1, resident) * num_sms
+    want = max(1.0, min(WAVES * wave / rows, n_blocks))
+
+    def fill(n: int) -> float:
+        waves = rows * n / wave
+        return waves / math.ceil(waves)
+
+    counts = sorted({triton.cdiv(n_blocks, triton.cdiv(n_blocks, n))
+                     for n in range(max(1, int(want // 2)), min(n_blocks, int(2 * want)) + 1)})
+    full = [n for n in counts if fill(n) >= MIN_WAVE_FILL]
+    if full:
+        return min(full, key=lambda n: abs(math.log(n / want)))
+    return max(counts, key=lambda n: (fill(n), -abs(math.log(n / want))))
+
+
+def resident_programs(block_s: int, D: int, Dv: int, dtype: torch.dtype, stages: int) -> int:
+    """Split programs one multiprocessor holds, by the shared memory of their pipelined tiles."""
+    row = (max(16, triton.next_power_of_2(D)) + max(16, triton.next_power_of_2(Dv))) * dtype.itemsize
+    return max(1, min(4, SMEM_PER_SM // max(1, max(1, stages) * block_s * row)))
 
 
 def alloc_partials(B: int, H: int, n: int, Dv: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -218,9 +250,14 @@ def split_plan(q, k, v, n_splits: Optional[int] = None, block_s: Optional[int] =
     and is capped at one split per block (and trimmed so no split is empty); ``block_s`` overrides
     :func:`launch_config`'s."""
     B, S, HKV = k.shape[:3]
-    bs = block_s or launch_config(q.shape[2], v.shape[3], k.dtype)[0]
+    block, _, stages = launch_config(q.shape[2], v.shape[3], k.dtype)
+    bs = block_s or block
     n_blocks = max(1, triton.cdiv(S, bs))
-    n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs) if n_splits is None else min(n_splits, n_blocks)
+    if n_splits is None:
+        resident = resident_programs(bs, q.shape[2], v.shape[3], k.dtype, stages)
+        n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs, resident)
+    else:
+        n = min(n_splits, n_blocks)
     per_split = triton.cdiv(n_blocks, max(1, n))
     return triton.cdiv(n_blocks, per_split), per_split, bs
 
