@@ -49,10 +49,11 @@ def _inputs(B, H, HV, K, V, n_states, device):
 
 
 def _calls(q, k, v, g, beta, states, o, cfg):
-    bv, warps, pps, stream, stages = cfg
+    bv, warps, pps, stream, stages, early_o = cfg
     return [lambda s=s: decode_into(q, k, v, g, beta, s, s, o, scale=q.shape[-1] ** -0.5, use_qk_l2norm=True,
                                     A_log=None, dt_bias=None, beta_is_logit=False, block_v=bv,
-                                    num_warps=warps, programs_per_sm=pps, stream=stream, stages=stages)
+                                    num_warps=warps, programs_per_sm=pps, stream=stream, stages=stages,
+                                    early_o=early_o)
             for s in states]
 
 
@@ -66,7 +67,7 @@ def _check(q, k, v, g, beta, state, cfg) -> float:
     return err
 
 
-def sweep(B, H, HV, K, V, device, copy_rate) -> list[dict]:
+def sweep(B, H, HV, K, V, device, copy_rate, pipelined=True) -> list[dict]:
     state_bytes = B * HV * K * V * 4
     n_states = max(2, min(128, math.ceil(4 * timing.l2_cache_bytes(device) / state_bytes)))
     q, k, v, g, beta, states = _inputs(B, H, HV, K, V, n_states, device)
@@ -80,21 +81,25 @@ def sweep(B, H, HV, K, V, device, copy_rate) -> list[dict]:
     o = torch.empty_like(v)
     rows = []
     blocks = BLOCKS + ([(default_bv, default_warps)] if (default_bv, default_warps) not in BLOCKS else [])
-    configs = [(bv, warps, pps, stream, 1) for (bv, warps), pps, stream in itertools.product(blocks, PERSISTENT, STREAM)]
-    configs += [(bv, warps, pps, False, stages) for bv, warps, pps, stages in PIPELINED]
+    configs = [(bv, warps, pps, stream, 1, False)
+               for (bv, warps), pps, stream in itertools.product(blocks, PERSISTENT, STREAM)]
+    configs += [(bv, warps, None, False, 1, True) for bv, warps in blocks]
+    if pipelined:
+        configs += [(bv, warps, pps, False, stages, False) for bv, warps, pps, stages in PIPELINED]
     for cfg in configs:
-        bv, warps, pps, stream, stages = cfg
+        bv, warps, pps, stream, stages, early_o = cfg
         if bv > triton.next_power_of_2(V):
             continue
         err = _check(q, k, v, g, beta, states[0], cfg)
         if not err < 1e-2:
             rows.append(dict(B=B, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream, stages=stages,
-                             error=err))
+                             early_o=early_o, error=err))
             print(f"B {B} {cfg}: WRONG (rel err {err:.2e})", flush=True)
             continue
         ms = timing.graphed_ms_per_call(_calls(q, k, v, g, beta, states, o, cfg), warmup_ms=10, rep_ms=50)
         rows.append(dict(B=B, H=H, HV=HV, K=K, V=V, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream,
-                         stages=stages, default=cfg == (default_bv, default_warps, None, False, 1),
+                         stages=stages, early_o=early_o,
+                         default=cfg == (default_bv, default_warps, None, False, 1, False),
                          us=ms * 1e3, error=err, copy_share=nbytes / (ms * 1e-3) / copy_rate,
                          same_size_copy_share=nbytes / (ms * 1e-3) / same_size_rate,
                          same_size_copy_us=copy_ms * 1e3))
@@ -108,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8,32,64,128,256")
     p.add_argument("--heads", default="16,32", help="H,HV (Qwen3-Next: 16 q/k heads, 32 value heads)")
     p.add_argument("--dim", type=int, default=128, help="K = V")
+    p.add_argument("--no-pipelined", action="store_true",
+                   help="skip the pipelined persistent launches (slower at every batch >= 8 on the H200)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -120,19 +127,20 @@ def main(argv=None) -> int:
           f"K = V = {args.dim}, bf16 q/k/v, float32 state, CUDA-graph replay over distinct states")
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
-        rs = sweep(B, H, HV, args.dim, args.dim, device, copy_rate)
+        rs = sweep(B, H, HV, args.dim, args.dim, device, copy_rate, pipelined=not args.no_pipelined)
         rows += rs
         ok = sorted((r for r in rs if "us" in r), key=lambda r: r["us"])
         default = next(r for r in rs if r.get("default"))
         print(f"\nB {B}: same-size copy {ok[0]['same_size_copy_us']:.2f} us; default "
               f"(BV {default['block_v']}, {default['warps']} warps) {default['us']:.2f} us = "
               f"{default['copy_share']:.1%} of 1 GiB copy, {default['same_size_copy_share']:.1%} of same-size copy")
-        print(" block_v warps persistent stream stages      us  copy%  same-size%")
+        print(" block_v warps persistent stream stages early_o      us  copy%  same-size%")
         for r in ok[:8]:
             print(f"  {r['block_v']:6d} {r['warps']:5d} {str(r['programs_per_sm']):>10} {str(r['stream']):>6} "
-                  f"{r['stages']:6d} "
+                  f"{r['stages']:6d} {str(r['early_o']):>7} "
                   f"{r['us']:7.2f} {r['copy_share']:6.1%} {r['same_size_copy_share']:8.1%}", flush=True)
-        for label, rs_ in (("one pass", [r for r in ok if r["stages"] == 1]),
+        for label, rs_ in (("one pass", [r for r in ok if r["stages"] == 1 and not r["early_o"]]),
+                           ("early o", [r for r in ok if r["early_o"]]),
                            ("pipelined", [r for r in ok if r["stages"] > 1])):
             if rs_:
                 r = rs_[0]

@@ -144,7 +144,8 @@ def test_fused_gate_and_beta_logit(with_dt_bias):
     # the software-pipelined persistent loop (its prefetch runs past the last tile of a program)
     (8, 3, False, 3), (16, 5, False, 2)])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_every_output_element_written(block_v, programs_per_sm, stream, stages, inplace):
+@pytest.mark.parametrize("early_o", [False, True])
+def test_every_output_element_written(block_v, programs_per_sm, stream, stages, inplace, early_o):
     B, H, HV, K, V = SHAPES[1]
     gen = torch.Generator().manual_seed(5)
     q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
@@ -154,7 +155,7 @@ def test_every_output_element_written(block_v, programs_per_sm, stream, stages, 
     new_state = h0 if inplace else torch.full_like(h0, float("nan"))
     decode_into(q, k, v, g, beta, h0, new_state, o, scale=K ** -0.5, use_qk_l2norm=True, A_log=None,
                 dt_bias=None, beta_is_logit=False, block_v=block_v, programs_per_sm=programs_per_sm,
-                stream=stream, stages=stages)
+                stream=stream, stages=stages, early_o=early_o)
     assert not o.isnan().any() and not new_state.isnan().any()
     assert rel_err(o, o_ref) < TOL[torch.float32]
     assert rel_err(new_state, s_ref) < TOL[torch.float32]

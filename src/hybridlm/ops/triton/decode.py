@@ -38,7 +38,7 @@ def _gdn_decode_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr, EARLY_O: tl.constexpr,
 ):
     # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
     # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
@@ -53,7 +53,7 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM)
+                         BETA_IS_LOGIT, STREAM, EARLY_O)
     else:
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_v = tile % n_vb
@@ -61,7 +61,7 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM)
+                         BETA_IS_LOGIT, STREAM, EARLY_O)
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr,
                  USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr):
+                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, EARLY_O: tl.constexpr):
     i_b = i_bhv // HV
     i_hv = i_bhv % HV
     i_h = i_hv // (HV // H)
@@ -111,10 +111,19 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
 
-    b_S = b_S * tl.exp(b_g)
-    b_u = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))
-    b_S = b_S + b_k[:, None] * b_u[None, :]
-    b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)
+    if EARLY_O:
+        # Both reductions over the loaded (old) state, which can run as its rows arrive:
+        # S_new^T q = exp(g) S^T q + (k . q) u, so o no longer waits for the updated tile.
+        b_decay = tl.exp(b_g)
+        b_qs = b_q * scale
+        b_u = b_beta * (b_v - b_decay * tl.sum(b_S * b_k[:, None], axis=0))
+        b_o = b_decay * tl.sum(b_S * b_qs[:, None], axis=0) + tl.sum(b_qs * b_k) * b_u
+        b_S = b_S * b_decay + b_k[:, None] * b_u[None, :]
+    else:
+        b_S = b_S * tl.exp(b_g)
+        b_u = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))
+        b_S = b_S + b_k[:, None] * b_u[None, :]
+        b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)
 
     if STREAM:
         tl.store(state_out + p_state, b_S, mask=m_kv, cache_modifier=".cs")
@@ -145,13 +154,15 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> 
 
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
                 beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False,
-                stages=1) -> None:
+                stages=1, early_o=False) -> None:
     """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
 
     ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
     heuristic; ``programs_per_sm`` caps the grid at that many programs per multiprocessor (a
-    persistent grid striding over the tiles); ``stream`` sets the state's cache hints (these are
-    the benchmark's tuning knobs, ``benchmarks/decode_sweep.py``)."""
+    persistent grid striding over the tiles); ``stream`` sets the state's cache hints; ``stages``
+    > 1 software-pipelines the persistent loop; ``early_o`` forms the output from the old state
+    (exp(g) S^T q + (k . q) u) beside S^T k (these are the benchmark's tuning knobs,
+    ``benchmarks/decode_sweep.py``)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     bv, warps = _pick_blocks(B, HV, V, q.device)
@@ -164,7 +175,8 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         state_in, state_out, o, scale, n_tiles,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
-        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, num_warps=warps,
+        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, EARLY_O=early_o,
+        num_warps=warps,
     )
 
 
