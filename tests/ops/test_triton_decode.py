@@ -244,3 +244,17 @@ def test_cuda_graph_capture_of_decode_steps():
         o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, s_ref, use_qk_l2norm=True, backend="reference")
         assert rel_err(o, o_ref) < TOL[torch.bfloat16]
     assert rel_err(state, s_ref) < TOL[torch.float32]
+
+
+def test_block_choice_by_batch(monkeypatch):
+    """The launch the H200 sweep measured fastest at Qwen3-Next's heads (HV 32, V 128, 132 SMs):
+    16 columns and 1 warp up to batch 8, 32 and 2 at 32, 64 and 2 from 64; narrow value heads cap
+    the width."""
+    import hybridlm.ops.triton.decode as D
+
+    monkeypatch.setattr(D, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert [D._pick_blocks(B, 32, 128, cpu) for B in (1, 8, 32, 64, 256)] == [
+        (16, 1), (16, 1), (32, 2), (64, 2), (64, 2)]
+    assert D._pick_blocks(1, 1, 8, cpu) == (8, 1)
+    assert D._pick_blocks(512, 32, 20, cpu) == (32, 2)

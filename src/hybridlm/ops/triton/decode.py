@@ -140,15 +140,17 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> tuple[int, int]:
-    """Value-block width and warps: the widest block that still gives every multiprocessor
-    several programs (latency hiding needs many loads in flight per SM)."""
+    """Value-block width and warps, by how many 64-column tiles the state holds per multiprocessor.
+
+    Measured on an H200 (benchmarks/decode_sweep.py, Qwen3-Next's heads: HV 32, K = V = 128, bf16
+    inputs, CUDA-graph replays over distinct states; data/2026-12-02-h200-s8/decode_sweep.json):
+    16 columns and 1 warp are fastest at batch 1 and 8 (3.33 / 11.06 us, against 3.83 / 12.17 for
+    the earlier rule's 8 / 32 columns), 32 columns and 2 warps at batch 32 (38.9 us, 39.4 at 64
+    columns), 64 columns and 2 warps from batch 64 (72.3 / 136.4 / 265.1 us at 64 / 128 / 256)."""
     bv_max = min(64, triton.next_power_of_2(V))
-    bv = bv_max
-    while bv > 8 and batch * num_v_heads * triton.cdiv(V, bv) < 4 * _num_sms(device):
-        bv //= 2
-    # warps measured on an H100 (bf16 inputs, HV 32, K = V = 128): 1 suits 8-16 columns, 2 suits 32;
-    # on an H200 2 warps also beat 4 at 64 columns (B 32 / 64 / 128: 39.6 / 72.9 / 137.2 us against
-    # 39.9 / 73.7 / 139.3, benchmarks/decode_sweep.py)
+    tiles = batch * num_v_heads * triton.cdiv(V, bv_max)
+    sms = _num_sms(device)
+    bv = bv_max if tiles >= 16 * sms else min(bv_max, 32 if tiles >= 4 * sms else 16)
     return bv, (2 if bv >= 32 else 1)
 
 
