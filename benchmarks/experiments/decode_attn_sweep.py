@@ -10,7 +10,8 @@ block sizes 32 and 64, 4 and 8 warps, and 2, 4 or 8 programs per multiprocessor 
 checked against the default's output first. Bytes: the visible keys and values and every position,
 read once. A cache smaller than 4x the L2 is timed round-robin over enough copies of it that the
 timed calls read DRAM (one 67 MB cache, at head dim 128 with one key/value head, read partly from
-L2 and its rows varied 2x between calls).
+L2 and its rows varied 2x between calls), as CUDA-graph replays (eager timing measured the host's
+launches at B 1, S 128k, not the kernels).
 
     python benchmarks/experiments/decode_attn_sweep.py --json out.json
 
@@ -82,7 +83,6 @@ def main() -> None:
             def launch(k, v):
                 decode_attention_into(q, k, v, q_pos, k_pos, o, scale=D ** -0.5, window=None, n_splits=n,
                                       block_s=bs, skip_empty=skip, num_stages=stages, num_warps=warps)
-            run = timing.round_robin([lambda c=c: launch(*c) for c in caches])
             try:
                 launch(k, v)
                 torch.cuda.synchronize()
@@ -91,7 +91,10 @@ def main() -> None:
                       flush=True)
                 continue
             err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-            ms = timing.median_ms(run)
+            # CUDA-graph replays, as the profiler's decode step runs: timed eagerly, the host's two
+            # launches took about as long as the kernels at B 1, S 128k (90-180 us for one launch,
+            # by the order it was timed in: the ninth 2026-12-02 session's 38% row)
+            ms = timing.graphed_ms_per_call([lambda c=c: launch(*c) for c in caches], warmup_ms=10, rep_ms=60)
             row = dict(B=B, S=S, visible=seen, skip_empty=skip, stages=stages, block_s=bs, warps=warps,
                        n_splits=n or default_n, ms=ms, gbps=nbytes / ms / 1e6, copy_share=nbytes / (ms * 1e-3) / copy,
                        rel_err=err)

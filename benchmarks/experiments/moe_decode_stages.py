@@ -5,7 +5,7 @@ Qwen3-Next-80B-A3B's expert shapes (D 2048, I 512, 10 of E experts per token, bf
 distinct weight stacks (so the timed calls read DRAM, not L2), CUDA-graph replays as in the profiler's
 decode step. For each batch N and each (gate/up stages, down stages) it checks the kernels against
 the reference, then prints us per layer and the share of the 1 GiB copy rate for the distinct expert
-weights the call reads (stages 1: the plain loops, the current default).
+weights the call reads (stages 1: the plain loops; `pick_stages` gives the default per N).
 
     PYTHONPATH=src python benchmarks/experiments/moe_decode_stages.py [--batches 1,4,16,64] [--json F]
 """
@@ -18,9 +18,9 @@ import torch
 
 from hybridlm.bench import report, timing
 from hybridlm.ops import moe_experts
-from hybridlm.ops.triton.moe_decode import moe_experts_into
+from hybridlm.ops.triton.moe_decode import moe_experts_into, pick_stages
 
-STAGES = [(1, 1), (2, 2), (3, 3), (4, 4), (3, 1), (1, 3)]
+STAGES = [None, (1, 1), (2, 2), (3, 3), (4, 4), (3, 1), (1, 3)]  # None: the default launch
 
 
 def main() -> None:
@@ -50,9 +50,10 @@ def main() -> None:
             err = ((out.float() - ref).norm() / ref.norm()).item()
             calls = [lambda s=s: moe_experts_into(x, experts, weights, *s, out, stages=st) for s in stacks]
             us = timing.graphed_ms_per_call(calls, warmup_ms=10, rep_ms=60) * 1e3
-            row = dict(N=N, stages=list(st), us=us, bytes=nbytes, copy_share=nbytes / (us * 1e-6) / rate, rel_err=err)
+            row = dict(N=N, default=st is None, stages=list(st or pick_stages(N)), us=us, bytes=nbytes,
+                       copy_share=nbytes / (us * 1e-6) / rate, rel_err=err)
             rows.append(row)
-            print(f"N {N:3d} stages {st}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
+            print(f"N {N:3d} stages {st or 'default ' + str(pick_stages(N))}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
     report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the next GPU session measures (after the seventh 2026-12-02 session; see RESULTS.md there).
+# What the next GPU session measures (kept current after each session; see RESULTS.md).
 # Each part fits one 10-minute device call; every output lands in OUT_DIR (JSON and logs).
 #   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
@@ -13,8 +13,13 @@
 #                batch 36, seventh session)
 #   attn128      the decode-attention launch sweep at head dim 128 (8 query heads, 1 and 8 key/value
 #                heads): the default launch there (64 slots, 4 warps, 3 stages) is compiled offline only
-#   tests        the chunked op's bf16 / packed / compile tests, decode attention, conv, norm and
-#                static decode on the GPU (all passed in the seventh session; rerun after kernel changes)
+#   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
+#                norm and static decode on the GPU (rerun after kernel changes: the one-pass combine,
+#                the MoE tile cap and pipelined MoE loops were not yet run through them there)
+#   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
+#   attn         the decode-attention default launches at head dims 256 (16:2, twice in swapped order)
+#                and 128 (8:8 and 8:1), now timed as CUDA-graph replays (eager timing was host-bound at
+#                B 1, S 128k: 38% or 70% for one launch by the order it was timed in, 2026-12-03)
 set -euo pipefail
 out=${1:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
 part=${2:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
@@ -44,15 +49,34 @@ case $part in
                 | grep -E "^copy|^best|stages 3 bs 64 warps 4 splits|stages 1 bs 64 warps 4 splits" | tee -a "$out/attn128.txt"
         done
         ;;
+    moe)
+        python3 benchmarks/experiments/moe_decode_stages.py --experts 32 --batches 1,2,4 \
+            --json "$out/moe_e32.json" 2>&1 | tee "$out/moe.txt"
+        python3 benchmarks/experiments/moe_decode_stages.py --experts 512 --layers 4 --batches 1,4,16,48 \
+            --json "$out/moe_e512.json" 2>&1 | tee -a "$out/moe.txt"
+        ;;
+    attn)
+        i=0
+        for order in 0:3:64:8,0:4:64:4,0:3:64:4,0:4:64:8 0:4:64:8,0:3:64:4,0:4:64:4,0:3:64:8; do
+            i=$((i + 1))
+            python3 benchmarks/experiments/decode_attn_sweep.py --configs "$order" \
+                --json "$out/attn_16_2_256_order$i.json" | grep -vE "^ *$" | tee -a "$out/attn.txt"
+        done
+        for heads in 8:8 8:1; do
+            python3 benchmarks/experiments/decode_attn_sweep.py --dim 128 --heads "$heads" --configs 0:3:64:4,0:4:64:4,0:3:32:4 \
+                --shapes 1x131072,1x1048576,8x32768,32x131072 --json "$out/attn_${heads/:/_}_128.json" \
+                | grep -vE "^ *$" | tee -a "$out/attn.txt"
+        done
+        ;;
     tests)
-        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py \
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_conv.py tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -3 \
             | tee "$out/tests_layers.txt"
         python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \
             -k "bfloat16 or compiles or packed" 2>&1 | tail -3 | tee "$out/tests_chunk.txt"
         ;;
     *)
-        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, tests)" >&2
+        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, moe, attn, tests)" >&2
         exit 2
         ;;
 esac

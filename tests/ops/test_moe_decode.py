@@ -23,7 +23,7 @@ from hybridlm.config import HybridConfig  # noqa: E402
 from hybridlm.layers.mlp import SwiGLU  # noqa: E402
 from hybridlm.layers.moe import MoE, route  # noqa: E402
 from hybridlm.ops import moe_experts  # noqa: E402
-from hybridlm.ops.triton.moe_decode import moe_experts_decode, moe_experts_into, pick_blocks  # noqa: E402
+from hybridlm.ops.triton.moe_decode import moe_experts_decode, moe_experts_into, pick_blocks, pick_stages  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -85,6 +85,18 @@ def test_every_output_element_written(blocks, stages):
     x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=3)
     out = torch.full_like(x, float("nan"))
     moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, stages=stages)
+    assert not out.isnan().any()
+    assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
+
+
+def test_default_stages_pipeline_from_four_tokens():
+    """The default launch pipelines both loops from PIPELINE_FROM_TOKENS tokens (a 512-expert model
+    runs this kernel up to 51 tokens) and still writes every element correctly."""
+    assert pick_stages(1) == pick_stages(3) == (1, 1)
+    assert pick_stages(4) == pick_stages(48) == (3, 3)
+    x, experts, weights, gate, up, down = make_inputs(5, 2, 4, 48, 40, seed=6)
+    out = torch.full_like(x, float("nan"))
+    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=(8, 16, 8, 16))
     assert not out.isnan().any()
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 

@@ -48,6 +48,12 @@ from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached 
 # flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
 PROGRAMS_PER_SM = 4
 TILE = 4096  # elements of a weight tile per loop step (16 per thread at 4 warps)
+# Software-pipeline stages of both loops from this many tokens (plain loops below). Measured on an
+# H200 (benchmarks/experiments/moe_decode_stages.py, D 2048, I 512, top 10, bf16): with 32 experts,
+# 4 tokens 61.4 -> 54.2 us a layer at 3 stages, while 1 and 2 tokens moved by under 2% either way;
+# with 512 experts, 16 tokens 222.6 -> 205.5 us and 48 tokens 570.2 -> 520.4 us at (3, 3).
+PIPELINE_FROM_TOKENS = 4
+PIPELINE_STAGES = 3
 
 
 @triton.jit
@@ -146,13 +152,19 @@ def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int,
     return bi1, bd1, bi2, bd2
 
 
+def pick_stages(N: int) -> tuple[int, int]:
+    """(gate/up stages, down stages) of the loops' software pipelines for N tokens."""
+    return (PIPELINE_STAGES, PIPELINE_STAGES) if N >= PIPELINE_FROM_TOKENS else (1, 1)
+
+
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, out_ND, *,
                      blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
-                     stages: tuple[int, int] = (1, 1)) -> None:
+                     stages: Optional[tuple[int, int]] = None) -> None:
     """Launch both kernels on validated tensors, writing ``out_ND`` [N, D].
 
     x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks may have any strides
-    with a contiguous last dim. ``blocks`` overrides :func:`pick_blocks` (tests, tuning)."""
+    with a contiguous last dim. ``blocks`` overrides :func:`pick_blocks` and ``stages``
+    :func:`pick_stages` (tests, tuning)."""
     N, D = x_ND.shape
     K = experts_NK.shape[1]
     I = gate_EID.shape[1]
@@ -162,6 +174,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, o
         out_ND.zero_()
         return
     bi1, bd1, bi2, bd2 = blocks or pick_blocks(N, K, I, D, _num_sms(x_ND.device))
+    stages = stages or pick_stages(N)
     h_NKI = torch.empty(N, K, I, device=x_ND.device, dtype=torch.float32)
     _gate_up_kernel[(N * K, triton.cdiv(I, bi1))](
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
