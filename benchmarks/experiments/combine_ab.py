@@ -1,6 +1,7 @@
 """Decode attention's split combine, alone: the two-pass loop it had until the eighth 2026-12-02
-session (BN 16, each group's loads awaited) against the one-pass pipelined kernel, on split partials
-of the sweep's shapes. One GPU call, seconds.
+session (BN 16, each group's loads awaited), the one-pass pipelined kernel with one program per row
+(until 2026-12-03) and the same kernel with rows split over value columns (`combine_plan`, the
+default since), on split partials of the sweep's shapes. One GPU call, seconds.
 
     PYTHONPATH=src python benchmarks/experiments/combine_ab.py [--json F]
 """
@@ -14,7 +15,8 @@ import triton
 import triton.language as tl
 
 from hybridlm.bench import report, timing
-from hybridlm.ops.triton.decode_attention import _combine_kernel
+from hybridlm.ops.triton.decode import _num_sms
+from hybridlm.ops.triton.decode_attention import combine_into
 
 # (B * H rows, splits, Dv): head dim 128 with 8 query heads on one key/value head at B 1 (683 and
 # 1024 splits), Qwen3-Next's 16 heads at B 1 (293 / 256) and B 8 (32), 64 rows at B 8, 8 heads
@@ -61,14 +63,15 @@ def main() -> None:
         m = 4 * torch.randn(BH, n, device=dev)
         m[:, : n // 3] = float("-inf")  # splits that saw no key
         l = torch.rand(BH, n, device=dev) + 0.5
-        outs = {name: torch.empty(BH, DV, device=dev, dtype=torch.bfloat16) for name in ("old", "new")}
+        names = ("old", "row", "new")
+        outs = {name: torch.empty(BH, DV, device=dev, dtype=torch.bfloat16) for name in names}
         bdv = triton.next_power_of_2(DV)
+        sms = _num_sms(dev)
         launches = {
             "old": lambda: _combine_two_pass[(BH,)](acc, m, l, outs["old"], n, DV=DV, BDV=bdv,
                                                     BN=min(16, triton.next_power_of_2(n)), num_warps=4),
-            "new": lambda: _combine_kernel[(BH,)](acc, m, l, outs["new"], n, DV=DV, BDV=bdv,
-                                                  BN=max(1, min(64, 4096 // bdv, triton.next_power_of_2(n))),
-                                                  STAGES=3, num_warps=4),
+            "row": lambda: combine_into(acc, m, l, outs["row"], BH, n, DV, sms, block_dv=bdv),
+            "new": lambda: combine_into(acc, m, l, outs["new"], BH, n, DV, sms),
         }
         row = dict(rows=BH, splits=n, Dv=DV)
         for name, fn in launches.items():
@@ -76,11 +79,12 @@ def main() -> None:
             row[name + "_us"] = timing.graphed_ms_per_call([fn] * 20, warmup_ms=5, rep_ms=30) * 1e3
         w = torch.exp2(m - m.amax(1, keepdim=True))
         ref = (w[..., None] * acc).sum(1) / (w * l).sum(1, keepdim=True)
-        row["max_err_new"] = (outs["new"].float() - ref).abs().max().item()
-        row["max_err_old"] = (outs["old"].float() - ref).abs().max().item()
+        for name in names:
+            row["max_err_" + name] = (outs[name].float() - ref).abs().max().item()
         rows.append(row)
-        print(f"rows {BH:4d} splits {n:5d} Dv {DV}: two-pass {row['old_us']:6.2f} us, one pass pipelined "
-              f"{row['new_us']:6.2f} us (max err {row['max_err_old']:.1e} / {row['max_err_new']:.1e})", flush=True)
+        print(f"rows {BH:4d} splits {n:5d} Dv {DV}: two-pass {row['old_us']:6.2f} us, one pass a row "
+              f"{row['row_us']:6.2f} us, split over columns {row['new_us']:6.2f} us (max err "
+              + " / ".join(f"{row['max_err_' + k]:.1e}" for k in names) + ")", flush=True)
     report.write_rows_json(args.json, rows)
 
 

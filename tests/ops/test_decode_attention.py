@@ -24,7 +24,10 @@ from hybridlm.ops.triton.decode_attention import (  # noqa: E402
     MIN_WAVE_FILL,
     TILE_BYTES,
     WAVES,
+    MIN_COMBINE_COLS,
     alloc_partials,
+    combine_into,
+    combine_plan,
     decode_attention_into,
     launch_config,
     pick_num_splits,
@@ -164,6 +167,42 @@ def test_combine_over_many_split_groups():
         o = torch.full((B, H, Dv), float("nan"), device=DEVICE)
         decode_attention_into(q, k, v, q_pos, k_pos, o, scale=D ** -0.5, window=None, n_splits=n, block_s=16)
         assert torch.isfinite(o).all() and rel_err(o, ref) < TOL[torch.float32], f"n_splits={n}"
+
+
+@pytest.mark.parametrize("block_dv", [16, 64])
+def test_combine_split_over_value_columns(block_dv):
+    """The combine's programs split a row's value columns (a batch-1 row on many multiprocessors):
+    every column block, the masked tail of Dv 40 included, is written and equals the merged
+    partials; rows whose splits all saw no key give 0."""
+    rows, n, Dv = 3, 70, 40
+    torch.manual_seed(11)
+    acc = torch.randn(rows, n, Dv, device=DEVICE)
+    m = 4 * torch.randn(rows, n, device=DEVICE)
+    m[0, :30] = float("-inf")  # splits that saw no key
+    m[2] = float("-inf")
+    l = torch.rand(rows, n, device=DEVICE) + 0.5
+    l[0, :30] = 0.0
+    l[2] = 0.0
+    acc[0, :30] = 0.0
+    acc[2] = 0.0
+    o = torch.full((rows, Dv), float("nan"), device=DEVICE)
+    combine_into(acc, m, l, o, rows, n, Dv, num_sms=1, block_dv=block_dv)
+    mm = m[:2].amax(1, keepdim=True)
+    w = torch.exp2(m[:2] - mm)
+    ref = (w[..., None] * acc[:2]).sum(1) / (w * l[:2]).sum(1, keepdim=True)
+    assert torch.isfinite(o).all()
+    assert rel_err(o[:2], ref) < TOL[torch.float32]
+    assert torch.equal(o[2], torch.zeros_like(o[2]))
+
+
+def test_combine_plan_fills_the_card_at_batch_one():
+    """Few rows split their columns down to MIN_COMBINE_COLS until the grid has a program per two SMs;
+    many rows keep whole rows."""
+    assert combine_plan(16, 256, 256, 132) == (32, 64)  # Qwen3-Next, B 1: 16 x 8 programs
+    assert combine_plan(8, 1024, 128, 132) == (MIN_COMBINE_COLS, 64)
+    assert combine_plan(320, 8, 256, 132) == (256, 8)  # B 20: whole rows
+    assert combine_plan(128, 32, 256, 132) == (256, 16)  # a row per SM already: whole rows
+    assert combine_plan(3, 2, 16, 132) == (16, 2)  # a row narrower than the floor stays whole
 
 
 def test_split_plan_caps_and_checks_scratch():

@@ -157,10 +157,13 @@ def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV
     One pass over the splits, BN at a time, with a running maximum (the sums so far are rescaled when
     it grows), software-pipelined STAGES deep: with hundreds of splits (one key/value head at batch
     1) a loop that waits for each group's loads was most of the call (43 dependent 8 KB loads at 683
-    splits)."""
+    splits). Program (i_bh, i_dv) writes value columns [i_dv * BDV, (i_dv + 1) * BDV): a few rows
+    (batch 1) would otherwise stream all their partials through a few multiprocessors; each
+    program recomputes the row's weights (the split maxima and sums are a small share of its
+    loads)."""
     i_bh = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
-    o_dv = tl.arange(0, BDV)
+    o_dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
     m_dv = o_dv < DV
     base = i_bh * n_splits
     m_run = tl.full([1], float("-inf"), tl.float32)
@@ -297,11 +300,37 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
         SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps,
     )
     if n > 1:
-        bdv = triton.next_power_of_2(Dv)
-        # groups of up to 64 splits, at most 4K float32 partial elements a group (16 KB a stage:
-        # compiled offline for sm_90, 112-168 registers and no spills at head dims 64-256; 8K spilled)
+        combine_into(part_acc, part_m, part_l, o, B * H, n, Dv, _num_sms(q.device))
+
+
+# Narrowest value-column block of a combine program: 32 float32 columns, one 128-byte row piece
+MIN_COMBINE_COLS = 32
+
+
+def combine_plan(rows: int, n: int, Dv: int, num_sms: int) -> tuple[int, int]:
+    """(value columns per combine program, splits per loop step) for ``rows`` (sequence, query head)
+    rows of ``n`` partials: the columns halve from the whole row down to MIN_COMBINE_COLS until
+    the grid has a program per two multiprocessors (on an H200, 128 rows x 32 splits took 3.36 us
+    whole and 3.70 split in two; 8 rows x 1024 splits at head dim 128, 21.8 us whole and 8.5 in
+    32-column pieces; benchmarks/experiments/combine_ab.py); a step takes up to 64 splits and at most 4K float32
+    partial elements (16 KB a pipeline stage: compiled offline for sm_90, 112-168 registers and no
+    spills at head dims 64-256; 8K spilled)."""
+    bdv = triton.next_power_of_2(Dv)
+    while bdv > MIN_COMBINE_COLS and 2 * rows * triton.cdiv(Dv, bdv) < num_sms:
+        bdv //= 2
+    return bdv, max(1, min(64, 4096 // bdv, triton.next_power_of_2(n)))
+
+
+def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sms: int,
+                 block_dv: Optional[int] = None) -> None:
+    """Merge ``n`` split partials per row into ``o`` [rows, Dv]; ``block_dv`` overrides
+    :func:`combine_plan`'s columns per program (tests, benchmarks)."""
+    bdv, bn = combine_plan(rows, n, Dv, num_sms)
+    if block_dv is not None:
+        bdv = block_dv
         bn = max(1, min(64, 4096 // bdv, triton.next_power_of_2(n)))
-        _combine_kernel[(B * H,)](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn, STAGES=3, num_warps=4)
+    _combine_kernel[(rows, triton.cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
+                                                   STAGES=3, num_warps=4)
 
 
 @torch.library.custom_op("hybridlm::softmax_attention_decode", mutates_args=())
