@@ -10,7 +10,8 @@ multiprocessors. So the S axis is cut into NSPLIT contiguous ranges and the grid
 ``tl.dot`` applies; GQA reads each key once for all R heads) and one range of slots, runs an online
 softmax in float32 over BLOCK_S-slot blocks, and writes its partial (unnormalised output, running
 max, running sum) to float32 scratch. A second small kernel merges the NSPLIT partials of each
-(sequence, query head). With NSPLIT = 1 (large batches already fill the card) the first kernel
+(sequence, query head), in one pipelined pass; at small batch its programs split a row's value
+columns, so a batch-1 merge is not left to 8-16 programs (:func:`combine_plan`). With NSPLIT = 1 (large batches already fill the card) the first kernel
 normalises and writes the output itself.
 
 Each block loads its slot positions, then its keys and values masked by visibility: an empty slot is
