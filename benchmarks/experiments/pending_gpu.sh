@@ -13,6 +13,11 @@
 #                batch 36, seventh session)
 #   attn128      the decode-attention launch sweep at head dim 128 (8 query heads, 1 and 8 key/value
 #                heads): the default launch there (64 slots, 4 warps, 3 stages) is compiled offline only
+#   attn8_1      the full launch sweep (stages, block, warps, 2-16 programs per SM) as graph replays at
+#                head dim 128 with one key/value head, B 1, S 128k and B 8, S 32k: the default reads
+#                46% / 64% of the copy rate there (2026-12-03, after the column-split combine) with
+#                1024 / 128 splits of 2 blocks each; whether fewer, longer splits win is untested
+#                (the s8 sweep that suggested 528 was timed eagerly, host-bound at these sizes)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (rerun after kernel changes: the one-pass combine,
 #                the MoE tile cap and pipelined MoE loops were not yet run through them there)
@@ -68,6 +73,10 @@ case $part in
                 | grep -vE "^ *$" | tee -a "$out/attn.txt"
         done
         ;;
+    attn8_1)
+        python3 benchmarks/experiments/decode_attn_sweep.py --dim 128 --heads 8:1 --shapes 1x131072,8x32768 \
+            --json "$out/attn_8_1_128_sweep.json" | grep -E "^copy|^best|^B " | tee "$out/attn8_1.txt"
+        ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_conv.py tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -3 \
@@ -76,7 +85,7 @@ case $part in
             -k "bfloat16 or compiles or packed" 2>&1 | tail -3 | tee "$out/tests_chunk.txt"
         ;;
     *)
-        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, moe, attn, tests)" >&2
+        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, moe, attn, attn8_1, tests)" >&2
         exit 2
         ;;
 esac
