@@ -4,23 +4,21 @@
 #   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
 # Parts:
-#   kernels      the whole kernel suite (`bench kernels`) with the two-kernel backward and the capped
-#                prep: the H 16 rows and the decode and long sections were not rerun with them
-#   transformers the compiled step and transformers' generate at 4k, batch 1, in one call: the 20x
-#                target was last measured in one call with older code (21.2x); the uncompiled graph
-#                was 17.4x in the seventh session
+#   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
+#                Qwen3-Next B 1 T 32k, decode 81% at batch 32), after any kernel change
+#   transformers the compiled step and transformers' generate at 4k, batch 1, in one call (2026-12-03:
+#                217.9 vs 5.69 tokens/s, 38.3x)
 #   compiled     the compiled step at the largest batches of 512k and 1M (128k: 72.6% of the bound at
 #                batch 36, seventh session)
 #   attn128      the decode-attention launch sweep at head dim 128 (8 query heads, 1 and 8 key/value
-#                heads): the default launch there (64 slots, 4 warps, 3 stages) is compiled offline only
+#                heads), its default and the no-pipeline launch
 #   attn8_1      the full launch sweep (stages, block, warps, 2-16 programs per SM) as graph replays at
 #                head dim 128 with one key/value head, B 1, S 128k and B 8, S 32k: the default reads
 #                46% / 64% of the copy rate there (2026-12-03, after the column-split combine) with
 #                1024 / 128 splits of 2 blocks each; whether fewer, longer splits win is untested
 #                (the s8 sweep that suggested 528 was timed eagerly, host-bound at these sizes)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
-#                norm and static decode on the GPU (rerun after kernel changes: the one-pass combine,
-#                the MoE tile cap and pipelined MoE loops were not yet run through them there)
+#                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
 #   attn         the decode-attention default launches at head dims 256 (16:2, twice in swapped order)
 #                and 128 (8:8 and 8:1), now timed as CUDA-graph replays (eager timing was host-bound at
