@@ -53,7 +53,8 @@ def main() -> None:
             row = dict(N=N, default=st is None, stages=list(st or pick_stages(N)), us=us, bytes=nbytes,
                        copy_share=nbytes / (us * 1e-6) / rate, rel_err=err)
             rows.append(row)
-            print(f"N {N:3d} stages {st or 'default ' + str(pick_stages(N))}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
+            label = st or f"default {pick_stages(N)}"
+            print(f"N {N:3d} stages {label}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
     report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
 
 

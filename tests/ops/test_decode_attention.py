@@ -21,10 +21,10 @@ from ops_testing import rel_err  # noqa: E402
 
 from hybridlm.ops import softmax_attention, softmax_attention_decode  # noqa: E402
 from hybridlm.ops.triton.decode_attention import (  # noqa: E402
+    MIN_COMBINE_COLS,
     MIN_WAVE_FILL,
     TILE_BYTES,
     WAVES,
-    MIN_COMBINE_COLS,
     alloc_partials,
     combine_into,
     combine_plan,

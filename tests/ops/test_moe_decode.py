@@ -23,7 +23,12 @@ from hybridlm.config import HybridConfig  # noqa: E402
 from hybridlm.layers.mlp import SwiGLU  # noqa: E402
 from hybridlm.layers.moe import MoE, route  # noqa: E402
 from hybridlm.ops import moe_experts  # noqa: E402
-from hybridlm.ops.triton.moe_decode import moe_experts_decode, moe_experts_into, pick_blocks, pick_stages  # noqa: E402
+from hybridlm.ops.triton.moe_decode import (  # noqa: E402
+    moe_experts_decode,
+    moe_experts_into,
+    pick_blocks,
+    pick_stages,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])

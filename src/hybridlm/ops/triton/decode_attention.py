@@ -11,8 +11,8 @@ multiprocessors. So the S axis is cut into NSPLIT contiguous ranges and the grid
 softmax in float32 over BLOCK_S-slot blocks, and writes its partial (unnormalised output, running
 max, running sum) to float32 scratch. A second small kernel merges the NSPLIT partials of each
 (sequence, query head), in one pipelined pass; at small batch its programs split a row's value
-columns, so a batch-1 merge is not left to 8-16 programs (:func:`combine_plan`). With NSPLIT = 1 (large batches already fill the card) the first kernel
-normalises and writes the output itself.
+columns, so a batch-1 merge is not left to 8-16 programs (:func:`combine_plan`). With NSPLIT = 1
+(large batches already fill the card) the first kernel normalises and writes the output itself.
 
 Each block loads its slot positions, then its keys and values masked by visibility: an empty slot is
 never read, whatever it holds. By default every block runs, visible or not, so the loop's loads are
@@ -308,16 +308,16 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
 MIN_COMBINE_COLS = 32
 
 
-def combine_plan(rows: int, n: int, Dv: int, num_sms: int) -> tuple[int, int]:
+def combine_plan(rows: int, n: int, Dv: int, num_sms: int, block_dv: Optional[int] = None) -> tuple[int, int]:
     """(value columns per combine program, splits per loop step) for ``rows`` (sequence, query head)
-    rows of ``n`` partials: the columns halve from the whole row down to MIN_COMBINE_COLS until
-    the grid has a program per two multiprocessors (on an H200, 128 rows x 32 splits took 3.36 us
-    whole and 3.70 split in two; 8 rows x 1024 splits at head dim 128, 21.8 us whole and 8.5 in
-    32-column pieces; benchmarks/experiments/combine_ab.py); a step takes up to 64 splits and at most 4K float32
-    partial elements (16 KB a pipeline stage: compiled offline for sm_90, 112-168 registers and no
-    spills at head dims 64-256; 8K spilled)."""
-    bdv = triton.next_power_of_2(Dv)
-    while bdv > MIN_COMBINE_COLS and 2 * rows * triton.cdiv(Dv, bdv) < num_sms:
+    rows of ``n`` partials. Unless ``block_dv`` sets them, the columns halve from the whole row down
+    to MIN_COMBINE_COLS until the grid has a program per two multiprocessors (on an H200, 128 rows x
+    32 splits took 3.36 us whole and 3.70 split in two; 8 rows x 1024 splits at head dim 128, 21.8
+    us whole and 8.5 in 32-column pieces; benchmarks/experiments/combine_ab.py). A step takes up to
+    64 splits and at most 4K float32 partial elements (16 KB a pipeline stage: compiled offline for
+    sm_90, 112-168 registers and no spills at head dims 64-256; 8K spilled)."""
+    bdv = block_dv or triton.next_power_of_2(Dv)
+    while block_dv is None and bdv > MIN_COMBINE_COLS and 2 * rows * triton.cdiv(Dv, bdv) < num_sms:
         bdv //= 2
     return bdv, max(1, min(64, 4096 // bdv, triton.next_power_of_2(n)))
 
@@ -326,10 +326,7 @@ def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sm
                  block_dv: Optional[int] = None) -> None:
     """Merge ``n`` split partials per row into ``o`` [rows, Dv]; ``block_dv`` overrides
     :func:`combine_plan`'s columns per program (tests, benchmarks)."""
-    bdv, bn = combine_plan(rows, n, Dv, num_sms)
-    if block_dv is not None:
-        bdv = block_dv
-        bn = max(1, min(64, 4096 // bdv, triton.next_power_of_2(n)))
+    bdv, bn = combine_plan(rows, n, Dv, num_sms, block_dv)
     _combine_kernel[(rows, triton.cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
                                                    STAGES=3, num_warps=4)
 
