@@ -49,11 +49,11 @@ def _inputs(B, H, HV, K, V, n_states, device):
 
 
 def _calls(q, k, v, g, beta, states, o, cfg):
-    bv, warps, pps, stream, stages, early_o = cfg
+    bv, warps, pps, stream, stages, one_reduce = cfg
     return [lambda s=s: decode_into(q, k, v, g, beta, s, s, o, scale=q.shape[-1] ** -0.5, use_qk_l2norm=True,
                                     A_log=None, dt_bias=None, beta_is_logit=False, block_v=bv,
                                     num_warps=warps, programs_per_sm=pps, stream=stream, stages=stages,
-                                    early_o=early_o)
+                                    one_reduce=one_reduce)
             for s in states]
 
 
@@ -77,7 +77,7 @@ def sweep(B, H, HV, K, V, device, copy_rate, pipelined=True) -> list[dict]:
                                          warmup_ms=10, rep_ms=50)
     del dsts
     same_size_rate = nbytes / (copy_ms * 1e-3)
-    default_bv, default_warps = _pick_blocks(B, HV, V, device)
+    default_bv, default_warps, default_one = _pick_blocks(B, HV, V, device, K)
     o = torch.empty_like(v)
     rows = []
     blocks = BLOCKS + ([(default_bv, default_warps)] if (default_bv, default_warps) not in BLOCKS else [])
@@ -87,19 +87,19 @@ def sweep(B, H, HV, K, V, device, copy_rate, pipelined=True) -> list[dict]:
     if pipelined:
         configs += [(bv, warps, pps, False, stages, False) for bv, warps, pps, stages in PIPELINED]
     for cfg in configs:
-        bv, warps, pps, stream, stages, early_o = cfg
+        bv, warps, pps, stream, stages, one_reduce = cfg
         if bv > triton.next_power_of_2(V):
             continue
         err = _check(q, k, v, g, beta, states[0], cfg)
         if not err < 1e-2:
             rows.append(dict(B=B, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream, stages=stages,
-                             early_o=early_o, error=err))
+                             one_reduce=one_reduce, error=err))
             print(f"B {B} {cfg}: WRONG (rel err {err:.2e})", flush=True)
             continue
         ms = timing.graphed_ms_per_call(_calls(q, k, v, g, beta, states, o, cfg), warmup_ms=10, rep_ms=50)
         rows.append(dict(B=B, H=H, HV=HV, K=K, V=V, block_v=bv, warps=warps, programs_per_sm=pps, stream=stream,
-                         stages=stages, early_o=early_o,
-                         default=cfg == (default_bv, default_warps, None, False, 1, False),
+                         stages=stages, one_reduce=one_reduce,
+                         default=cfg == (default_bv, default_warps, None, False, 1, default_one),
                          us=ms * 1e3, error=err, copy_share=nbytes / (ms * 1e-3) / copy_rate,
                          same_size_copy_share=nbytes / (ms * 1e-3) / same_size_rate,
                          same_size_copy_us=copy_ms * 1e3))
@@ -134,13 +134,13 @@ def main(argv=None) -> int:
         print(f"\nB {B}: same-size copy {ok[0]['same_size_copy_us']:.2f} us; default "
               f"(BV {default['block_v']}, {default['warps']} warps) {default['us']:.2f} us = "
               f"{default['copy_share']:.1%} of 1 GiB copy, {default['same_size_copy_share']:.1%} of same-size copy")
-        print(" block_v warps persistent stream stages early_o      us  copy%  same-size%")
+        print(" block_v warps persistent stream stages one_red      us  copy%  same-size%")
         for r in ok[:8]:
             print(f"  {r['block_v']:6d} {r['warps']:5d} {str(r['programs_per_sm']):>10} {str(r['stream']):>6} "
-                  f"{r['stages']:6d} {str(r['early_o']):>7} "
+                  f"{r['stages']:6d} {str(r['one_reduce']):>7} "
                   f"{r['us']:7.2f} {r['copy_share']:6.1%} {r['same_size_copy_share']:8.1%}", flush=True)
-        for label, rs_ in (("one pass", [r for r in ok if r["stages"] == 1 and not r["early_o"]]),
-                           ("early o", [r for r in ok if r["early_o"]]),
+        for label, rs_ in (("one pass", [r for r in ok if r["stages"] == 1 and not r["one_reduce"]]),
+                           ("one reduce", [r for r in ok if r["one_reduce"]]),
                            ("pipelined", [r for r in ok if r["stages"] > 1])):
             if rs_:
                 r = rs_[0]

@@ -5,7 +5,8 @@
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
 # Parts:
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
-#                Qwen3-Next B 1 T 32k, decode 81% at batch 32), after any kernel change
+#                Qwen3-Next B 1 T 32k; its decode section rerun in the second 12-03 session: 87% at
+#                batch 32), after any kernel change
 #   transformers the compiled step and transformers' generate at 4k, batch 1, in one call (2026-12-03:
 #                217.9 vs 5.69 tokens/s, 38.3x)
 #   compiled     the compiled step at the largest batches of 512k and 1M (128k: 72.6% of the bound at

@@ -144,8 +144,8 @@ def test_fused_gate_and_beta_logit(with_dt_bias):
     # the software-pipelined persistent loop (its prefetch runs past the last tile of a program)
     (8, 3, False, 3), (16, 5, False, 2)])
 @pytest.mark.parametrize("inplace", [False, True])
-@pytest.mark.parametrize("early_o", [False, True])
-def test_every_output_element_written(block_v, programs_per_sm, stream, stages, inplace, early_o):
+@pytest.mark.parametrize("one_reduce", [False, True])
+def test_every_output_element_written(block_v, programs_per_sm, stream, stages, inplace, one_reduce):
     B, H, HV, K, V = SHAPES[1]
     gen = torch.Generator().manual_seed(5)
     q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
@@ -155,7 +155,7 @@ def test_every_output_element_written(block_v, programs_per_sm, stream, stages, 
     new_state = h0 if inplace else torch.full_like(h0, float("nan"))
     decode_into(q, k, v, g, beta, h0, new_state, o, scale=K ** -0.5, use_qk_l2norm=True, A_log=None,
                 dt_bias=None, beta_is_logit=False, block_v=block_v, programs_per_sm=programs_per_sm,
-                stream=stream, stages=stages, early_o=early_o)
+                stream=stream, stages=stages, one_reduce=one_reduce)
     assert not o.isnan().any() and not new_state.isnan().any()
     assert rel_err(o, o_ref) < TOL[torch.float32]
     assert rel_err(new_state, s_ref) < TOL[torch.float32]
@@ -177,6 +177,7 @@ def _good_args(B=2, H=2, HV=4, K=8, V=8):
     ("state", lambda a: a["state"].double(), TypeError, "state must be float32"),
     ("state", lambda a: a["state"][..., :4], ValueError, "state must have shape"),
     ("q", lambda a: a["q"].long(), TypeError, "q must be a floating-point"),
+    ("k", lambda a: a["k"].half(), TypeError, "k must have q's dtype"),
 ])
 def test_bad_inputs_raise(name, bad, error, words):
     args = _good_args()
@@ -248,13 +249,15 @@ def test_cuda_graph_capture_of_decode_steps():
 
 def test_block_choice_by_batch(monkeypatch):
     """The launch the H200 sweep measured fastest at Qwen3-Next's heads (HV 32, V 128, 132 SMs):
-    16 columns and 1 warp up to batch 8, 32 and 2 at 32, 64 and 2 from 64; narrow value heads cap
-    the width."""
+    16 columns, 1 warp, one-pass reduction at batch 1; 32 columns, 2 warps, one pass at 8; 64
+    columns, 4 warps, separate reductions from 32. Narrow value heads cap the width; warps keep
+    the state at 64 registers a thread (twice the warps at K = 256)."""
     import hybridlm.ops.triton.decode as D
 
     monkeypatch.setattr(D, "_num_sms", lambda device: 132)
     cpu = torch.device("cpu")
     assert [D._pick_blocks(B, 32, 128, cpu) for B in (1, 8, 32, 64, 256)] == [
-        (16, 1), (16, 1), (32, 2), (64, 2), (64, 2)]
-    assert D._pick_blocks(1, 1, 8, cpu) == (8, 1)
-    assert D._pick_blocks(512, 32, 20, cpu) == (32, 2)
+        (16, 1, True), (32, 2, True), (64, 4, False), (64, 4, False), (64, 4, False)]
+    assert D._pick_blocks(1, 1, 8, cpu) == (8, 1, True)
+    assert D._pick_blocks(512, 32, 20, cpu) == (32, 2, False)
+    assert D._pick_blocks(32, 32, 128, cpu, K=256) == (64, 8, False)

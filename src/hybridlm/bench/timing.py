@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 
+import math
+
 import torch
 
 CHUNK = 64
@@ -91,3 +93,11 @@ def sdpa_fwd_bytes(B: int, T: int, H: int, d: int, elt: int) -> float:
 def decode_state_bytes(B: int, HV: int, K: int, V: int) -> float:
     """The float32 state read and written once (q, k, v and o add under 1% at K = V = 128)."""
     return float(2 * B * HV * K * V * 4)
+
+
+def distinct_states(B: int, HV: int, K: int, V: int, device, max_buffers: int = 64) -> list:
+    """Float32 decode states [B, HV, K, V] (0.1 * normal), enough distinct ones to total >= 4x L2,
+    so that timing a step over them in turn reads memory, not cache."""
+    state_bytes = B * HV * K * V * 4
+    n = max(2, min(max_buffers, math.ceil(4 * l2_cache_bytes(device) / state_bytes)))
+    return [0.1 * torch.randn(B, HV, K, V, device=device) for _ in range(n)]

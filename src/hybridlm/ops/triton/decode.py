@@ -38,7 +38,7 @@ def _gdn_decode_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr, EARLY_O: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
 ):
     # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
     # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
@@ -53,7 +53,7 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM, EARLY_O)
+                         BETA_IS_LOGIT, STREAM, ONE_REDUCE)
     else:
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_v = tile % n_vb
@@ -61,7 +61,12 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM, EARLY_O)
+                         BETA_IS_LOGIT, STREAM, ONE_REDUCE)
+
+
+@triton.jit
+def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
 
 
 @triton.jit
@@ -70,7 +75,7 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr,
                  USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, EARLY_O: tl.constexpr):
+                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, ONE_REDUCE: tl.constexpr):
     i_b = i_bhv // HV
     i_hv = i_bhv % HV
     i_h = i_hv // (HV // H)
@@ -81,20 +86,25 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
     m_v = o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
 
-    # The state load goes first: it is the only large transfer, and issuing it before the small
-    # loads and the norms below lets them hide under its latency. STREAM marks the state as read
+    # The small loads go first, then the state's: a program's loads are all in flight before it waits
+    # on any, and the compiler does not sink the small ones behind the reduction (which put their
+    # latency on every program's path after its state arrived). STREAM marks the state as read
     # once (evict first) and its store as streaming: at large batch it does not fit in L2 anyway.
+    b_v = tl.load(v_BHV + i_bhv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_g = tl.load(g_BH + i_bhv).to(tl.float32)
+    b_beta = tl.load(beta_BH + i_bhv).to(tl.float32)
+
     p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
     if STREAM:
         b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0, eviction_policy="evict_first")
     else:
         b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
-
-    b_q = tl.load(q_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_k = tl.load(k_BHK + (i_b * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    b_v = tl.load(v_BHV + i_bhv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_g = tl.load(g_BH + i_bhv).to(tl.float32)
-    b_beta = tl.load(beta_BH + i_bhv).to(tl.float32)
+    # q and k as one [BK, 2] load: two separate loads each need a layout change, and the compiler
+    # places the second load after the first one's change, i.e. after q has arrived.
+    p_qk = (i_b * H + i_h) * K + o_k[:, None]
+    o_2 = tl.arange(0, 2)[None, :]
+    b_qk = tl.load(tl.where(o_2 == 0, q_BHK + p_qk, k_BHK + p_qk), mask=m_k[:, None] & (o_2 < 2), other=0.0)
+    b_q, b_k = tl.split(b_qk.to(tl.float32))
 
     if RAW_GATE:
         # g = -exp(A_log) * softplus(a + dt_bias), softplus with torch's threshold of 20; below -15
@@ -107,18 +117,32 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
         b_g = -tl.exp(tl.load(A_log_H + i_hv).to(tl.float32)) * b_sp
     if BETA_IS_LOGIT:
         b_beta = tl.sigmoid(b_beta)
-    if USE_L2NORM:
+    if USE_L2NORM and not ONE_REDUCE:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + L2NORM_EPS)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + L2NORM_EPS)
 
-    if EARLY_O:
-        # Both reductions over the loaded (old) state, which can run as its rows arrive:
-        # S_new^T q = exp(g) S^T q + (k . q) u, so o no longer waits for the updated tile.
+    if ONE_REDUCE:
+        # Every reduction over K in one pass over the loaded (old) state, so a program crosses its
+        # warps once (the separate form below crosses them five times: two norms, S^T k, S^T q and
+        # their barriers). With r_k = 1 / |k|, r_q = 1 / |q| (1 without the norm), k^ = r_k k:
+        #   S^T k^ = r_k S^T k,   u = beta (v - exp(g) S^T k^),   S' = exp(g) S + k^ u^T,
+        #   S'^T q^ = r_q (exp(g) S^T q + r_k (k . q) u).
+        # k . k, q . q and k . q enter the same reduction as [K, BV] broadcasts (every column gets
+        # the same sum), which costs a few multiply-adds per element and no extra crossing.
+        ones = tl.full([BK, BV], 1.0, tl.float32)
+        b_sk, b_sq, b_kk, b_qq, b_kq = tl.reduce(
+            (b_S * b_k[:, None], b_S * b_q[:, None], ones * (b_k * b_k)[:, None], ones * (b_q * b_q)[:, None],
+             ones * (b_k * b_q)[:, None]), 0, _add5)
+        if USE_L2NORM:
+            b_rk = 1.0 / tl.sqrt(b_kk + L2NORM_EPS)
+            b_rq = 1.0 / tl.sqrt(b_qq + L2NORM_EPS)
+        else:
+            b_rk = tl.full([BV], 1.0, tl.float32)
+            b_rq = b_rk
         b_decay = tl.exp(b_g)
-        b_qs = b_q * scale
-        b_u = b_beta * (b_v - b_decay * tl.sum(b_S * b_k[:, None], axis=0))
-        b_o = b_decay * tl.sum(b_S * b_qs[:, None], axis=0) + tl.sum(b_qs * b_k) * b_u
-        b_S = b_S * b_decay + b_k[:, None] * b_u[None, :]
+        b_u = b_beta * (b_v - b_decay * b_rk * b_sk)
+        b_o = (scale * b_rq) * (b_decay * b_sq + b_rk * b_kq * b_u)
+        b_S = b_S * b_decay + b_k[:, None] * (b_rk * b_u)[None, :]
     else:
         b_S = b_S * tl.exp(b_g)
         b_u = b_beta * (b_v - tl.sum(b_S * b_k[:, None], axis=0))
@@ -139,37 +163,45 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device) -> tuple[int, int]:
-    """Value-block width and warps, by how many 64-column tiles the state holds per multiprocessor.
+def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device,
+                 K: int = 128) -> tuple[int, int, bool]:
+    """Value-block width, warps and reduction form, by how many 64-column tiles the state holds per
+    multiprocessor.
 
     Measured on an H200 (benchmarks/decode_sweep.py, Qwen3-Next's heads: HV 32, K = V = 128, bf16
-    inputs, CUDA-graph replays over distinct states; data/2026-12-02-h200-s8/decode_sweep.json):
-    16 columns and 1 warp are fastest at batch 1 and 8 (3.33 / 11.06 us, against 3.83 / 12.17 for
-    the earlier rule's 8 / 32 columns), 32 columns and 2 warps at batch 32 (38.9 us, 39.4 at 64
-    columns), 64 columns and 2 warps from batch 64 (72.3 / 136.4 / 265.1 us at 64 / 128 / 256)."""
+    inputs, CUDA-graph replays over distinct states; data/2026-12-03-h200-s2/decode_sweep.json):
+    16 columns, 1 warp and the one-pass reduction at batch 1 (3.21 us), 32 columns, 2 warps, one
+    pass at batch 8 (10.40 us), 64 columns and 4 warps with the separate reductions from batch 32
+    (36.56 / 69.39 / 134.75 / 264.50 us at 32 / 64 / 128 / 256; the one-pass form was 0.2-0.5%
+    slower there). Warps scale with the tile so that the state takes 64 registers a thread (K = 256
+    doubles them)."""
     bv_max = min(64, triton.next_power_of_2(V))
     tiles = batch * num_v_heads * triton.cdiv(V, bv_max)
     sms = _num_sms(device)
-    bv = bv_max if tiles >= 16 * sms else min(bv_max, 32 if tiles >= 4 * sms else 16)
-    return bv, (2 if bv >= 32 else 1)
+    if tiles >= 8 * sms:
+        bv, one_reduce = bv_max, False
+    else:
+        bv, one_reduce = min(bv_max, 32 if tiles >= 2 * sms else 16), True
+    return bv, max(1, min(8, triton.next_power_of_2(K) * bv // 2048)), one_reduce
 
 
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
                 beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False,
-                stages=1, early_o=False) -> None:
+                stages=1, one_reduce=None) -> None:
     """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
 
     ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
     heuristic; ``programs_per_sm`` caps the grid at that many programs per multiprocessor (a
     persistent grid striding over the tiles); ``stream`` sets the state's cache hints; ``stages``
-    > 1 software-pipelines the persistent loop; ``early_o`` forms the output from the old state
-    (exp(g) S^T q + (k . q) u) beside S^T k (these are the benchmark's tuning knobs,
-    ``benchmarks/decode_sweep.py``)."""
+    > 1 software-pipelines the persistent loop; ``one_reduce`` forms every reduction over K (S^T k,
+    S^T q and the norms) in one pass over the old state (None: the heuristic's choice). These are
+    the tuning knobs of ``benchmarks/decode_sweep.py``."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
-    bv, warps = _pick_blocks(B, HV, V, q.device)
+    bv, warps, one = _pick_blocks(B, HV, V, q.device, K)
     bv = block_v or bv
     warps = num_warps or warps
+    one_reduce = one if one_reduce is None else one_reduce
     n_tiles = triton.cdiv(V, bv) * B * HV
     grid = n_tiles if programs_per_sm is None else min(n_tiles, programs_per_sm * _num_sms(q.device))
     _gdn_decode_kernel[(grid,)](
@@ -177,7 +209,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         state_in, state_out, o, scale, n_tiles,
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
-        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, EARLY_O=early_o,
+        BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
         num_warps=warps,
     )
 
@@ -241,6 +273,8 @@ def _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace) -> None:
     _check_shape("g", g, (B, HV))
     _check_shape("beta", beta, (B, HV))
     _check_shape("state", state, (B, HV, K, V))
+    if k.dtype != q.dtype:  # the kernel loads q and k as one tile
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
     if state.dtype != torch.float32:
         raise TypeError(f"state must be float32, got {state.dtype}")
     if inplace and not state.is_contiguous():
