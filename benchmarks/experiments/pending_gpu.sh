@@ -18,6 +18,10 @@
 #                46% / 64% of the copy rate there (2026-12-03, after the column-split combine) with
 #                1024 / 128 splits of 2 blocks each; whether fewer, longer splits win is untested
 #                (the s8 sweep that suggested 528 was timed eagerly, host-bound at these sizes)
+#   gemv         the decode matrix-vector kernel against cuBLAS, then the compiled 48-layer profile and the
+#                4-layer kernel table at 4k, batch 1 with the committed routing (one row, <= 4096 output
+#                rows, 3 stages, output projections included: not yet timed; the 12-03 s2 run had every
+#                packed projection routed, 1 stage: 225.4 tokens/s, 38.7% of the bound)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -53,6 +57,12 @@ case $part in
                 | grep -E "^copy|^best|stages 3 bs 64 warps 4 splits|stages 1 bs 64 warps 4 splits" | tee -a "$out/attn128.txt"
         done
         ;;
+    gemv)
+        python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
+        $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"
+        ;;
     moe)
         python3 benchmarks/experiments/moe_decode_stages.py --experts 32 --batches 1,2,4 \
             --json "$out/moe_e32.json" 2>&1 | tee "$out/moe.txt"
@@ -78,6 +88,7 @@ case $part in
         ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
+            tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py \
             tests/ops/test_triton_conv.py tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -3 \
             | tee "$out/tests_layers.txt"
         python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \

@@ -363,3 +363,24 @@ def test_moe_pack_is_dropped_when_an_expert_or_its_weight_is_replaced():
     moe.pack_for_inference()
     moe.experts.append(SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size, pack=False))
     assert moe._live_pack() is None
+
+
+def test_project_keeps_hooks_gradients_and_values():
+    """``project`` (output projections) is layer(x) wherever it does not take the decode kernel: on
+    CPU, with a gradient needed, with a bias, and with hooks, which still fire."""
+    from hybridlm.layers.packing import project, project_rows
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False)
+    x = torch.randn(1, 1, 16)
+    seen = []
+    lin.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(project(lin, x)[0, 0], lin.weight @ x[0, 0])
+    assert seen == [(1, 1, 8)]
+    y = project(lin, x)
+    y.sum().backward()
+    assert lin.weight.grad is not None
+    biased = nn.Linear(16, 8)
+    torch.testing.assert_close(project(biased, x), biased(x))
+    torch.testing.assert_close(project_rows(x, lin.weight), x @ lin.weight.t())

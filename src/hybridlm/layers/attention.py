@@ -12,7 +12,7 @@ from torch import nn
 from hybridlm.cache import KVSlot, ring_slots
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
@@ -106,7 +106,7 @@ class GatedAttention(PacksWeights):
         """Output gate and projection: [B, T, H, D] -> [B, T, hidden]."""
         if gate_BTHD is not None:
             o_BTHD = o_BTHD * torch.sigmoid(gate_BTHD)
-        return self.o_proj(o_BTHD.flatten(2))
+        return project(self.o_proj, o_BTHD.flatten(2))
 
     def _keys(self, k_BTHD, v_BTHD, tokens: Tokens, slot: KVSlot | None):
         """Keys, values and key positions this call attends over; stores the new ones in the slot."""

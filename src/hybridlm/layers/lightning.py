@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hybridlm.cache import RecurrentSlot
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
+from hybridlm.layers.packing import project
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import lightning_slopes, linear_attention, linear_attention_step
 
@@ -81,4 +82,4 @@ class LightningAttention(nn.Module):
         if slot is not None:
             slot.state.copy_(state)
         o = self.norm(o.reshape(B, T, HV * V)) * torch.sigmoid(self.output_gate(x_BTD))
-        return self.o_proj(o)
+        return project(self.o_proj, o)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from hybridlm.cache import RecurrentSlot
 from hybridlm.config import HybridConfig
+from hybridlm.layers.packing import project
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import linear_attention, linear_attention_step
 
@@ -64,4 +65,4 @@ class LinearAttention(nn.Module):
                                         output_final_state=slot is not None, chunk_size=self.chunk_size, **kw)
         if slot is not None:
             slot.state.copy_(state)
-        return self.o_proj(o.reshape(B, T, -1))
+        return project(self.o_proj, o.reshape(B, T, -1))

@@ -17,6 +17,7 @@ from torch import nn
 from hybridlm.cache import LatentSlot
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
+from hybridlm.layers.packing import project
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import mla_attention
@@ -68,7 +69,7 @@ class LatentAttention(nn.Module):
         latent, k_rope, k_pos = self.cached_keys(x_BTD, tokens, slot)
         o_BTHV = mla_attention(q_nope, q_rope, latent, k_rope, self.kv_b_proj.weight, scale=self.scale,
                                q_pos=tokens.pos_BT, k_pos=k_pos, absorb=slot is not None and T == 1)
-        return self.o_proj(o_BTHV.reshape(B, T, -1))
+        return project(self.o_proj, o_BTHV.reshape(B, T, -1))
 
     def queries(self, x_BTD: torch.Tensor, tokens: Tokens):
         """(q_nope [B, T, H, Dn], q_rope [B, T, H, Dr] rotated, q_resid [B, T, q_lora_rank] or None)."""

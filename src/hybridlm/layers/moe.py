@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, storage_view
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project, storage_view
 from hybridlm.ops import moe_experts
 
 
@@ -307,7 +307,7 @@ class MoE(PacksWeights):
                 shared = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared
             return self.gate(x_ND), shared
         outs = packed_linears(self, groups, x_ND)
-        shared = self.shared_expert.down_proj(torch.nn.functional.silu(outs[-2]) * outs[-1])
+        shared = project(self.shared_expert.down_proj, torch.nn.functional.silu(outs[-2]) * outs[-1])
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(outs[1]) * shared
         return outs[0], shared

@@ -22,6 +22,10 @@ converted, and take them up again after (the same stack when nothing moved). Pac
 implicitly: an evaluation under ``no_grad`` in the middle of training leaves the parameters' storage
 where it was, so nothing about a training run depends on whether or when it evaluated. Layers that
 are not plain bias-free ``nn.Linear`` (a bias, a wrapper) are never packed.
+
+On CUDA, a one-row product (a decode step at batch 1) against a narrow weight runs on the Triton
+matrix-vector kernel (``hybridlm.ops.triton.gemv``) instead of cuBLAS, whose kernels took 1.3-1.7x
+as long for those (``project_rows``); output projections take the same route through ``project``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridlm.ops._checks import load_kernel
+
 
 _NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
+_GEMV_MAX_OUT = 4096  # widest weight (output rows) sent to the decode matrix-vector kernel
 
 
 class PacksWeights(nn.Module):
@@ -100,13 +107,47 @@ def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: tor
     if pack is not None:
         widths = [sum(_layer(owner, n).out_features for n in g) for g in groups]
         pad = pack.shape[0] - sum(widths)
-        outs = F.linear(x, pack).split(widths + [pad] if pad else widths, -1)
+        outs = project_rows(x, pack).split(widths + [pad] if pad else widths, -1)
         return list(outs[:len(groups)])
     outs = []
     for g in groups:
         ys = [_layer(owner, n)(x) for n in g]
         outs.append(ys[0] if len(ys) == 1 else torch.cat(ys, -1))
     return outs
+
+
+def _gemv_for(x: torch.Tensor, weight: torch.Tensor):
+    """The decode matrix-vector kernel when ``project_rows`` routes x and weight to it, else None."""
+    if (x.is_cuda and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dim() >= 1 and math.prod(x.shape[:-1]) == 1 and weight.shape[0] <= _GEMV_MAX_OUT):
+        return load_kernel("decode_linear", "auto", x)
+    return None
+
+
+def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (no bias, no gradient needed). One row of x on CUDA, in weight's 16-bit
+    dtype, against at most ``_GEMV_MAX_OUT`` weight rows runs on the decode matrix-vector kernel.
+
+    The rule is what ``benchmarks/experiments/gemv_ab.py`` measured on an H200 (bf16, distinct weights
+    per call, data/2026-12-03-h200-s2/gemv_ab.json): at one row the kernel took 3.63 / 2.89 / 7.55 us
+    against cuBLAS's 6.21 / 3.78 / 10.01 for MoE's stacked router and shared gate/up (1064 x 2048), the
+    shared expert's down (2048 x 512) and an output projection (2048 x 4096), but 17.4 / 14.1 us
+    against 17.9 / 13.4 for the wide input projections (12352 and 9216 rows), and at four rows it
+    lost on three of the five."""
+    kernel = _gemv_for(x, weight)
+    return kernel(x, weight) if kernel is not None else F.linear(x, weight)
+
+
+def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``, except that a bias-free ``nn.Linear`` without hooks, with no gradient needed,
+    takes ``project_rows``' kernel where that routes it."""
+    if (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+            and not layer._forward_pre_hooks
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
+        kernel = _gemv_for(x, layer.weight)
+        if kernel is not None:
+            return kernel(x, layer.weight)
+    return layer(x)
 
 
 def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:

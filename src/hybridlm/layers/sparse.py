@@ -22,6 +22,7 @@ from hybridlm.cache import KVSlot, LatentSlot
 from hybridlm.config import HybridConfig
 from hybridlm.layers.attention import GatedAttention
 from hybridlm.layers.mla import LatentAttention
+from hybridlm.layers.packing import project
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import block_indexer_topk, indexer_topk, sparse_attention
@@ -94,7 +95,7 @@ class SparseLatentAttention(LatentAttention):
         k, v = expand_latents(latent, k_rope, w_k, w_v)
         o_BTHV = sparse_attention(torch.cat([q_nope, q_rope], -1), k, v, slots, scale=self.scale,
                                   q_pos=tokens.pos_BT, k_pos=k_pos)
-        return self.o_proj(o_BTHV.reshape(B, T, -1))
+        return project(self.o_proj, o_BTHV.reshape(B, T, -1))
 
 
 class BlockSparseAttention(GatedAttention):

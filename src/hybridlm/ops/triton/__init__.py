@@ -7,10 +7,12 @@ Same signatures as the reference ops in ``hybridlm.ops``; the dispatcher there p
 from hybridlm.ops.triton.chunk import chunk_gated_delta_rule
 from hybridlm.ops.triton.conv import causal_conv_rows
 from hybridlm.ops.triton.decode_attention import split_kv_decode_attention
+from hybridlm.ops.triton.gemv import decode_linear
 from hybridlm.ops.triton.moe_decode import moe_experts_decode
 from hybridlm.ops.triton.norm import rms_norm_rows
 
-__all__ = ["causal_conv_rows", "chunk_gated_delta_rule", "moe_experts_decode", "rms_norm_rows", "split_kv_decode_attention"]
+__all__ = ["causal_conv_rows", "chunk_gated_delta_rule", "decode_linear", "moe_experts_decode", "rms_norm_rows",
+           "split_kv_decode_attention"]
 
 try:  # the decode kernel lives in its own module, written separately
     from hybridlm.ops.triton.decode import fused_recurrent_gated_delta_rule_step

@@ -1,0 +1,69 @@
+"""The decode matrix-vector kernel (``ops/triton/gemv.py``) against cuBLAS (``F.linear``) at the
+projections of a Qwen3-Next decode step, batch 1 and 4, bf16. One GPU call, under a minute.
+
+``ours`` is the kernel's default (a 3-stage pipelined loop over D), ``ours_1stage`` the plain loop
+(in the first run, 2026-12-03, these were named ``ours_3stages`` and ``ours``). Each row is timed as CUDA-graph replays over distinct weight copies totalling >= 4x L2 (a decode
+step reads every weight from memory once), and printed with the share of the 1 GiB copy rate its
+weight bytes reach. Every kernel output is first checked against F.linear.
+
+    PYTHONPATH=src python benchmarks/experiments/gemv_ab.py [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hybridlm.bench import report, timing
+from hybridlm.ops.triton.gemv import decode_linear, gemv_into, pick_blocks
+from hybridlm.ops.triton.decode import _num_sms
+
+# (what, out rows O, in width D) at Qwen3-Next-80B-A3B's dimensions (hidden 2048)
+SHAPES = [
+    ("MoE router + shared gate/up stack", 1064, 2048),
+    ("shared expert down", 2048, 512),
+    ("Gated DeltaNet in-projections", 12352, 2048),
+    ("attention q (gated), k, v", 9216, 2048),
+    ("output projection", 2048, 4096),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rate = timing.copy_bytes_per_s(dev)
+    print(f"{torch.cuda.get_device_name(dev)}: 1 GiB copy {rate / 1e9:,.0f} GB/s")
+    rows = []
+    for what, O, D in SHAPES:
+        wbytes = O * D * 2
+        n = max(2, min(256, math.ceil(4 * timing.l2_cache_bytes(dev) / wbytes)))
+        ws = [torch.randn(O, D, device=dev, dtype=torch.bfloat16) * D ** -0.5 for _ in range(n)]
+        for N in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+            ref = F.linear(x.float(), ws[0].float())
+            err = ((decode_linear(x, ws[0]).float() - ref).norm() / ref.norm()).item()
+            y = torch.empty(N, O, device=dev, dtype=torch.bfloat16)
+            cases = dict(cublas=[lambda w=w: F.linear(x, w) for w in ws],
+                         ours_1stage=[lambda w=w: gemv_into(x, w, y, stages=1) for w in ws],
+                         ours=[lambda w=w: gemv_into(x, w, y) for w in ws])
+            row = dict(what=what, O=O, D=D, N=N, buffers=n, weight_bytes=wbytes, rel_err=err,
+                       blocks=list(pick_blocks(N, O, D, _num_sms(dev))))
+            for name, calls in cases.items():
+                us = timing.graphed_ms_per_call(calls, warmup_ms=10, rep_ms=60) * 1e3
+                row[name + "_us"] = us
+                row[name + "_share"] = wbytes / (us * 1e-6) / rate
+            rows.append(row)
+            print(f"{what:36s} N {N} {O:6d} x {D:5d} (err {err:.1e}, blocks {row['blocks']}): " + "  ".join(
+                f"{c} {row[c + '_us']:.2f} us ({row[c + '_share']:.0%})" for c in cases), flush=True)
+        del ws
+    report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Triton matrix-vector product for decode: y [N, O] = x [N, D] W^T with W [O, D] and a few rows N.
+
+At batch 1 a decode step's projections are matrix-vector products bound by their weight bytes. For
+the narrow ones cuBLAS picks split-K kernels that take several times their bytes' time: on an H200
+MoE's stacked router and shared-expert projection (2048 x 1064 in bf16, 4.4 MB, ~1 us at the copy
+rate) took 7.2 us plus a 1.65 us split-K reduction, and the shared expert's down projection (2 MB)
+3.3 us (``benchmarks/step_trace.py``, data/2026-12-02-h200-s5/trace.json).
+
+One kernel, no scratch: a program owns BLOCK_O whole rows of W, streams them along D in BLOCK_D
+columns (D is contiguous, so each row piece is one coalesced read), multiplies by every row of x and
+keeps [N, BLOCK_O, BLOCK_D] float32 partial products, summed over D once at the end. BLOCK_O shrinks
+until the grid gives every multiprocessor several programs, so many weight loads are in flight.
+Accumulation is float32 whatever the input dtype.
+
+Registered with ``torch.library`` (``hybridlm::decode_linear``) so ``torch.compile(fullgraph=True)``
+traces through it and a decode step captures it in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridlm.ops._checks import check_kernel_device
+from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+
+MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
+TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
+PROGRAMS_PER_SM = 4
+# Software-pipeline stages of the loop over D: the next row pieces are copied into shared memory
+# while one is summed. H200, one row, bf16 (benchmarks/experiments/gemv_ab.py): 2048 x 4096 9.44 ->
+# 7.55 us, 1064 x 2048 4.86 -> 3.63 us, 12352 x 2048 21.40 -> 17.36 us against the plain loop.
+STAGES = 3
+
+
+@triton.jit
+def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
+                 NP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_o = o_o < O
+    o_n = tl.arange(0, NP)
+    m_n = o_n < N
+    p_w = w_OD + o_o.to(tl.int64)[:, None] * s_wo
+    acc = tl.zeros([NP, BLOCK_O, BLOCK_D], dtype=tl.float32)
+    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        b_w = tl.load(p_w + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_x = tl.load(x_ND + o_n[:, None] * s_xn + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                      other=0.0).to(tl.float32)
+        acc += b_w[None, :, :] * b_x[:, None, :]
+    y = tl.sum(acc, axis=2)
+    tl.store(y_NO + o_n[:, None] * s_yn + o_o[None, :], y.to(y_NO.dtype.element_ty),
+             mask=m_n[:, None] & m_o[None, :])
+
+
+def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
+    """(BLOCK_O, BLOCK_D): rows 512 wide (less for a small D), BLOCK_O from a TILE-element
+    accumulator's rows down to 1 until cdiv(O, BLOCK_O) reaches PROGRAMS_PER_SM programs per SM."""
+    np_ = triton.next_power_of_2(N)
+    bd = max(16, min(512, triton.next_power_of_2(D)))
+    bo = max(1, min(TILE // (np_ * bd), triton.next_power_of_2(O)))
+    while bo > 1 and triton.cdiv(O, bo) < PROGRAMS_PER_SM * num_sms:
+        bo //= 2
+    return bo, bd
+
+
+def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps: int = 4) -> None:
+    """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim)."""
+    N, D = x_ND.shape
+    O = w_OD.shape[0]
+    if N == 0 or O == 0:
+        return
+    if D == 0:
+        y_NO.zero_()
+        return
+    bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
+    _gemv_kernel[(triton.cdiv(O, bo),)](
+        x_ND, w_OD, y_NO, N, O, D, x_ND.stride(0), w_OD.stride(0), y_NO.stride(0),
+        NP=triton.next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps)
+
+
+@torch.library.custom_op("hybridlm::decode_linear", mutates_args=())
+def _decode_linear_op(x_ND: torch.Tensor, w_OD: torch.Tensor) -> torch.Tensor:
+    y_NO = torch.empty(x_ND.shape[0], w_OD.shape[0], device=x_ND.device, dtype=x_ND.dtype)
+    gemv_into(x_ND, w_OD, y_NO)
+    return y_NO
+
+
+@_decode_linear_op.register_fake
+def _(x_ND, w_OD):
+    return x_ND.new_empty(x_ND.shape[0], w_OD.shape[0])
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight)`` (no bias) for at most MAX_ROWS rows of x.
+
+    Args:
+        x: [..., D] float32, bfloat16 or float16; the leading dims hold at most MAX_ROWS rows.
+        weight: [O, D] of x's dtype and device, rows contiguous along D (views of a stack included).
+
+    Returns [..., O] in x's dtype, accumulated in float32. No autograd: for inference.
+
+    Example (CUDA tensors; CPU ones only under TRITON_INTERPRET=1):
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> y = decode_linear(torch.randn(1, 64, device=dev), torch.randn(40, 64, device=dev))
+    """
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t))}")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [O, D] with D = x's last dim; got x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise TypeError(f"weight must have x's dtype and device ({x.dtype}, {x.device}), "
+                        f"got {weight.dtype} on {weight.device}")
+    if x.dtype == torch.float64:
+        raise TypeError("x must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64")
+    rows = math.prod(x.shape[:-1])
+    if rows > MAX_ROWS:
+        raise ValueError(f"x must hold at most {MAX_ROWS} rows for decode_linear, got {rows} "
+                         f"(shape {tuple(x.shape)}); use torch.nn.functional.linear")
+    check_kernel_device("x", x)
+    x_ND = x.reshape(rows, x.shape[-1]).contiguous()
+    w_OD = weight if weight.stride(1) == 1 else weight.contiguous()
+    if torch.compiler.is_compiling():
+        y_NO = _decode_linear_op(x_ND, w_OD)
+    else:  # eager calls launch directly (the custom-op dispatch costs more host time than the kernel)
+        y_NO = torch.empty(rows, w_OD.shape[0], device=x.device, dtype=x.dtype)
+        gemv_into(x_ND, w_OD, y_NO)
+    return y_NO.reshape(*x.shape[:-1], w_OD.shape[0])

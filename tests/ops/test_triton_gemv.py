@@ -1,0 +1,158 @@
+"""Decode matrix-vector kernel (``hybridlm.ops.triton.gemv``): against float64 F.linear, every output
+element written, strided weight views, bad input, torch.compile, CUDA graphs, and the projections of
+a packed layer routed through it on CUDA.
+
+Without CUDA the kernel runs under Triton's interpreter (float32, small shapes).
+"""
+
+import doctest
+import importlib
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+
+from ops_testing import rel_err  # noqa: E402
+
+from hybridlm.ops.triton.gemv import MAX_ROWS, decode_linear, gemv_into, pick_blocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def make(shape_x, O, D, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape_x, D, generator=gen)
+    w = torch.randn(O, D, generator=gen) * max(D, 1) ** -0.5
+    return x.to(DEVICE, dtype), w.to(DEVICE, dtype)
+
+
+def reference(x, w):
+    return F.linear(x.double(), w.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape_x, O, D", [
+    ((1,), 40, 64), ((1,), 1, 1), ((2,), 37, 100), ((3,), 129, 1000), ((4,), 8, 513),
+    ((1, 1), 1064, 96),  # a decode step's [B, T, D] at batch 1, MoE's stack width
+    ((2, 1), 65, 63),
+])
+def test_matches_linear(shape_x, O, D, dtype):
+    x, w = make(shape_x, O, D, dtype)
+    y = decode_linear(x, w)
+    assert y.shape == (*shape_x, O) and y.dtype == dtype
+    assert rel_err(y, reference(x, w)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("blocks, stages", [(None, 1), ((1, 16), 1), ((4, 32), 3), ((8, 512), 2)])
+def test_every_output_element_written(blocks, stages):
+    x, w = make((3,), 70, 200, torch.float32, seed=1)
+    y = torch.full((3, 70), float("nan"), device=DEVICE)
+    gemv_into(x, w, y, blocks=blocks, stages=stages)
+    assert not y.isnan().any()
+    assert rel_err(y, reference(x, w)) < TOL[torch.float32]
+
+
+def test_weight_views_and_strided_rows():
+    x, stack = make((2,), 96, 48, torch.float32, seed=2)
+    view = stack[10:50]  # rows of a stack, as packed layers' weights are
+    cols = torch.randn(40, 80, device=DEVICE)[:, 16:64]  # row stride 80, contiguous along D
+    for w in (view, cols, cols.t().contiguous().t()):
+        torch.testing.assert_close(decode_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    xs = torch.randn(2, 2, 48, device=DEVICE)[:, 0]  # strided rows of x
+    torch.testing.assert_close(decode_linear(xs, view), F.linear(xs, view), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_and_zero_width():
+    x, w = make((2,), 5, 0, torch.float32)
+    assert decode_linear(x, w).eq(0).all()
+    x, w = make((2,), 0, 8, torch.float32)
+    assert decode_linear(x, w).shape == (2, 0)
+    x = torch.randn(0, 8, device=DEVICE)
+    assert decode_linear(x, torch.randn(3, 8, device=DEVICE)).shape == (0, 3)
+
+
+def test_blocks_fill_the_card():
+    # 132 SMs, 4 programs each: MoE's stack (1064 rows) gets 2-row blocks, a wide projection 8
+    assert pick_blocks(1, 1064, 2048, 132) == (2, 512)
+    assert pick_blocks(1, 12352, 2048, 132) == (8, 512)
+    assert pick_blocks(4, 2048, 512, 132) == (2, 512)
+    assert pick_blocks(1, 3, 20, 132) == (1, 32)
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (lambda x, w: (x.tolist(), w), TypeError, "x must be a floating-point"),
+    (lambda x, w: (x, w[:, :4]), ValueError, "weight must be"),
+    (lambda x, w: (x, w[0]), ValueError, "weight must be"),
+    (lambda x, w: (x, w.half()), TypeError, "weight must have x's dtype"),
+    (lambda x, w: (x.double(), w.double()), TypeError, "float64"),
+    (lambda x, w: (x.expand(MAX_ROWS + 1, -1), w), ValueError, "at most"),
+])
+def test_bad_inputs_raise(args, error, words):
+    x, w = make((1,), 6, 8, torch.float32)
+    with pytest.raises(error, match=words):
+        decode_linear(*args(x, w))
+
+
+def test_custom_op_passes_opcheck():
+    x, w = make((2,), 24, 40, torch.float32)
+    torch.library.opcheck(torch.ops.hybridlm.decode_linear.default, (x, w))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    x, w = make((1, 1), 24, 40, torch.float32)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda x, w: decode_linear(x, w) * 2.0, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(x, w), decode_linear(x, w) * 2.0)
+
+
+def test_docstring_example():
+    mod = importlib.import_module("hybridlm.ops.triton.gemv")
+    result = doctest.testmod(mod, extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_capture():
+    x, w = make((1,), 1064, 2048, torch.bfloat16, seed=3)
+    decode_linear(x, w)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = decode_linear(x, w)
+    for _ in range(2):
+        x.normal_()
+        graph.replay()
+        assert rel_err(y, reference(x, w)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the routing is for CUDA tensors")
+def test_packed_projections_route_through_the_kernel(monkeypatch):
+    """A packed MoE layer at batch 1 on CUDA calls the kernel for its stacked projections and the
+    shared expert's down projection and matches the unpacked layer; at two rows it does not."""
+    from hybridlm.config import HybridConfig
+    from hybridlm.layers.moe import MoE
+    from hybridlm.ops.triton import gemv
+
+    cfg = HybridConfig(hidden_size=256, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=128)
+    torch.manual_seed(0)
+    layer = MoE(cfg).to(DEVICE, torch.bfloat16).eval()
+    x = torch.randn(1, 1, 256, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        unpacked = layer(x)
+        layer.pack_for_inference()
+        calls = []
+        real = gemv.gemv_into
+        monkeypatch.setattr(gemv, "gemv_into", lambda *a, **k: (calls.append(a[1].shape), real(*a, **k))[1])
+        packed = layer(x)
+        assert len(calls) == 2, calls  # the stacked input projections, the shared expert's down
+        assert rel_err(packed, unpacked) < 2e-2
+        layer(x.expand(2, 1, 256))  # two rows: cuBLAS (the kernel lost there on the H200)
+        assert len(calls) == 2, calls
