@@ -22,6 +22,9 @@
 #                4-layer kernel table at 4k, batch 1 with the committed routing (one row, <= 4096 output
 #                rows, 3 stages, output projections included: not yet timed; the 12-03 s2 run had every
 #                packed projection routed, 1 stage: 225.4 tokens/s, 38.7% of the bound)
+#   decode       the decode-step sweep at batch 32 and 64 with the pipelined persistent launches, which
+#                the second 12-03 session skipped (--no-pipelined) after the load-order fix: a launch that
+#                copies the next tile while one computes is the remaining lever for 87% -> 90% at batch 32
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -56,6 +59,10 @@ case $part in
                 --shapes 1x131072,1x1048576,8x32768,32x131072 --json "$out/decode_attn_d128_${heads/:/_}.json" \
                 | grep -E "^copy|^best|stages 3 bs 64 warps 4 splits|stages 1 bs 64 warps 4 splits" | tee -a "$out/attn128.txt"
         done
+        ;;
+    decode)
+        python3 benchmarks/decode_sweep.py --batches 32,64 --json "$out/decode_sweep_pipelined.json" 2>&1 \
+            | tee "$out/decode_sweep_pipelined.txt"
         ;;
     gemv)
         python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
