@@ -123,8 +123,8 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
 
     if ONE_REDUCE:
         # Every reduction over K in one pass over the loaded (old) state, so a program crosses its
-        # warps once (the separate form below crosses them five times: two norms, S^T k, S^T q and
-        # their barriers). With r_k = 1 / |k|, r_q = 1 / |q| (1 without the norm), k^ = r_k k:
+        # warps once (the separate form below crosses them for each of its four reductions, the two
+        # norms, S^T k and S^T q: 18 barriers against 7 in an offline sm_90 compile). With r_k = 1 / |k|, r_q = 1 / |q| (1 without the norm), k^ = r_k k:
         #   S^T k^ = r_k S^T k,   u = beta (v - exp(g) S^T k^),   S' = exp(g) S + k^ u^T,
         #   S'^T q^ = r_q (exp(g) S^T q + r_k (k . q) u).
         # k . k, q . q and k . q enter the same reduction as [K, BV] broadcasts (every column gets
