@@ -21,7 +21,9 @@
 #   gemv         the decode matrix-vector kernel against cuBLAS, then the compiled 48-layer profile and the
 #                4-layer kernel table at 4k, batch 1 with the committed routing (one row, <= 4096 output
 #                rows, 3 stages, output projections included: not yet timed; the 12-03 s2 run had every
-#                packed projection routed, 1 stage: 225.4 tokens/s, 38.7% of the bound)
+#                packed projection routed, 1 stage: 225.4 tokens/s, 38.7% of the bound), and with the
+#                short conv's decode step traced as one custom op (also not yet timed: the 4-layer
+#                table should lose ~6 inductor kernels a Gated DeltaNet layer)
 #   decode       the decode-step sweep at batch 32 and 64 with the pipelined persistent launches, which
 #                the second 12-03 session skipped (--no-pipelined) after the load-order fix: a launch that
 #                copies the next tile while one computes is the remaining lever for 87% -> 90% at batch 32
@@ -95,7 +97,7 @@ case $part in
         ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
-            tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py \
+            tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py tests/layers/test_packing.py \
             tests/ops/test_triton_conv.py tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -3 \
             | tee "$out/tests_layers.txt"
         python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \

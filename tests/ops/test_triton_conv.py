@@ -131,3 +131,41 @@ def test_layer_uses_the_kernel_without_gradients(monkeypatch):
     assert calls and y.dtype == torch.bfloat16
     conv(x.float().requires_grad_())  # a gradient needed: the PyTorch ops, which autograd goes through
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("T", [1, 40])
+def test_traced_streaming_step_is_one_custom_op(T):
+    """Under torch.compile (fullgraph) a call with a window traces as the mutating custom op and gives
+    the eager kernel's output and window (on CPU the graph runs the op eagerly: what is checked is
+    that dynamo traces it, with its fake implementation)."""
+    gen = torch.Generator().manual_seed(T)
+    x = torch.randn(2, T, 24, generator=gen).to(DEVICE)
+    w = torch.randn(24, 1, 4, generator=gen).to(DEVICE)
+    start = torch.randn(2, 24, 3, generator=gen).to(DEVICE)
+    win_eager, win_compiled = start.clone(), start.clone()
+    want = causal_conv_rows(x, w, win_eager, block_t=16)
+    backend = "inductor" if CUDA else "aot_eager"
+    compiled = torch.compile(lambda x, w, win: causal_conv_rows(x, w, win, block_t=16) * 1.0,
+                             fullgraph=True, backend=backend)
+    got = compiled(x, w, win_compiled)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(win_compiled, win_eager, rtol=0, atol=0)
+
+
+def test_custom_op_passes_opcheck():
+    x = torch.randn(1, 3, 16, device=DEVICE)
+    torch.library.opcheck(torch.ops.hybridlm.causal_conv_rows_.default,
+                          (x, torch.randn(16, 4, device=DEVICE), torch.randn(1, 16, 3, device=DEVICE), 32))
+
+
+@pytest.mark.skipif(not CUDA, reason="the layer takes the kernel on CUDA only")
+def test_compiled_layer_streams_through_the_kernel():
+    conv = ShortConv(64, 4).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    win_eager = torch.randn(2, 64, 3, device="cuda", dtype=torch.bfloat16)
+    win_compiled = win_eager.clone()
+    with torch.no_grad():
+        want = conv(x, win_eager)
+        got = torch.compile(conv, fullgraph=True)(x, win_compiled)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(win_compiled, win_eager, rtol=0, atol=0)

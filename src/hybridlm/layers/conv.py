@@ -53,12 +53,16 @@ class ShortConv(nn.Module):
         Returns:
             [B, T, C] in x's dtype.
 
-        On CUDA, with no gradient needed and outside torch.compile (which fuses these ops itself),
-        one Triton pass (``ops.triton.causal_conv_rows``, float32 sums, one rounding) replaces the
-        transpose, concatenation, products and sums below.
+        On CUDA, with no gradient needed, one Triton pass (``ops.triton.causal_conv_rows``, float32
+        sums, one rounding) replaces the transpose, concatenation, products and sums below; under
+        torch.compile only with a window (the decode step, as a custom op), since inductor fuses
+        the ops of a windowless prefill itself.
         """
-        # the kernel keeps at most 4 taps (ops.triton.conv.MAX_TAPS)
-        kernel = inference_kernel("causal_conv_rows", x_BTC, self.weight) if self.kernel_size <= 4 else None
+        # the kernel keeps at most 4 taps (ops.triton.conv.MAX_TAPS); traced, it runs only as the
+        # streaming step (a custom op updating the window), where inductor's code for the ops below
+        # was several small kernels a layer
+        kernel = inference_kernel("causal_conv_rows", x_BTC, self.weight,
+                                  traced=window_BCW is not None) if self.kernel_size <= 4 else None
         if kernel is not None and (window_BCW is None or _window_fits(window_BCW)):
             return kernel(x_BTC, self.weight, window_BCW)
         width = self.kernel_size - 1

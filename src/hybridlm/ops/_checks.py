@@ -249,11 +249,12 @@ def check_kernel_device(name: str, x: torch.Tensor) -> None:
                          "(use backend='reference', or set TRITON_INTERPRET=1 to interpret the kernel on CPU)")
 
 
-def inference_kernel(name: str, x: torch.Tensor, *others: torch.Tensor | None):
+def inference_kernel(name: str, x: torch.Tensor, *others: torch.Tensor | None, traced: bool = False):
     """``load_kernel(name, "auto", x)`` for a layer's inference-only Triton path: only for CUDA
-    tensors, outside torch.compile (which fuses the layer's PyTorch ops itself) and when no
-    gradient is needed through x or ``others`` (weights, gates; None skipped); else None."""
-    if not x.is_cuda or torch.compiler.is_compiling():
+    tensors, outside torch.compile (which fuses the layer's PyTorch ops itself) unless ``traced``
+    (the kernel is a custom op there), and when no gradient is needed through x or ``others``
+    (weights, gates; None skipped); else None."""
+    if not x.is_cuda or (torch.compiler.is_compiling() and not traced):
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others)):
         return None

@@ -132,6 +132,19 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
                          f"got strides {window_BCW.stride()}")
     if x_BTC.stride(2) != 1:
         x_BTC = x_BTC.contiguous()
+    w = w.contiguous()
+    if torch.compiler.is_compiling() and window_BCW is not None:
+        # traced (the compiled decode step): one opaque kernel for the conv, SiLU and the window's
+        # update, where inductor's own code for the layer's ops was several kernels a layer
+        return _conv_update_op(x_BTC, w, window_BCW, block_t)
+    return _conv_into(x_BTC, w, window_BCW, block_t)
+
+
+def _conv_into(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor | None, block_t: int) -> torch.Tensor:
+    """Launch on validated arguments (x's channels contiguous, w a contiguous [C, KS])."""
+    B, T, C = x_BTC.shape
+    W = w.shape[1] - 1
+    KS = W + 1
     y = torch.empty(B, T, C, device=x_BTC.device, dtype=x_BTC.dtype)
     if B == 0 or T == 0 or C == 0:
         return y
@@ -141,7 +154,7 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
     update = has_window and T <= BT          # one program covers every row of its channels
     win = window_BCW if has_window else y    # not read without a window
     causal_conv_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
-        x_BTC, w.contiguous(), win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
+        x_BTC, w, win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
         KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4)
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]
         if T >= W:
@@ -149,3 +162,13 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
         else:
             window_BCW.copy_(torch.cat([window_BCW[:, :, T:].to(x_BTC.dtype), x_BTC.transpose(1, 2)], 2))
     return y
+
+
+@torch.library.custom_op("hybridlm::causal_conv_rows_", mutates_args=("window_BCW",))
+def _conv_update_op(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor, block_t: int) -> torch.Tensor:
+    return _conv_into(x_BTC, w, window_BCW, block_t)
+
+
+@_conv_update_op.register_fake
+def _(x_BTC, w, window_BCW, block_t):
+    return x_BTC.new_empty(x_BTC.shape)
