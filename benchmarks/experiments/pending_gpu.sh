@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # What the next GPU session measures (kept current after each session; see RESULTS.md).
 # Each part fits one 10-minute device call; every output lands in OUT_DIR (JSON and logs).
-#   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART
+#   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART [PART ...]
+# Several parts run one after another in one call. The device machine is handed back ~30 s after a
+# call ends and the next call starts a fresh one (~90-120 s of the session's 30 device-minutes in the
+# second 12-03 session), so group parts that fit 10 minutes together, e.g. `decode gemv`
+# (~1 + ~3.5 minutes).
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
 # Parts:
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
@@ -34,11 +38,12 @@
 #                and 128 (8:8 and 8:1), now timed as CUDA-graph replays (eager timing was host-bound at
 #                B 1, S 128k: 38% or 70% for one launch by the order it was timed in, 2026-12-03)
 set -euo pipefail
-out=${1:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
-part=${2:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART}
+out=${1:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART [PART ...]}
+: "${2:?usage: bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART [PART ...]}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
+for part in "${@:2}"; do
 case $part in
     kernels)
         python3 benchmarks/kernels.py --max-minutes 8 --json "$out/kernels.json" --out "$out" 2>&1 | tee "$out/kernels.log"
@@ -104,7 +109,9 @@ case $part in
             -k "bfloat16 or compiles or packed" 2>&1 | tail -3 | tee "$out/tests_chunk.txt"
         ;;
     *)
-        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, moe, attn, attn8_1, tests)" >&2
+        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, gemv, moe, attn," \
+             "attn8_1, tests)" >&2
         exit 2
         ;;
 esac
+done
