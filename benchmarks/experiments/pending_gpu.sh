@@ -22,6 +22,9 @@
 #                46% / 64% of the copy rate there (2026-12-03, after the column-split combine) with
 #                1024 / 128 splits of 2 blocks each; whether fewer, longer splits win is untested
 #                (the s8 sweep that suggested 528 was timed eagerly, host-bound at these sizes)
+#   forward      forward_ab.py: the chunked forward's parts at Qwen3-Next heads, B 1, T 32k, with the
+#                opt-in stacked [K; Q] state pass (chunk_fwd(stack_qk=True); offline one HGMMA drain fewer
+#                per chunk, NOTES-chunk v13) beside the default; fla's forward when its wheels are carried
 #   gemv         the decode matrix-vector kernel against cuBLAS, then the compiled 48-layer profile and the
 #                4-layer kernel table at 4k, batch 1 with the committed routing (one row, <= 4096 output
 #                rows, 3 stages, output projections included: not yet timed; the 12-03 s2 run had every
@@ -71,6 +74,9 @@ case $part in
         python3 benchmarks/decode_sweep.py --batches 32,64 --json "$out/decode_sweep_pipelined.json" 2>&1 \
             | tee "$out/decode_sweep_pipelined.txt"
         ;;
+    forward)
+        python3 benchmarks/experiments/forward_ab.py --json "$out/forward_ab.json" 2>&1 | tee "$out/forward_ab.txt"
+        ;;
     gemv)
         python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
@@ -109,7 +115,7 @@ case $part in
             -k "bfloat16 or compiles or packed" 2>&1 | tail -3 | tee "$out/tests_chunk.txt"
         ;;
     *)
-        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, gemv, moe, attn," \
+        echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
              "attn8_1, tests)" >&2
         exit 2
         ;;
