@@ -1,10 +1,12 @@
 """Triton matrix-vector product for decode: y [N, O] = x [N, D] W^T with W [O, D] and a few rows N.
 
 At batch 1 a decode step's projections are matrix-vector products bound by their weight bytes. For
-the narrow ones cuBLAS picks split-K kernels that take several times their bytes' time: on an H200
-MoE's stacked router and shared-expert projection (2048 x 1064 in bf16, 4.4 MB, ~1 us at the copy
-rate) took 7.2 us plus a 1.65 us split-K reduction, and the shared expert's down projection (2 MB)
-3.3 us (``benchmarks/step_trace.py``, data/2026-12-02-h200-s5/trace.json).
+the narrow ones cuBLAS takes several times their bytes' time. In the compiled step's kernel table on
+an H200 (``benchmarks/step_trace.py``, data/2026-12-02-h200-s5/trace.json), MoE's stacked router and
+shared-expert projection (1064 x 2048 in bf16, 4.4 MB, ~1 us at the copy rate) and the shared
+expert's down projection (2 MB) took 4.2 and 3.3 us. The output projections (2048 x 4096, 16.8 MB)
+took a split-K kernel of 7.2 us plus a 1.65 us reduction. Measured side by side
+(``benchmarks/experiments/gemv_ab.py``), this kernel is 1.3-1.7x faster for those at one row.
 
 One kernel, no scratch: a program owns BLOCK_O whole rows of W, streams them along D in BLOCK_D
 columns (D is contiguous, so each row piece is one coalesced read), multiplies by every row of x and
