@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 
 import torch
@@ -37,15 +36,14 @@ PIPELINED = [(bv, w, pps, st) for bv, w in ((16, 1), (16, 2), (32, 2), (32, 4), 
              for pps in (1, 2, 4) for st in (2, 3, 4)]
 
 
-def _inputs(B, H, HV, K, V, n_states, device):
+def _inputs(B, H, HV, K, V, device):
     torch.manual_seed(B)
     q = torch.randn(B, H, K, device=device, dtype=torch.bfloat16)
     k = torch.randn_like(q)
     v = torch.randn(B, HV, V, device=device, dtype=torch.bfloat16)
     g = torch.nn.functional.logsigmoid(torch.randn(B, HV, device=device) + 3.0)
     beta = torch.rand(B, HV, device=device)
-    states = [0.1 * torch.randn(B, HV, K, V, device=device) for _ in range(n_states)]
-    return q, k, v, g, beta, states
+    return q, k, v, g, beta, timing.distinct_states(B, HV, K, V, device)
 
 
 def _calls(q, k, v, g, beta, states, o, cfg):
@@ -68,9 +66,7 @@ def _check(q, k, v, g, beta, state, cfg) -> float:
 
 
 def sweep(B, H, HV, K, V, device, copy_rate, pipelined=True) -> list[dict]:
-    state_bytes = B * HV * K * V * 4
-    n_states = max(2, min(128, math.ceil(4 * timing.l2_cache_bytes(device) / state_bytes)))
-    q, k, v, g, beta, states = _inputs(B, H, HV, K, V, n_states, device)
+    q, k, v, g, beta, states = _inputs(B, H, HV, K, V, device)
     nbytes = timing.decode_state_bytes(B, HV, K, V)
     dsts = [torch.empty_like(s) for s in states]
     copy_ms = timing.graphed_ms_per_call([lambda s=s, d=d: d.copy_(s) for s, d in zip(states, dsts)],

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.bench import report, timing
+from hybridlm.bench import load_source, report, timing
 from hybridlm.ops.delta_rule import gated_delta_rule_step
 from hybridlm.ops.triton.decode import _pick_blocks, decode_into
 
@@ -79,15 +79,6 @@ def _tile_kernel(s, k_ptr, n_bhv, K: tl.constexpr, V: tl.constexpr, BV: tl.const
     tl.store(s + p, b_s)
 
 
-def _load(path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("decode_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def cases_for(B: int, bufs: list, block, dev, base=None, dsts=None) -> dict:
     """The timed calls; ``block`` is (BV, warps), or None for the step's own launch rule."""
     H, HV, K, V = 16, 32, 128, 128
@@ -117,7 +108,7 @@ def cases_for(B: int, bufs: list, block, dev, base=None, dsts=None) -> dict:
                                                   beta_is_logit=False, **kw)
 
     return dict(
-        copy=None,  # filled by the caller (needs a second buffer set)
+        copy=[lambda s=s, d=d: d.copy_(s) for s, d in zip(bufs, dsts or [])],
         rmw=[lambda s=s: s.mul_(0.999) for s in bufs],
         flat=[lambda s=s: flat(s) for s in bufs],
         tile=[lambda s=s: tile(s) for s in bufs],
@@ -141,7 +132,7 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated cases to time (default all)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    base = _load(args.baseline) if args.baseline else None
+    base = load_source(args.baseline, "decode_baseline") if args.baseline else None
     dev = torch.device("cuda")
     HV, K, V = 32, 128, 128
     blocks = [None if b == "default" else tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",")]
@@ -175,13 +166,12 @@ def main() -> None:
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
         nbytes = timing.decode_state_bytes(B, HV, K, V)
-        src = timing.distinct_states(B, HV, K, V, dev)
+        src = timing.distinct_states(B, HV, K, V, dev, max_buffers=64)
         n = len(src)
         dst = [torch.empty_like(t) for t in src]
         for block in blocks:
             cases = cases_for(B, src, block, dev, base, dst)
             bv, warps = block or _pick_blocks(B, HV, V, dev, K)[:2]
-            cases["copy"] = [lambda s=s, d=d: d.copy_(s) for s, d in zip(src, dst)]
             if args.only:
                 cases = {c: cases[c] for c in args.only.split(",")}
             row = dict(B=B, block_v=bv, warps=warps, buffers=n, bytes=nbytes)

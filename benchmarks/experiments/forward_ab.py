@@ -19,25 +19,17 @@ Timings: medians of ``triton.testing.do_bench`` (``hybridlm.bench.timing``), one
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 import torch
 
-from hybridlm.bench import timing
+from hybridlm.bench import load_source, timing
 from hybridlm.ops.triton import chunk_fwd as CF
 from hybridlm.ops.triton import chunk_prep as CP
 from hybridlm.ops.triton.chunk import chunk_gated_delta_rule
 from hybridlm.ops.triton.utils import sequence_tables
 
 H, HV, D = 16, 32, 128
-
-
-def _load(path, name="chunk_fwd_baseline"):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _fla():
@@ -69,8 +61,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    base = _load(args.baseline) if args.baseline else None
-    base_prep = _load(args.baseline_prep, "chunk_prep_baseline") if args.baseline_prep else None
+    base = load_source(args.baseline, "chunk_fwd_baseline") if args.baseline else None
+    base_prep = load_source(args.baseline_prep, "chunk_prep_baseline") if args.baseline_prep else None
     caps = [None if c == "none" else int(c) for c in args.maxnreg.split(",") if c]
     state_configs = [tuple(int(x) for x in c.split(":")) for c in args.state_configs.split(",") if c]
     fla_chunk = _fla()

@@ -5,6 +5,17 @@ byte conventions), ``report`` (tables, JSON rows, markdown for benchmarks/RESULT
 """
 
 
+def load_source(path: str, name: str):
+    """A module from a Python file by path: another commit's kernel file, timed beside the current
+    one (``git show REV:src/hybridlm/ops/triton/decode.py > /tmp/old.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def add_kernel_arguments(p) -> None:
     """Options of the kernel suite, shared by ``hybridlm bench kernels`` and benchmarks/kernels.py
     (here, away from torch, so ``hybridlm --help`` stays fast)."""

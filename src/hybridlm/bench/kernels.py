@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -196,15 +195,13 @@ def _decode_calls(impl: str, fla, q, k, v, g, beta, states):
 def bench_decode(bench: Bench, heads: Heads, B: int) -> None:
     """Per-layer decode step over distinct state buffers whose total exceeds 4 x L2, as the layers of
     a model do (one hot buffer would time the cache, not memory)."""
-    state_bytes = B * heads.HV * heads.K * heads.V * 4
-    n_states = max(2, min(128, math.ceil(4 * timing.l2_cache_bytes(bench.device) / state_bytes)))
     torch.manual_seed(B)
     q = torch.randn(B, heads.H, heads.K, device=bench.device, dtype=torch.bfloat16)
     k = torch.randn_like(q)
     v = torch.randn(B, heads.HV, heads.V, device=bench.device, dtype=torch.bfloat16)
     g = torch.nn.functional.logsigmoid(torch.randn(B, heads.HV, device=bench.device) + 3.0)
     beta = torch.rand(B, heads.HV, device=bench.device)
-    states = [0.1 * torch.randn(B, heads.HV, heads.K, heads.V, device=bench.device) for _ in range(n_states)]
+    states = timing.distinct_states(B, heads.HV, heads.K, heads.V, bench.device)
     nbytes = timing.decode_state_bytes(B, heads.HV, heads.K, heads.V)
     impls = ["hybridlm"] + (["fla"] if bench.fla is not None else []) + (["reference"] if B in (1, 32) else [])
     for impl in impls:

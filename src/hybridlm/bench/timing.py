@@ -95,7 +95,7 @@ def decode_state_bytes(B: int, HV: int, K: int, V: int) -> float:
     return float(2 * B * HV * K * V * 4)
 
 
-def distinct_states(B: int, HV: int, K: int, V: int, device, max_buffers: int = 64) -> list:
+def distinct_states(B: int, HV: int, K: int, V: int, device, max_buffers: int = 128) -> list:
     """Float32 decode states [B, HV, K, V] (0.1 * normal), enough distinct ones to total >= 4x L2,
     so that timing a step over them in turn reads memory, not cache."""
     state_bytes = B * HV * K * V * 4

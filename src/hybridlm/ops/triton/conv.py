@@ -143,8 +143,8 @@ def causal_conv_rows(x_BTC: torch.Tensor, weight: torch.Tensor, window_BCW: torc
 def _conv_into(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor | None, block_t: int) -> torch.Tensor:
     """Launch on validated arguments (x's channels contiguous, w a contiguous [C, KS])."""
     B, T, C = x_BTC.shape
-    W = w.shape[1] - 1
-    KS = W + 1
+    KS = w.shape[1]
+    W = KS - 1
     y = torch.empty(B, T, C, device=x_BTC.device, dtype=x_BTC.dtype)
     if B == 0 or T == 0 or C == 0:
         return y
