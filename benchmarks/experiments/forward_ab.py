@@ -5,8 +5,6 @@ the prep and the state pass with the norm separate and fused, the op's forward a
 beta, as d076bcf's does) its state pass is timed beside ours; with ``--baseline-prep FILE`` (another
 commit's ``chunk_prep.py``) its prep is timed beside ours, ``--maxnreg 168,128`` times our prep
 with those register caps and ``--state-configs 16:2,32:2`` the state pass at those (BV, stages).
-The state pass is also timed with K S and Q S as one stacked product (``chunk_fwd(stack_qk=True)``,
-NOTES-chunk v13).
 
     git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
     python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
@@ -105,10 +103,6 @@ def main() -> None:
         o_f, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)
         rec(f"{tag} state pass, l2-norm fused", timing.median_ms(
             lambda: CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True)), diff=rel(o_f, o_ref))
-        o_s, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True, stack_qk=True)
-        rec(f"{tag} state pass, l2-norm fused, stacked [K; Q] product", timing.median_ms(
-            lambda: CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True, stack_qk=True)),
-            diff=rel(o_s, o_f))
         for bv, stages in state_configs:
             o_c, _, _ = CF.chunk_fwd(q, k, v, vec, t, m, None, cu, co, sc, l2norm=True, block_v=bv, num_stages=stages)
             rec(f"{tag} state pass, l2-norm fused, BV {bv}, {stages} stages", timing.median_ms(

@@ -22,18 +22,14 @@
 #                46% / 64% of the copy rate there (2026-12-03, after the column-split combine) with
 #                1024 / 128 splits of 2 blocks each; whether fewer, longer splits win is untested
 #                (the s8 sweep that suggested 528 was timed eagerly, host-bound at these sizes)
-#   forward      forward_ab.py: the chunked forward's parts at Qwen3-Next heads, B 1, T 32k, with the
-#                opt-in stacked [K; Q] state pass (chunk_fwd(stack_qk=True); offline one HGMMA drain fewer
-#                per chunk, NOTES-chunk v13) beside the default; fla's forward when its wheels are carried
+#   forward      forward_ab.py: the chunked forward's parts at Qwen3-Next heads, B 1, T 32k (third 12-03
+#                session: prep 0.577 ms, state pass 0.759, op 1.335, fla 2.070), fla's when its wheels
+#                are carried
 #   gemv         the decode matrix-vector kernel against cuBLAS, then the compiled 48-layer profile and the
-#                4-layer kernel table at 4k, batch 1 with the committed routing (one row, <= 4096 output
-#                rows, 3 stages, output projections included: not yet timed; the 12-03 s2 run had every
-#                packed projection routed, 1 stage: 225.4 tokens/s, 38.7% of the bound), and with the
-#                short conv's decode step traced as one custom op (also not yet timed: the 4-layer
-#                table should lose ~6 inductor kernels a Gated DeltaNet layer)
-#   decode       the decode-step sweep at batch 32 and 64 with the pipelined persistent launches, which
-#                the second 12-03 session skipped (--no-pipelined) after the load-order fix: a launch that
-#                copies the next tile while one computes is the remaining lever for 87% -> 90% at batch 32
+#                4-layer kernel table at 4k, batch 1 (third 12-03 session: 254.4 tokens/s, 44.0% of the
+#                bound; 452.8 us of kernels in 85 launches for 4 layers)
+#   decode       the decode-step sweep at batch 32 and 64, pipelined persistent launches included (third
+#                12-03 session: default 87.6% / 91.6%, pipelined 82.1% / 86.4%)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts

@@ -259,25 +259,3 @@ def test_bad_inputs_raise_naming_the_argument():
         chunk_gated_delta_rule(big, big, v, g, beta)
     with pytest.raises(ValueError, match="dt_bias"):
         chunk_gated_delta_rule(q, k, v, g, beta, A_log=torch.zeros(2, device=DEVICE))
-
-
-@pytest.mark.parametrize("T", [1, 63, 65, 130])
-@pytest.mark.parametrize("l2norm", [False, True])
-def test_state_pass_with_stacked_kq_product_equals_the_two_products(T, l2norm):
-    """``chunk_fwd(stack_qk=True)`` (K S and Q S as one product over a stacked [K; Q] tile) gives the
-    default pass's outputs, final states and stored chunk states, on packed sequences with partial
-    chunks."""
-    from hybridlm.ops.triton.chunk import _tables
-    from hybridlm.ops.triton.chunk_fwd import chunk_fwd
-    from hybridlm.ops.triton.chunk_prep import chunk_prep
-
-    H, HV, K, V = 2, 4, 16, 32
-    q, k, v, g, beta, h0 = make_inputs(1, T + 40, H, HV, K, V, torch.float32, N=2)
-    cu = torch.tensor([0, 40, T + 40], dtype=torch.int32, device=DEVICE)
-    cu_t, chunk_offsets, bounds = _tables(q, cu)
-    NC = int(chunk_offsets[-1])
-    _, t, m, vec = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, l2norm=l2norm, vec_chunks=NC)
-    runs = [chunk_fwd(q[0], k[0], v[0], vec, t, m, h0, cu_t, chunk_offsets, K ** -0.5, store_chunks=NC,
-                      l2norm=l2norm, stack_qk=stack) for stack in (False, True)]
-    for a, b in zip(runs[0], runs[1]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

@@ -45,18 +45,6 @@ def load_chunk_tiles(q_ptr, k_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
 
 
 @triton.jit
-def load_chunk_kq(q_ptr, k_ptr, t0, eos, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
-    """k and q of a chunk stacked as one [2C, BK] tile (k's rows first; padding rows zeros): one
-    operand, so K S and Q S are one 128-row product."""
-    o_r = tl.arange(0, 128)
-    o_t = t0 + o_r % 64
-    o_k = tl.arange(0, BK)
-    row = o_t[:, None].to(tl.int64) * (H * K) + i_h * K + o_k[None, :]
-    p = tl.where((o_r < 64)[:, None], k_ptr + row, q_ptr + row)
-    return tl.load(p, mask=(o_t < eos)[:, None] & (o_k < K)[None, :], other=0.0)
-
-
-@triton.jit
 def load_chunk_common(q_ptr, k_ptr, gc_ptr, beta_ptr, t_ptr, m_ptr, t0, eos, i_h, i_hv,
                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """q, k [C, BK], gc, beta [C] (padding rows: zeros, gc = gc_last), T and M [C, C], gc_last of a
@@ -119,7 +107,7 @@ def chunk_fwd_kernel(
     cu, chunk_offsets, scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_H: tl.constexpr,
-    PREC: tl.constexpr, NORM: tl.constexpr, STACK_QK: tl.constexpr = False,
+    PREC: tl.constexpr, NORM: tl.constexpr,
 ):
     i_hv, i_h, bos, eos, c_first, o_v, m_kv, off_kv, state_row, b_s = state_program(
         cu, chunk_offsets, h0_ptr, HAS_H0, H, HV, K, V, BK, BV)
@@ -140,14 +128,8 @@ def chunk_fwd_kernel(
         b_v = tl.load(v_ptr + row_v, mask=m_tv, other=0.0).to(tl.float32)
 
         b_sd = b_s.to(DT)
-        if STACK_QK:
-            # one 128-row product: its HGMMAs issue back to back and drain once, where two 64-row
-            # dots each end in a wait (NOTES-chunk v13; K is loaded a second time for K^T V_new)
-            b_kqs = tl.dot(load_chunk_kq(q_ptr, k_ptr, t0, eos, i_h, H, K, BK), b_sd, input_precision=PREC)
-            b_ks, b_qs = tl.split(tl.permute(tl.reshape(b_kqs, [2, 64, BV]), (1, 2, 0)))
-        else:
-            b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
-            b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
+        b_ks = tl.dot(b_k, b_sd, input_precision=PREC)
+        b_qs = tl.dot(b_q, b_sd, input_precision=PREC)
         b_decay = tl.exp(b_gc)
         b_decay_end = tl.exp(b_gl - b_gc)
         if NORM:  # q and k l2-normalised through their rows' inverse norms (``chunk_prep``)
@@ -192,7 +174,7 @@ def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) 
 
 def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float,
               store_chunks: int = 0, block_v: int | None = None, num_warps: int = 4, l2norm: bool = False,
-              num_stages: int | None = None, stack_qk: bool = False):
+              num_stages: int | None = None):
     """Run the state pass over every sequence.
 
     Args:
@@ -207,11 +189,6 @@ def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float
             ``state_pass_stages``). Offline sm_90 compiles (Triton 3.6, bf16, Qwen3-Next heads): 3 stages
             take 158-166 KB of shared memory (one program per multiprocessor); 2 stages 105 KB at BV 16
             and 112 KB at BV 32, so two programs share a multiprocessor.
-        stack_qk: form K S and Q S as one 128-row product over a stacked [K; Q] tile (k loaded a
-            second time). Offline (sm_90, Triton 3.6, bf16, Qwen3-Next heads, fused norm) it issues
-            16 HGMMAs before one wait instead of 8, wait, 8, wait, in 1,376 instructions instead of
-            1,472, with 215 KB of shared memory at 3 stages (166 KB without). Not yet timed on a GPU
-            (NOTES-chunk v13), so off by default.
     Returns:
         o [NTOK, HV, V] in v's dtype, final state float32 [N, HV, K, V], chunk states or None.
     """
@@ -228,6 +205,6 @@ def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float
         q, k, v, vec, t, m, initial_state, o, ht, h, cu, chunk_offsets, scale,
         H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
         HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype), NORM=l2norm,
-        STACK_QK=stack_qk, num_warps=num_warps, num_stages=num_stages or state_pass_stages(q.dtype),
+        num_warps=num_warps, num_stages=num_stages or state_pass_stages(q.dtype),
     )
     return o, ht, h
