@@ -119,10 +119,12 @@ def test_packed_experts_are_views_with_the_same_values_and_repack_after_to():
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     want = moe(x)
     gate, up, down = moe.packed_experts()
-    assert gate.shape == up.shape == down.shape == (4, moe.experts[0].gate_proj.out_features, moe.gate.in_features)
+    I, D = moe.experts[0].gate_proj.out_features, moe.gate.in_features
+    assert gate.shape == up.shape == (4, I, D) and down.shape == (4, D, I)
+    assert all(t.is_contiguous() for t in (gate, up, down))
     assert moe.experts[2].down_proj.weight.data_ptr() == down[2].data_ptr()
     assert all(torch.equal(before[k], v) for k, v in moe.state_dict().items())
-    torch.testing.assert_close(moe(x), want, rtol=1e-12, atol=1e-12)  # down is a transposed view now
+    torch.testing.assert_close(moe(x), want, rtol=1e-12, atol=1e-12)  # the weights are views of the stacks now
     torch.testing.assert_close(moe(x, static=True), want, rtol=1e-12, atol=1e-12)
     moe = moe.float()  # new tensors: the next call stacks again
     assert moe.packed_experts()[0].dtype == torch.float32

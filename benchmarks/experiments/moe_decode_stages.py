@@ -1,26 +1,39 @@
-"""Sparse-MoE decode kernels with software-pipelined loops: does prefetching the next weight tiles
-help? One GPU call, under a minute.
+"""Sparse-MoE decode kernels: software-pipelined loops and the down kernel's blocks. One GPU call,
+about a minute.
 
 Qwen3-Next-80B-A3B's expert shapes (D 2048, I 512, 10 of E experts per token, bf16) over 8 layers'
 distinct weight stacks (so the timed calls read DRAM, not L2), CUDA-graph replays as in the profiler's
-decode step. For each batch N and each (gate/up stages, down stages) it checks the kernels against
-the reference, then prints us per layer and the share of the 1 GiB copy rate for the distinct expert
-weights the call reads (stages 1: the plain loops; `pick_stages` gives the default per N).
+decode step. For each batch N it checks every launch against the reference, then prints us per layer
+and the share of the 1 GiB copy rate for the distinct expert weights the call reads:
+- the default launch, and (gate/up stages, down stages) pairs (stages 1: the plain loops;
+  `pick_stages` gives the default per N);
+- with ``--down-sweep``, the down kernel's (BLOCK_I, BLOCK_D, stages) over a grid, gate/up default;
+- with ``--gate-up-sweep``, the gate/up kernel's (BLOCK_I, BLOCK_D, stages), down default;
+- with ``--baseline FILE`` (another commit's ``ops/triton/moe_decode.py``, e.g. the one that read
+  the down weights transposed), its default launch beside ours, on its own layout
+  (``--baseline-down-transposed``: down passed as [E, I, D], as before the third 12-03 session); its
+  custom op renamed, since torch.library registers a name once per process.
 
-    PYTHONPATH=src python benchmarks/experiments/moe_decode_stages.py [--batches 1,4,16,64] [--json F]
+    git show 5bf74be:src/hybridlm/ops/triton/moe_decode.py | sed 's/"hybridlm::/"hybridlm_baseline::/' > /tmp/moe_old.py
+    PYTHONPATH=src python benchmarks/experiments/moe_decode_stages.py --batches 1,4 --down-sweep \\
+        --baseline /tmp/moe_old.py --baseline-down-transposed [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
-from hybridlm.bench import report, timing
+from hybridlm.bench import load_source, report, timing
 from hybridlm.ops import moe_experts
-from hybridlm.ops.triton.moe_decode import moe_experts_into, pick_stages
+from hybridlm.ops.triton.moe_decode import moe_experts_into, pick_blocks, pick_stages
+from hybridlm.ops.triton.decode import _num_sms
 
 STAGES = [None, (1, 1), (2, 2), (3, 3), (4, 4), (3, 1), (1, 3)]  # None: the default launch
+DOWN_SWEEP = list(itertools.product((512, 256), (2, 4, 8, 16), (1, 2, 3, 4)))  # (BLOCK_I, BLOCK_D, stages)
+GATE_UP_SWEEP = list(itertools.product((4, 8, 16), (128, 256, 512), (1, 3)))  # (BLOCK_I, BLOCK_D, stages)
 
 
 def main() -> None:
@@ -28,6 +41,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--down-sweep", action="store_true")
+    ap.add_argument("--gate-up-sweep", action="store_true")
+    ap.add_argument("--baseline", metavar="FILE")
+    ap.add_argument("--baseline-down-transposed", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -35,8 +52,9 @@ def main() -> None:
     rate = timing.copy_bytes_per_s(dev)
     print(f"{torch.cuda.get_device_name(dev)}: 1 GiB copy {rate / 1e9:,.0f} GB/s; E {E} K {K} D {D} I {I} bf16")
     torch.manual_seed(0)
-    stacks = [[torch.randn(E, I, D, device=dev, dtype=torch.bfloat16) * fan ** -0.5 for fan in (D, D, I)]
-              for _ in range(args.layers)]
+    stacks = [[torch.randn(E, *rows, device=dev, dtype=torch.bfloat16) * fan ** -0.5
+               for rows, fan in (((I, D), D), ((I, D), D), ((D, I), I))] for _ in range(args.layers)]
+    base = load_source(args.baseline, "moe_decode_baseline") if args.baseline else None
     rows = []
     for N in (int(b) for b in args.batches.split(",")):
         x = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
@@ -44,17 +62,41 @@ def main() -> None:
         weights = torch.rand(N, K, device=dev)
         nbytes = experts.unique().numel() * 3 * I * D * 2
         out = torch.empty_like(x)
-        for st in STAGES:
-            ref = moe_experts(x, experts, weights, *stacks[0], backend="reference").float()
-            moe_experts_into(x, experts, weights, *stacks[0], out, stages=st)
+        ref = moe_experts(x, experts, weights, *stacks[0], backend="reference").float()
+
+        def run(label, launch, layer_stacks, **fields):
+            launch(layer_stacks[0])
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            calls = [lambda s=s: moe_experts_into(x, experts, weights, *s, out, stages=st) for s in stacks]
-            us = timing.graphed_ms_per_call(calls, warmup_ms=10, rep_ms=60) * 1e3
-            row = dict(N=N, default=st is None, stages=list(st or pick_stages(N)), us=us, bytes=nbytes,
-                       copy_share=nbytes / (us * 1e-6) / rate, rel_err=err)
+            us = timing.graphed_ms_per_call([lambda s=s: launch(s) for s in layer_stacks],
+                                            warmup_ms=10, rep_ms=60) * 1e3
+            row = dict(N=N, launch=label, us=us, bytes=nbytes, copy_share=nbytes / (us * 1e-6) / rate,
+                       rel_err=err, **fields)
             rows.append(row)
-            label = st or f"default {pick_stages(N)}"
-            print(f"N {N:3d} stages {label}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
+            print(f"N {N:3d} {label}: {us:7.2f} us  {row['copy_share']:6.1%}  err {err:.1e}", flush=True)
+
+        default_blocks = pick_blocks(N, K, I, D, _num_sms(dev))
+        for st in STAGES:
+            run(f"stages {st or f'default {pick_stages(N)}'} blocks {default_blocks}",
+                lambda s, st=st: moe_experts_into(x, experts, weights, *s, out, stages=st), stacks,
+                default=st is None, stages=list(st or pick_stages(N)), blocks=list(default_blocks))
+        if args.down_sweep:
+            for bi, bd, ds in DOWN_SWEEP:
+                blocks = (*default_blocks[:2], bi, bd)
+                stages = (pick_stages(N)[0], ds)
+                run(f"down BLOCK_I {bi} BLOCK_D {bd} stages {ds}",
+                    lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st),
+                    stacks, default=False, stages=list(stages), blocks=list(blocks))
+        if args.gate_up_sweep:
+            for bi, bd, gs in GATE_UP_SWEEP:
+                blocks = (bi, bd, *default_blocks[2:])
+                stages = (gs, pick_stages(N)[1])
+                run(f"gate/up BLOCK_I {bi} BLOCK_D {bd} stages {gs}",
+                    lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st),
+                    stacks, default=False, stages=list(stages), blocks=list(blocks))
+        if base is not None:
+            old = [[g, u, d.transpose(1, 2).contiguous() if args.baseline_down_transposed else d] for g, u, d in stacks]
+            run("baseline default", lambda s: base.moe_experts_into(x, experts, weights, *s, out), old,
+                default=False, baseline=args.baseline)
     report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
 
 

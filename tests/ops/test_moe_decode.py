@@ -37,11 +37,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 def make_inputs(N, K, E, D, I, seed, dtype=torch.float32):
     """x [N, D]; experts [N, K] (distinct per token; token 1 routed to token 0's experts in another order);
-    weights [N, K] float32 with the last token's last slot 0; gate, up, down [E, I, D] scaled like
-    trained weights (unit-size activations)."""
+    weights [N, K] float32 with the last token's last slot 0; gate, up [E, I, D] and down [E, D, I]
+    scaled like trained weights (unit-size activations)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(N, D, generator=gen)
-    stacks = [torch.randn(E, I, D, generator=gen) * fan_in ** -0.5 for fan_in in (D, D, I)]
+    stacks = [torch.randn(E, *rows, generator=gen) * fan_in ** -0.5 for rows, fan_in in (((I, D), D), ((I, D), D),
+                                                                                        ((D, I), I))]
     experts = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(N)])
     if N > 1:
         experts[1] = experts[0].roll(1)
@@ -60,7 +61,7 @@ def linear_experts(x, experts, weights, gate, up, down):
         with torch.no_grad():
             mlp.gate_proj.weight.copy_(gate[e])
             mlp.up_proj.weight.copy_(up[e])
-            mlp.down_proj.weight.copy_(down[e].t())
+            mlp.down_proj.weight.copy_(down[e])
         mlps.append(mlp.to(x.device))
     with torch.no_grad():
         return torch.stack([sum(float(w) * mlps[int(e)](xn.double()) for e, w in zip(e_K, w_K))
@@ -81,12 +82,13 @@ def test_triton_matches_reference_and_linear_experts(N, K, E, D, I, dtype):
     assert rel_err(out, linear_experts(*args)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("blocks, stages", [((8, 16, 8, 16), (1, 1)), ((16, 32, 32, 16), (1, 1)),
+@pytest.mark.parametrize("blocks, stages", [((8, 16, 16, 2), (1, 1)), ((16, 32, 32, 16), (1, 1)),
                                             ((64, 256, 256, 128), (1, 1)),
                                             # software-pipelined loops, prefetching past their masked tails
-                                            ((8, 16, 8, 16), (3, 3)), ((16, 32, 32, 16), (2, 4))])
+                                            ((8, 16, 16, 4), (3, 3)), ((16, 32, 32, 16), (2, 4))])
 def test_every_output_element_written(blocks, stages):
-    """Blocks smaller than D and I (loops with masked tails) and larger than both."""
+    """Blocks smaller than D and I (loops with masked tails, the down loop over pieces of the rows
+    and over the slots) and larger than both."""
     x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=3)
     out = torch.full_like(x, float("nan"))
     moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, stages=stages)
@@ -96,8 +98,8 @@ def test_every_output_element_written(blocks, stages):
 
 def test_default_stages_pipeline_from_four_tokens():
     """The default launch pipelines both loops from PIPELINE_FROM_TOKENS tokens (a 512-expert model
-    runs this kernel up to 51 tokens) and still writes every element correctly."""
-    assert pick_stages(1) == pick_stages(3) == (1, 1)
+    runs this kernel up to 51 tokens), the down loop alone below, and still writes every element."""
+    assert pick_stages(1) == pick_stages(3) == (1, 4)  # below: the gate/up loop plain, the down loop deep
     assert pick_stages(4) == pick_stages(48) == (3, 3)
     x, experts, weights, gate, up, down = make_inputs(5, 2, 4, 48, 40, seed=6)
     out = torch.full_like(x, float("nan"))
@@ -106,12 +108,12 @@ def test_default_stages_pipeline_from_four_tokens():
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 
 
-def test_many_partial_rows():
-    """More partial down rows per token than the sum kernel loads at once (9 slots x 8 row blocks = 72
-    > 64): its loop over them, with a masked tail, adds every one."""
+def test_many_slots_and_row_pieces():
+    """Nine slots, each down row read in four pieces: the down loop's 36 steps (expert changes at
+    every fourth) add every product once."""
     x, experts, weights, gate, up, down = make_inputs(2, 9, 10, 48, 64, seed=7)
     out = torch.full_like(x, float("nan"))
-    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=(8, 16, 8, 16))
+    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=(8, 16, 16, 16))
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 
 
@@ -119,11 +121,17 @@ def test_weight_views_and_strided_tokens():
     """Weight stacks that are views (a slice of a larger stack, rows strided), a strided x and int32
     expert indices are read as they are."""
     x, experts, weights, gate, up, down = make_inputs(2, 2, 4, 48, 40, seed=4)
-    wide = torch.cat([gate, up, down], dim=1)  # [E, 3I, D]: each stack a view with row stride D
-    views = wide[:, :40], wide[:, 40:80], wide[:, 80:]
+    wide = torch.cat([gate, up], dim=1)  # [E, 2I, D]: each stack a view with row stride D
+    wide_down = torch.cat([down, down], dim=2)  # [E, D, 2I]: a view with row stride 2I
+    views = wide[:, :40], wide[:, 40:80], wide_down[:, :, 40:]
     x_strided = torch.stack([x, x], dim=-1).flatten(1)[:, ::2]
     out = moe_experts_decode(x_strided, experts.int(), weights, *views)
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
+    # a down stack whose rows are strided along I (stored [E, I, D]) is copied, with the same result
+    down_strided = down.transpose(1, 2).contiguous().transpose(1, 2)
+    assert down_strided.stride(2) != 1
+    again = moe_experts_decode(x, experts, weights, gate, up, down_strided)
+    torch.testing.assert_close(again, moe_experts_decode(x, experts, weights, gate, up, down))
 
 
 def test_pure_zero_weights_and_empty_batch():
@@ -165,12 +173,13 @@ def test_dispatch_backends():
 
 def test_block_choice_fills_the_card():
     """Qwen3-Next scale at batch 1 on 132 SMs: the gate/up grid holds at least one program per SM,
-    the down grid four, reading 256-byte row pieces."""
+    the down grid one, reading whole 1 KB rows of the down matrices."""
     N, K, I, D = 1, 10, 512, 2048
     bi1, bd1, bi2, bd2 = pick_blocks(N, K, I, D, num_sms=132)
     assert bd1 >= 128 and N * K * -(-I // bi1) >= 132
-    assert bd2 == 128 and N * K * -(-I // bi2) * -(-D // bd2) >= 4 * 132
-    assert pick_blocks(1, 1, 16, 32, num_sms=132)[2:] == (16, 32)  # tiny: rows no fewer than one tile's
+    assert (bi2, bd2) == (512, 8) and N * -(-D // bd2) >= 132
+    assert pick_blocks(1, 1, 16, 32, num_sms=132)[2:] == (16, 2)  # tiny: pieces of 16, rows down to 2
+    assert pick_blocks(4, 10, 512, 2048, num_sms=132)[2:] == (512, 16)  # from 4 tokens: two tiles' rows
     # a large batch keeps the widest gate/up tile whose two float32 accumulators fit in registers
     # (4096 elements: 16 rows of 256; 64 rows spilled and ran 20x slower on the H200)
     assert pick_blocks(64, 8, 512, 2048, num_sms=132)[:2] == (16, 256)
@@ -190,8 +199,9 @@ _GOOD = make_inputs(2, 2, 4, 48, 40, seed=7)
     (2, lambda a: a[2].long(), TypeError, "weights_NK must have a floating-point"),
     (3, lambda a: a[3][..., :40], ValueError, "gate_EID must be \\[E, I, D\\] with D = 48"),
     (4, lambda a: a[4][:, :20], ValueError, "up_EID must have gate_EID's shape"),
-    (5, lambda a: a[5][0], ValueError, "down_EID must be 3-D"),
-    (5, lambda a: a[5].double(), TypeError, "down_EID must have the same dtype as x_ND"),
+    (5, lambda a: a[5][0], ValueError, "down_EDI must be 3-D"),
+    (5, lambda a: a[5].double(), TypeError, "down_EDI must have the same dtype as x_ND"),
+    (5, lambda a: a[5].transpose(1, 2), ValueError, "down_EDI must be \\[E, D, I\\] = \\(4, 48, 40\\)"),
     (3, lambda a: a[3][:0], ValueError, "at least one expert"),
 ])
 def test_bad_inputs_raise(index, bad, error, words):
@@ -207,6 +217,8 @@ def test_bad_backend_blocks_and_triton_unavailable(monkeypatch):
         moe_experts(*_GOOD, backend="cuda")
     with pytest.raises(ValueError, match="blocks must be four powers of two"):
         moe_experts_decode(*_GOOD, blocks=(16, 16, 24, 16))
+    with pytest.raises(ValueError, match="blocks must be four powers of two"):
+        moe_experts_decode(*_GOOD, blocks=(16, 16, 16))
     if DEVICE == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(RuntimeError, match="not on a CUDA device"):
@@ -214,7 +226,7 @@ def test_bad_backend_blocks_and_triton_unavailable(monkeypatch):
 
 
 def test_custom_op_passes_opcheck():
-    for blocks in (None, [8, 16, 8, 16]):
+    for blocks in (None, [8, 16, 16, 2]):
         torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, blocks))
 
 
@@ -258,9 +270,11 @@ def test_offsets_past_int32():
     E, I, D = 16400, 64, 2048  # E * I * D > 2**31
     stack = torch.zeros(E, I, D, device=DEVICE, dtype=torch.bfloat16)
     stack[-3:].normal_(std=D ** -0.5)
+    down = torch.zeros(E, D, I, device=DEVICE, dtype=torch.bfloat16)
+    down[-3:].normal_(std=I ** -0.5)
     x = torch.randn(2, D, device=DEVICE, dtype=torch.bfloat16)
     experts = torch.tensor([[E - 1, E - 3], [E - 2, E - 1]], device=DEVICE)
     weights = torch.rand(2, 2, device=DEVICE)
-    out = moe_experts_decode(x, experts, weights, stack, stack, stack)
-    ref = moe_experts(x, experts - (E - 3), weights, stack[-3:], stack[-3:], stack[-3:], backend="reference")
+    out = moe_experts_decode(x, experts, weights, stack, stack, down)
+    ref = moe_experts(x, experts - (E - 3), weights, stack[-3:], stack[-3:], down[-3:], backend="reference")
     assert rel_err(out, ref) < TOL[torch.bfloat16]

@@ -82,14 +82,15 @@ def grouped_mm_runs(x: torch.Tensor) -> bool:
 
 
 def grouped_experts(x_sorted: torch.Tensor, counts_E: torch.Tensor, gate_EID: torch.Tensor,
-                    up_EID: torch.Tensor, down_EID: torch.Tensor,
+                    up_EID: torch.Tensor, down_EDI: torch.Tensor,
                     row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU experts over rows sorted by expert, as three grouped products (no host sync).
 
     Args:
         x_sorted: [M, D] rows, those of expert 0 first, then expert 1's, and so on.
         counts_E: int [E] rows per expert (on x's device).
-        gate_EID, up_EID, down_EID: the stacks of ``MoE.packed_experts`` ([E, I, D]; down transposed).
+        gate_EID, up_EID, down_EDI: the stacks of ``MoE.packed_experts`` ([E, I, D], [E, I, D],
+            [E, D, I]: nn.Linear's weights, so all three products read the stacks column-major).
         row_weights: optional [M] factors of the rows (routing weights), applied to the inner
             [M, I] activations in x's dtype (as the expert loop's combine applies them to the outputs).
     Returns:
@@ -101,7 +102,7 @@ def grouped_experts(x_sorted: torch.Tensor, counts_E: torch.Tensor, gate_EID: to
     h = h * mm(x_sorted, up_EID.transpose(1, 2), offs=offs)
     if row_weights is not None:
         h = h * row_weights.to(h.dtype)[:, None]
-    return mm(h, down_EID, offs=offs)
+    return mm(h, down_EDI.transpose(1, 2), offs=offs)
 
 
 def _needs_grad(module: nn.Module) -> bool:
@@ -158,8 +159,8 @@ class MoE(PacksWeights):
         weights_NK = weights_NK * self.routed_scaling_factor
         if static and x_ND.shape[0] * self.top_k < len(self.experts):
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA)
-            gate_EID, up_EID, down_EID = self.packed_experts()
-            out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+            gate_EID, up_EID, down_EDI = self.packed_experts()
+            out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         if static:
             # [N, E] combine weights, 0 for the experts a token was not routed to; three GEMMs over
@@ -167,12 +168,15 @@ class MoE(PacksWeights):
             # 32 experts would otherwise launch ~5,000 small kernels per token)
             dense_NE = torch.zeros(x_ND.shape[0], len(self.experts), dtype=weights_NK.dtype, device=x_ND.device)
             dense_NE.scatter_(1, experts_NK, weights_NK)
-            gate_EFD, up_EFD, down_EFD = self.packed_experts()
+            gate_EFD, up_EFD, down_EDF = self.packed_experts()
             E, F_, D = gate_EFD.shape
             h_NEF = (torch.nn.functional.silu(x_ND @ gate_EFD.view(E * F_, D).t()) *
                      (x_ND @ up_EFD.view(E * F_, D).t())).view(-1, E, F_)
             h_NEF = h_NEF * dense_NE.to(h_NEF.dtype)[:, :, None]
-            out_ND = h_NEF.view(-1, E * F_) @ down_EFD.view(E * F_, D)
+            # down: one batched product over the experts ([E, D, F] cannot be viewed as one [E F, D]
+            # matrix), the experts' outputs summed in float32 (or float64)
+            out_END = torch.bmm(h_NEF.transpose(0, 1), down_EDF.transpose(1, 2))
+            out_ND = out_END.sum(0, dtype=torch.promote_types(out_END.dtype, torch.float32)).to(x_ND.dtype)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         # Tokens sorted by expert, then each expert over its contiguous rows: no dense all-experts
         # compute. Once packed (a decoder packs before its prefill), where the grouped matrix product
@@ -217,10 +221,11 @@ class MoE(PacksWeights):
         return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
 
     def packed_experts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The routed experts' weights stacked: gate and up [E, I, D], down transposed [E, I, D].
+        """The routed experts' weights stacked as nn.Linear holds them: gate and up [E, I, D], down
+        [E, D, I].
 
         The first call stacks them and turns every expert's weight into a view of the stack (same
-        values, one storage: no memory kept twice; ``down_proj.weight`` becomes a transposed view);
+        values, one storage: no memory kept twice);
         later calls return the stack while the views still point into it, and stack again after
         something replaced the weights (``.to(dtype)``, loading a checkpoint into new tensors).
         """
@@ -230,9 +235,9 @@ class MoE(PacksWeights):
         with torch.no_grad():
             gate = torch.stack([ex.gate_proj.weight for ex in self.experts])
             up = torch.stack([ex.up_proj.weight for ex in self.experts])
-            down = torch.stack([ex.down_proj.weight.t() for ex in self.experts])
+            down = torch.stack([ex.down_proj.weight for ex in self.experts])
         for e, ex in enumerate(self.experts):
-            for proj, view in ((ex.gate_proj, gate[e]), (ex.up_proj, up[e]), (ex.down_proj, down[e].t())):
+            for proj, view in ((ex.gate_proj, gate[e]), (ex.up_proj, up[e]), (ex.down_proj, down[e])):
                 # .data: the same Parameter object, so an optimizer holding it keeps updating it
                 proj.weight.data = view
         self._pack = (gate, up, down)

@@ -2,9 +2,9 @@
 
 Legend: N tokens, K experts per token, E experts, D hidden size, I expert intermediate size.
 Every expert is a SwiGLU ``down(silu(gate(x)) * up(x))``; the weights come stacked as
-:meth:`hybridlm.layers.moe.MoE.packed_experts` returns them: gate and up [E, I, D] (nn.Linear's
-[I, D] per expert) and down TRANSPOSED, [E, I, D] (down_EID[e] = W_down_e^T), so that every one of
-the three reads rows that are contiguous along D.
+:meth:`hybridlm.layers.moe.MoE.packed_experts` returns them, nn.Linear's weights of each expert one
+after another: gate and up [E, I, D], down [E, D, I]. A token's products are then all dot products
+with contiguous weight rows (along D for gate and up, along I for down).
 """
 
 from __future__ import annotations
@@ -15,21 +15,25 @@ import torch.nn.functional as F
 from hybridlm.ops import _checks as ck
 
 
-def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID) -> None:
+def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI) -> None:
     """Shapes, dtypes and devices of :func:`moe_experts`'s arguments (reads no values)."""
     ck.check_float_tensor("x_ND", x_ND, 2, "[N, D]")
     N, D = x_ND.shape
-    for name, w in (("gate_EID", gate_EID), ("up_EID", up_EID), ("down_EID", down_EID)):
-        ck.check_float_tensor(name, w, 3, "[E, I, D]")
+    for name, w, dims in (("gate_EID", gate_EID, "[E, I, D]"), ("up_EID", up_EID, "[E, I, D]"),
+                          ("down_EDI", down_EDI, "[E, D, I]")):
+        ck.check_float_tensor(name, w, 3, dims)
         ck.check_same(name, w, "x_ND", x_ND)
     if gate_EID.shape[0] < 1:
         raise ValueError(f"gate_EID must hold at least one expert (E >= 1), got shape {tuple(gate_EID.shape)}")
     if gate_EID.shape[2] != D:
         raise ValueError(f"gate_EID must be [E, I, D] with D = {D} as in x_ND, got {tuple(gate_EID.shape)}")
-    for name, w in (("up_EID", up_EID), ("down_EID", down_EID)):
-        if w.shape != gate_EID.shape:
-            raise ValueError(f"{name} must have gate_EID's shape [E, I, D] = {tuple(gate_EID.shape)}, "
-                             f"got {tuple(w.shape)}")
+    if up_EID.shape != gate_EID.shape:
+        raise ValueError(f"up_EID must have gate_EID's shape [E, I, D] = {tuple(gate_EID.shape)}, "
+                         f"got {tuple(up_EID.shape)}")
+    E, I = gate_EID.shape[:2]
+    if down_EDI.shape != (E, D, I):
+        raise ValueError(f"down_EDI must be [E, D, I] = {(E, D, I)} (the experts' down_proj weights, "
+                         f"[D, I] each, as gate_EID's [E, I, D] implies), got {tuple(down_EDI.shape)}")
     if not isinstance(experts_NK, torch.Tensor):
         raise TypeError(f"experts_NK must be a torch.Tensor [N, K] of int64, got {type(experts_NK).__name__}")
     if experts_NK.dtype not in (torch.int64, torch.int32):
@@ -44,20 +48,20 @@ def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID) 
     ck.check_same("weights_NK", weights_NK, "x_ND", x_ND, dtype=False)
 
 
-def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID):
+def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI):
     """:func:`moe_experts` in plain PyTorch: one pass per slot j, gathering each token's expert."""
     dtype = ck.compute_dtype(x_ND.dtype)
     x = x_ND.to(dtype)
     out = torch.zeros(x_ND.shape, dtype=dtype, device=x_ND.device)
     for j in range(experts_NK.shape[1]):
         e_N = experts_NK[:, j]
-        gate_NID, up_NID, down_NID = (w[e_N].to(dtype) for w in (gate_EID, up_EID, down_EID))
+        gate_NID, up_NID, down_NDI = (w[e_N].to(dtype) for w in (gate_EID, up_EID, down_EDI))
         h_NI = F.silu(torch.einsum("nid,nd->ni", gate_NID, x)) * torch.einsum("nid,nd->ni", up_NID, x)
-        out += weights_NK[:, j, None].to(dtype) * torch.einsum("ni,nid->nd", h_NI, down_NID)
+        out += weights_NK[:, j, None].to(dtype) * torch.einsum("ndi,ni->nd", down_NDI, h_NI)
     return out.to(x_ND.dtype)
 
 
-def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, *, backend="auto"):
+def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, backend="auto"):
     """Each token's weighted sum over its K routed SwiGLU experts; returns out [N, D] in x's dtype.
 
     out[n] = sum_j weights_NK[n, j] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = experts_NK[n, j].
@@ -69,7 +73,7 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, *, bac
         weights_NK: [N, K] float combine weights (float32 as ``hybridlm.layers.moe.route`` gives them,
             already multiplied by any routed scaling factor).
         gate_EID, up_EID: [E, I, D] in x's dtype, the stacked gate_proj / up_proj weights.
-        down_EID: [E, I, D] in x's dtype, the stacked down_proj weights TRANSPOSED.
+        down_EDI: [E, D, I] in x's dtype, the stacked down_proj weights.
         backend: "auto" (the Triton decode kernel for CUDA tensors that are not float64, the reference
             elsewhere), "triton" (RuntimeError when it cannot run) or "reference".
     Returns:
@@ -85,14 +89,14 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID, *, bac
 
     Example::
 
-        >>> x, gate, up, down = torch.randn(3, 16), torch.randn(4, 8, 16), torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+        >>> x, gate, up, down = torch.randn(3, 16), torch.randn(4, 8, 16), torch.randn(4, 8, 16), torch.randn(4, 16, 8)
         >>> experts, weights = torch.tensor([[0, 2], [1, 2], [3, 3]]), torch.rand(3, 2)
         >>> moe_experts(x, experts, weights, gate, up, down).shape
         torch.Size([3, 16])
     """
     ck.check_backend(backend)
-    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
     kernel = ck.load_kernel("moe_experts_decode", backend, x_ND)
     if kernel is not None:
-        return kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
-    return moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EID)
+        return kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
+    return moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
