@@ -143,6 +143,33 @@ def test_static_moe_paths_equal_the_routed_loop(tokens):
     torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
 
 
+def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monkeypatch):
+    """The sparse static path hands the shared expert's gated inner activations and down weight to
+    ``ops.moe_experts`` (one sum with the routed experts); with a forward hook on its down projection
+    it runs that layer instead, so the hook still fires. Both equal the eager layer."""
+    import hybridlm.layers.moe as moe_module
+    from hybridlm.layers.moe import MoE
+
+    torch.manual_seed(7)
+    moe = MoE(HybridConfig(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
+                           shared_expert_gate=True)).double()
+    x = torch.randn(2, 1, moe.gate.in_features, dtype=torch.float64)
+    calls = []
+    real = moe_module.moe_experts
+    monkeypatch.setattr(moe_module, "moe_experts", lambda *a, **kw: calls.append(sorted(kw)) or real(*a, **kw))
+    with torch.no_grad():  # as a decoder runs; with a gradient needed the layer runs as it is
+        torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
+        assert calls == [["shared_down_DS", "shared_h_NS"]]
+        seen = []
+        moe.shared_expert.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+        calls.clear()
+        torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
+        assert calls == [[]] and len(seen) == 2  # the static call and the eager one both ran the layer
+    calls.clear()
+    torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
+    assert calls == [[]]  # weights that need a gradient: no fold
+
+
 def test_compiled_static_decoder_equals_eager_greedy():
     """torch.compile of the step (MoE routing, packed experts, GDN and attention decode) gives the same tokens."""
     torch.manual_seed(0)

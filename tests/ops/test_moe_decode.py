@@ -134,6 +134,40 @@ def test_weight_views_and_strided_tokens():
     torch.testing.assert_close(again, moe_experts_decode(x, experts, weights, gate, up, down))
 
 
+def make_shared(N, D, S, seed, dtype=torch.float32):
+    """A shared expert's gated inner activations h [N, S] and down weight [D, S]."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, S, generator=gen).to(DEVICE, dtype),
+            (torch.randn(D, S, generator=gen) * S ** -0.5).to(DEVICE, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("S, blocks", [(40, None), (24, None), (100, (8, 16, 32, 4)), (7, (8, 16, 16, 2))])
+def test_shared_expert_joins_the_sum(S, blocks, dtype):
+    """A shared expert's down product (S equal to I, narrower, wider than a row piece, odd) adds to
+    the routed sum: equal to the reference, and to the routed output plus h @ W^T in float64."""
+    x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=11, dtype=dtype)
+    h, w = make_shared(3, 48, S, seed=12, dtype=dtype)
+    out = moe_experts_decode(x, experts, weights, gate, up, down, shared_h_NS=h, shared_down_DS=w, blocks=blocks)
+    ref = moe_experts(x, experts, weights, gate, up, down, shared_h_NS=h, shared_down_DS=w, backend="reference")
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    plain = linear_experts(x, experts, weights, gate, up, down) + h.double() @ w.double().t()
+    assert rel_err(out, plain) < TOL[dtype]
+    # strided operands (a column slice of a wider h, rows of a wider weight) are read as they are
+    h_wide, w_wide = torch.cat([h, h], 1), torch.cat([w, w], 1)
+    again = moe_experts_decode(x, experts, weights, gate, up, down, shared_h_NS=h_wide[:, S:],
+                               shared_down_DS=w_wide[:, S:], blocks=blocks)
+    torch.testing.assert_close(again, out)
+
+
+def test_shared_expert_alone_without_routed_slots():
+    x, experts, weights, gate, up, down = make_inputs(2, 2, 4, 48, 40, seed=13)
+    h, w = make_shared(2, 48, 40, seed=14)
+    out = moe_experts_decode(x, experts[:, :0], weights[:, :0], gate, up, down, shared_h_NS=h, shared_down_DS=w)
+    torch.testing.assert_close(out, h @ w.t())
+
+
 def test_pure_zero_weights_and_empty_batch():
     x, experts, weights, gate, up, down = make_inputs(2, 2, 4, 48, 40, seed=5)
     assert moe_experts_decode(x, experts, torch.zeros_like(weights), gate, up, down).abs().max() == 0
@@ -212,6 +246,24 @@ def test_bad_inputs_raise(index, bad, error, words):
             call()
 
 
+_H, _W = make_shared(2, 48, 24, seed=15)
+
+
+@pytest.mark.parametrize("shared, error, words", [
+    (dict(shared_h_NS=_H), ValueError, "shared_h_NS and shared_down_DS go together"),
+    (dict(shared_down_DS=_W), ValueError, "go together"),
+    (dict(shared_h_NS=_H[0], shared_down_DS=_W), ValueError, "shared_h_NS must be 2-D"),
+    (dict(shared_h_NS=_H[:1], shared_down_DS=_W), ValueError, "shared_h_NS must be \\[N, S\\] with N = 2"),
+    (dict(shared_h_NS=_H, shared_down_DS=_W[:, :20]), ValueError, "shared_down_DS must be \\[D, S\\] = \\(48, 24\\)"),
+    (dict(shared_h_NS=_H, shared_down_DS=_W.t()), ValueError, "shared_down_DS must be \\[D, S\\]"),
+    (dict(shared_h_NS=_H.double(), shared_down_DS=_W), TypeError, "shared_h_NS must have the same dtype as x_ND"),
+])
+def test_bad_shared_expert_raises(shared, error, words):
+    for call in (lambda: moe_experts(*_GOOD, backend="reference", **shared), lambda: moe_experts_decode(*_GOOD, **shared)):
+        with pytest.raises(error, match=words):
+            call()
+
+
 def test_bad_backend_blocks_and_triton_unavailable(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         moe_experts(*_GOOD, backend="cuda")
@@ -226,8 +278,10 @@ def test_bad_backend_blocks_and_triton_unavailable(monkeypatch):
 
 
 def test_custom_op_passes_opcheck():
-    for blocks in (None, [8, 16, 16, 2]):
-        torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, blocks))
+    h, w = make_shared(2, 48, 24, seed=9)
+    for shared in ((None, None), (h, w)):
+        for blocks in (None, [8, 16, 16, 2]):
+            torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, *shared, blocks))
 
 
 def test_torch_compile_fullgraph_matches_eager():

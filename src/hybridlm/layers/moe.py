@@ -16,7 +16,7 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project, storage_view
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, plain_linear, project, storage_view
 from hybridlm.ops import moe_experts
 
 
@@ -153,13 +153,20 @@ class MoE(PacksWeights):
         reads them all anyway).
         """
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        logits_NE, shared_ND = self._router_and_shared(x_ND)
+        sparse = static and x_ND.shape[0] * self.top_k < len(self.experts)
+        logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse)
         weights_NK, experts_NK = route(logits_NE, self.top_k, self.router, self.norm_topk_prob,
                                          self.score_bias, self.n_group, self.topk_group)
         weights_NK = weights_NK * self.routed_scaling_factor
-        if static and x_ND.shape[0] * self.top_k < len(self.experts):
-            # few tokens: read only the routed experts' weights (a Triton kernel on CUDA)
+        if sparse:
+            # few tokens: read only the routed experts' weights (a Triton kernel on CUDA), the shared
+            # expert's down product in the same sum when it came back as inner activations
             gate_EID, up_EID, down_EDI = self.packed_experts()
+            if isinstance(shared_ND, tuple):
+                h_NS, down_DS = shared_ND
+                out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
+                                     shared_h_NS=h_NS, shared_down_DS=down_DS)
+                return out_ND.view_as(x_BTD)
             out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         if static:
@@ -299,12 +306,19 @@ class MoE(PacksWeights):
         gate = (("shared_expert_gate",),) if self.shared_expert_gate is not None else ()
         return (("gate",), *gate, ("shared_expert.gate_proj",), ("shared_expert.up_proj",))
 
-    def _router_and_shared(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _router_and_shared(self, x_ND: torch.Tensor, inner: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]:
         """Router logits [N, E] and the shared expert's gated output [N, D] (None without one).
 
         Once packed, the router, the shared expert's gate and up and its sigmoid gate are one product
         over stacked weights: at decode the four are matrix-vector products bound by their weight
-        reads, and the router's and the one-row gate's launches cost more than their bytes."""
+        reads, and the router's and the one-row gate's launches cost more than their bytes.
+
+        inner: where the shared expert's down projection is a plain product (``plain_linear``) and
+        the layer is packed, return (its gated inner activations [N, S], its down weight [D, S])
+        instead of its output: ``moe_experts`` then adds that product to the routed experts' sum
+        (the gate is a per-token factor, so it may scale the inner activations instead).
+        """
         groups = self._in_groups()
         if groups is None:
             shared = None if self.shared_expert is None else self.shared_expert(x_ND)
@@ -312,7 +326,13 @@ class MoE(PacksWeights):
                 shared = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared
             return self.gate(x_ND), shared
         outs = packed_linears(self, groups, x_ND)
-        shared = project(self.shared_expert.down_proj, torch.nn.functional.silu(outs[-2]) * outs[-1])
+        h_NS = torch.nn.functional.silu(outs[-2]) * outs[-1]
+        down = self.shared_expert.down_proj
+        if inner and plain_linear(down, h_NS):
+            if self.shared_expert_gate is not None:
+                h_NS = torch.sigmoid(outs[1]) * h_NS
+            return outs[0], (h_NS, down.weight)
+        shared = project(down, h_NS)
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(outs[1]) * shared
         return outs[0], shared

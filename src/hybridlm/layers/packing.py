@@ -138,12 +138,18 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return kernel(x, weight) if kernel is not None else F.linear(x, weight)
 
 
+def plain_linear(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer(x)`` is exactly ``x @ layer.weight.T`` with nothing else to run or record: a
+    bias-free ``nn.Linear`` (not a subclass) without forward hooks, and no gradient needed."""
+    return (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
+            and not layer._forward_pre_hooks
+            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad)))
+
+
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``, except that a bias-free ``nn.Linear`` without hooks, with no gradient needed,
     takes ``project_rows``' kernel where that routes it."""
-    if (type(layer) is nn.Linear and layer.bias is None and not layer._forward_hooks
-            and not layer._forward_pre_hooks
-            and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))):
+    if plain_linear(layer, x):
         kernel = _gemv_for(x, layer.weight)
         if kernel is not None:
             return kernel(x, layer.weight)

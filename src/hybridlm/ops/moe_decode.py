@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from hybridlm.ops import _checks as ck
 
 
-def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI) -> None:
+def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
+                      shared_h_NS=None, shared_down_DS=None) -> None:
     """Shapes, dtypes and devices of :func:`moe_experts`'s arguments (reads no values)."""
     ck.check_float_tensor("x_ND", x_ND, 2, "[N, D]")
     N, D = x_ND.shape
@@ -46,13 +47,29 @@ def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI) 
         raise ValueError(f"weights_NK must have experts_NK's shape [N, K] = {tuple(experts_NK.shape)}, "
                          f"got {tuple(weights_NK.shape)}")
     ck.check_same("weights_NK", weights_NK, "x_ND", x_ND, dtype=False)
+    if (shared_h_NS is None) != (shared_down_DS is None):
+        raise ValueError("shared_h_NS and shared_down_DS go together: pass both (a shared expert's inner "
+                         "activations and its down_proj weight) or neither")
+    if shared_h_NS is not None:
+        ck.check_float_tensor("shared_h_NS", shared_h_NS, 2, "[N, S]")
+        ck.check_same("shared_h_NS", shared_h_NS, "x_ND", x_ND)
+        ck.check_float_tensor("shared_down_DS", shared_down_DS, 2, "[D, S]")
+        ck.check_same("shared_down_DS", shared_down_DS, "x_ND", x_ND)
+        if shared_h_NS.shape[0] != N:
+            raise ValueError(f"shared_h_NS must be [N, S] with N = {N} as in x_ND, got {tuple(shared_h_NS.shape)}")
+        if shared_down_DS.shape != (D, shared_h_NS.shape[1]):
+            raise ValueError(f"shared_down_DS must be [D, S] = {(D, shared_h_NS.shape[1])} (D from x_ND, S from "
+                             f"shared_h_NS), got {tuple(shared_down_DS.shape)}")
 
 
-def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI):
+def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
+                          shared_h_NS=None, shared_down_DS=None):
     """:func:`moe_experts` in plain PyTorch: one pass per slot j, gathering each token's expert."""
     dtype = ck.compute_dtype(x_ND.dtype)
     x = x_ND.to(dtype)
     out = torch.zeros(x_ND.shape, dtype=dtype, device=x_ND.device)
+    if shared_h_NS is not None:
+        out += shared_h_NS.to(dtype) @ shared_down_DS.to(dtype).t()
     for j in range(experts_NK.shape[1]):
         e_N = experts_NK[:, j]
         gate_NID, up_NID, down_NDI = (w[e_N].to(dtype) for w in (gate_EID, up_EID, down_EDI))
@@ -61,10 +78,12 @@ def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_E
     return out.to(x_ND.dtype)
 
 
-def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, backend="auto"):
+def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, shared_h_NS=None,
+                shared_down_DS=None, backend="auto"):
     """Each token's weighted sum over its K routed SwiGLU experts; returns out [N, D] in x's dtype.
 
-    out[n] = sum_j weights_NK[n, j] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = experts_NK[n, j].
+    out[n] = sum_j weights_NK[n, j] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = experts_NK[n, j]
+             (+ shared_down_DS @ shared_h_NS[n] with a shared expert).
 
     Args:
         x_ND: [N, D] float tokens.
@@ -74,6 +93,10 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, bac
             already multiplied by any routed scaling factor).
         gate_EID, up_EID: [E, I, D] in x's dtype, the stacked gate_proj / up_proj weights.
         down_EDI: [E, D, I] in x's dtype, the stacked down_proj weights.
+        shared_h_NS, shared_down_DS: optional, together: a shared expert's inner activations [N, S]
+            (its gate already applied, e.g. sigmoid(g x) silu(gate x) * up x) and its down_proj
+            weight [D, S], both in x's dtype. Its down product joins the routed ones in one float32
+            sum (the kernel reads it as one more expert), instead of a product and an add of its own.
         backend: "auto" (the Triton decode kernel for CUDA tensors that are not float64, the reference
             elsewhere), "triton" (RuntimeError when it cannot run) or "reference".
     Returns:
@@ -95,8 +118,10 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, bac
         torch.Size([3, 16])
     """
     ck.check_backend(backend)
-    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS)
     kernel = ck.load_kernel("moe_experts_decode", backend, x_ND)
     if kernel is not None:
-        return kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
-    return moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
+        return kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS=shared_h_NS,
+                      shared_down_DS=shared_down_DS)
+    return moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS,
+                                 shared_down_DS)

@@ -16,7 +16,9 @@ captures them):
 2. grid (N, cdiv(D, BLOCK_D)): a program owns BLOCK_D output columns of one token. Those are
    BLOCK_D rows of every routed expert's down matrix ([D, I], I contiguous): it streams them in
    BLOCK_I-wide pieces, expert after expert, against the token's h rows, sums over the K experts in
-   registers in a fixed order, and writes the token's output block in x's dtype.
+   registers in a fixed order, and writes the token's output block in x's dtype. A shared expert
+   (optional: its gated inner activations [N, S] and down weight [D, S]) is one more row block in the
+   same sum, so its down product needs no kernel and no add of its own.
 
 The previous down kernel read the down weights transposed ([E, I, D], 256-byte row pieces 4 KB
 apart) into float32 partial rows that a third kernel summed: 9.9 + 1.7 us a layer for 21 MB at
@@ -95,17 +97,26 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 
 
 @triton.jit
-def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, K, I, D, s_de, s_dd, s_on,
-                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, K, I, D, S, s_de, s_dd, s_on, s_hn, s_wd,
+                 HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
     # program (token, d-block): out[n, d-block] = sum over the token's K slots of
     # down_e[d-block, :] . h[n, slot, :], the slots' rows streamed one after another (BLOCK_I columns a
-    # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows
+    # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows.
+    # A shared expert's rows (ws [D, S] against hs [N, S]) go into the same tile first.
     i_n = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    row_d = o_d.to(tl.int64)[:, None] * s_dd
     n_i = tl.cdiv(I, BLOCK_I)
     acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+    if HAS_SHARED:
+        row_s = o_d.to(tl.int64)[:, None] * s_wd
+        for i0 in tl.range(0, S, BLOCK_I, num_stages=STAGES):
+            o_i = i0 + tl.arange(0, BLOCK_I)
+            m_i = o_i < S
+            b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
+            b_w = tl.load(ws_DS + row_s + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+            acc += b_w * b_h[None, :]
+    row_d = o_d.to(tl.int64)[:, None] * s_dd
     for t in tl.range(0, K * n_i, num_stages=STAGES):
         j = t // n_i
         o_i = (t - j * n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -148,20 +159,26 @@ def pick_stages(N: int) -> tuple[int, int]:
 
 
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, *,
+                     shared_h_NS=None, shared_down_DS=None,
                      blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
                      stages: Optional[tuple[int, int]] = None) -> None:
     """Launch the two kernels on validated tensors, writing ``out_ND`` [N, D].
 
-    x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks may have any strides
-    with a contiguous last dim (D for gate and up, I for down). ``blocks`` overrides
-    :func:`pick_blocks` and ``stages`` :func:`pick_stages` (tests, tuning)."""
+    x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks, shared_h_NS and
+    shared_down_DS may have any strides with a contiguous last dim (D for gate and up, I for down,
+    S for the shared expert's). ``blocks`` overrides :func:`pick_blocks` and ``stages``
+    :func:`pick_stages` (tests, tuning)."""
     N, D = x_ND.shape
     K = experts_NK.shape[1]
     I = gate_EID.shape[1]
     if N == 0:
         return
+    shared = shared_h_NS is not None and shared_h_NS.shape[1] > 0
     if K == 0 or I == 0:
-        out_ND.zero_()
+        if shared:  # only the shared expert (I = 0: the routed experts add nothing)
+            torch.matmul(shared_h_NS, shared_down_DS.t(), out=out_ND)
+        else:
+            out_ND.zero_()
         return
     bi1, bd1, bi2, bd2 = blocks or pick_blocks(N, K, I, D, _num_sms(x_ND.device))
     stages = stages or pick_stages(N)
@@ -170,27 +187,31 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
         BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps)
+    hs, ws = (shared_h_NS, shared_down_DS) if shared else (h_NKI, h_NKI)  # unread without HAS_SHARED
     _down_kernel[(N, triton.cdiv(D, bd2))](
-        h_NKI, experts_NK, down_EDI, out_ND, K, I, D, down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0),
-        BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=num_warps)
+        h_NKI, experts_NK, down_EDI, out_ND, hs, ws, K, I, D, shared_h_NS.shape[1] if shared else 0,
+        down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0),
+        HAS_SHARED=shared, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=num_warps)
 
 
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
 def _moe_experts_op(x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
                     gate_EID: torch.Tensor, up_EID: torch.Tensor, down_EDI: torch.Tensor,
+                    shared_h_NS: Optional[torch.Tensor], shared_down_DS: Optional[torch.Tensor],
                     blocks: Optional[list[int]]) -> torch.Tensor:
     out_ND = torch.empty_like(x_ND)
-    moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND,
-                     blocks=None if blocks is None else tuple(blocks))
+    moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, shared_h_NS=shared_h_NS,
+                     shared_down_DS=shared_down_DS, blocks=None if blocks is None else tuple(blocks))
     return out_ND
 
 
 @_moe_experts_op.register_fake
-def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, blocks):
+def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, blocks):
     return torch.empty_like(x_ND)
 
 
-def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, blocks=None):
+def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, shared_h_NS=None,
+                       shared_down_DS=None, blocks=None):
     """Sparse-MoE decode kernel; arguments and result as in :func:`hybridlm.ops.moe_experts`.
 
     ``blocks`` forces (gate/up BLOCK_I, gate/up BLOCK_D, down BLOCK_I, down BLOCK_D), powers of two;
@@ -205,7 +226,7 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
         >>> out = moe_experts_decode(x, torch.tensor([[0, 3], [3, 1]], device=dev), torch.rand(2, 2, device=dev),
         ...                          gate, up, down)
     """
-    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS)
     check_kernel_device("x_ND", x_ND)
     if x_ND.dtype == torch.float64:
         raise TypeError("x_ND must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
@@ -215,11 +236,14 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
         raise ValueError(f"blocks must be four powers of two or None, got {blocks!r}")
     x_ND, experts_NK, weights_NK = x_ND.contiguous(), experts_NK.contiguous(), weights_NK.contiguous()
     gate_EID, up_EID, down_EDI = (w if w.stride(2) == 1 else w.contiguous() for w in (gate_EID, up_EID, down_EDI))
+    if shared_h_NS is not None:
+        shared_h_NS, shared_down_DS = (t if t.stride(1) == 1 else t.contiguous() for t in (shared_h_NS, shared_down_DS))
     if not torch.compiler.is_compiling():
         # Eager calls launch directly: the custom-op dispatch costs tens of microseconds of host time,
         # as much as the kernels at decode sizes (see ops/triton/decode.py).
         out_ND = torch.empty_like(x_ND)
-        moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, blocks=blocks)
+        moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND,
+                         shared_h_NS=shared_h_NS, shared_down_DS=shared_down_DS, blocks=blocks)
         return out_ND
-    return _moe_experts_op(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
+    return _moe_experts_op(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS,
                            None if blocks is None else list(blocks))
