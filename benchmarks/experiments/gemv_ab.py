@@ -6,12 +6,16 @@ projections of a Qwen3-Next decode step, batch 1 and 4, bf16. One GPU call, unde
 step reads every weight from memory once), and printed with the share of the 1 GiB copy rate its
 weight bytes reach. Every kernel output is first checked against F.linear.
 
-    PYTHONPATH=src python benchmarks/experiments/gemv_ab.py [--json F]
+With ``--sweep`` it then times, at one row, the kernel over a grid of launches (BLOCK_O, BLOCK_D,
+stages, warps) at every shape, each checked against F.linear, and prints the fastest and the default.
+
+    PYTHONPATH=src python benchmarks/experiments/gemv_ab.py [--sweep] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
@@ -34,6 +38,7 @@ SHAPES = [
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default="1,4")
+    ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -61,8 +66,39 @@ def main() -> None:
             rows.append(row)
             print(f"{what:36s} N {N} {O:6d} x {D:5d} (err {err:.1e}, blocks {row['blocks']}): " + "  ".join(
                 f"{c} {row[c + '_us']:.2f} us ({row[c + '_share']:.0%})" for c in cases), flush=True)
+        if args.sweep:
+            rows += sweep(what, O, D, ws, rate)
         del ws
     report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
+
+
+SWEEP = list(itertools.product((1, 2, 4, 8, 16), (512, 1024), (3, 4, 6), (4, 8)))  # BO, BD, stages, warps
+
+
+def sweep(what, O, D, ws, rate) -> list[dict]:
+    """The kernel at one row over SWEEP's launches (those whose float32 tile fits 64 values a
+    thread), fastest first; prints the best five and the default."""
+    dev = ws[0].device
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    y = torch.empty(1, O, device=dev, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), ws[0].float())
+    default = (*pick_blocks(1, O, D, _num_sms(dev)), 3, 4)
+    out = []
+    for bo, bd, st, wp in SWEEP:
+        if bo * bd > 64 * 32 * wp or bo > O:
+            continue
+        gemv_into(x, ws[0], y, blocks=(bo, bd), stages=st, num_warps=wp)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        us = timing.graphed_ms_per_call([lambda w=w: gemv_into(x, w, y, blocks=(bo, bd), stages=st, num_warps=wp)
+                                         for w in ws], warmup_ms=5, rep_ms=30) * 1e3
+        out.append(dict(what=what, O=O, D=D, N=1, sweep=True, blocks=[bo, bd], stages=st, warps=wp, us=us,
+                        share=O * D * 2 / (us * 1e-6) / rate, rel_err=err, default=(bo, bd, st, wp) == default))
+    out.sort(key=lambda r: r["us"])
+    for r in out[:5] + [r for r in out if r["default"]]:
+        print(f"    sweep {what}: blocks {r['blocks']} stages {r['stages']} warps {r['warps']}"
+              f"{' (default)' if r['default'] else ''}: {r['us']:.2f} us ({r['share']:.0%}, err {r['rel_err']:.1e})",
+              flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ decode step. For each batch N it checks every launch against the reference, then
 and the share of the 1 GiB copy rate for the distinct expert weights the call reads:
 - the default launch, and (gate/up stages, down stages) pairs (stages 1: the plain loops;
   `pick_stages` gives the default per N);
-- with ``--down-sweep``, the down kernel's (BLOCK_I, BLOCK_D, stages) over a grid, gate/up default;
+- with ``--down-sweep``, the down kernel's (BLOCK_I, BLOCK_D, stages, warps) over a grid, gate/up default;
 - with ``--gate-up-sweep``, the gate/up kernel's (BLOCK_I, BLOCK_D, stages), down default;
 - with ``--baseline FILE`` (another commit's ``ops/triton/moe_decode.py``, e.g. the one that read
   the down weights transposed), its default launch beside ours, on its own layout
@@ -32,7 +32,8 @@ from hybridlm.ops.triton.moe_decode import moe_experts_into, pick_blocks, pick_s
 from hybridlm.ops.triton.decode import _num_sms
 
 STAGES = [None, (1, 1), (2, 2), (3, 3), (4, 4), (3, 1), (1, 3)]  # None: the default launch
-DOWN_SWEEP = list(itertools.product((512, 256), (2, 4, 8, 16), (1, 2, 3, 4)))  # (BLOCK_I, BLOCK_D, stages)
+# (BLOCK_I, BLOCK_D, stages, warps); the first 12-03 s3 sweep had (512, 256) x (2, 4, 8, 16) x (1-4) x 4
+DOWN_SWEEP = list(itertools.product((512,), (4, 8, 16), (3, 4, 6), (4, 8)))
 GATE_UP_SWEEP = list(itertools.product((4, 8, 16), (128, 256, 512), (1, 3)))  # (BLOCK_I, BLOCK_D, stages)
 
 
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--down-sweep", action="store_true")
     ap.add_argument("--gate-up-sweep", action="store_true")
+    ap.add_argument("--shared", type=int, default=0, metavar="S",
+                    help="a shared expert of inner size S in every launch of ours (Qwen3-Next: 512)")
     ap.add_argument("--baseline", metavar="FILE")
     ap.add_argument("--baseline-down-transposed", action="store_true")
     ap.add_argument("--json")
@@ -60,9 +63,13 @@ def main() -> None:
         x = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
         experts = torch.stack([torch.randperm(E, device=dev)[:K] for _ in range(N)])
         weights = torch.rand(N, K, device=dev)
-        nbytes = experts.unique().numel() * 3 * I * D * 2
+        nbytes = experts.unique().numel() * 3 * I * D * 2 + args.shared * D * 2
         out = torch.empty_like(x)
-        ref = moe_experts(x, experts, weights, *stacks[0], backend="reference").float()
+        sh = {}
+        if args.shared:
+            sh = dict(shared_h_NS=torch.randn(N, args.shared, device=dev, dtype=torch.bfloat16),
+                      shared_down_DS=torch.randn(D, args.shared, device=dev, dtype=torch.bfloat16) * args.shared ** -0.5)
+        ref = moe_experts(x, experts, weights, *stacks[0], **sh, backend="reference").float()
 
         def run(label, launch, layer_stacks, **fields):
             launch(layer_stacks[0])
@@ -77,23 +84,24 @@ def main() -> None:
         default_blocks = pick_blocks(N, K, I, D, _num_sms(dev))
         for st in STAGES:
             run(f"stages {st or f'default {pick_stages(N)}'} blocks {default_blocks}",
-                lambda s, st=st: moe_experts_into(x, experts, weights, *s, out, stages=st), stacks,
+                lambda s, st=st: moe_experts_into(x, experts, weights, *s, out, stages=st, **sh), stacks,
                 default=st is None, stages=list(st or pick_stages(N)), blocks=list(default_blocks))
         if args.down_sweep:
-            for bi, bd, ds in DOWN_SWEEP:
+            for bi, bd, ds, dw in DOWN_SWEEP:
                 blocks = (*default_blocks[:2], bi, bd)
                 stages = (pick_stages(N)[0], ds)
-                run(f"down BLOCK_I {bi} BLOCK_D {bd} stages {ds}",
-                    lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st),
-                    stacks, default=False, stages=list(stages), blocks=list(blocks))
+                run(f"down BLOCK_I {bi} BLOCK_D {bd} stages {ds} warps {dw}",
+                    lambda s, b=blocks, st=stages, w=dw: moe_experts_into(x, experts, weights, *s, out, blocks=b,
+                                                                          stages=st, down_warps=w, **sh),
+                    stacks, default=False, stages=list(stages), blocks=list(blocks), down_warps=dw)
         if args.gate_up_sweep:
             for bi, bd, gs in GATE_UP_SWEEP:
                 blocks = (bi, bd, *default_blocks[2:])
                 stages = (gs, pick_stages(N)[1])
                 run(f"gate/up BLOCK_I {bi} BLOCK_D {bd} stages {gs}",
-                    lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st),
+                    lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st, **sh),
                     stacks, default=False, stages=list(stages), blocks=list(blocks))
-        if base is not None:
+        if base is not None and not args.shared:
             old = [[g, u, d.transpose(1, 2).contiguous() if args.baseline_down_transposed else d] for g, u, d in stacks]
             run("baseline default", lambda s: base.moe_experts_into(x, experts, weights, *s, out), old,
                 default=False, baseline=args.baseline)

@@ -86,12 +86,13 @@ def test_triton_matches_reference_and_linear_experts(N, K, E, D, I, dtype):
                                             ((64, 256, 256, 128), (1, 1)),
                                             # software-pipelined loops, prefetching past their masked tails
                                             ((8, 16, 16, 4), (3, 3)), ((16, 32, 32, 16), (2, 4))])
-def test_every_output_element_written(blocks, stages):
+@pytest.mark.parametrize("down_warps", [None, 8])
+def test_every_output_element_written(blocks, stages, down_warps):
     """Blocks smaller than D and I (loops with masked tails, the down loop over pieces of the rows
-    and over the slots) and larger than both."""
+    and over the slots) and larger than both; the down kernel at its own warp count too."""
     x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=3)
     out = torch.full_like(x, float("nan"))
-    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, stages=stages)
+    moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, stages=stages, down_warps=down_warps)
     assert not out.isnan().any()
     assert rel_err(out, moe_experts(x, experts, weights, gate, up, down, backend="reference")) < TOL[torch.float32]
 

@@ -161,13 +161,13 @@ def pick_stages(N: int) -> tuple[int, int]:
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, *,
                      shared_h_NS=None, shared_down_DS=None,
                      blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
-                     stages: Optional[tuple[int, int]] = None) -> None:
+                     stages: Optional[tuple[int, int]] = None, down_warps: Optional[int] = None) -> None:
     """Launch the two kernels on validated tensors, writing ``out_ND`` [N, D].
 
     x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks, shared_h_NS and
     shared_down_DS may have any strides with a contiguous last dim (D for gate and up, I for down,
-    S for the shared expert's). ``blocks`` overrides :func:`pick_blocks` and ``stages``
-    :func:`pick_stages` (tests, tuning)."""
+    S for the shared expert's). ``blocks`` overrides :func:`pick_blocks`, ``stages``
+    :func:`pick_stages` and ``down_warps`` the down kernel's warps (``num_warps``; tests, tuning)."""
     N, D = x_ND.shape
     K = experts_NK.shape[1]
     I = gate_EID.shape[1]
@@ -191,7 +191,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
     _down_kernel[(N, triton.cdiv(D, bd2))](
         h_NKI, experts_NK, down_EDI, out_ND, hs, ws, K, I, D, shared_h_NS.shape[1] if shared else 0,
         down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0),
-        HAS_SHARED=shared, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=num_warps)
+        HAS_SHARED=shared, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=down_warps or num_warps)
 
 
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
