@@ -26,7 +26,7 @@ CALLS = {
     "step": (lambda: fused_recurrent_gated_delta_rule_step(r(B, H, K), r(B, H, K), r(B, HV, V), -torch.rand(B, HV),
                                                            torch.rand(B, HV), torch.zeros(B, HV, K, V)), "q"),
     "moe": (lambda: moe_experts_decode(r(2, 48), torch.tensor([[0, 2], [2, 1]]), torch.rand(2, 2),
-                                       r(3, 4, 48), r(3, 4, 48), r(3, 4, 48)), "x_ND"),
+                                       r(3, 4, 48), r(3, 4, 48), r(3, 48, 4)), "x_ND"),
     "attention": (lambda: split_kv_decode_attention(r(1, 4, 16), r(1, 10, 2, 16), r(1, 10, 2, 16),
                                                     q_pos=torch.tensor([9]), k_pos=torch.arange(10)[None]), "q"),
 }
