@@ -5,7 +5,10 @@ under a minute.
 - ``one GEMM``: the down stack stored [E, F, D] (the layout before the third 12-03 session), so the
   weighted inner activations [N, E F] take one product with it viewed as [E F, D];
 - ``bmm + sum``: the stack as nn.Linear holds it, [E, D, F] (now): a batched product over the experts,
-  [E, N, D], summed over them in float32 (what the layer does now).
+  [E, N, D], summed over them in float32 (what the layer does now);
+- ``triton d16 f256 s4`` and the like: ``moe_dense_down_into`` (ops/triton/moe_decode.py), the
+  candidate kernel that streams each expert's rows once for all tokens into one float32 tile, at
+  (block_d, block_f, stages) from DENSE_LAUNCHES (not yet timed when it was written).
 
 Qwen3-Next's experts cut to 32 (F 512, D 2048, bf16), 8 layers' distinct stacks, CUDA-graph replays;
 us a layer and the share of the 1 GiB copy rate for the down stack's bytes.
@@ -20,6 +23,9 @@ import argparse
 import torch
 
 from hybridlm.bench import report, timing
+from hybridlm.ops.triton.moe_decode import moe_dense_down_into
+
+DENSE_LAUNCHES = [(16, 256, 4), (16, 512, 3), (32, 256, 4), (16, 128, 6), (64, 128, 4)]  # block_d, block_f, stages
 
 
 def main() -> None:
@@ -40,10 +46,14 @@ def main() -> None:
     rows = []
     for N in (int(b) for b in args.batches.split(",")):
         h = torch.randn(N, E, F, device=dev, dtype=torch.bfloat16)
+        y = torch.empty(N, D, device=dev, dtype=torch.bfloat16)
         cases = {
             "one GEMM": lambda w: h.view(N, E * F) @ w.view(E * F, D),
             "bmm + sum": lambda w: torch.bmm(h.transpose(0, 1), w.transpose(1, 2)).sum(0, dtype=torch.float32).to(h.dtype),
         }
+        for bd, bf, st in DENSE_LAUNCHES:
+            cases[f"triton d{bd} f{bf} s{st}"] = (
+                lambda w, bd=bd, bf=bf, st=st: moe_dense_down_into(h, w, y, block_d=bd, block_f=bf, stages=st) or y)
         ref = torch.einsum("nef,edf->nd", h.double(), new[0].double())
         for name, fn in cases.items():
             out = fn(old[0] if name == "one GEMM" else new[0])

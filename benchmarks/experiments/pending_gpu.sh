@@ -30,6 +30,10 @@
 #                bound; 452.8 us of kernels in 85 launches for 4 layers)
 #   decode       the decode-step sweep at batch 32 and 64, pipelined persistent launches included (third
 #                12-03 session: default 87.6% / 91.6%, pipelined 82.1% / 86.4%)
+#   moedense     the batched static MoE path's down product: one GEMM over the old [E F, D] layout,
+#                the batched product + sum the layer runs now (6-8 us a layer slower, third 12-03
+#                session), and the candidate Triton kernel `moe_dense_down_into` (not yet timed; route
+#                MoE.forward's batched static path through it if it wins)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -98,6 +102,9 @@ case $part in
                 | grep -vE "^ *$" | tee -a "$out/attn.txt"
         done
         ;;
+    moedense)
+        python3 benchmarks/experiments/moe_dense_ab.py --json "$out/moe_dense_ab.json" 2>&1 | tee "$out/moe_dense_ab.txt"
+        ;;
     attn8_1)
         python3 benchmarks/experiments/decode_attn_sweep.py --dim 128 --heads 8:1 --shapes 1x131072,8x32768 \
             --json "$out/attn_8_1_128_sweep.json" | grep -E "^copy|^best|^B " | tee "$out/attn8_1.txt"
@@ -112,7 +119,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, tests)" >&2
+             "attn8_1, moedense, tests)" >&2
         exit 2
         ;;
 esac
