@@ -21,11 +21,14 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 
 from hybridlm.bench import report, timing
 from hybridlm.ops.triton.moe_decode import moe_dense_down_into
 
-DENSE_LAUNCHES = [(16, 256, 4), (16, 512, 3), (32, 256, 4), (16, 128, 6), (64, 128, 4)]  # block_d, block_f, stages
+# (block_d, block_f, stages); offline sm_90 compiles of blocks of 64 tokens take 123-196 KB of shared
+# memory for these (16, 512, 3 stages would need 240 KB, more than a block may use)
+DENSE_LAUNCHES = [(16, 256, 4), (32, 256, 4), (16, 128, 6), (64, 128, 4), (32, 128, 4)]
 
 
 def main() -> None:
@@ -56,7 +59,11 @@ def main() -> None:
                 lambda w, bd=bd, bf=bf, st=st: moe_dense_down_into(h, w, y, block_d=bd, block_f=bf, stages=st) or y)
         ref = torch.einsum("nef,edf->nd", h.double(), new[0].double())
         for name, fn in cases.items():
-            out = fn(old[0] if name == "one GEMM" else new[0])
+            try:
+                out = fn(old[0] if name == "one GEMM" else new[0])
+            except triton.runtime.errors.OutOfResources as exc:
+                print(f"N {N:3d} {name:10s}: skipped ({exc})", flush=True)
+                continue
             err = ((out.double() - ref).norm() / ref.norm()).item()
             stacks = old if name == "one GEMM" else new
             us = timing.graphed_ms_per_call([lambda w=w: fn(w) for w in stacks], warmup_ms=10, rep_ms=60) * 1e3
