@@ -4,8 +4,9 @@
 #   bash benchmarks/experiments/pending_gpu.sh OUT_DIR PART [PART ...]
 # Several parts run one after another in one call. The device machine is handed back ~30 s after a
 # call ends and the next call starts a fresh one (~90-120 s of the session's 30 device-minutes in the
-# second 12-03 session), so group parts that fit 10 minutes together, e.g. `decode gemv`
-# (~1 + ~3.5 minutes).
+# second 12-03 session; ~200 s for the third session's last call), so group parts that fit 10 minutes
+# together, e.g. `moedense pdl gemv` (~1 + ~1 + ~3.5 minutes). In the third 12-03 session 8 of 10 files
+# under OUT came back (the other two "left out (count)"): tar the folder into one file.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
 # Parts:
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
@@ -34,6 +35,10 @@
 #                the batched product + sum the layer runs now (6-8 us a layer slower, third 12-03
 #                session), and the candidate Triton kernel `moe_dense_down_into` (not yet timed; route
 #                MoE.forward's batched static path through it if it wins)
+#   pdl          pdl_chain.py: 48 chained batch-1 matrix-vector products (output-projection shapes) as one
+#                graph, cuBLAS / our kernel / a whole-rows kernel with and without programmatic dependent
+#                launch (weights loaded before waiting on the previous kernel). Not yet run: whether
+#                overlapping each kernel's fill with its predecessor's tail is the lever for batch 1
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -102,6 +107,9 @@ case $part in
                 | grep -vE "^ *$" | tee -a "$out/attn.txt"
         done
         ;;
+    pdl)
+        python3 benchmarks/experiments/pdl_chain.py --json "$out/pdl_chain.json" 2>&1 | tee "$out/pdl_chain.txt"
+        ;;
     moedense)
         python3 benchmarks/experiments/moe_dense_ab.py --json "$out/moe_dense_ab.json" 2>&1 | tee "$out/moe_dense_ab.txt"
         ;;
@@ -119,7 +127,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, moedense, tests)" >&2
+             "attn8_1, moedense, pdl, tests)" >&2
         exit 2
         ;;
 esac
