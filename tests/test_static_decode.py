@@ -143,7 +143,8 @@ def test_static_moe_paths_equal_the_routed_loop(tokens):
     torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
 
 
-def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monkeypatch):
+@pytest.mark.parametrize("shared_gate", [True, False])  # Qwen's sigmoid-gated shared expert; DeepSeek's plain one
+def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monkeypatch, shared_gate):
     """The sparse static path hands the shared expert's gated inner activations and down weight to
     ``ops.moe_experts`` (one sum with the routed experts); with a forward hook on its down projection
     it runs that layer instead, so the hook still fires. Both equal the eager layer."""
@@ -152,7 +153,8 @@ def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monke
 
     torch.manual_seed(7)
     moe = MoE(HybridConfig(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32,
-                           shared_expert_gate=True)).double()
+                           shared_expert_gate=shared_gate)).double()
+    assert (moe.shared_expert_gate is not None) == shared_gate
     x = torch.randn(2, 1, moe.gate.in_features, dtype=torch.float64)
     calls = []
     real = moe_module.moe_experts
