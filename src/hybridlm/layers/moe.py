@@ -161,13 +161,11 @@ class MoE(PacksWeights):
         if sparse:
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA), the shared
             # expert's down product in the same sum when it came back as inner activations
-            gate_EID, up_EID, down_EDI = self.packed_experts()
+            folded = {}
             if isinstance(shared_ND, tuple):
-                h_NS, down_DS = shared_ND
-                out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
-                                     shared_h_NS=h_NS, shared_down_DS=down_DS)
-                return out_ND.view_as(x_BTD)
-            out_ND = moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI)
+                folded = dict(zip(("shared_h_NS", "shared_down_DS"), shared_ND))
+                shared_ND = None
+            out_ND = moe_experts(x_ND, experts_NK, weights_NK, *self.packed_experts(), **folded)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         if static:
             # [N, E] combine weights, 0 for the experts a token was not routed to; three GEMMs over
