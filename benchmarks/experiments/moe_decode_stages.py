@@ -12,7 +12,11 @@ and the share of the 1 GiB copy rate for the distinct expert weights the call re
 - with ``--baseline FILE`` (another commit's ``ops/triton/moe_decode.py``, e.g. the one that read
   the down weights transposed), its default launch beside ours, on its own layout
   (``--baseline-down-transposed``: down passed as [E, I, D], as before the third 12-03 session); its
-  custom op renamed, since torch.library registers a name once per process.
+  custom op renamed, since torch.library registers a name once per process;
+- with ``--down-contiguous``, the default launch again on down stacks stored [E, D, I] (the layout of
+  the third 12-03 session) beside the timed stacks, stored [D, E, I] and passed as their [E, D, I]
+  view as ``MoE.packed_experts`` gives them since the fourth: the same 1 KB rows, 32 KB apart at 32
+  experts instead of adjacent.
 
     git show 5bf74be:src/hybridlm/ops/triton/moe_decode.py | sed 's/"hybridlm::/"hybridlm_baseline::/' > /tmp/moe_old.py
     PYTHONPATH=src python benchmarks/experiments/moe_decode_stages.py --batches 1,4 --down-sweep \\
@@ -48,6 +52,7 @@ def main() -> None:
                     help="a shared expert of inner size S in every launch of ours (Qwen3-Next: 512)")
     ap.add_argument("--baseline", metavar="FILE")
     ap.add_argument("--baseline-down-transposed", action="store_true")
+    ap.add_argument("--down-contiguous", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -57,6 +62,8 @@ def main() -> None:
     torch.manual_seed(0)
     stacks = [[torch.randn(E, *rows, device=dev, dtype=torch.bfloat16) * fan ** -0.5
                for rows, fan in (((I, D), D), ((I, D), D), ((D, I), I))] for _ in range(args.layers)]
+    for s in stacks:  # down as MoE.packed_experts stores it: [D, E, I], passed as its [E, D, I] view
+        s[2] = s[2].transpose(0, 1).contiguous().transpose(0, 1)
     base = load_source(args.baseline, "moe_decode_baseline") if args.baseline else None
     rows = []
     for N in (int(b) for b in args.batches.split(",")):
@@ -101,6 +108,11 @@ def main() -> None:
                 run(f"gate/up BLOCK_I {bi} BLOCK_D {bd} stages {gs}",
                     lambda s, b=blocks, st=stages: moe_experts_into(x, experts, weights, *s, out, blocks=b, stages=st, **sh),
                     stacks, default=False, stages=list(stages), blocks=list(blocks))
+        if args.down_contiguous:
+            contiguous = [[g, u, d.contiguous()] for g, u, d in stacks]
+            run(f"default, down stored [E, D, I] blocks {default_blocks}",
+                lambda s: moe_experts_into(x, experts, weights, *s, out, **sh), contiguous,
+                default=False, down_layout="EDI", blocks=list(default_blocks))
         if base is not None and not args.shared:
             old = [[g, u, d.transpose(1, 2).contiguous() if args.baseline_down_transposed else d] for g, u, d in stacks]
             run("baseline default", lambda s: base.moe_experts_into(x, experts, weights, *s, out), old,

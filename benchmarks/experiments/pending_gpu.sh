@@ -39,6 +39,11 @@
 #                graph, cuBLAS / our kernel / a whole-rows kernel with and without programmatic dependent
 #                launch (weights loaded before waiting on the previous kernel). Not yet run: whether
 #                overlapping each kernel's fill with its predecessor's tail is the lever for batch 1
+#   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
+#                packing GPU tests (the grouped prefill product on CUDA included), moe_dense_ab.py (the
+#                batched static path's one GEMM back), the sparse decode kernel on both down layouts at
+#                32 experts, the 4k batch-1 profile and 4-layer trace, and the 128k batch-36 compiled row
+#                (72.6% of the bound in the seventh 12-02 session, not rerun since)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -117,6 +122,18 @@ case $part in
         python3 benchmarks/experiments/decode_attn_sweep.py --dim 128 --heads 8:1 --shapes 1x131072,8x32768 \
             --json "$out/attn_8_1_128_sweep.json" | grep -E "^copy|^best|^B " | tee "$out/attn8_1.txt"
         ;;
+    layout)
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_decode.py tests/test_static_decode.py \
+            tests/layers/test_packing.py 2>&1 | tail -3 | tee "$out/tests_layout.txt"
+        python3 benchmarks/experiments/moe_dense_ab.py --json "$out/moe_dense_ab.json" 2>&1 | tee "$out/moe_dense_ab.txt"
+        python3 benchmarks/experiments/moe_decode_stages.py --experts 32 --batches 1,2,4 --shared 512 --down-contiguous \
+            --json "$out/moe_layouts.json" 2>&1 | grep -E "default" | tee "$out/moe_layouts.txt"
+        $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"
+        $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
+        python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
+        ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py tests/layers/test_packing.py \
@@ -127,7 +144,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, moedense, pdl, tests)" >&2
+             "attn8_1, moedense, pdl, layout, tests)" >&2
         exit 2
         ;;
 esac

@@ -244,8 +244,9 @@ def test_converting_packed_moe_experts_stacks_them_again():
     assert gate.dtype == up.dtype == down.dtype == torch.float64
     assert moe.experts[2].down_proj.weight.data_ptr() == down[2].data_ptr()
     ptrs = [t.data_ptr() for t in (gate, up, down)]
-    moe.double()  # nothing to convert: the same stacks
+    moe.double()  # nothing to convert: the same stacks, down still the [E, D, I] view of a [D, E, I] stack
     assert [t.data_ptr() for t in moe.packed_experts()] == ptrs
+    assert moe.packed_experts()[2].stride() == down.stride() == (down.shape[2], down.shape[0] * down.shape[2], 1)
     x = torch.randn(2, 3, cfg.hidden_size, dtype=torch.float64)
     with torch.no_grad():
         got = moe(x)
@@ -284,19 +285,24 @@ class _SyncOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(dtype, monkeypatch):
+_GROUPED_CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16)]
+if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+    _GROUPED_CASES.append(("cuda", torch.bfloat16))  # where the grouped product runs on a GPU (Hopper, bf16)
+
+
+@pytest.mark.parametrize("device, dtype", _GROUPED_CASES)
+def test_packed_moe_prefill_runs_grouped_products_equal_to_the_expert_loop(device, dtype, monkeypatch):
     """Once packed, many tokens (prefill) go through three grouped products over the stacks, with
     no host sync; unpacked, or with gradients needed, the experts run one by one. Same result, also
-    with experts no token was routed to."""
+    with experts no token was routed to, and with the down stack as packed ([D, E, I] storage)."""
     from hybridlm.layers import moe as moe_mod
 
     torch.manual_seed(0)
     cfg = HybridConfig(num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=32)
-    moe = MoE(cfg).to(dtype)
+    moe = MoE(cfg).to(device, dtype)
     with torch.no_grad():
         moe.gate.weight[5:] = -10.0  # experts 5-7 never chosen by tokens with positive router inputs
-    x = torch.randn(3, 7, cfg.hidden_size).abs().to(dtype)
+    x = torch.randn(3, 7, cfg.hidden_size).abs().to(device, dtype)
     with torch.no_grad():
         want = moe(x)
     calls = []

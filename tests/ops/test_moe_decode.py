@@ -24,7 +24,6 @@ from hybridlm.layers.mlp import SwiGLU  # noqa: E402
 from hybridlm.layers.moe import MoE, route  # noqa: E402
 from hybridlm.ops import moe_experts  # noqa: E402
 from hybridlm.ops.triton.moe_decode import (  # noqa: E402
-    moe_dense_down_into,
     moe_experts_decode,
     moe_experts_into,
     pick_blocks,
@@ -134,6 +133,11 @@ def test_weight_views_and_strided_tokens():
     assert down_strided.stride(2) != 1
     again = moe_experts_decode(x, experts, weights, gate, up, down_strided)
     torch.testing.assert_close(again, moe_experts_decode(x, experts, weights, gate, up, down))
+    # the layout MoE.packed_experts gives: stored [D, E, I], passed as its [E, D, I] view, read in place
+    down_interleaved = down.transpose(0, 1).contiguous().transpose(0, 1)
+    assert down_interleaved.stride() == (40, 4 * 40, 1)
+    torch.testing.assert_close(moe_experts_decode(x, experts, weights, gate, up, down_interleaved),
+                               moe_experts_decode(x, experts, weights, gate, up, down))
 
 
 def make_shared(N, D, S, seed, dtype=torch.float32):
@@ -168,22 +172,6 @@ def test_shared_expert_alone_without_routed_slots():
     h, w = make_shared(2, 48, 40, seed=14)
     out = moe_experts_decode(x, experts[:, :0], weights[:, :0], gate, up, down, shared_h_NS=h, shared_down_DS=w)
     torch.testing.assert_close(out, h @ w.t())
-
-
-@pytest.mark.parametrize("N, E, D, F, block_d, block_f", [(1, 3, 48, 40, 16, 16), (5, 4, 40, 24, 16, 256),
-                                                         (70, 2, 33, 20, 32, 16)])
-def test_dense_down_kernel_matches_the_batched_product(N, E, D, F, block_d, block_f):
-    """The candidate dense down kernel (not yet used by the layer): masked tails in every block,
-    token blocks past 64, against float64 on NaN-poisoned output."""
-    gen = torch.Generator().manual_seed(N)
-    h = torch.randn(N, E, F, generator=gen).to(DEVICE)
-    h[:, 0] = 0.0  # an expert no token was routed to
-    down = (torch.randn(E, D, F, generator=gen) * F ** -0.5).to(DEVICE)
-    out = torch.full((N, D), float("nan"), device=DEVICE)
-    moe_dense_down_into(h, down, out, block_d=block_d, block_f=block_f, stages=2)
-    want = torch.einsum("nef,edf->nd", h.double(), down.double())
-    assert not out.isnan().any()
-    assert rel_err(out, want) < 1e-5
 
 
 def test_pure_zero_weights_and_empty_batch():

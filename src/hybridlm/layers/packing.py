@@ -79,16 +79,21 @@ class PacksWeights(nn.Module):
                 pack_weights(self, names)
 
 
-def storage_view(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """A contiguous ``shape`` tensor over ``t``'s storage from ``t``'s first element, or None when
-    ``t`` is not a materialised tensor or its storage is too short (then ``t`` is not a stack's row)."""
+def storage_view(t: torch.Tensor | None, shape: tuple[int, ...],
+                 stride: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """A ``shape`` tensor over ``t``'s storage from ``t``'s first element (contiguous, or with
+    ``stride``), or None when ``t`` is not a materialised tensor or its storage is too short (then
+    ``t`` is not a stack's row)."""
     if not isinstance(t, torch.Tensor) or t.is_meta:
         return None
     n = math.prod(shape)
     if n == 0 or (t.storage_offset() + n) * t.element_size() > t.untyped_storage().nbytes():
         return None
     with torch.no_grad():
-        return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), shape)
+        view = torch.empty(0, dtype=t.dtype, device=t.device)
+        if stride is None:
+            return view.set_(t.untyped_storage(), t.storage_offset(), shape)
+        return view.set_(t.untyped_storage(), t.storage_offset(), shape, stride)
 
 
 def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor) -> list[torch.Tensor]:

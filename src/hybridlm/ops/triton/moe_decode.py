@@ -195,67 +195,6 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         HAS_SHARED=shared, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=down_warps or num_warps)
 
 
-@triton.jit
-def _dense_down_kernel(h_NEF, down_EDF, out_ND, N, E, D, F, s_hn, s_he, s_de, s_dd, s_on,
-                       NP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, STAGES: tl.constexpr,
-                       PREC: tl.constexpr):
-    # program (d-block, token block): out[n, d-block] = sum over experts e and inner columns f of
-    # h[n, e, f] down_e[d, f], one [NP, BLOCK_F] x [BLOCK_F, BLOCK_D] product a step into a float32
-    # tile: every expert's rows are read once for all the block's tokens
-    o_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    o_n = tl.program_id(1) * NP + tl.arange(0, NP)
-    m_d = o_d < D
-    m_n = o_n < N
-    row_d = o_d.to(tl.int64)[:, None] * s_dd
-    row_n = o_n.to(tl.int64)[:, None] * s_hn
-    n_f = tl.cdiv(F, BLOCK_F)
-    acc = tl.zeros([NP, BLOCK_D], dtype=tl.float32)
-    for t in tl.range(0, E * n_f, num_stages=STAGES):
-        e = t // n_f
-        o_f = (t - e * n_f) * BLOCK_F + tl.arange(0, BLOCK_F)
-        m_f = o_f < F
-        b_h = tl.load(h_NEF + row_n + e.to(tl.int64) * s_he + o_f[None, :], mask=m_n[:, None] & m_f[None, :],
-                      other=0.0)
-        b_w = tl.load(down_EDF + e.to(tl.int64) * s_de + row_d + o_f[None, :], mask=m_d[:, None] & m_f[None, :],
-                      other=0.0)
-        acc = tl.dot(b_h, tl.trans(b_w), acc, input_precision=PREC)
-    tl.store(out_ND + o_n.to(tl.int64)[:, None] * s_on + o_d[None, :], acc.to(out_ND.dtype.element_ty),
-             mask=m_n[:, None] & m_d[None, :])
-
-
-def moe_dense_down_into(h_NEF: torch.Tensor, down_EDF: torch.Tensor, out_ND: torch.Tensor, *,
-                        block_d: int = 16, block_f: int = 256, stages: int = 4, num_warps: int = 4) -> None:
-    """out_ND [N, D] = sum_e h_NEF[:, e] @ down_EDF[e]^T, float32 sums, for inputs of one dtype.
-
-    The down product of the batched static MoE path (every expert on every token, h weighted 0 where
-    a token was not routed), with the stack as nn.Linear holds it ([E, D, F], F contiguous), which
-    no single GEMM view covers. **Built, not yet timed, and not used by the layer**: the layer runs a
-    batched product and a sum, 6-8 us a layer slower than the single GEMM the old layout allowed
-    (RESULTS.md, third 12-03 session). `benchmarks/experiments/moe_dense_ab.py` times this kernel
-    beside both; route the layer through it if it wins.
-
-    h_NEF and down_EDF need a contiguous last dim; N tokens go in blocks of up to 64 (tensor-core
-    products need at least 16 rows, so fewer are padded), D in blocks of ``block_d``. Offline sm_90
-    compile (Triton 3.6, bf16, D and F divisible by 16 as the launcher specialises them): weights
-    and h copied asynchronously in 16-byte pieces, no spills; the default launch takes 48 KB of
-    shared memory at 16 tokens and 160 KB at 64 (512-column pieces at 3 stages would need 240 KB,
-    more than a block may use).
-    """
-    N, E, F = h_NEF.shape
-    D = down_EDF.shape[1]
-    if N == 0:
-        return
-    if E == 0 or F == 0:
-        out_ND.zero_()
-        return
-    np_ = min(64, max(16, triton.next_power_of_2(N)))
-    bf = max(16, min(block_f, triton.next_power_of_2(F)))
-    _dense_down_kernel[(triton.cdiv(D, block_d), triton.cdiv(N, np_))](
-        h_NEF, down_EDF, out_ND, N, E, D, F, h_NEF.stride(0), h_NEF.stride(1), down_EDF.stride(0),
-        down_EDF.stride(1), out_ND.stride(0), NP=np_, BLOCK_D=block_d, BLOCK_F=bf, STAGES=stages,
-        PREC=dot_precision(h_NEF.dtype), num_warps=num_warps)
-
-
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
 def _moe_experts_op(x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
                     gate_EID: torch.Tensor, up_EID: torch.Tensor, down_EDI: torch.Tensor,
