@@ -31,19 +31,18 @@
 #                bound; 452.8 us of kernels in 85 launches for 4 layers)
 #   decode       the decode-step sweep at batch 32 and 64, pipelined persistent launches included (third
 #                12-03 session: default 87.6% / 91.6%, pipelined 82.1% / 86.4%)
-#   moedense     the batched static MoE path's down product: one GEMM over the old [E F, D] layout,
-#                the batched product + sum the layer runs now (6-8 us a layer slower, third 12-03
-#                session), and the candidate Triton kernel `moe_dense_down_into` (not yet timed; route
-#                MoE.forward's batched static path through it if it wins)
-#   pdl          pdl_chain.py: 48 chained batch-1 matrix-vector products (output-projection shapes) as one
-#                graph, cuBLAS / our kernel / a whole-rows kernel with and without programmatic dependent
-#                launch (weights loaded before waiting on the previous kernel). Not yet run: whether
-#                overlapping each kernel's fill with its predecessor's tail is the lever for batch 1
+#   moedense     the batched static MoE path's down product in three layouts: one GEMM over [E F, D]
+#                (before the third 12-03 session), the batched product + sum over [E, D, F] (third), one
+#                GEMM over [D, E F] (the layer since the fourth: 23.3-23.9 us a layer at 8-64 tokens)
+#   pdl          pdl_chain.py: 48 chained batch-1 matrix-vector products as one graph, with and without
+#                programmatic dependent launch (fourth 12-03 session: 6.53 -> 6.46 us a kernel, 1%)
+#   l2           l2_prefetch.py: whether prefetching a weight's first MB into L2 during the small
+#                kernels before its product pays (built in the fourth 12-03 session)
 #   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
 #                packing GPU tests (the grouped prefill product on CUDA included), moe_dense_ab.py (the
 #                batched static path's one GEMM back), the sparse decode kernel on both down layouts at
 #                32 experts, the 4k batch-1 profile and 4-layer trace, and the 128k batch-36 compiled row
-#                (72.6% of the bound in the seventh 12-02 session, not rerun since)
+#                (fourth 12-03 session: 126 passed; 274.4 tokens/s, 47.6%; 804.4 tokens/s, 71.6%)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
 #                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
@@ -115,6 +114,9 @@ case $part in
     pdl)
         python3 benchmarks/experiments/pdl_chain.py --json "$out/pdl_chain.json" 2>&1 | tee "$out/pdl_chain.txt"
         ;;
+    l2)
+        python3 benchmarks/experiments/l2_prefetch.py --json "$out/l2_prefetch.json" 2>&1 | tee "$out/l2_prefetch.txt"
+        ;;
     moedense)
         python3 benchmarks/experiments/moe_dense_ab.py --json "$out/moe_dense_ab.json" 2>&1 | tee "$out/moe_dense_ab.txt"
         ;;
@@ -144,7 +146,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, moedense, pdl, layout, tests)" >&2
+             "attn8_1, moedense, pdl, layout, l2, tests)" >&2
         exit 2
         ;;
 esac
