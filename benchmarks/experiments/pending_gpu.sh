@@ -37,7 +37,7 @@
 #   pdl          pdl_chain.py: 48 chained batch-1 matrix-vector products as one graph, with and without
 #                programmatic dependent launch (fourth 12-03 session: 6.53 -> 6.46 us a kernel, 1%)
 #   l2           l2_prefetch.py: whether prefetching a weight's first MB into L2 during the small
-#                kernels before its product pays (built in the fourth 12-03 session)
+#                kernels before its product pays (fourth 12-03 session: slower in every variant)
 #   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
 #                packing GPU tests (the grouped prefill product on CUDA included), moe_dense_ab.py (the
 #                batched static path's one GEMM back), the sparse decode kernel on both down layouts at
