@@ -116,6 +116,80 @@ def test_strided_inputs_give_contiguous_results():
     assert rel_err(s, s_ref) < TOL[torch.float32]
 
 
+def _row_views(q, k, v, g, beta):
+    """q, k, v, g, beta as column slices of one [B, C] tensor (a layer's projection output): each
+    row's heads packed, rows C apart. Returns (views, the wide tensor)."""
+    B = q.shape[0]
+    parts = [t.reshape(B, -1) for t in (q, k, v, g.to(q.dtype), beta.to(q.dtype))]
+    wide = torch.cat(parts + [torch.zeros(B, 3, device=q.device, dtype=q.dtype)], dim=1)
+    views, at = [], 0
+    for t, p in zip((q, k, v, g, beta), parts):
+        views.append(wide[:, at:at + p.shape[1]].view(t.shape))
+        at += p.shape[1]
+    return views, wide
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_row_views_of_one_projection_read_in_place(shape, monkeypatch):
+    """q, k, v, g, beta sliced from one wide row tensor reach the kernel as they are (no copy), in
+    eager calls and through the custom ops, and give what contiguous copies give."""
+    from hybridlm.ops.triton import decode as decode_mod
+
+    B, H, HV, K, V = shape
+    gen = torch.Generator().manual_seed(sum(shape) + 7)
+    q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
+    h0 = make_state(B, HV, K, V, gen)
+    views, wide = _row_views(q, k, v, g, beta)
+    if B > 1:
+        assert not views[0].is_contiguous() and views[0].stride(0) == wide.shape[1]
+    seen = []
+    real = decode_mod.decode_into
+    monkeypatch.setattr(decode_mod, "decode_into", lambda *a, **kw: seen.append(a[:5]) or real(*a, **kw))
+    want_o, want_s = step(*(t.contiguous() for t in views), h0, use_qk_l2norm=True)
+    o, s = step(*views, h0, use_qk_l2norm=True)
+    assert all(got.data_ptr() == t.data_ptr() for got, t in zip(seen[-1], views))
+    torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+    for op in (torch.ops.hybridlm.gdn_decode_step, torch.ops.hybridlm.gdn_decode_step_):
+        state = h0.clone()
+        out = op(*views, state, K ** -0.5, True, None, None, False)
+        assert all(got.data_ptr() == t.data_ptr() for got, t in zip(seen[-1], views))
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, want_o, rtol=0, atol=0)
+    o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
+    assert rel_err(o, o_ref) < TOL[torch.float32] and rel_err(s, s_ref) < TOL[torch.float32]
+
+
+def test_rows_with_unpacked_heads_are_copied():
+    """A view whose heads are not packed within a row (every other head of a wider tensor) is copied
+    first, with the same result."""
+    B, H, HV, K, V = SHAPES[1]
+    gen = torch.Generator().manual_seed(17)
+    q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
+    h0 = make_state(B, HV, K, V, gen)
+    v_sparse = torch.stack([v, torch.full_like(v, float("nan"))], dim=2).flatten(1, 2)[:, ::2]
+    assert v_sparse.stride(1) == 2 * V and torch.equal(v_sparse, v)
+    o, s = step(q, k, v_sparse, g, beta, h0, use_qk_l2norm=True)
+    want_o, want_s = step(q, k, v, g, beta, h0, use_qk_l2norm=True)
+    torch.testing.assert_close(o, want_o, rtol=0, atol=0)
+    torch.testing.assert_close(s, want_s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_public_step_takes_beta_logits(backend):
+    """gated_delta_rule_step(beta_is_logit=True) applies the sigmoid, on either backend."""
+    B, H, HV, K, V = SHAPES[1]
+    gen = torch.Generator().manual_seed(19)
+    q, k, v, g, _ = make_token(B, H, HV, K, V, torch.float32, gen)
+    logit = (4 * torch.randn(B, HV, generator=gen)).to(DEVICE)
+    h0 = make_state(B, HV, K, V, gen)
+    want = gated_delta_rule_step(q, k, v, g, logit.sigmoid(), h0, use_qk_l2norm=True, backend="reference")
+    got = gated_delta_rule_step(q, k, v, g, logit, h0, use_qk_l2norm=True, backend=backend, beta_is_logit=True)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOL[torch.float32]
+    with pytest.raises(TypeError, match="beta_is_logit must be a bool"):
+        gated_delta_rule_step(q, k, v, g, logit, h0, beta_is_logit=1)
+
+
 @pytest.mark.parametrize("with_dt_bias", [True, False])
 def test_fused_gate_and_beta_logit(with_dt_bias):
     B, H, HV, K, V = SHAPES[1]
@@ -219,6 +293,22 @@ def test_torch_compile_fullgraph_matches_eager():
     s_eager, s_comp = a["state"].clone(), a["state"].clone()
     out_eager = decode_twice(a["q"], a["k"], a["v"], a["g"], a["beta"], s_eager)
     out_comp = compiled(a["q"], a["k"], a["v"], a["g"], a["beta"], s_comp)
+    torch.testing.assert_close(out_comp, out_eager)
+    torch.testing.assert_close(s_comp, s_eager)
+    # the inputs as row views of one projection output, sliced inside the compiled function
+    views, wide = _row_views(a["q"], a["k"], a["v"], a["g"], a["beta"])
+    shapes = [t.shape for t in views]
+
+    def decode_from_rows(wide, state):
+        cuts = [t.shape[1:].numel() for t in views]
+        parts = torch.split(wide, cuts + [wide.shape[1] - sum(cuts)], dim=1)[:5]
+        q, k, v, g, beta = (p.view(shape) for p, shape in zip(parts, shapes))
+        o, state = step(q, k, v, g, beta, state, use_qk_l2norm=True, inplace=True)
+        return o * 2.0
+
+    s_eager, s_comp = a["state"].clone(), a["state"].clone()
+    out_eager = decode_from_rows(wide, s_eager)
+    out_comp = torch.compile(decode_from_rows, fullgraph=True, backend=backend)(wide, s_comp)
     torch.testing.assert_close(out_comp, out_eager)
     torch.testing.assert_close(s_comp, s_eager)
 

@@ -92,11 +92,12 @@ class GatedDeltaNet(PacksWeights):
         q_BTHK, k_BTHK, v_BTHV = torch.split(qkv, [H * K, H * K, HV * V], dim=-1)
         q_BTHK, k_BTHK = q_BTHK.reshape(B, T, H, K), k_BTHK.reshape(B, T, H, K)
         k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
-        # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
-        beta_BTH = tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
-        # A decode step without pads hands the raw gate input to the op, which forms the decay inside
-        # the Triton step kernel (the same formula as _log_decay; saves its small kernels per layer)
+        # A decode step without pads hands the raw gate inputs to the op, which forms the decay and
+        # beta = sigmoid(b) inside the Triton step kernel (the same formulas; saves their small
+        # kernels per layer and step)
         fuse_gate = slot is not None and T == 1 and tokens.mask_BT is None and self.gated and not self.A_log.is_meta
+        # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
+        beta_BTH = b if fuse_gate else tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
         g_BTH = a[0] if fuse_gate else self._log_decay(a[0] if a else None, tokens)
         o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot, fuse_gate)
         z_BTHV = z.reshape(B, T, HV, V)
@@ -115,14 +116,15 @@ class GatedDeltaNet(PacksWeights):
 
     def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None, fuse_gate: bool = False) -> torch.Tensor:
         """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V].
-        fuse_gate: g is the raw gate input a, and a decode step forms the decay from A_log, dt_bias."""
+        fuse_gate: g is the raw gate input a and beta the logit b; a decode step forms the decay from
+        A_log, dt_bias and applies the sigmoid."""
         if slot is not None and q.shape[1] == 1:
             state = slot.state.float()
             # A float32 cache state is updated where it lies (one read, one write per step);
             # other state dtypes go through a float32 copy.
             inplace = state is slot.state
             if self.gated:
-                gate = dict(A_log=self.A_log, dt_bias=self.dt_bias) if fuse_gate else {}
+                gate = dict(A_log=self.A_log, dt_bias=self.dt_bias, beta_is_logit=True) if fuse_gate else {}
                 o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
                                                      use_qk_l2norm=True, inplace=inplace, **gate)
             else:

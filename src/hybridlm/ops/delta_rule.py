@@ -190,7 +190,7 @@ def delta_rule_chunked(q, k, v, beta, *, scale=None, initial_state=None, output_
 
 # --------------------------------------------------------------------------- decode step
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, inplace=False,
-                          backend="auto", A_log=None, dt_bias=None):
+                          backend="auto", A_log=None, dt_bias=None, beta_is_logit=False):
     """One decode token of the gated delta rule; returns (o [B, HV, V] in v's dtype, new state).
 
     Args:
@@ -202,6 +202,11 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
         backend: "auto" | "reference" | "triton".
         A_log, dt_bias: optional [HV] float tensors of the fused gate, as in :func:`gated_delta_rule`
             (the Triton kernel computes it in registers; saves the gate's small kernels per step).
+        beta_is_logit: ``beta`` is the write strength's logit; the step applies the sigmoid (in
+            float32, or float64 for float64 inputs; the Triton kernel in registers).
+
+    On the Triton backend q, k, v, g and beta are read in place when each row's heads are packed
+    (last dims contiguous; the row stride is free), as slices of a layer's projection are.
 
     Example::
 
@@ -217,13 +222,17 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
     ck.check_fused_gate(A_log, dt_bias, g, HV, q)
+    if not isinstance(beta_is_logit, bool):
+        raise TypeError(f"beta_is_logit must be a bool, got {type(beta_is_logit).__name__}")
     kernel = ck.load_kernel("fused_recurrent_gated_delta_rule_step", backend, q)
     if kernel is not None:
         g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
         return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, inplace=inplace,
-                      A_log=A_log, dt_bias=dt_bias)
+                      A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
     if A_log is not None:
         g = ck.fused_gate(g, A_log, dt_bias)
+    if beta_is_logit:
+        beta = torch.sigmoid(beta.to(torch.promote_types(beta.dtype, torch.float32)))
     o, S = gated_delta_rule_naive(q[:, None], k[:, None], v[:, None], None if g is None else g[:, None],
                                   beta[:, None], scale=scale, initial_state=state, output_final_state=True,
                                   use_qk_l2norm=use_qk_l2norm)

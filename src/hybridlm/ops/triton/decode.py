@@ -34,7 +34,7 @@ L2NORM_EPS = tl.constexpr(1e-6)
 @triton.jit
 def _gdn_decode_kernel(
     q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H,
-    state_in, state_out, o_BHV, scale, n_tiles,
+    state_in, state_out, o_BHV, scale, n_tiles, s_qb, s_kb, s_vb, s_gb, s_bb,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
@@ -52,16 +52,16 @@ def _gdn_decode_kernel(
             i_v = tile % n_vb
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
-                         scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM, ONE_REDUCE)
+                         scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb, H, HV, K, V, BK, BV, USE_L2NORM,
+                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE)
     else:
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_v = tile % n_vb
             # int64 so that state offsets of large batches (B * HV * K * V > 2**31) do not wrap
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
-                         scale, i_v, i_bhv, H, HV, K, V, BK, BV, USE_L2NORM, RAW_GATE, HAS_DT_BIAS,
-                         BETA_IS_LOGIT, STREAM, ONE_REDUCE)
+                         scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb, H, HV, K, V, BK, BV, USE_L2NORM,
+                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE)
 
 
 @triton.jit
@@ -71,7 +71,7 @@ def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
 
 @triton.jit
 def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
-                 scale, i_v, i_bhv,
+                 scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr,
                  USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
@@ -90,9 +90,11 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
     # on any, and the compiler does not sink the small ones behind the reduction (which put their
     # latency on every program's path after its state arrived). STREAM marks the state as read
     # once (evict first) and its store as streaming: at large batch it does not fit in L2 anyway.
-    b_v = tl.load(v_BHV + i_bhv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    b_g = tl.load(g_BH + i_bhv).to(tl.float32)
-    b_beta = tl.load(beta_BH + i_bhv).to(tl.float32)
+    # q, k, v, g and beta: a sequence's row at its own stride (views into a wider projection or conv
+    # output are read in place), the heads of a row packed; state and o contiguous
+    b_v = tl.load(v_BHV + i_b * s_vb + i_hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    b_g = tl.load(g_BH + i_b * s_gb + i_hv).to(tl.float32)
+    b_beta = tl.load(beta_BH + i_b * s_bb + i_hv).to(tl.float32)
 
     p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
     if STREAM:
@@ -101,9 +103,10 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
         b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
     # q and k as one [BK, 2] load: two separate loads each need a layout change, and the compiler
     # places the second load after the first one's change, i.e. after q has arrived.
-    p_qk = (i_b * H + i_h) * K + o_k[:, None]
+    p_qk = i_h * K + o_k[:, None]
     o_2 = tl.arange(0, 2)[None, :]
-    b_qk = tl.load(tl.where(o_2 == 0, q_BHK + p_qk, k_BHK + p_qk), mask=m_k[:, None] & (o_2 < 2), other=0.0)
+    b_qk = tl.load(tl.where(o_2 == 0, q_BHK + i_b * s_qb + p_qk, k_BHK + i_b * s_kb + p_qk),
+                   mask=m_k[:, None] & (o_2 < 2), other=0.0)
     b_q, b_k = tl.split(b_qk.to(tl.float32))
 
     if RAW_GATE:
@@ -185,10 +188,21 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device,
     return bv, max(1, min(8, triton.next_power_of_2(K) * bv // 2048)), one_reduce
 
 
+def packed_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when the kernel can read it in place (last dim contiguous and, for [B, heads,
+    size], the heads of a row packed: a row's stride is free), else a contiguous copy."""
+    packed = t.stride(-1) == 1 or t.shape[-1] == 1
+    if t.dim() == 3:
+        packed = packed and (t.stride(1) == t.shape[2] or t.shape[1] == 1)
+    return t if packed else t.contiguous()
+
+
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
                 beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False,
                 stages=1, one_reduce=None) -> None:
-    """Launch the kernel on validated, contiguous tensors, writing ``o`` and ``state_out``.
+    """Launch the kernel on validated tensors, writing ``o`` and ``state_out``: state and o contiguous;
+    q, k, v [B, heads, size] and g, beta [B, HV] with any row (dim 0) stride, each row's heads packed
+    (``packed_rows``).
 
     ``state_out`` may be ``state_in`` (in-place update). ``block_v``/``num_warps`` override the
     heuristic; ``programs_per_sm`` caps the grid at that many programs per multiprocessor (a
@@ -206,7 +220,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
     grid = n_tiles if programs_per_sm is None else min(n_tiles, programs_per_sm * _num_sms(q.device))
     _gdn_decode_kernel[(grid,)](
         q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
-        state_in, state_out, o, scale, n_tiles,
+        state_in, state_out, o, scale, n_tiles, q.stride(0), k.stride(0), v.stride(0), g.stride(0), beta.stride(0),
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
@@ -219,7 +233,8 @@ def _decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
                     beta: torch.Tensor, state: torch.Tensor, scale: float, use_qk_l2norm: bool,
                     A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
                     beta_is_logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    o = torch.empty_like(v)
+    q, k, v, g, beta = (packed_rows(t) for t in (q, k, v, g, beta))
+    o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     new_state = torch.empty_like(state)
     decode_into(q, k, v, g, beta, state, new_state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
                 A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
@@ -228,7 +243,7 @@ def _decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
 
 @_decode_step_op.register_fake
 def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
-    return torch.empty_like(v), torch.empty_like(state)
+    return v.new_empty(v.shape), torch.empty_like(state)
 
 
 @torch.library.custom_op("hybridlm::gdn_decode_step_", mutates_args=("state",))
@@ -236,7 +251,8 @@ def _decode_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
                             beta: torch.Tensor, state: torch.Tensor, scale: float,
                             use_qk_l2norm: bool, A_log: Optional[torch.Tensor],
                             dt_bias: Optional[torch.Tensor], beta_is_logit: bool) -> torch.Tensor:
-    o = torch.empty_like(v)
+    q, k, v, g, beta = (packed_rows(t) for t in (q, k, v, g, beta))
+    o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     decode_into(q, k, v, g, beta, state, state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
                 A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
     return o
@@ -244,7 +260,7 @@ def _decode_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
 
 @_decode_step_inplace_op.register_fake
 def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)
 
 
 def _check_shape(name: str, t, shape: tuple[int, ...]) -> None:
@@ -324,14 +340,18 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
     _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace)
     check_kernel_device("q", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous())
+    # rows read in place where their heads are packed (views of the layer's projections and conv
+    # output: under compile a .contiguous() here was a copy kernel per layer and step)
+    args = (q, k, v, g, beta)
     gate = (None if A_log is None else A_log.contiguous(),
             None if dt_bias is None else dt_bias.contiguous())
     if not torch.compiler.is_compiling():
         # Eager calls launch directly: the custom-op dispatch costs ~35 us of host time per call
         # (measured on the H100 host), more than the kernel itself at batch <= 32.
         state = state if inplace else state.contiguous()
-        o, new_state = torch.empty_like(args[2]), (state if inplace else torch.empty_like(state))
+        args = tuple(packed_rows(t) for t in args)
+        o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+        new_state = state if inplace else torch.empty_like(state)
         decode_into(*args, state, new_state, o, scale=scale, use_qk_l2norm=bool(use_qk_l2norm),
                     A_log=gate[0], dt_bias=gate[1], beta_is_logit=bool(beta_is_logit))
         return o, new_state
