@@ -38,6 +38,10 @@
 #                programmatic dependent launch (fourth 12-03 session: 6.53 -> 6.46 us a kernel, 1%)
 #   l2           l2_prefetch.py: whether prefetching a weight's first MB into L2 during the small
 #                kernels before its product pays (fourth 12-03 session: slower in every variant)
+#   views        after the decode step read q/k/v/g/beta as row views and beta as its logit (fourth
+#                12-03 session, not yet timed): the decode-step and static-decode GPU tests, the 4k batch-1
+#                profile and 4-layer trace (is the per-layer copy-and-sigmoid kernel gone? 274.4 tokens/s,
+#                77 launches before), and the decode sweep at batch 32 / 64 (87.6% / 91.6% before)
 #   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
 #                packing GPU tests (the grouped prefill product on CUDA included), moe_dense_ab.py (the
 #                batched static path's one GEMM back), the sparse decode kernel on both down layouts at
@@ -124,6 +128,14 @@ case $part in
         python3 benchmarks/experiments/decode_attn_sweep.py --dim 128 --heads 8:1 --shapes 1x131072,8x32768 \
             --json "$out/attn_8_1_128_sweep.json" | grep -E "^copy|^best|^B " | tee "$out/attn8_1.txt"
         ;;
+    views)
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
+            tests/ops/test_ops_delta_rule.py 2>&1 | tail -3 | tee "$out/tests_views.txt"
+        $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"
+        python3 benchmarks/decode_sweep.py --batches 32,64 --no-pipelined --json "$out/decode_sweep.json" 2>&1 | tee "$out/decode_sweep.txt"
+        ;;
     layout)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_decode.py tests/test_static_decode.py \
             tests/layers/test_packing.py 2>&1 | tail -3 | tee "$out/tests_layout.txt"
@@ -146,7 +158,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, moedense, pdl, layout, l2, tests)" >&2
+             "attn8_1, moedense, pdl, layout, l2, views, tests)" >&2
         exit 2
         ;;
 esac
