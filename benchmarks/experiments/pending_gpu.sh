@@ -38,8 +38,9 @@
 #                programmatic dependent launch (fourth 12-03 session: 6.53 -> 6.46 us a kernel, 1%)
 #   l2           l2_prefetch.py: whether prefetching a weight's first MB into L2 during the small
 #                kernels before its product pays (fourth 12-03 session: slower in every variant)
-#   views        after the decode step read q/k/v/g/beta as row views and beta as its logit (fourth
-#                12-03 session, not yet timed): the decode-step and static-decode GPU tests, the 4k batch-1
+#   views        after the decode step read q/k/v/g/beta as row views and beta as its logit, and the
+#                gated norm became one custom op under compile (fourth 12-03 session, not yet timed): the
+#                decode-step, norm and static-decode GPU tests, the 4k batch-1
 #                profile and 4-layer trace (is the per-layer copy-and-sigmoid kernel gone? 274.4 tokens/s,
 #                77 launches before), and the decode sweep at batch 32 / 64 (87.6% / 91.6% before)
 #   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
@@ -130,7 +131,7 @@ case $part in
         ;;
     views)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
-            tests/ops/test_ops_delta_rule.py 2>&1 | tail -3 | tee "$out/tests_views.txt"
+            tests/ops/test_ops_delta_rule.py tests/ops/test_triton_norm.py 2>&1 | tail -3 | tee "$out/tests_views.txt"
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
         python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"

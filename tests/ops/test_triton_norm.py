@@ -104,3 +104,44 @@ def test_layer_uses_the_kernel_without_gradients(monkeypatch):
     with torch.no_grad():
         gated(x, x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 3, 48), (1, 1, 4, 16), (3, 2, 1, 40)], ids=str)
+def test_gated_z_as_a_column_slice_is_read_in_place(shape):
+    """z sliced from a wider [..., tokens, columns] projection output (Gated DeltaNet's z beside q, k, v)
+    is read where it lies, with what a contiguous copy gives; a z whose leading dims do not collapse
+    is copied."""
+    from hybridlm.ops.triton.norm import _z_rows
+
+    B, T, H, D = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    o = torch.randn(B, T, H, D, generator=gen).to(DEVICE)
+    wide = torch.randn(B, T, H * D + 24, generator=gen).to(DEVICE)
+    z = wide[..., 8:8 + H * D].reshape(B, T, H, D)
+    w = torch.randn(D, generator=gen).to(DEVICE)
+    assert _z_rows(z)[0] is z and _z_rows(z)[1:] == (H, wide.shape[-1] if B * T > 1 else H * D)
+    got = rms_norm_rows(o, w, 1e-6, z=z, gate="silu")
+    want = rms_norm_rows(o, w, 1e-6, z=z.contiguous(), gate="silu")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    z_t = z.transpose(0, 1)  # [T, B, H, D]: B and T no longer collapse to one stride when both > 1
+    got_t = rms_norm_rows(o.transpose(0, 1), w, 1e-6, z=z_t, gate="silu")
+    torch.testing.assert_close(got_t, want.transpose(0, 1), rtol=0, atol=0)
+
+
+def test_gated_norm_custom_op_under_compile():
+    """Traced, the gated norm is one custom op (``hybridlm::gated_rms_norm_rows``); the compiled
+    function equals eager, z sliced inside it."""
+    torch.library.opcheck(torch.ops.hybridlm.gated_rms_norm_rows.default,
+                          (torch.randn(2, 3, 16, device=DEVICE), torch.randn(16, device=DEVICE), 1e-6,
+                           torch.randn(2, 3, 16, device=DEVICE), 1))
+    gen = torch.Generator().manual_seed(5)
+    o = torch.randn(2, 1, 3, 32, generator=gen).to(DEVICE)
+    wide = torch.randn(2, 1, 3 * 32 + 16, generator=gen).to(DEVICE)
+    w = torch.randn(32, generator=gen).to(DEVICE)
+
+    def norm(o, wide):
+        z = wide[..., 16:].reshape(2, 1, 3, 32)
+        return rms_norm_rows(o, w, 1e-6, z=z, gate="silu") * 2.0
+
+    backend = "inductor" if CUDA else "aot_eager"
+    torch.testing.assert_close(torch.compile(norm, fullgraph=True, backend=backend)(o, wide), norm(o, wide))

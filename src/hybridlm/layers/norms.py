@@ -82,8 +82,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """o, z: [..., head_dim] (same shape, any float dtype) -> [..., head_dim] in o's dtype.
-        On CUDA without gradients (and outside torch.compile): one Triton pass, as RMSNorm."""
-        kernel = inference_kernel("rms_norm_rows", o, self.weight, z)
+        On CUDA without gradients: one Triton pass, as RMSNorm; under torch.compile too, as a custom
+        op (inductor's code for it was a reduction and a pointwise kernel per layer and decode step)."""
+        kernel = inference_kernel("rms_norm_rows", o, self.weight, z, traced=True)
         if kernel is not None:
             return kernel(o, self.weight, self.eps, z=z, gate="silu" if self.gate is F.silu else "sigmoid")
         ct = torch.promote_types(o.dtype, torch.float32)

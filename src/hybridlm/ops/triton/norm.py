@@ -18,13 +18,14 @@ import triton.language as tl
 
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, n_rows, D, eps, BD: tl.constexpr, BR: tl.constexpr,
+def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, n_rows, D, eps, ZH, s_zt, BD: tl.constexpr, BR: tl.constexpr,
                     ZERO_CENTERED: tl.constexpr, GATE: tl.constexpr):
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m = (o_r < n_rows)[:, None] & m_d[None, :]
-    p = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    o_r64 = o_r.to(tl.int64)
+    p = o_r64[:, None] * D + o_d[None, :]
     x = tl.load(x_ptr + p, mask=m, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
     w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
@@ -32,7 +33,10 @@ def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, n_rows, D, eps, BD: tl.constexpr
         w = 1.0 + w
     y = (x * r[:, None]) * w[None, :]
     if GATE != 0:  # 1: y * silu(z) (Gated DeltaNet's output gate), 2: y * sigmoid(z) (Kimi's)
-        z = tl.load(z_ptr + p, mask=m, other=0.0).to(tl.float32)
+        # z's rows: ZH to a token, packed, tokens s_zt apart (a column slice of a wider projection
+        # output is read in place)
+        p_z = (o_r64 // ZH)[:, None] * s_zt + (o_r64 % ZH)[:, None] * D + o_d[None, :]
+        z = tl.load(z_ptr + p_z, mask=m, other=0.0).to(tl.float32)
         y = y * (z * tl.sigmoid(z) if GATE == 1 else tl.sigmoid(z))
     tl.store(y_ptr + p, y.to(y_ptr.dtype.element_ty), mask=m)
 
@@ -49,7 +53,9 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_center
         weight: [D], any float dtype; with ``zero_centered`` the scale is 1 + weight.
         eps: added to the mean of squares.
         z, gate: the gated norm (``layers.norms.GatedRMSNorm``): the result times silu(z) or
-            sigmoid(z), z of x's shape, any float dtype.
+            sigmoid(z), z of x's shape, any float dtype; read in place when each token's rows are
+            packed (a column slice of a projection output), else copied. Traced by torch.compile,
+            the gated norm is one custom op (``hybridlm::gated_rms_norm_rows``).
     Returns:
         a new [..., D] tensor in x's dtype. No gradient: the layers run this only when none is needed.
     """
@@ -65,14 +71,53 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_center
     if z is not None and z.shape != x.shape:
         raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     x = x.contiguous()
-    z = x if z is None else z.contiguous()  # not read without a gate
+    weight = weight.contiguous()
+    if torch.compiler.is_compiling() and z is not None:
+        # traced (the compiled decode step's gated norm): one opaque kernel, where inductor's code
+        # for the layer's ops was a reduction and a pointwise kernel a layer
+        return _gated_norm_op(x, weight, float(eps), z, _GATES[gate])
+    return _norm_into(x, weight, eps, zero_centered, z, _GATES[gate])
+
+
+def _z_rows(z: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(z, heads per token, token stride) for the kernel: z [..., H, D] read in place when each
+    token's H rows are packed and tokens are evenly spaced (a column slice of a projection output),
+    else a contiguous copy (then one row a token)."""
+    D = z.shape[-1]
+    if z.dim() >= 2 and z.stride(-1) == 1 and (z.shape[-2] == 1 or z.stride(-2) == D):
+        H = z.shape[-2]
+        try:
+            tokens = z.view(-1, H, D)
+        except RuntimeError:  # the leading dims do not collapse to one stride
+            tokens = None
+        if tokens is not None:
+            return z, H, tokens.stride(0) if tokens.shape[0] > 1 else H * D
+    z = z.contiguous()
+    return z, 1, D
+
+
+def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool, z: torch.Tensor | None,
+               gate: int) -> torch.Tensor:
+    """Launch on validated arguments (x and weight contiguous)."""
+    D = x.shape[-1]
     y = torch.empty_like(x)
     n_rows = x.numel() // D if D else 0
     if n_rows == 0:
         return y
+    z, zh, s_zt = (x, 1, D) if z is None else _z_rows(z)  # z is not read without a gate
     BD = max(16, triton.next_power_of_2(D))
     BR = max(1, min(16, 4096 // BD))  # rows per program: ~4k elements, so wide rows do not spill
-    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight.contiguous(), z, y, n_rows, D, float(eps), BD=BD, BR=BR,
-                                                ZERO_CENTERED=zero_centered, GATE=_GATES[gate],
+    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight, z, y, n_rows, D, float(eps), zh, s_zt, BD=BD, BR=BR,
+                                                ZERO_CENTERED=zero_centered, GATE=gate,
                                                 num_warps=4 if BD <= 1024 else 8)
     return y
+
+
+@torch.library.custom_op("hybridlm::gated_rms_norm_rows", mutates_args=())
+def _gated_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, z: torch.Tensor, gate: int) -> torch.Tensor:
+    return _norm_into(x, weight, eps, False, z, gate)
+
+
+@_gated_norm_op.register_fake
+def _(x, weight, eps, z, gate):
+    return torch.empty_like(x)
