@@ -104,7 +104,7 @@ def main() -> None:
         for kind, mb in variants:
             state = {}
 
-            def layer(i, kind=kind, mb=mb, state=state):
+            def layer(i, kind=kind, mb=mb, state=state, idle=idle):
                 x = x0 if i == 0 else state["x"]
                 main = torch.cuda.current_stream()
                 if kind == "loads":

@@ -132,16 +132,20 @@ def test_gated_norm_custom_op_under_compile():
     """Traced, the gated norm is one custom op (``hybridlm::gated_rms_norm_rows``); the compiled
     function equals eager, z sliced inside it."""
     torch.library.opcheck(torch.ops.hybridlm.gated_rms_norm_rows.default,
-                          (torch.randn(2, 3, 16, device=DEVICE), torch.randn(16, device=DEVICE), 1e-6,
+                          (torch.randn(2, 3, 16, device=DEVICE), torch.randn(16, device=DEVICE), 1e-6, False,
                            torch.randn(2, 3, 16, device=DEVICE), 1))
     gen = torch.Generator().manual_seed(5)
     o = torch.randn(2, 1, 3, 32, generator=gen).to(DEVICE)
     wide = torch.randn(2, 1, 3 * 32 + 16, generator=gen).to(DEVICE)
     w = torch.randn(32, generator=gen).to(DEVICE)
 
-    def norm(o, wide):
-        z = wide[..., 16:].reshape(2, 1, 3, 32)
-        return rms_norm_rows(o, w, 1e-6, z=z, gate="silu") * 2.0
+    for zero_centered in (False, True):
+        def norm(o, wide):
+            z = wide[..., 16:].reshape(2, 1, 3, 32)
+            return rms_norm_rows(o, w, 1e-6, zero_centered, z=z, gate="silu") * 2.0
 
-    backend = "inductor" if CUDA else "aot_eager"
-    torch.testing.assert_close(torch.compile(norm, fullgraph=True, backend=backend)(o, wide), norm(o, wide))
+        backend = "inductor" if CUDA else "aot_eager"
+        torch.compiler.reset()
+        torch.testing.assert_close(torch.compile(norm, fullgraph=True, backend=backend)(o, wide), norm(o, wide))
+    torch.testing.assert_close(rms_norm_rows(o, w, 1e-6, True, z=o, gate="silu"),
+                               rms_norm_rows(o, 1.0 + w, 1e-6, z=o, gate="silu"))

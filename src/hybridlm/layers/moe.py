@@ -237,8 +237,9 @@ class MoE(PacksWeights):
         returned as its [E, D, I] view (strides (I, E I, 1)): each expert's rows are still whole
         contiguous rows of I, and the stack is also one [D, E I] matrix, so the batched static path
         (every expert on every token) takes the down product as one GEMM. Contiguous [E, D, I] has
-        no such view: its batched product plus the sum over experts measured 6-8 us a layer slower
-        (H200, 32 experts, 8-64 tokens, RESULTS.md third 12-03 session).
+        no such view: its batched product plus the sum over experts measured 3-7 us a layer slower
+        (H200, 32 experts, 8-64 tokens; +1.8% for the uncompiled 48-layer step at batch 8, equal
+        within 0.6% compiled; RESULTS.md, fourth 12-03 session).
         """
         pack = self._live_pack()
         if pack is not None:

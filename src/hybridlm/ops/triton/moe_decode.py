@@ -45,7 +45,6 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts
-from hybridlm.ops.triton.chunk_prep import dot_precision
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in

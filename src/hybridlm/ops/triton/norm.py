@@ -75,7 +75,7 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_center
     if torch.compiler.is_compiling() and z is not None:
         # traced (the compiled decode step's gated norm): one opaque kernel, where inductor's code
         # for the layer's ops was a reduction and a pointwise kernel a layer
-        return _gated_norm_op(x, weight, float(eps), z, _GATES[gate])
+        return _gated_norm_op(x, weight, float(eps), bool(zero_centered), z, _GATES[gate])
     return _norm_into(x, weight, eps, zero_centered, z, _GATES[gate])
 
 
@@ -114,10 +114,11 @@ def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered:
 
 
 @torch.library.custom_op("hybridlm::gated_rms_norm_rows", mutates_args=())
-def _gated_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, z: torch.Tensor, gate: int) -> torch.Tensor:
-    return _norm_into(x, weight, eps, False, z, gate)
+def _gated_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool, z: torch.Tensor,
+                   gate: int) -> torch.Tensor:
+    return _norm_into(x, weight, eps, zero_centered, z, gate)
 
 
 @_gated_norm_op.register_fake
-def _(x, weight, eps, z, gate):
+def _(x, weight, eps, zero_centered, z, gate):
     return torch.empty_like(x)
