@@ -245,13 +245,17 @@ def test_output_is_contiguous_for_views():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fused_gate_equals_the_gate_formed_outside(backend, monkeypatch):
     # g = -exp(A_log) softplus(a + dt_bias) inside the op (Qwen3-Next's gate), chunked form and step
+    # on a CUDA machine the kernels run compiled on CUDA tensors (the interpreter is fixed when the
+    # kernels' module is first imported, so setting it here would not make them take CPU tensors)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     if backend == "triton":
         pytest.importorskip("hybridlm.ops.triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    q, k, v, _, beta, s0 = delta_inputs(T=70, HV=4, dtype=F32)
+        if device == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, _, beta, s0 = (x.to(device) for x in delta_inputs(T=70, HV=4, dtype=F32))
     gen = torch.Generator().manual_seed(3)
-    a = 2 * torch.randn(beta.shape, generator=gen)
-    A_log, dt_bias = torch.rand(4, generator=gen).log1p(), torch.randn(4, generator=gen)
+    a = (2 * torch.randn(beta.shape, generator=gen)).to(device)
+    A_log, dt_bias = torch.rand(4, generator=gen).log1p().to(device), torch.randn(4, generator=gen).to(device)
     g = -A_log.exp() * torch.nn.functional.softplus(a + dt_bias)
     o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, backend=backend)
     o, s = gated_delta_rule(q, k, v, a, beta, initial_state=s0, output_final_state=True, backend=backend,

@@ -122,10 +122,14 @@ def test_gated_z_as_a_column_slice_is_read_in_place(shape):
     assert _z_rows(z)[0] is z and _z_rows(z)[1:] == (H, wide.shape[-1] if B * T > 1 else H * D)
     got = rms_norm_rows(o, w, 1e-6, z=z, gate="silu")
     want = rms_norm_rows(o, w, 1e-6, z=z.contiguous(), gate="silu")
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # within an ulp, not bit for bit: compiled for a GPU, the kernel specialises on whether z's row
+    # stride divides by 16 (64 here against the copy's 40), and the two builds differ by one float32
+    # ulp in a few elements (H200, Triton 3.6); the interpreter matches exactly
+    exact = dict(rtol=0, atol=0) if DEVICE == "cpu" else dict(rtol=4e-7, atol=4e-7)
+    torch.testing.assert_close(got, want, **exact)
     z_t = z.transpose(0, 1)  # [T, B, H, D]: B and T no longer collapse to one stride when both > 1
     got_t = rms_norm_rows(o.transpose(0, 1), w, 1e-6, z=z_t, gate="silu")
-    torch.testing.assert_close(got_t, want.transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(got_t, want.transpose(0, 1), **exact)
 
 
 def test_gated_norm_custom_op_under_compile():
