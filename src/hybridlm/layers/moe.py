@@ -16,51 +16,17 @@ from torch import nn
 
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, plain_linear, project, storage_view
+from hybridlm.layers.packing import (
+    PacksWeights,
+    pack_groups,
+    packed_linears,
+    plain_linear,
+    project,
+    storage_view,
+)
+from hybridlm.ops import _checks as ck
 from hybridlm.ops import moe_experts
-
-
-def route(logits_NE: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool,
-          score_bias_E: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1):
-    """Pick each token's top-k experts and their weights.
-
-    Args:
-        logits_NE: [N, E] router logits (any float dtype; scored in float32).
-        top_k: experts per token.
-        router: "softmax" (probabilities over all experts) or "sigmoid" (independent scores).
-        norm_topk_prob: renormalise the k kept weights to sum to one.
-        score_bias_E: optional [E] float bias added to the scores to choose the experts; the weights
-            stay the unbiased scores (DeepSeek-V3's load-balancing bias).
-        n_group, topk_group: grouped routing; experts come only from the topk_group groups (of n_group
-            equal, consecutive groups) whose two best biased scores sum highest. n_group = 1: no grouping.
-    Returns:
-        (weights_NK [N, k] float32 or float64, experts_NK int64 [N, k]), experts in descending score order,
-        ties broken by lower index.
-    """
-    if router == "softmax":
-        scores = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).softmax(dim=-1)
-    elif router == "sigmoid":
-        scores = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).sigmoid()
-    else:
-        raise ValueError(f"router: expected 'softmax' or 'sigmoid', got {router!r}")
-    choice = scores if score_bias_E is None else scores + score_bias_E.to(scores.dtype)
-    if n_group > 1:
-        choice = _keep_best_groups(choice, n_group, topk_group)
-    order = torch.sort(choice, dim=-1, descending=True, stable=True).indices
-    experts = order[:, :top_k]
-    weights = scores.gather(1, experts)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts
-
-
-def _keep_best_groups(choice_NE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
-    """choice with -inf outside each token's topk_group best groups (ties to the lower group)."""
-    groups = choice_NE.unflatten(-1, (n_group, -1))  # [N, G, E / G]
-    best_two = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # [N, G]
-    kept = torch.sort(best_two, dim=-1, descending=True, stable=True).indices[:, :topk_group]
-    keep = torch.zeros_like(best_two, dtype=torch.bool).scatter_(1, kept, True)
-    return groups.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
+from hybridlm.ops.moe_route import route_reference as route
 
 
 def _grouped_mm():
@@ -155,9 +121,15 @@ class MoE(PacksWeights):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         sparse = static and x_ND.shape[0] * self.top_k < len(self.experts)
         logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse)
-        weights_NK, experts_NK = route(logits_NE, self.top_k, self.router, self.norm_topk_prob,
-                                         self.score_bias, self.n_group, self.topk_group)
-        weights_NK = weights_NK * self.routed_scaling_factor
+        kernel = ck.inference_kernel("moe_route", logits_NE, traced=True) if static and self.n_group == 1 else None
+        if kernel is not None:
+            # a decode step: scores, selection, renormalisation and scaling in one launch
+            weights_NK, experts_NK = kernel(logits_NE, self.top_k, self.router, self.norm_topk_prob,
+                                            float(self.routed_scaling_factor), self.score_bias)
+        else:
+            weights_NK, experts_NK = route(logits_NE, self.top_k, self.router, self.norm_topk_prob,
+                                           self.score_bias, self.n_group, self.topk_group)
+            weights_NK = weights_NK * self.routed_scaling_factor
         if sparse:
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA), the shared
             # expert's down product in the same sum when it came back as inner activations

@@ -31,6 +31,7 @@ from hybridlm.ops.linear_attention import (
 )
 from hybridlm.ops.mla import mla_attention
 from hybridlm.ops.moe_decode import moe_experts
+from hybridlm.ops.moe_route import moe_route
 from hybridlm.ops.softmax_attention import softmax_attention, softmax_attention_reference
 from hybridlm.ops.sparse_attention import (
     block_indexer_scores,
@@ -70,6 +71,7 @@ __all__ = [
     "linear_attention_step",
     "mla_attention",
     "moe_experts",
+    "moe_route",
     "select_topk",
     "softmax_attention",
     "softmax_attention_decode",
