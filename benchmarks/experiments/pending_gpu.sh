@@ -43,8 +43,9 @@
 #                decode-step, norm and static-decode GPU tests, the 4k batch-1
 #                profile and 4-layer trace (is the per-layer copy-and-sigmoid kernel gone? 274.4 tokens/s,
 #                77 launches before), and the decode sweep at batch 32 / 64 (87.6% / 91.6% before)
-#   route        after the decode step's routing became one Triton kernel (fifth 12-03 session): the routing,
-#                MoE-decode and static-decode GPU tests, moe_route_ab.py (the kernel against eager and
+#   route        after the decode step's routing and the attention layers' q/k norm + rotary + cache write
+#                each became one Triton kernel (fifth 12-03 session): their GPU tests with MoE decode and
+#                static decode, moe_route_ab.py (the kernel against eager and
 #                compiled PyTorch routing), the 4k batch-1 profile (compiled and the uncompiled graph) and
 #                4-layer trace (281.9 tokens/s, 71 launches before)
 #   layout       after the down stack moved to [D, E, I] storage (fourth 12-03 session): the MoE/static/
@@ -142,8 +143,8 @@ case $part in
         python3 benchmarks/decode_sweep.py --batches 32,64 --no-pipelined --json "$out/decode_sweep.json" 2>&1 | tee "$out/decode_sweep.txt"
         ;;
     route)
-        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_route.py tests/ops/test_moe_decode.py \
-            tests/test_static_decode.py 2>&1 | tail -3 | tee "$out/tests_route.txt" || true
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_route.py tests/ops/test_qk_rope.py \
+            tests/ops/test_moe_decode.py tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_route.txt" || true
         python3 benchmarks/experiments/moe_route_ab.py --json "$out/moe_route_ab.json" 2>&1 | tee "$out/moe_route_ab.txt"
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"

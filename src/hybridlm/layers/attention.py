@@ -16,6 +16,7 @@ from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, p
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
+from hybridlm.ops._checks import inference_kernel
 
 
 class GatedAttention(PacksWeights):
@@ -58,14 +59,23 @@ class GatedAttention(PacksWeights):
         self._in_groups = (("q_proj",), ("k_proj",), ("v_proj",))
 
     def pack_for_inference(self) -> None:
-        """Stack the q, k, v projections' weights now (a decoder does this before tracing or capture)."""
+        """Stack the q, k, v projections' weights now (a decoder does this before tracing or capture),
+        and keep the rotary frequencies for the fused decode prologue (``_fused_decode``)."""
         pack_groups(self, self._in_groups)
+        weight = self.q_proj.weight
+        if self.rotary.rotary_dim and not weight.is_meta:
+            # a plain attribute, not a buffer: not saved, and a meta-built model has nothing to fill in
+            self._rope_inv_freq = self.rotary.inv_freq(weight.device)
 
     def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
         """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
 
         Returns [B, T, hidden] in x's dtype. With a slot, the new keys/values are written to it.
         """
+        if slot is not None and tokens.slot is not None:
+            fused = self._fused_decode(x_BTD, tokens, slot)
+            if fused is not None:
+                return fused
         q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
         if slot is not None and q_BTHD.shape[1] == 1:  # a decode step: split-KV decode attention
@@ -78,6 +88,34 @@ class GatedAttention(PacksWeights):
         else:
             o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
         return self.finish(o_BTHD, gate_BTHD)
+
+    def _fused_decode(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot) -> torch.Tensor | None:
+        """A static decode step (one token a row, no pads, a plain cache) with the q/k norms, the rotary
+        embedding and the cache write as one Triton kernel (``ops.triton.qk_norm_rope_decode``); None
+        where that does not apply (CPU, a gradient needed, norms over all heads, no rotary frequencies
+        kept by ``pack_for_inference`` on this device): ``forward`` then runs the layer's own ops, which
+        the kernel reproduces (tests/ops/test_qk_rope.py)."""
+        inv_freq = self.__dict__.get("_rope_inv_freq")
+        qn, kn = self.q_norm, self.k_norm
+        if (x_BTD.shape[1] != 1 or tokens.mask_BT is not None or slot.ring or inv_freq is None
+                or inv_freq.device != x_BTD.device or inv_freq.shape[0] * 2 != self.rotary.rotary_dim
+                or (qn is not None and (self.qk_norm_all_heads or qn.eps != kn.eps
+                                        or qn.zero_centered != kn.zero_centered))):
+            return None
+        norm_weights = (qn.weight, kn.weight) if qn is not None else (None, None)
+        kernel = inference_kernel("qk_norm_rope_decode", x_BTD, *norm_weights, traced=True)
+        if kernel is None:
+            return None
+        B, hd = x_BTD.shape[0], self.head_dim
+        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
+        q_proj = q_proj.reshape(B, self.num_heads, -1)
+        q_BHD, gate_BHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
+        q_BHD = kernel(q_BHD, k_proj.reshape(B, self.num_kv_heads, hd), v_proj.reshape(B, self.num_kv_heads, hd),
+                       tokens.pos_BT[:, 0], tokens.slot, slot.k, slot.v, inv_freq, *norm_weights,
+                       qn.eps if qn is not None else 0.0, qn is not None and qn.zero_centered)
+        o_BHD = softmax_attention_decode(q_BHD, slot.k.to(q_BHD.dtype), slot.v.to(q_BHD.dtype),
+                                         q_pos=tokens.pos_BT[:, 0], k_pos=slot.k_pos, window=self.window)
+        return self.finish(o_BHD[:, None], None if gate_BHD is None else gate_BHD[:, None])
 
     def project(self, x_BTD: torch.Tensor, tokens: Tokens):
         """(q [B, T, H, D], k and v [B, T, HKV, D], output gate [B, T, H, D] or None): normed, rotated,

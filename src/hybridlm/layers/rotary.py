@@ -32,6 +32,11 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = rotary_dim
         self.theta = theta
 
+    def inv_freq(self, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The frequencies [rotary_dim / 2] of the rotated channel pairs, theta ** (-2i / rotary_dim)."""
+        exponent = torch.arange(0, self.rotary_dim, 2, device=device, dtype=dtype) / self.rotary_dim
+        return self.theta ** -exponent
+
     def forward(self, x_BTHD: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         """x_BTHD: [B, T, H, D] float; pos_BT: [B, T] integer positions (>= 0) -> [B, T, H, D]."""
         r = self.rotary_dim
@@ -41,9 +46,7 @@ class RotaryEmbedding(nn.Module):
         # needs the mantissa. Frequencies are computed here, not stored, so a model built on the
         # meta device has no buffers to fill in later.
         ct = torch.float64 if x_BTHD.dtype == torch.float64 else torch.float32
-        exponent = torch.arange(0, r, 2, device=x_BTHD.device, dtype=ct) / r
-        inv_freq = self.theta ** -exponent
-        angle_BTF = pos_BT.to(ct)[..., None] * inv_freq
+        angle_BTF = pos_BT.to(ct)[..., None] * self.inv_freq(x_BTHD.device, ct)
         cos = angle_BTF.cos()[:, :, None, :]
         sin = angle_BTF.sin()[:, :, None, :]
         x_rot = x_BTHD[..., :r].to(ct)
