@@ -147,8 +147,8 @@ def test_static_moe_paths_equal_the_routed_loop(tokens):
 
 @pytest.mark.parametrize("shared_gate", [True, False])  # Qwen's sigmoid-gated shared expert; DeepSeek's plain one
 def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monkeypatch, shared_gate):
-    """The sparse static path hands the shared expert's gated inner activations and down weight to
-    ``ops.moe_experts`` (one sum with the routed experts); with a forward hook on its down projection
+    """The sparse static path hands the shared expert's gate and up projections, gate logit and down
+    weight to ``ops.moe_experts`` (one sum with the routed experts); with a forward hook on its down projection
     it runs that layer instead, so the hook still fires. Both equal the eager layer."""
     import hybridlm.layers.moe as moe_module
     from hybridlm.layers.moe import MoE
@@ -163,7 +163,7 @@ def test_static_moe_folds_the_shared_expert_only_where_nothing_is_bypassed(monke
     monkeypatch.setattr(moe_module, "moe_experts", lambda *a, **kw: calls.append(sorted(kw)) or real(*a, **kw))
     with torch.no_grad():  # as a decoder runs; with a gradient needed the layer runs as it is
         torch.testing.assert_close(moe(x, static=True), moe(x), rtol=1e-12, atol=1e-12)
-        assert calls == [["shared_down_DS", "shared_h_NS"]]
+        assert calls == [["shared_down_DS", "shared_gate_N", "shared_h_NS", "shared_up_NS"]]
         seen = []
         moe.shared_expert.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
         calls.clear()

@@ -147,6 +147,38 @@ def make_shared(N, D, S, seed, dtype=torch.float32):
             (torch.randn(D, S, generator=gen) * S ** -0.5).to(DEVICE, dtype))
 
 
+def make_raw_shared(N, S, seed, dtype=torch.float32):
+    """A shared expert's gate and up projections [N, S] and sigmoid-gate logits [N], as column slices
+    of one packed projection row per token (row stride 2 S + 5)."""
+    gen = torch.Generator().manual_seed(seed)
+    packed = torch.randn(N, 2 * S + 5, generator=gen).to(DEVICE, dtype)
+    return packed[:, 3:3 + S], packed[:, 3 + S:3 + 2 * S], packed[:, 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("S, blocks", [(40, None), (100, (8, 16, 32, 4)), (7, (8, 16, 16, 2))])
+def test_shared_expert_from_its_projections(S, blocks, gated, dtype):
+    """Given as gate and up projections (and a gate logit), the shared expert's inner activations are
+    formed in the kernel: equal to the reference and to silu(g) * u * sigmoid(logit) @ W^T in float64."""
+    x, experts, weights, gate, up, down = make_inputs(3, 2, 4, 48, 40, seed=15, dtype=dtype)
+    g, u, logit = make_raw_shared(3, S, seed=16, dtype=dtype)
+    _, w = make_shared(3, 48, S, seed=17, dtype=dtype)
+    logit = logit if gated else None
+    kw = dict(shared_h_NS=g, shared_up_NS=u, shared_gate_N=logit, shared_down_DS=w)
+    out = moe_experts_decode(x, experts, weights, gate, up, down, blocks=blocks, **kw)
+    ref = moe_experts(x, experts, weights, gate, up, down, backend="reference", **kw)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    h = torch.nn.functional.silu(g.double()) * u.double()
+    if gated:
+        h = torch.sigmoid(logit.double())[:, None] * h
+    plain = linear_experts(x, experts, weights, gate, up, down) + h @ w.double().t()
+    assert rel_err(out, plain) < TOL[dtype]
+    only_shared = moe_experts_decode(x, experts[:, :0], weights[:, :0], gate, up, down, **kw)
+    assert rel_err(only_shared, h @ w.double().t()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S, blocks", [(40, None), (24, None), (100, (8, 16, 32, 4)), (7, (8, 16, 16, 2))])
 def test_shared_expert_joins_the_sum(S, blocks, dtype):
@@ -263,6 +295,12 @@ _H, _W = make_shared(2, 48, 24, seed=15)
     (dict(shared_h_NS=_H, shared_down_DS=_W[:, :20]), ValueError, "shared_down_DS must be \\[D, S\\] = \\(48, 24\\)"),
     (dict(shared_h_NS=_H, shared_down_DS=_W.t()), ValueError, "shared_down_DS must be \\[D, S\\]"),
     (dict(shared_h_NS=_H.double(), shared_down_DS=_W), TypeError, "shared_h_NS must have the same dtype as x_ND"),
+    (dict(shared_up_NS=_H), ValueError, "shared_up_NS and shared_gate_N come with shared_h_NS"),
+    (dict(shared_h_NS=_H, shared_down_DS=_W, shared_up_NS=_H[:, :20]), ValueError,
+     r"shared_up_NS must have shared_h_NS's shape \[N, S\] = \(2, 24\)"),
+    (dict(shared_h_NS=_H, shared_down_DS=_W, shared_gate_N=_H[:, 0]), ValueError, "shared_gate_N .* needs shared_up_NS"),
+    (dict(shared_h_NS=_H, shared_down_DS=_W, shared_up_NS=_H, shared_gate_N=_H[:1, 0]), ValueError,
+     r"shared_gate_N must be \[N\] with N = 2"),
 ])
 def test_bad_shared_expert_raises(shared, error, words):
     for call in (lambda: moe_experts(*_GOOD, backend="reference", **shared), lambda: moe_experts_decode(*_GOOD, **shared)):
@@ -287,7 +325,9 @@ def test_custom_op_passes_opcheck():
     h, w = make_shared(2, 48, 24, seed=9)
     for shared in ((None, None), (h, w)):
         for blocks in (None, [8, 16, 16, 2]):
-            torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, *shared, blocks))
+            torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, *shared, None, None, blocks))
+    g, u, logit = make_raw_shared(2, 24, seed=10)
+    torch.library.opcheck(torch.ops.hybridlm.moe_experts_decode.default, (*_GOOD, g, w, u, logit, None))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -134,9 +134,8 @@ class MoE(PacksWeights):
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA), the shared
             # expert's down product in the same sum when it came back as inner activations
             folded = {}
-            if isinstance(shared_ND, tuple):
-                folded = dict(zip(("shared_h_NS", "shared_down_DS"), shared_ND))
-                shared_ND = None
+            if isinstance(shared_ND, dict):
+                folded, shared_ND = shared_ND, None
             out_ND = moe_experts(x_ND, experts_NK, weights_NK, *self.packed_experts(), **folded)
             return self._add_shared(out_ND, shared_ND).view_as(x_BTD)
         if static:
@@ -284,7 +283,7 @@ class MoE(PacksWeights):
         return (("gate",), *gate, ("shared_expert.gate_proj",), ("shared_expert.up_proj",))
 
     def _router_and_shared(self, x_ND: torch.Tensor, inner: bool = False
-                           ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]:
+                           ) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor | None] | None]:
         """Router logits [N, E] and the shared expert's gated output [N, D] (None without one).
 
         Once packed, the router, the shared expert's gate and up and its sigmoid gate are one product
@@ -292,9 +291,10 @@ class MoE(PacksWeights):
         reads, and the router's and the one-row gate's launches cost more than their bytes.
 
         inner: where the shared expert's down projection is a plain product (``plain_linear``) and
-        the layer is packed, return (its gated inner activations [N, S], its down weight [D, S])
-        instead of its output: ``moe_experts`` then adds that product to the routed experts' sum
-        (the gate is a per-token factor, so it may scale the inner activations instead).
+        the layer is packed, return instead of its output the keyword arguments that hand it to
+        ``moe_experts``: its gate and up projections and gate logit (column slices of the packed
+        product) and its down weight [D, S]. The kernel forms silu(gate) * up * sigmoid(logit) as it
+        reads them and adds the down product to the routed experts' sum: no kernel of their own.
         """
         groups = self._in_groups()
         if groups is None:
@@ -303,12 +303,12 @@ class MoE(PacksWeights):
                 shared = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared
             return self.gate(x_ND), shared
         outs = packed_linears(self, groups, x_ND)
-        h_NS = torch.nn.functional.silu(outs[-2]) * outs[-1]
         down = self.shared_expert.down_proj
-        if inner and plain_linear(down, h_NS):
-            if self.shared_expert_gate is not None:
-                h_NS = torch.sigmoid(outs[1]) * h_NS
-            return outs[0], (h_NS, down.weight)
+        if inner and plain_linear(down, outs[-2]):
+            gate_N = outs[1][:, 0] if self.shared_expert_gate is not None else None
+            return outs[0], dict(shared_h_NS=outs[-2], shared_up_NS=outs[-1], shared_gate_N=gate_N,
+                                 shared_down_DS=down.weight)
+        h_NS = torch.nn.functional.silu(outs[-2]) * outs[-1]
         shared = project(down, h_NS)
         if self.shared_expert_gate is not None:
             shared = torch.sigmoid(outs[1]) * shared

@@ -16,7 +16,7 @@ from hybridlm.ops import _checks as ck
 
 
 def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
-                      shared_h_NS=None, shared_down_DS=None) -> None:
+                      shared_h_NS=None, shared_down_DS=None, shared_up_NS=None, shared_gate_N=None) -> None:
     """Shapes, dtypes and devices of :func:`moe_experts`'s arguments (reads no values)."""
     ck.check_float_tensor("x_ND", x_ND, 2, "[N, D]")
     N, D = x_ND.shape
@@ -60,16 +60,44 @@ def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
         if shared_down_DS.shape != (D, shared_h_NS.shape[1]):
             raise ValueError(f"shared_down_DS must be [D, S] = {(D, shared_h_NS.shape[1])} (D from x_ND, S from "
                              f"shared_h_NS), got {tuple(shared_down_DS.shape)}")
+    if (shared_up_NS is not None or shared_gate_N is not None) and shared_h_NS is None:
+        raise ValueError("shared_up_NS and shared_gate_N come with shared_h_NS (the shared expert's gate "
+                         "projection) and shared_down_DS")
+    if shared_up_NS is not None:
+        ck.check_float_tensor("shared_up_NS", shared_up_NS, 2, "[N, S]")
+        ck.check_same("shared_up_NS", shared_up_NS, "x_ND", x_ND)
+        if shared_up_NS.shape != shared_h_NS.shape:
+            raise ValueError(f"shared_up_NS must have shared_h_NS's shape [N, S] = {tuple(shared_h_NS.shape)}, "
+                             f"got {tuple(shared_up_NS.shape)}")
+    if shared_gate_N is not None:
+        if shared_up_NS is None:
+            raise ValueError("shared_gate_N (the shared expert's sigmoid-gate logit) needs shared_up_NS: with "
+                             "inner activations given as shared_h_NS, apply the gate to them")
+        ck.check_float_tensor("shared_gate_N", shared_gate_N, 1, "[N]")
+        ck.check_same("shared_gate_N", shared_gate_N, "x_ND", x_ND)
+        if shared_gate_N.shape[0] != N:
+            raise ValueError(f"shared_gate_N must be [N] with N = {N} as in x_ND, got {tuple(shared_gate_N.shape)}")
+
+
+def shared_inner(shared_h_NS, shared_up_NS=None, shared_gate_N=None, dtype=None):
+    """A shared expert's inner activations: shared_h_NS as given, or, with ``shared_up_NS``, the SwiGLU
+    silu(shared_h_NS) * shared_up_NS, times sigmoid(shared_gate_N) per token when given; in ``dtype``
+    (computed in it)."""
+    h = shared_h_NS.to(dtype)
+    if shared_up_NS is None:
+        return h
+    h = F.silu(h) * shared_up_NS.to(dtype)
+    return h if shared_gate_N is None else torch.sigmoid(shared_gate_N.to(dtype))[:, None] * h
 
 
 def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
-                          shared_h_NS=None, shared_down_DS=None):
+                          shared_h_NS=None, shared_down_DS=None, shared_up_NS=None, shared_gate_N=None):
     """:func:`moe_experts` in plain PyTorch: one pass per slot j, gathering each token's expert."""
     dtype = ck.compute_dtype(x_ND.dtype)
     x = x_ND.to(dtype)
     out = torch.zeros(x_ND.shape, dtype=dtype, device=x_ND.device)
     if shared_h_NS is not None:
-        out += shared_h_NS.to(dtype) @ shared_down_DS.to(dtype).t()
+        out += shared_inner(shared_h_NS, shared_up_NS, shared_gate_N, dtype) @ shared_down_DS.to(dtype).t()
     for j in range(experts_NK.shape[1]):
         e_N = experts_NK[:, j]
         gate_NID, up_NID, down_NDI = (w[e_N].to(dtype) for w in (gate_EID, up_EID, down_EDI))
@@ -79,7 +107,7 @@ def moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_E
 
 
 def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, shared_h_NS=None,
-                shared_down_DS=None, backend="auto"):
+                shared_down_DS=None, shared_up_NS=None, shared_gate_N=None, backend="auto"):
     """Each token's weighted sum over its K routed SwiGLU experts; returns out [N, D] in x's dtype.
 
     out[n] = sum_j weights_NK[n, j] * down_e(silu(gate_e x[n]) * up_e x[n]),  e = experts_NK[n, j]
@@ -97,6 +125,11 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, sha
             (its gate already applied, e.g. sigmoid(g x) silu(gate x) * up x) and its down_proj
             weight [D, S], both in x's dtype. Its down product joins the routed ones in one float32
             sum (the kernel reads it as one more expert), instead of a product and an add of its own.
+        shared_up_NS, shared_gate_N: optional; with shared_up_NS, shared_h_NS is the shared expert's
+            gate projection (before its SiLU) and its inner activations are silu(shared_h_NS) *
+            shared_up_NS, times sigmoid(shared_gate_N[n]) per token when the [N] gate logits are given
+            (Qwen's sigmoid-gated shared expert): formed in float32 where the kernel reads them, so no
+            kernel of their own. Any row strides (column slices of one packed projection output).
         backend: "auto" (the Triton decode kernel for CUDA tensors that are not float64, the reference
             elsewhere), "triton" (RuntimeError when it cannot run) or "reference".
     Returns:
@@ -118,10 +151,11 @@ def moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, sha
         torch.Size([3, 16])
     """
     ck.check_backend(backend)
-    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS)
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS,
+                      shared_up_NS, shared_gate_N)
     kernel = ck.load_kernel("moe_experts_decode", backend, x_ND)
     if kernel is not None:
         return kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS=shared_h_NS,
-                      shared_down_DS=shared_down_DS)
+                      shared_down_DS=shared_down_DS, shared_up_NS=shared_up_NS, shared_gate_N=shared_gate_N)
     return moe_experts_reference(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS,
-                                 shared_down_DS)
+                                 shared_down_DS, shared_up_NS, shared_gate_N)

@@ -18,7 +18,8 @@ captures them):
    BLOCK_I-wide pieces, expert after expert, against the token's h rows, sums over the K experts in
    registers in a fixed order, and writes the token's output block in x's dtype. A shared expert
    (optional: its gated inner activations [N, S] and down weight [D, S]) is one more row block in the
-   same sum, so its down product needs no kernel and no add of its own.
+   same sum, so its down product needs no kernel and no add of its own; given as its gate and up
+   projections (and a sigmoid-gate logit), the kernel forms its inner activations as it reads them.
 
 The previous down kernel read the down weights transposed ([E, I, D], 256-byte row pieces 4 KB
 apart) into float32 partial rows that a third kernel summed: 9.9 + 1.7 us a layer for 21 MB at
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.moe_decode import check_moe_experts
+from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
@@ -97,8 +98,9 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 
 
 @triton.jit
-def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, K, I, D, S, s_de, s_dd, s_on, s_hn, s_wd,
-                 HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N, K, I, D, S, s_de, s_dd, s_on,
+                 s_hn, s_wd, s_un, s_gn, HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
     # program (token, d-block): out[n, d-block] = sum over the token's K slots of
     # down_e[d-block, :] . h[n, slot, :], the slots' rows streamed one after another (BLOCK_I columns a
     # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows.
@@ -110,10 +112,16 @@ def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, K, I, D, S, 
     acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
     if HAS_SHARED:
         row_s = o_d.to(tl.int64)[:, None] * s_wd
+        scale = 1.0
+        if GATED:  # the shared expert's sigmoid gate, one factor per token
+            scale = tl.sigmoid(tl.load(gs_N + i_n * s_gn).to(tl.float32))
         for i0 in tl.range(0, S, BLOCK_I, num_stages=STAGES):
             o_i = i0 + tl.arange(0, BLOCK_I)
             m_i = o_i < S
             b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
+            if SWIGLU:  # hs is the gate projection: the inner activations formed here, in float32
+                b_u = tl.load(us_NS + i_n * s_un + o_i, mask=m_i, other=0.0).to(tl.float32)
+                b_h = b_h * tl.sigmoid(b_h) * b_u * scale
             b_w = tl.load(ws_DS + row_s + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
             acc += b_w * b_h[None, :]
     row_d = o_d.to(tl.int64)[:, None] * s_dd
@@ -159,7 +167,7 @@ def pick_stages(N: int) -> tuple[int, int]:
 
 
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, *,
-                     shared_h_NS=None, shared_down_DS=None,
+                     shared_h_NS=None, shared_down_DS=None, shared_up_NS=None, shared_gate_N=None,
                      blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
                      stages: Optional[tuple[int, int]] = None, down_warps: Optional[int] = None) -> None:
     """Launch the two kernels on validated tensors, writing ``out_ND`` [N, D].
@@ -176,7 +184,8 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
     shared = shared_h_NS is not None and shared_h_NS.shape[1] > 0
     if K == 0 or I == 0:
         if shared:  # only the shared expert (I = 0: the routed experts add nothing)
-            torch.matmul(shared_h_NS, shared_down_DS.t(), out=out_ND)
+            h_NS = shared_inner(shared_h_NS, shared_up_NS, shared_gate_N, torch.float32).to(x_ND.dtype)
+            torch.matmul(h_NS, shared_down_DS.t(), out=out_ND)
         else:
             out_ND.zero_()
         return
@@ -188,30 +197,37 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
         BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps)
     hs, ws = (shared_h_NS, shared_down_DS) if shared else (h_NKI, h_NKI)  # unread without HAS_SHARED
+    swiglu, gated = shared and shared_up_NS is not None, shared and shared_gate_N is not None
+    us = shared_up_NS if swiglu else hs
+    gs = shared_gate_N if gated else hs
     _down_kernel[(N, triton.cdiv(D, bd2))](
-        h_NKI, experts_NK, down_EDI, out_ND, hs, ws, K, I, D, shared_h_NS.shape[1] if shared else 0,
-        down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0),
-        HAS_SHARED=shared, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1], num_warps=down_warps or num_warps)
+        h_NKI, experts_NK, down_EDI, out_ND, hs, ws, us, gs, K, I, D, shared_h_NS.shape[1] if shared else 0,
+        down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0), us.stride(0),
+        gs.stride(0), HAS_SHARED=shared, SWIGLU=swiglu, GATED=gated, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1],
+        num_warps=down_warps or num_warps)
 
 
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
 def _moe_experts_op(x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
                     gate_EID: torch.Tensor, up_EID: torch.Tensor, down_EDI: torch.Tensor,
                     shared_h_NS: Optional[torch.Tensor], shared_down_DS: Optional[torch.Tensor],
+                    shared_up_NS: Optional[torch.Tensor], shared_gate_N: Optional[torch.Tensor],
                     blocks: Optional[list[int]]) -> torch.Tensor:
     out_ND = torch.empty_like(x_ND)
     moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, shared_h_NS=shared_h_NS,
-                     shared_down_DS=shared_down_DS, blocks=None if blocks is None else tuple(blocks))
+                     shared_down_DS=shared_down_DS, shared_up_NS=shared_up_NS, shared_gate_N=shared_gate_N,
+                     blocks=None if blocks is None else tuple(blocks))
     return out_ND
 
 
 @_moe_experts_op.register_fake
-def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, blocks):
+def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS,
+      shared_gate_N, blocks):
     return torch.empty_like(x_ND)
 
 
 def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, shared_h_NS=None,
-                       shared_down_DS=None, blocks=None):
+                       shared_down_DS=None, shared_up_NS=None, shared_gate_N=None, blocks=None):
     """Sparse-MoE decode kernel; arguments and result as in :func:`hybridlm.ops.moe_experts`.
 
     ``blocks`` forces (gate/up BLOCK_I, gate/up BLOCK_D, down BLOCK_I, down BLOCK_D), powers of two;
@@ -226,7 +242,8 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
         >>> out = moe_experts_decode(x, torch.tensor([[0, 3], [3, 1]], device=dev), torch.rand(2, 2, device=dev),
         ...                          gate, up, down)
     """
-    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS)
+    check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS,
+                      shared_up_NS, shared_gate_N)
     check_kernel_device("x_ND", x_ND)
     if x_ND.dtype == torch.float64:
         raise TypeError("x_ND must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
@@ -238,12 +255,15 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
     gate_EID, up_EID, down_EDI = (w if w.stride(2) == 1 else w.contiguous() for w in (gate_EID, up_EID, down_EDI))
     if shared_h_NS is not None:
         shared_h_NS, shared_down_DS = (t if t.stride(1) == 1 else t.contiguous() for t in (shared_h_NS, shared_down_DS))
+    if shared_up_NS is not None and shared_up_NS.stride(1) != 1:
+        shared_up_NS = shared_up_NS.contiguous()
     if not torch.compiler.is_compiling():
         # Eager calls launch directly: the custom-op dispatch costs tens of microseconds of host time,
         # as much as the kernels at decode sizes (see ops/triton/decode.py).
         out_ND = torch.empty_like(x_ND)
         moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND,
-                         shared_h_NS=shared_h_NS, shared_down_DS=shared_down_DS, blocks=blocks)
+                         shared_h_NS=shared_h_NS, shared_down_DS=shared_down_DS, shared_up_NS=shared_up_NS,
+                         shared_gate_N=shared_gate_N, blocks=blocks)
         return out_ND
     return _moe_experts_op(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS,
-                           None if blocks is None else list(blocks))
+                           shared_up_NS, shared_gate_N, None if blocks is None else list(blocks))
