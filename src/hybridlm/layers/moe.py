@@ -26,6 +26,7 @@ from hybridlm.layers.packing import (
 )
 from hybridlm.ops import _checks as ck
 from hybridlm.ops import moe_experts
+from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS
 from hybridlm.ops.moe_route import route_reference as route
 
 
@@ -121,7 +122,9 @@ class MoE(PacksWeights):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         sparse = static and x_ND.shape[0] * self.top_k < len(self.experts)
         logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse)
-        kernel = ck.inference_kernel("moe_route", logits_NE, traced=True) if static and self.n_group == 1 else None
+        kernel = None
+        if static and self.n_group == 1 and len(self.experts) <= KERNEL_MAX_EXPERTS:  # what the kernel routes
+            kernel = ck.inference_kernel("moe_route", logits_NE, traced=True)
         if kernel is not None:
             # a decode step: scores, selection, renormalisation and scaling in one launch
             weights_NK, experts_NK = kernel(logits_NE, self.top_k, self.router, self.norm_topk_prob,
@@ -132,7 +135,7 @@ class MoE(PacksWeights):
             weights_NK = weights_NK * self.routed_scaling_factor
         if sparse:
             # few tokens: read only the routed experts' weights (a Triton kernel on CUDA), the shared
-            # expert's down product in the same sum when it came back as inner activations
+            # expert in the same sum when it came back as its projections (keyword arguments)
             folded = {}
             if isinstance(shared_ND, dict):
                 folded, shared_ND = shared_ND, None
