@@ -77,15 +77,24 @@ def test_kernel_matches_the_layer_modules(B, H, HKV, D, R, norm, zc, dtype):
     slot = torch.tensor([S - 2], device=DEVICE)
     inv = RotaryEmbedding(R, theta).inv_freq(DEVICE)
     kc, vc, kc_ref, vc_ref = cache.clone(), cache.clone(), cache.clone(), cache.clone()
-    got = qk_norm_rope_decode(q, k, v, pos, slot, kc, vc, inv, q_w, k_w, eps, zc)
+    got = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEVICE)  # poisoned: every element written
+    qk_rope.qk_norm_rope_into(q, k, v, pos, slot, kc, vc, got, inv, q_w, k_w, eps, zc)
     want = reference(q, k, v, pos, slot, kc_ref, vc_ref, R, theta, q_w, k_w, eps, zc)
+    torch.testing.assert_close(qk_norm_rope_decode(q, k, v, pos, slot, kc.clone(), vc.clone(), inv, q_w, k_w, eps, zc),
+                               got, rtol=0, atol=0)
     tol = dict(rtol=0, atol=2e-5) if dtype == torch.float32 else dict(rtol=0, atol=1.6e-2)  # bf16: 1 unit at |x| < 4
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(kc[:, S - 2], kc_ref[:, S - 2], **tol)
     assert torch.equal(vc[:, S - 2], vc_ref[:, S - 2])
     others = [s for s in range(S) if s != S - 2]
     assert kc[:, others].isnan().all() and vc[:, others].isnan().all(), "only the step's slot may be written"
-    assert got.is_contiguous() and got.shape == (B, H, D)
+
+
+def test_returns_a_new_contiguous_query_tensor():
+    q, k, v, q_w, k_w, pos, cache = inputs(2, 4, 2, 16, 3, torch.float32, seed=21)
+    out = qk_norm_rope_decode(q, k, v, pos, torch.tensor([1], device=DEVICE), cache.clone(), cache.clone(),
+                              RotaryEmbedding(8, 1e4).inv_freq(DEVICE), q_w, k_w)
+    assert out.is_contiguous() and out.shape == (2, 4, 16) and out.data_ptr() != q.data_ptr()
 
 
 def test_cache_of_another_dtype_and_the_unrotated_tail():
