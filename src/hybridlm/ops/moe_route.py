@@ -13,7 +13,8 @@ prefill goes to the same experts when it is recomputed one token at a time.
 :func:`moe_route` dispatches: on CUDA tensors (``backend="auto"``) a Triton kernel does a decode
 step's routing in one launch (scores, selection, renormalisation and scaling), where the PyTorch
 form is a softmax, a sort over all E experts, a gather, a sum and two divisions: at batch 1 in the
-compiled Qwen3-Next step two kernels and their launch gaps a layer, in the uncompiled graph six.
+compiled Qwen3-Next step two kernels and their launch gaps a layer, and at the released model's 512
+experts 23.4 us a layer compiled against the kernel's 3.9 (H200; ``ops/triton/moe_route.py``).
 """
 
 from __future__ import annotations
