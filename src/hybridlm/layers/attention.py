@@ -106,28 +106,30 @@ class GatedAttention(PacksWeights):
         kernel = inference_kernel("qk_norm_rope_decode", x_BTD, *norm_weights, traced=True)
         if kernel is None:
             return None
-        B, hd = x_BTD.shape[0], self.head_dim
-        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
-        q_proj = q_proj.reshape(B, self.num_heads, -1)
-        q_BHD, gate_BHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
-        q_BHD = kernel(q_BHD, k_proj.reshape(B, self.num_kv_heads, hd), v_proj.reshape(B, self.num_kv_heads, hd),
-                       tokens.pos_BT[:, 0], tokens.slot, slot.k, slot.v, inv_freq, *norm_weights,
-                       qn.eps if qn is not None else 0.0, qn is not None and qn.zero_centered)
+        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD)
+        q_BHD = kernel(q_BTHD[:, 0], k_BTHD[:, 0], v_BTHD[:, 0], tokens.pos_BT[:, 0], tokens.slot, slot.k, slot.v,
+                       inv_freq, *norm_weights, qn.eps if qn is not None else 0.0, qn is not None and qn.zero_centered)
         o_BHD = softmax_attention_decode(q_BHD, slot.k.to(q_BHD.dtype), slot.v.to(q_BHD.dtype),
                                          q_pos=tokens.pos_BT[:, 0], k_pos=slot.k_pos, window=self.window)
-        return self.finish(o_BHD[:, None], None if gate_BHD is None else gate_BHD[:, None])
+        return self.finish(o_BHD[:, None], gate_BTHD)
+
+    def _projections(self, x_BTD: torch.Tensor):
+        """(q [B, T, H, D], output gate [B, T, H, D] or None, k and v [B, T, HKV, D]) as they come out
+        of the projections: views of one product over the stacked weights at inference
+        (hybridlm.layers.packing)."""
+        B, T, _ = x_BTD.shape
+        hd = self.head_dim
+        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
+        q_proj = q_proj.reshape(B, T, self.num_heads, -1)
+        q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
+        kv_shape = (B, T, self.num_kv_heads, hd)
+        return q_BTHD, gate_BTHD, k_proj.reshape(kv_shape), v_proj.reshape(kv_shape)
 
     def project(self, x_BTD: torch.Tensor, tokens: Tokens):
         """(q [B, T, H, D], k and v [B, T, HKV, D], output gate [B, T, H, D] or None): normed, rotated,
         keys and values zero at pads."""
         B, T, _ = x_BTD.shape
-        hd = self.head_dim
-        # one product over the stacked projection weights at inference (hybridlm.layers.packing)
-        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
-        q_proj = q_proj.reshape(B, T, self.num_heads, -1)
-        q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
-        k_BTHD = k_proj.reshape(B, T, self.num_kv_heads, hd)
-        v_BTHD = v_proj.reshape(B, T, self.num_kv_heads, hd)
+        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD)
         if self.q_norm is not None and self.qk_norm_all_heads:
             q_BTHD = self.q_norm(q_BTHD.reshape(B, T, -1)).view_as(q_BTHD)
             k_BTHD = self.k_norm(k_BTHD.reshape(B, T, -1)).view_as(k_BTHD)
