@@ -1,8 +1,11 @@
 """The decode matrix-vector kernel (``ops/triton/gemv.py``) against cuBLAS (``F.linear``) at the
 projections of a Qwen3-Next decode step, batch 1 and 4, bf16. One GPU call, under a minute.
 
-``ours`` is the kernel's default (a 3-stage pipelined loop over D), ``ours_1stage`` the plain loop
-(in the first run, 2026-12-03, these were named ``ours_3stages`` and ``ours``). Each row is timed as CUDA-graph replays over distinct weight copies totalling >= 4x L2 (a decode
+``ours`` is the default launch: at one row, since the sixth 12-03 session, the one-wave row kernel
+with programmatic dependent launch (consecutive replays overlap, as consecutive kernels of a decode
+step do); at more rows the block kernel. ``ours_blocks`` is the block kernel at its default blocks and
+3-stage loop (before the sixth 12-03 session ``ours``; ``ours_1stage`` was its plain loop, and in the
+first run, 2026-12-03, these were named ``ours_3stages`` and ``ours``). Each row is timed as CUDA-graph replays over distinct weight copies totalling >= 4x L2 (a decode
 step reads every weight from memory once), and printed with the share of the 1 GiB copy rate its
 weight bytes reach. Every kernel output is first checked against F.linear.
 
@@ -55,7 +58,8 @@ def main() -> None:
             err = ((decode_linear(x, ws[0]).float() - ref).norm() / ref.norm()).item()
             y = torch.empty(N, O, device=dev, dtype=torch.bfloat16)
             cases = dict(cublas=[lambda w=w: F.linear(x, w) for w in ws],
-                         ours_1stage=[lambda w=w: gemv_into(x, w, y, stages=1) for w in ws],
+                         ours_blocks=[lambda w=w: gemv_into(x, w, y, blocks=pick_blocks(N, O, D, _num_sms(dev)))
+                                      for w in ws],
                          ours=[lambda w=w: gemv_into(x, w, y) for w in ws])
             row = dict(what=what, O=O, D=D, N=N, buffers=n, weight_bytes=wbytes, rel_err=err,
                        blocks=list(pick_blocks(N, O, D, _num_sms(dev))))

@@ -52,6 +52,50 @@ def _rows_kernel(x_D, w_OD, y_O, O, D, s_wo, BLOCK_O: tl.constexpr, BLOCK_D: tl.
     tl.store(y_O + o_o, y.to(y_O.dtype.element_ty), mask=m_o)
 
 
+@triton.jit
+def _persistent_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+                       AHEAD: tl.constexpr, USE_GDC: tl.constexpr):
+    # One wave of programs (a few per multiprocessor), so every program starts at once and, with PDL,
+    # the next kernel can launch as soon as all of them have: program p owns row tiles p, p + P, ...
+    # and takes them AHEAD at a time, loading round r + 1 while it sums round r (registers, no shared
+    # memory, so the next kernel's programs fit beside it). Round 0 is loaded before the wait.
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_j = tl.arange(0, AHEAD)
+    o_b = tl.arange(0, BLOCK_O)
+    rows = (pid + o_j * P)[:, None] * BLOCK_O + o_b[None, :]  # round 0's rows [AHEAD, BLOCK_O]
+    m = rows < O
+    cur = tl.load(w_OD + rows.to(tl.int64)[:, :, None] * s_wo + o_d[None, None, :],
+                  mask=m[:, :, None] & m_d[None, None, :], other=0.0)
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+    b_x = tl.load(x_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    for r in range(1, n_rounds):
+        nrows = rows + AHEAD * P * BLOCK_O
+        nm = nrows < O
+        nxt = tl.load(w_OD + nrows.to(tl.int64)[:, :, None] * s_wo + o_d[None, None, :],
+                      mask=nm[:, :, None] & m_d[None, None, :], other=0.0)
+        y = tl.sum(cur.to(tl.float32) * b_x[None, None, :], axis=2)
+        tl.store(y_O + rows, y.to(y_O.dtype.element_ty), mask=m)
+        cur, rows, m = nxt, nrows, nm
+    y = tl.sum(cur.to(tl.float32) * b_x[None, None, :], axis=2)
+    tl.store(y_O + rows, y.to(y_O.dtype.element_ty), mask=m)
+
+
+def persistent_into(x, w, y, pdl: bool, per_sm: int, block_o: int, ahead: int, warps: int):
+    O, D = w.shape
+    n_tiles = triton.cdiv(O, block_o)
+    grid = min(n_tiles, per_sm * torch.cuda.get_device_properties(w.device).multi_processor_count)
+    n_rounds = triton.cdiv(n_tiles, grid * ahead)
+    _persistent_kernel[(grid,)](x, w, y, O, D, w.stride(0), n_rounds, BLOCK_O=block_o,
+                                BLOCK_D=triton.next_power_of_2(D), AHEAD=ahead, USE_GDC=pdl,
+                                launch_pdl=pdl, num_warps=warps)
+
+
 def rows_into(x, w, y, pdl: bool, block_o: int):
     O, D = w.shape
     bd = triton.next_power_of_2(D)
@@ -63,6 +107,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernels", type=int, default=48)
     ap.add_argument("--json")
+    ap.add_argument("--both", type=lambda v: [tuple(map(int, c.split("/"))) for c in v.split(",")],
+                    default=[(1, 1, 2, 4), (2, 1, 2, 4), (2, 2, 1, 4), (4, 1, 1, 4)],
+                    help="persistent launches also timed without PDL: per_sm/block_o/ahead/warps,...")
     args = ap.parse_args()
     dev = torch.device("cuda")
     rate = timing.copy_bytes_per_s(dev)
@@ -88,6 +135,17 @@ def main() -> None:
     for block_o in (2, 4):
         cases[f"rows {block_o}"] = chain(lambda x, w, y, b=block_o: rows_into(x, w, y, False, b))
         cases[f"rows {block_o} + PDL"] = chain(lambda x, w, y, b=block_o: rows_into(x, w, y, True, b))
+    # persistent launches: (programs per SM, rows a tile, tiles a round, warps); a register budget of
+    # 64 weight elements a thread a round at the wider shape (sm_90 compile: 2 x 128 took 248 registers)
+    for per_sm in (1, 2, 4):
+        for block_o in (1, 2, 4):
+            for ahead in (1, 2, 4):
+                for warps in (4, 8):
+                    if ahead * block_o * 4096 // (32 * warps) > 64 or (ahead * block_o == 1 and warps == 8):
+                        continue
+                    for pdl in ((False, True) if (per_sm, block_o, ahead, warps) in args.both else (True,)):
+                        cases[f"persist {per_sm}/{block_o}/{ahead}/{warps}" + (" + PDL" if pdl else "")] = chain(
+                            lambda x, w, y, c=(pdl, per_sm, block_o, ahead, warps): persistent_into(x, w, y, *c))
     rows = []
     for name, calls in cases.items():
         try:
@@ -97,12 +155,12 @@ def main() -> None:
             err = ((bufs[-1].float() - ref).norm() / ref.norm()).item()
             us = timing.graphed_ms_per_call(calls, warmup_ms=10, rep_ms=100) * 1e3
         except Exception as exc:  # a PDL launch that the stack or the capture refuses: report it, go on
-            print(f"{name:14s}: failed ({type(exc).__name__}: {exc})", flush=True)
+            print(f"{name:26s}: failed ({type(exc).__name__}: {exc})", flush=True)
             rows.append(dict(case=name, error=f"{type(exc).__name__}: {exc}"))
             continue
         share = nbytes / len(calls) / (us * 1e-6) / rate
         rows.append(dict(case=name, us_per_kernel=us, copy_share=share, rel_err=err, kernels=len(calls)))
-        print(f"{name:14s}: {us:6.2f} us a kernel  {share:6.1%}  err {err:.1e}", flush=True)
+        print(f"{name:26s}: {us:6.2f} us a kernel  {share:6.1%}  err {err:.1e}", flush=True)
     report.write_rows_json(args.json, rows, copy_bytes_per_s=rate)
 
 

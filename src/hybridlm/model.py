@@ -60,6 +60,23 @@ class Block(nn.Module):
         y = self.mlp(h, static=True) if tokens.slot is not None and isinstance(self.mlp, MoE) else self.mlp(h)
         return a * (h if self.residual_from_norm else x) + b * y
 
+    @property
+    def plain_residuals(self) -> bool:
+        """x + branch at both adds (no MiniMax scaling, no residual from the norm)."""
+        return not self.residual_from_norm and self.residual_alpha == 1.0 and self.residual_beta == 1.0
+
+    def decode_step(self, x: torch.Tensor, y: torch.Tensor | None, tokens: Tokens, slot) -> tuple:
+        """The static decode step with the residual adds folded into the norms after them: given the
+        residual stream x and the previous block's branch output y (None for the first block),
+        returns (x + y + mixer branch, this block's MLP / MoE branch output). Equals ``forward`` on
+        x + y when ``plain_residuals`` (the adds and norms are ``RMSNorm.add``, one kernel each on CUDA)."""
+        if y is None:
+            h = self.mixer_norm(x)
+        else:
+            x, h = self.mixer_norm.add(x, y)
+        x, h = self.mlp_norm.add(x, self.mixer(h, tokens, slot))
+        return x, self.mlp(h, static=True) if isinstance(self.mlp, MoE) else self.mlp(h)
+
 
 class HybridLM(nn.Module):
     """A hybrid language model built from a HybridConfig.
@@ -193,10 +210,18 @@ class HybridLM(nn.Module):
             cache.positions.index_copy_(1, slot, pos_BT.to(cache.positions.dtype))
         tokens = Tokens(pos_BT, None, 0, slot=slot)
         x = self.embed_tokens(input_ids_B1)
-        for i, block in enumerate(self.layers):
-            x = block(x, tokens, cache.layers[i])
+        if all(block.plain_residuals for block in self.layers):
+            # each residual add goes into the norm after it (Block.decode_step): one kernel per add on CUDA
+            y = None
+            for i, block in enumerate(self.layers):
+                x, y = block.decode_step(x, y, tokens, cache.layers[i])
+            h = self.norm(x) if y is None else self.norm.add(x, y)[1]
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, tokens, cache.layers[i])
+            h = self.norm(x)
         cache.next_position += 1
-        return self.lm_head(self.norm(x[:, -1]))
+        return self.lm_head(h[:, -1])
 
     def _tokens(self, input_ids: torch.Tensor, mask_BT: torch.Tensor | None, cache: HybridCache | None) -> Tokens:
         """Per-row positions: each row counts only its real tokens, continuing from the cache."""

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 from ops_testing import rel_err  # noqa: E402
 
-from hybridlm.ops.triton.gemv import MAX_ROWS, decode_linear, gemv_into, pick_blocks  # noqa: E402
+from hybridlm.ops.triton.gemv import MAX_ROWS, decode_linear, gemv_into, pick_blocks, row_launch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
@@ -56,6 +56,25 @@ def test_every_output_element_written(blocks, stages):
     gemv_into(x, w, y, blocks=blocks, stages=stages)
     assert not y.isnan().any()
     assert rel_err(y, reference(x, w)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("O, D", [(1, 1), (63, 100), (65, 63), (1000, 40), (37, 2048)])
+def test_one_row_kernel_every_round_written(O, D):
+    # one row of x takes the one-wave kernel: without CUDA one multiprocessor, 4 programs, so O
+    # rows take up to 32 rounds of the register-double-buffered loop; NaN-poisoned output
+    x, w = make((1,), O, D, torch.float32, seed=3)
+    y = torch.full((1, O), float("nan"), device=DEVICE)
+    gemv_into(x, w, y)
+    assert not y.isnan().any()
+    assert rel_err(y, reference(x, w)) < TOL[torch.float32]
+
+
+def test_one_row_launch():
+    # H200 (132 SMs): 64 weight elements a thread at 8 warps, one wave of 4 programs a multiprocessor
+    assert row_launch(2048, 4096, 132) == (4, 4096, 512, 1)
+    assert row_launch(12352, 2048, 132) == (8, 2048, 528, 3)
+    assert row_launch(1064, 2048, 132) == (8, 2048, 133, 1)
+    assert row_launch(3, 20, 132) == (4, 32, 1, 1)
 
 
 def test_weight_views_and_strided_rows():

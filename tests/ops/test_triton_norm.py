@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # must precede the first triton import of the
 triton = pytest.importorskip("triton")
 
 from hybridlm.layers.norms import GatedRMSNorm, RMSNorm  # noqa: E402
-from hybridlm.ops.triton.norm import rms_norm_rows  # noqa: E402
+from hybridlm.ops.triton.norm import add_rms_norm_rows, rms_norm_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -153,3 +153,50 @@ def test_gated_norm_custom_op_under_compile():
         torch.testing.assert_close(torch.compile(norm, fullgraph=True, backend=backend)(o, wide), norm(o, wide))
     torch.testing.assert_close(rms_norm_rows(o, w, 1e-6, True, z=o, gate="silu"),
                                rms_norm_rows(o, 1.0 + w, 1e-6, z=o, gate="silu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (3, 7, 48), (2, 1, 130), (37, 2048)], ids=str)
+def test_add_norm_equals_the_add_and_the_layer(shape, zero_centered, dtype, monkeypatch):
+    """s = x + y exactly as PyTorch rounds it, and the layer's norm of s; NaN-poisoned outputs."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
+    y = (torch.randn(shape, generator=gen) * 2).to(DEVICE, dtype)
+    norm = RMSNorm(shape[-1], eps=1e-6, zero_centered=zero_centered).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5)
+    s, h = add_rms_norm_rows(x, y, norm.weight, norm.eps, zero_centered)
+    assert s.dtype == h.dtype == dtype and not s.isnan().any() and not h.isnan().any()
+    torch.testing.assert_close(s, x + y, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(h, reference(norm, x + y), **tol)
+    with torch.no_grad():  # the layer's method: the kernel on CUDA, the add and forward elsewhere
+        s2, h2 = norm.add(x, y)
+    torch.testing.assert_close(s2, s, rtol=0, atol=0)
+    torch.testing.assert_close(h2, h, **tol)
+
+
+def test_add_norm_bad_input_and_compile():
+    x = torch.randn(2, 16, device=DEVICE)
+    w = torch.randn(16, device=DEVICE)
+    with pytest.raises(ValueError, match="y must have x's shape"):
+        add_rms_norm_rows(x, x[:, :8], w, 1e-6)
+    with pytest.raises(ValueError, match="y must have x's shape .* and dtype"):
+        add_rms_norm_rows(x, x.half(), w, 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_rms_norm_rows(x, x, w[:8], 1e-6)
+    torch.library.opcheck(torch.ops.hybridlm.add_rms_norm_rows.default, (x, torch.randn(2, 16, device=DEVICE), w,
+                                                                          1e-6, True))
+
+    def step(x, y):
+        s, h = add_rms_norm_rows(x, y, w, 1e-6, True)
+        return s * 2.0, h + 1.0
+
+    backend = "inductor" if CUDA else "aot_eager"
+    torch.compiler.reset()
+    y = torch.randn(2, 16, device=DEVICE)
+    got, want = torch.compile(step, fullgraph=True, backend=backend)(x, y), step(x, y)
+    torch.testing.assert_close(got, want)

@@ -56,6 +56,18 @@ class RMSNorm(nn.Module):
         scale = 1.0 + w if self.zero_centered else w
         return (x_hat * scale).to(x.dtype)
 
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(s)) for s = x + y (x and y of one shape and dtype): a residual add and this norm.
+
+        On CUDA without gradients, also under torch.compile, one Triton pass (``ops.triton.add_rms_norm_rows``,
+        a custom op when traced: the static decode step's two per layer, which were inductor's kernels);
+        s equals ``x + y`` and the norm this module's forward on it."""
+        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y, traced=True)
+        if kernel is not None and y.shape == x.shape and y.dtype == x.dtype:
+            return kernel(x, y, self.weight, self.eps, self.zero_centered)
+        s = x + y
+        return s, self(s)
+
 
 class GatedRMSNorm(nn.Module):
     """Per-head RMSNorm of o, multiplied by SiLU(z) (Gated DeltaNet's output gate) or sigmoid(z) (Kimi's).

@@ -23,9 +23,9 @@ implicitly: an evaluation under ``no_grad`` in the middle of training leaves the
 where it was, so nothing about a training run depends on whether or when it evaluated. Layers that
 are not plain bias-free ``nn.Linear`` (a bias, a wrapper) are never packed.
 
-On CUDA, a one-row product (a decode step at batch 1) against a narrow weight runs on the Triton
-matrix-vector kernel (``hybridlm.ops.triton.gemv``) instead of cuBLAS, whose kernels took 1.3-1.7x
-as long for those (``project_rows``); output projections take the same route through ``project``.
+On CUDA, a one-row product (a decode step at batch 1) runs on the Triton matrix-vector kernel
+(``hybridlm.ops.triton.gemv``) instead of cuBLAS (``project_rows``); output projections take the
+same route through ``project``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from hybridlm.ops._checks import load_kernel
 
 
 _NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
-_GEMV_MAX_OUT = 4096  # widest weight (output rows) sent to the decode matrix-vector kernel
+_GEMV_MAX_OUT = 1 << 20  # widest weight (output rows) sent to the decode matrix-vector kernel
 
 
 class PacksWeights(nn.Module):
@@ -133,12 +133,14 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias, no gradient needed). One row of x on CUDA, in weight's 16-bit
     dtype, against at most ``_GEMV_MAX_OUT`` weight rows runs on the decode matrix-vector kernel.
 
-    The rule is what ``benchmarks/experiments/gemv_ab.py`` measured on an H200 (bf16, distinct weights
-    per call, data/2026-12-03-h200-s2/gemv_ab.json): at one row the kernel took 3.63 / 2.89 / 7.55 us
-    against cuBLAS's 6.21 / 3.78 / 10.01 for MoE's stacked router and shared gate/up (1064 x 2048), the
-    shared expert's down (2048 x 512) and an output projection (2048 x 4096), but 17.4 / 14.1 us
-    against 17.9 / 13.4 for the wide input projections (12352 and 9216 rows), and at four rows it
-    lost on three of the five."""
+    Measured on an H200 (bf16, distinct weights per call, data/2026-12-03-h200-s2/gemv_ab.json): at
+    one row the block kernel took 3.63 / 2.89 / 7.55 us against cuBLAS's 6.21 / 3.78 / 10.01 for MoE's
+    stacked router and shared gate/up (1064 x 2048), the shared expert's down (2048 x 512) and an
+    output projection (2048 x 4096), 17.4 / 14.1 us against 17.9 / 13.4 for the wide input
+    projections (12352 and 9216 rows); at four rows it lost on three of the five, so only one row is
+    routed. The input projections were left to cuBLAS until the one-row kernel with programmatic
+    dependent launch (5.43 us against cuBLAS's 9.83 in a chain of output-projection products,
+    benchmarks/experiments/pdl_chain.py): cuBLAS's kernels do not take part in that overlap."""
     kernel = _gemv_for(x, weight)
     return kernel(x, weight) if kernel is not None else F.linear(x, weight)
 

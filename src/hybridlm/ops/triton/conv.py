@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import pdl_launch
+
 MAX_TAPS = 4  # the kernel keeps the three inputs before the current row in registers
 
 
@@ -39,10 +41,14 @@ def _row(x_b, win_b, src, o_c, m_c, stride_xt, W: tl.constexpr, HAS_WINDOW: tl.c
 
 @triton.jit
 def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt, stride_wb, BT,
-                       KS: tl.constexpr, BC: tl.constexpr, HAS_WINDOW: tl.constexpr, UPDATE: tl.constexpr):
+                       KS: tl.constexpr, BC: tl.constexpr, HAS_WINDOW: tl.constexpr, UPDATE: tl.constexpr,
+                       USE_PDL: tl.constexpr):
     """Rows t0 .. t0 + BT - 1 of BC channels, one row after another: the three inputs before the
     current row stay in registers (filters of up to 4 taps; a shorter one is padded with leading
     zero taps), so each input row is read once and a thread only touches its own channels."""
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     W: tl.constexpr = KS - 1
     XT = x_ptr.dtype.element_ty
@@ -155,7 +161,7 @@ def _conv_into(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor | 
     win = window_BCW if has_window else y    # not read without a window
     causal_conv_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
         x_BTC, w, win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
-        KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4)
+        KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4, **pdl_launch(x_BTC.device))
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]
         if T >= W:
             window_BCW.copy_(x_BTC[:, T - W:].transpose(1, 2))

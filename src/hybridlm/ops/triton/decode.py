@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
+from hybridlm.ops.triton.utils import pdl_launch
 
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
 L2NORM_EPS = tl.constexpr(1e-6)
@@ -39,6 +40,7 @@ def _gdn_decode_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
     # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
@@ -46,6 +48,9 @@ def _gdn_decode_kernel(
     # software-pipelined: the state tiles of the next STAGES - 1 iterations are copied into shared
     # memory asynchronously while this one computes (a plain `range` is not pipelined: its loads
     # feed no tensor-core product, and Triton pipelines those only in a loop given num_stages).
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     n_vb = tl.cdiv(V, BV)
     if STAGES > 1:
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
@@ -224,7 +229,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
-        num_warps=warps,
+        num_warps=warps, **pdl_launch(q.device),
     )
 
 

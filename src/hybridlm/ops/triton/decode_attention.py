@@ -39,6 +39,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.decode_attention import check_decode_attention
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+from hybridlm.ops.triton.utils import pdl_launch
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Waves of resident programs the split kernel should run (latency hiding wants several loads in flight
@@ -84,8 +85,11 @@ def _split_kv_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
-    SKIP_EMPTY: tl.constexpr, STAGES: tl.constexpr,
+    SKIP_EMPTY: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     R: tl.constexpr = H // HKV
     i_bk = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -152,7 +156,7 @@ def _split_kv_kernel(
 
 @triton.jit
 def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV: tl.constexpr,
-                    BN: tl.constexpr, STAGES: tl.constexpr):
+                    BN: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     """o[b, h] = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j over the splits j of one (b, h).
 
     One pass over the splits, BN at a time, with a running maximum (the sums so far are rescaled when
@@ -162,6 +166,9 @@ def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV
     (batch 1) would otherwise stream all their partials through a few multiprocessors; each
     program recomputes the row's weights (the split maxima and sums are a small share of its
     loads)."""
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_bh = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     o_dv = tl.program_id(1) * BDV + tl.arange(0, BDV)
@@ -298,7 +305,7 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
         BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)), BLOCK_S=bs,
         # float32 inputs keep float32 products (no TF32), as the reference computes
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=n == 1,
-        SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps,
+        SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps, **pdl_launch(q.device),
     )
     if n > 1:
         combine_into(part_acc, part_m, part_l, o, B * H, n, Dv, _num_sms(q.device))
@@ -328,7 +335,7 @@ def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sm
     :func:`combine_plan`'s columns per program (tests, benchmarks)."""
     bdv, bn = combine_plan(rows, n, Dv, num_sms, block_dv)
     _combine_kernel[(rows, triton.cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
-                                                   STAGES=3, num_warps=4)
+                                                   STAGES=3, num_warps=4, **pdl_launch(o.device))
 
 
 @torch.library.custom_op("hybridlm::softmax_attention_decode", mutates_args=())

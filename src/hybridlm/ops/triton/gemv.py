@@ -14,6 +14,16 @@ keeps [N, BLOCK_O, BLOCK_D] float32 partial products, summed over D once at the 
 until the grid gives every multiprocessor several programs, so many weight loads are in flight.
 Accumulation is float32 whatever the input dtype.
 
+One row of x (batch 1) takes a second kernel, :func:`_gemv_row_kernel`: one wave of programs
+(PROGRAMS_PER_SM_ROW a multiprocessor, all resident at once), program p owning row blocks p, p + P, ...
+and loading block r + 1 into registers while it sums block r. Launched with programmatic dependent
+launch (``utils.pdl``), the kernel lets its successor launch as soon as every program has started and
+loads its first row block before waiting for its predecessor: in a chain of 48 such products
+(``benchmarks/experiments/pdl_chain.py``, H200, 2048 x 4096 and 4096 x 2048 bf16, one CUDA graph) it
+took 5.43 us a product against 6.95 for the kernel above and 9.83 for cuBLAS; the same one-wave launch
+without PDL took 7.05-7.44 us. The overlap needs the predecessor to be a PDL kernel too (every decode
+kernel of ``ops/triton`` is).
+
 Registered with ``torch.library`` (``hybridlm::decode_linear``) so ``torch.compile(fullgraph=True)``
 traces through it and a decode step captures it in a CUDA graph.
 """
@@ -28,6 +38,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+from hybridlm.ops.triton.utils import pdl_launch
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -36,6 +47,12 @@ PROGRAMS_PER_SM = 4
 # while one is summed. H200, one row, bf16 (benchmarks/experiments/gemv_ab.py): 2048 x 4096 9.44 ->
 # 7.55 us, 1064 x 2048 4.86 -> 3.63 us, 12352 x 2048 21.40 -> 17.36 us against the plain loop.
 STAGES = 3
+# The one-row kernel (pdl_chain.py's sweep, H200): 4 programs a multiprocessor, 8 warps, row blocks of
+# ROW_ELEMENTS weight elements (64 a thread; two blocks live take ~130 registers), widest row it takes.
+PROGRAMS_PER_SM_ROW = 4
+ROW_WARPS = 8
+ROW_ELEMENTS = 16384
+ROW_MAX_D = 16384
 
 
 @triton.jit
@@ -59,6 +76,44 @@ def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
              mask=m_n[:, None] & m_o[None, :])
 
 
+@triton.jit
+def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    # y [O] = W x for one row x [D]; program p of P owns row blocks p, p + P, ... (n_rounds of them)
+    P = tl.num_programs(0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # every program is resident: the successor may launch now
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    m_o = o_o < O
+    # the weights do not depend on the predecessor: the first block is loaded before waiting for it
+    b_w = tl.load(w_OD + o_o.to(tl.int64)[:, None] * s_wo + o_d[None, :], mask=m_o[:, None] & m_d[None, :],
+                  other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # the predecessor has finished and its writes (x) are visible
+    b_x = tl.load(x_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    for _ in range(1, n_rounds):
+        n_o = o_o + P * BLOCK_O
+        n_m = n_o < O
+        b_next = tl.load(w_OD + n_o.to(tl.int64)[:, None] * s_wo + o_d[None, :], mask=n_m[:, None] & m_d[None, :],
+                         other=0.0)  # issued before this block's sum
+        y = tl.sum(b_w.to(tl.float32) * b_x[None, :], axis=1)
+        tl.store(y_O + o_o, y.to(y_O.dtype.element_ty), mask=m_o)
+        b_w, o_o, m_o = b_next, n_o, n_m
+    y = tl.sum(b_w.to(tl.float32) * b_x[None, :], axis=1)
+    tl.store(y_O + o_o, y.to(y_O.dtype.element_ty), mask=m_o)
+
+
+def row_launch(O: int, D: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_D, programs, rounds) of the one-row kernel."""
+    bd = max(16, triton.next_power_of_2(D))
+    bo = max(1, min(ROW_ELEMENTS // bd, triton.next_power_of_2(O)))
+    blocks = triton.cdiv(O, bo)
+    programs = min(blocks, PROGRAMS_PER_SM_ROW * num_sms)
+    return bo, bd, programs, triton.cdiv(blocks, programs)
+
+
 def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
     """(BLOCK_O, BLOCK_D): rows 512 wide (less for a small D), BLOCK_O from a TILE-element
     accumulator's rows down to 1 until cdiv(O, BLOCK_O) reaches PROGRAMS_PER_SM programs per SM."""
@@ -71,13 +126,19 @@ def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
 
 
 def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps: int = 4) -> None:
-    """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim)."""
+    """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim): one row
+    (D <= ROW_MAX_D) on the one-row kernel unless ``blocks`` asks for the block kernel's launch."""
     N, D = x_ND.shape
     O = w_OD.shape[0]
     if N == 0 or O == 0:
         return
     if D == 0:
         y_NO.zero_()
+        return
+    if N == 1 and D <= ROW_MAX_D and blocks is None:
+        bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
+        _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bd,
+                                      num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
     _gemv_kernel[(triton.cdiv(O, bo),)](

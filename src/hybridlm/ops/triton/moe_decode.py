@@ -47,6 +47,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+from hybridlm.ops.triton.utils import pdl_launch
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
 # flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
@@ -67,7 +68,10 @@ DOWN_STAGES = 4
 @triton.jit
 def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
                     s_xn, s_ge, s_gi, s_ue, s_ui,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_nk = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1)
     i_n = i_nk // K
@@ -100,11 +104,14 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 @triton.jit
 def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N, K, I, D, S, s_de, s_dd, s_on,
                  s_hn, s_wd, s_un, s_gn, HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     # program (token, d-block): out[n, d-block] = sum over the token's K slots of
     # down_e[d-block, :] . h[n, slot, :], the slots' rows streamed one after another (BLOCK_I columns a
     # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows.
     # A shared expert's rows (ws [D, S] against hs [N, S]) go into the same tile first.
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_n = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
@@ -195,7 +202,8 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
     _gate_up_kernel[(N * K, triton.cdiv(I, bi1))](
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
-        BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps)
+        BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps,
+        **pdl_launch(x_ND.device))
     hs, ws = (shared_h_NS, shared_down_DS) if shared else (h_NKI, h_NKI)  # unread without HAS_SHARED
     swiglu, gated = shared and shared_up_NS is not None, shared and shared_gate_N is not None
     us = shared_up_NS if swiglu else hs
@@ -204,7 +212,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         h_NKI, experts_NK, down_EDI, out_ND, hs, ws, us, gs, K, I, D, shared_h_NS.shape[1] if shared else 0,
         down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0), us.stride(0),
         gs.stride(0), HAS_SHARED=shared, SWIGLU=swiglu, GATED=gated, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1],
-        num_warps=down_warps or num_warps)
+        num_warps=down_warps or num_warps, **pdl_launch(x_ND.device))
 
 
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())

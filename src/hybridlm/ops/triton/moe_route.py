@@ -32,6 +32,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
+from hybridlm.ops.triton.utils import pdl_launch
 
 _EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 
@@ -39,7 +40,10 @@ _EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 @triton.jit
 def _route_kernel(logits_NE, bias_E, weights_NK, experts_NK, E, s_ln, scaling,
                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
@@ -98,7 +102,7 @@ def moe_route_into(logits_NE, top_k, router, norm_topk_prob, scaling, score_bias
         logits_NE, logits_NE if score_bias_E is None else score_bias_E, weights_NK, experts_NK, E,
         logits_NE.stride(0), scaling, K=top_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         SOFTMAX=router == "softmax", HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=_EMPTY,
-        num_warps=num_warps or pick_warps(E))
+        num_warps=num_warps or pick_warps(E), **pdl_launch(logits_NE.device))
 
 
 @torch.library.custom_op("hybridlm::moe_route", mutates_args=())

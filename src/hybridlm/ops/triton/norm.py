@@ -8,6 +8,11 @@ per layer. In a prefill, where the host launches every kernel one by one (the 4-
 a 4k prefill: 33 ms of wall time for 15.9 ms of kernels), that is launches more than bytes. This
 kernel reads and writes each row once, with the same float32 arithmetic in the same order (only the
 mean of squares sums in another order).
+
+``add_rms_norm_rows`` is a block's residual add and the next norm in one pass (s = x + y rounded to
+x's dtype, as ``x + y`` is, then the norm of s): the static decode step's two per layer, which were
+inductor's fused reduction kernels (launched without programmatic dependent launch, so each one
+also ended the overlap of the PDL kernels around it).
 """
 
 from __future__ import annotations
@@ -16,17 +21,27 @@ import torch
 import triton
 import triton.language as tl
 
+from hybridlm.ops.triton.utils import pdl_launch
+
 
 @triton.jit
-def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, n_rows, D, eps, ZH, s_zt, BD: tl.constexpr, BR: tl.constexpr,
-                    ZERO_CENTERED: tl.constexpr, GATE: tl.constexpr):
+def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, r_ptr, s_ptr, n_rows, D, eps, ZH, s_zt, BD: tl.constexpr,
+                    BR: tl.constexpr, ZERO_CENTERED: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m = (o_r < n_rows)[:, None] & m_d[None, :]
     o_r64 = o_r.to(tl.int64)
     p = o_r64[:, None] * D + o_d[None, :]
-    x = tl.load(x_ptr + p, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + p, mask=m, other=0.0)
+    if RESIDUAL:  # s = x + residual in x's dtype (rounded as PyTorch's x + y is), stored; then its norm
+        x = (x.to(tl.float32) + tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(s_ptr + p, x, mask=m)
+    x = x.to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
     w = tl.load(w_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
     if ZERO_CENTERED:
@@ -79,6 +94,48 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_center
     return _norm_into(x, weight, eps, zero_centered, z, _GATES[gate])
 
 
+def add_rms_norm_rows(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                      zero_centered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, RMSNorm(s)) for s = x + y: a residual add and the norm after it in one pass.
+
+    Args:
+        x: [..., D] float32, bfloat16 or float16 (the residual stream).
+        y: x's shape and dtype (the branch output added to it).
+        weight, eps, zero_centered: as :func:`rms_norm_rows`.
+    Returns:
+        s = x + y in x's dtype (rounded once, as ``x + y``) and its norm, both new [..., D] tensors.
+        Traced by torch.compile it is one custom op (``hybridlm::add_rms_norm_rows``).
+    """
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"weight must have shape ({D},) to match x's last dimension, got {tuple(weight.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be float32, bfloat16 or float16 for the Triton kernel, got {x.dtype}")
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"y must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(getattr(y, 'shape', ()))} {getattr(y, 'dtype', type(y).__name__)}")
+    x, y, weight = x.contiguous(), y.contiguous(), weight.contiguous()
+    if torch.compiler.is_compiling():
+        return _add_norm_op(x, y, weight, float(eps), bool(zero_centered))
+    return _add_norm_into(x, y, weight, eps, zero_centered)
+
+
+def _add_norm_into(x, y, weight, eps, zero_centered):
+    s = torch.empty_like(x)
+    return s, _norm_into(x, weight, eps, zero_centered, None, 0, residual=y, s=s)
+
+
+@torch.library.custom_op("hybridlm::add_rms_norm_rows", mutates_args=())
+def _add_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add_norm_into(x, y, weight, eps, zero_centered)
+
+
+@_add_norm_op.register_fake
+def _(x, y, weight, eps, zero_centered):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
 def _z_rows(z: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(z, heads per token, token stride) for the kernel: z [..., H, D] read in place when each
     token's H rows are packed and tokens are evenly spaced (a column slice of a projection output),
@@ -97,8 +154,9 @@ def _z_rows(z: torch.Tensor) -> tuple[torch.Tensor, int, int]:
 
 
 def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool, z: torch.Tensor | None,
-               gate: int) -> torch.Tensor:
-    """Launch on validated arguments (x and weight contiguous)."""
+               gate: int, residual: torch.Tensor | None = None, s: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch on validated arguments (x, weight and residual contiguous; s x's shape, written with
+    x + residual when residual is given)."""
     D = x.shape[-1]
     y = torch.empty_like(x)
     n_rows = x.numel() // D if D else 0
@@ -107,9 +165,11 @@ def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered:
     z, zh, s_zt = (x, 1, D) if z is None else _z_rows(z)  # z is not read without a gate
     BD = max(16, triton.next_power_of_2(D))
     BR = max(1, min(16, 4096 // BD))  # rows per program: ~4k elements, so wide rows do not spill
-    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight, z, y, n_rows, D, float(eps), zh, s_zt, BD=BD, BR=BR,
-                                                ZERO_CENTERED=zero_centered, GATE=gate,
-                                                num_warps=4 if BD <= 1024 else 8)
+    has_res = residual is not None
+    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight, z, y, residual if has_res else x, s if has_res else y,
+                                                n_rows, D, float(eps), zh, s_zt, BD=BD, BR=BR,
+                                                ZERO_CENTERED=zero_centered, GATE=gate, RESIDUAL=has_res,
+                                                num_warps=4 if BD <= 1024 else 8, **pdl_launch(x.device))
     return y
 
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
+from hybridlm.ops.triton.utils import pdl_launch
 
 
 @triton.jit
@@ -60,7 +61,11 @@ def _norm_rope_row(src, w_ptr, o_d, m_d, partner, rot, sign, cos, sin, D, eps,
 @triton.jit
 def _qk_rope_kernel(q, k, v, q_w, k_w, inv_freq, pos_B, slot, q_out, k_cache, v_cache, H, D, eps,
                     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
-                    R: tl.constexpr, BD: tl.constexpr, HAS_NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr):
+                    R: tl.constexpr, BD: tl.constexpr, HAS_NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
+        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
+        tl.extra.cuda.gdc_wait()
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     o_d = tl.arange(0, BD)
@@ -108,7 +113,7 @@ def qk_norm_rope_into(q_BHD, k_BHD, v_BHD, pos_B, slot, k_cache, v_cache, q_out,
         q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         R=2 * inv_freq.shape[0], BD=bd, HAS_NORM=has_norm, ZERO_CENTERED=bool(zero_centered),
-        num_warps=max(1, min(4, bd // 128)))
+        num_warps=max(1, min(4, bd // 128)), **pdl_launch(q_BHD.device))
 
 
 @torch.library.custom_op("hybridlm::qk_norm_rope_decode", mutates_args=("k_cache", "v_cache"))

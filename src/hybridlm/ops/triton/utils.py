@@ -1,5 +1,5 @@
-"""Index tables shared by the chunked kernels: where each sequence and each chunk lives in the
-flattened token axis.
+"""Index tables shared by the chunked kernels (where each sequence and each chunk lives in the
+flattened token axis), and the decode kernels' launch option (programmatic dependent launch).
 
 Every chunked kernel sees the tokens as one flat axis of ``B * T`` rows (a contiguous [B, T, ...]
 tensor already is one). A batch of B equal sequences is then the packed case with
@@ -8,6 +8,9 @@ sequence boundary because they are cut per sequence.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -44,3 +47,29 @@ def sequence_tables(B: int, T: int, bounds: list[int] | None, device: torch.devi
     chunk_offsets = torch.tensor(counts, dtype=torch.int32, device=device)
     chunk_bounds = torch.tensor(chunk_rows, dtype=torch.int32, device=device).reshape(-1, 2)
     return cu, chunk_offsets, chunk_bounds
+
+
+# Programmatic dependent launch (Hopper and later): a decode kernel launched with it lets its successor
+# launch before it ends (``gdc_launch_dependents``) and waits for its predecessor (``gdc_wait``) only
+# before it reads anything the predecessor wrote, so consecutive kernels' launch and fill overlap.
+# Every kernel of a PDL launch waits before its first read of activations and before any write, so
+# the order of memory accesses is that of plain stream order. ``HYBRIDLM_PDL=0`` turns it off (for
+# side-by-side timing: benchmarks/RESULTS.md).
+PDL = os.environ.get("HYBRIDLM_PDL", "1") != "0"
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch: CUDA devices of compute
+    capability 9 or later (not the CPU interpreter), unless HYBRIDLM_PDL=0."""
+    return PDL and device.type == "cuda" and _capability(device.index) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Launch keyword arguments for a kernel taking a ``USE_PDL`` constexpr: ``dict(USE_PDL=..., launch_pdl=True)``
+    when ``pdl(device)``, else ``dict(USE_PDL=False)``."""
+    return dict(USE_PDL=True, launch_pdl=True) if pdl(device) else dict(USE_PDL=False)
