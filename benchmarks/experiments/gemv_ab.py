@@ -1,11 +1,12 @@
 """The decode matrix-vector kernel (``ops/triton/gemv.py``) against cuBLAS (``F.linear``) at the
 projections of a Qwen3-Next decode step, batch 1 and 4, bf16. One GPU call, under a minute.
 
-``ours`` is the default launch: at one row, since the sixth 12-03 session, the one-wave row kernel
-with programmatic dependent launch (consecutive replays overlap, as consecutive kernels of a decode
-step do); at more rows the block kernel. ``ours_blocks`` is the block kernel at its default blocks and
-3-stage loop (before the sixth 12-03 session ``ours``; ``ours_1stage`` was its plain loop, and in the
-first run, 2026-12-03, these were named ``ours_3stages`` and ``ours``). Each row is timed as CUDA-graph replays over distinct weight copies totalling >= 4x L2 (a decode
+``ours`` is the default launch: the block kernel, or at one row with HYBRIDLM_PDL=1 the one-wave row
+kernel with programmatic dependent launch (consecutive replays then overlap, as consecutive kernels
+of a decode step do). ``ours_blocks`` is the block kernel at its default blocks and 3-stage loop
+(``ours`` before the sixth 12-03 session; ``ours_1stage`` was its plain loop, and in the first run,
+2026-12-03, these were named ``ours_3stages`` and ``ours``), ``ours_row`` the row kernel at one row
+(with PDL as the environment sets it). The sixth 12-03 session's file ran with PDL on by default. Each row is timed as CUDA-graph replays over distinct weight copies totalling >= 4x L2 (a decode
 step reads every weight from memory once), and printed with the share of the 1 GiB copy rate its
 weight bytes reach. Every kernel output is first checked against F.linear.
 
@@ -60,6 +61,7 @@ def main() -> None:
             cases = dict(cublas=[lambda w=w: F.linear(x, w) for w in ws],
                          ours_blocks=[lambda w=w: gemv_into(x, w, y, blocks=pick_blocks(N, O, D, _num_sms(dev)))
                                       for w in ws],
+                         ours_row=[lambda w=w: gemv_into(x, w, y, row=True) for w in ws],
                          ours=[lambda w=w: gemv_into(x, w, y) for w in ws])
             row = dict(what=what, O=O, D=D, N=N, buffers=n, weight_bytes=wbytes, rel_err=err,
                        blocks=list(pick_blocks(N, O, D, _num_sms(dev))))
@@ -94,7 +96,8 @@ def sweep(what, O, D, ws, rate) -> list[dict]:
         gemv_into(x, ws[0], y, blocks=(bo, bd), stages=st, num_warps=wp)
         err = ((y.float() - ref).norm() / ref.norm()).item()
         us = timing.graphed_ms_per_call([lambda w=w: gemv_into(x, w, y, blocks=(bo, bd), stages=st, num_warps=wp)
-                                         for w in ws], warmup_ms=5, rep_ms=30) * 1e3
+                                         for w in ws],
+                         ours_row=[lambda w=w: gemv_into(x, w, y, row=True) for w in ws], warmup_ms=5, rep_ms=30) * 1e3
         out.append(dict(what=what, O=O, D=D, N=1, sweep=True, blocks=[bo, bd], stages=st, warps=wp, us=us,
                         share=O * D * 2 / (us * 1e-6) / rate, rel_err=err, default=(bo, bd, st, wp) == default))
     out.sort(key=lambda r: r["us"])

@@ -48,11 +48,11 @@
 #   recheck      the 4k batch-1 row with five prefills (the fifth 12-03 session's TTFTs were single
 #                prefills: 0.108-0.179 s for unchanged prefill code) and the 4k batch-8 compiled row
 #                (1,122.6 tokens/s, 50.4% in the fourth 12-03 session), after the three launch cuts
-#   pdl2         after programmatic dependent launch went into every decode kernel, the one-row
-#                matrix-vector kernel (all one-row projections, the input projections included) and the
-#                residual add + norm kernel (sixth 12-03 session): their GPU tests, gemv_ab.py, the 4k
-#                batch-1 compiled profile with and without PDL (HYBRIDLM_PDL=0) and the 4-layer trace
-#                (306.6 tokens/s, 54 launches before)
+#   pdl2         programmatic dependent launch in every decode kernel with the one-row matrix-vector
+#                kernel and the residual add + norm kernel it brings (sixth 12-03 session; off unless
+#                HYBRIDLM_PDL=1): GPU tests, gemv_ab.py, the 4k batch-1 compiled profile with PDL (under a
+#                timeout with Python tracebacks: it did not finish in 7 minutes in the sixth session) and
+#                without, and the 4-layer trace (306.6 tokens/s, 54 launches before)
 #   pdl3         the rest of the decode kernels' GPU tests and the 128k batch-36 compiled row with and
 #                without PDL (814.3 tokens/s, 73.2% before)
 #   route        after the decode step's routing and the attention layers' q/k norm + rotary + cache write
@@ -164,21 +164,24 @@ case $part in
         python3 -m hybridlm.profile_report "$out/profile_4k_b8.json" | tee "$out/profile_4k_b8.txt"
         ;;
     pdl2)
-        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py tests/ops/test_triton_norm.py \
-            tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_pdl2.txt" || true
-        python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
-        $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 3 --json > "$out/profile_4k_b1.json"
-        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py \
+            tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_pdl2.txt" || true
+        HYBRIDLM_PDL=1 python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
+        # the sixth 12-03 session's run of this part did not finish this profile in 7 minutes
+        PYTHONFAULTHANDLER=1 HYBRIDLM_PDL=1 timeout -s ABRT 150 $run --contexts 4k --batch 1 --compile --decode-steps 64 \
+            --prefill-repeats 3 --json > "$out/profile_4k_b1.json" 2> "$out/profile_4k_b1.err" || true
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt" || true
         HYBRIDLM_PDL=0 $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 3 --json \
             > "$out/profile_4k_b1_nopdl.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1_nopdl.json" | tee "$out/profile_4k_b1_nopdl.txt"
-        python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"
+        HYBRIDLM_PDL=1 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
+            | tee "$out/trace.txt"
         ;;
     pdl3)
-        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
+        HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_decode.py tests/layers/test_packing.py tests/ops/test_triton_conv.py \
             tests/ops/test_moe_route.py tests/ops/test_qk_rope.py 2>&1 | tail -12 | tee "$out/tests_pdl3.txt" || true
-        $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
+        HYBRIDLM_PDL=1 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         HYBRIDLM_PDL=0 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json \
             > "$out/compiled_128k_b36_nopdl.json"

@@ -60,11 +60,12 @@ def test_every_output_element_written(blocks, stages):
 
 @pytest.mark.parametrize("O, D", [(1, 1), (63, 100), (65, 63), (1000, 40), (37, 2048)])
 def test_one_row_kernel_every_round_written(O, D):
-    # one row of x takes the one-wave kernel: without CUDA one multiprocessor, 4 programs, so O
+    # the one-wave kernel (one row's default where kernels launch with PDL): without CUDA one
+    # multiprocessor, 4 programs, so O
     # rows take up to 32 rounds of the register-double-buffered loop; NaN-poisoned output
     x, w = make((1,), O, D, torch.float32, seed=3)
     y = torch.full((1, O), float("nan"), device=DEVICE)
-    gemv_into(x, w, y)
+    gemv_into(x, w, y, row=True)
     assert not y.isnan().any()
     assert rel_err(y, reference(x, w)) < TOL[torch.float32]
 
@@ -75,6 +76,14 @@ def test_one_row_launch():
     assert row_launch(12352, 2048, 132) == (8, 2048, 528, 3)
     assert row_launch(1064, 2048, 132) == (8, 2048, 133, 1)
     assert row_launch(3, 20, 132) == (4, 32, 1, 1)
+
+
+def test_pdl_is_opt_in_and_never_on_the_interpreter():
+    from hybridlm.ops.triton import utils
+
+    assert utils.pdl(torch.device("cpu")) is False
+    assert utils.pdl_launch(torch.device("cpu")) == {"USE_PDL": False}
+    assert utils.PDL == (os.environ.get("HYBRIDLM_PDL") == "1")
 
 
 def test_weight_views_and_strided_rows():

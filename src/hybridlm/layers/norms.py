@@ -59,14 +59,26 @@ class RMSNorm(nn.Module):
     def add(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, self(s)) for s = x + y (x and y of one shape and dtype): a residual add and this norm.
 
-        On CUDA without gradients, also under torch.compile, one Triton pass (``ops.triton.add_rms_norm_rows``,
-        a custom op when traced: the static decode step's two per layer, which were inductor's kernels);
-        s equals ``x + y`` and the norm this module's forward on it."""
-        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y, traced=True)
+        Where the decode kernels launch with programmatic dependent launch (``ops.triton.utils.pdl``,
+        off unless HYBRIDLM_PDL=1), on CUDA without gradients, also under torch.compile: one Triton pass
+        (``ops.triton.add_rms_norm_rows``, a custom op when traced; the static decode step's two a layer
+        were inductor's kernels, which take no part in PDL). Elsewhere ``x + y`` and this module's
+        forward, which inductor fuses into one kernel. s equals ``x + y`` either way."""
+        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y, traced=True) if _pdl(x) else None
         if kernel is not None and y.shape == x.shape and y.dtype == x.dtype:
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y
         return s, self(s)
+
+
+def _pdl(x: torch.Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    try:
+        from hybridlm.ops.triton.utils import pdl
+    except ImportError:  # no triton
+        return False
+    return pdl(x.device)
 
 
 class GatedRMSNorm(nn.Module):

@@ -23,9 +23,9 @@ implicitly: an evaluation under ``no_grad`` in the middle of training leaves the
 where it was, so nothing about a training run depends on whether or when it evaluated. Layers that
 are not plain bias-free ``nn.Linear`` (a bias, a wrapper) are never packed.
 
-On CUDA, a one-row product (a decode step at batch 1) runs on the Triton matrix-vector kernel
-(``hybridlm.ops.triton.gemv``) instead of cuBLAS (``project_rows``); output projections take the
-same route through ``project``.
+On CUDA, a one-row product (a decode step at batch 1) against a narrow weight runs on the Triton
+matrix-vector kernel (``hybridlm.ops.triton.gemv``) instead of cuBLAS, whose kernels took 1.3-1.7x
+as long for those (``project_rows``); output projections take the same route through ``project``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from hybridlm.ops._checks import load_kernel
 
 
 _NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
-_GEMV_MAX_OUT = 1 << 20  # widest weight (output rows) sent to the decode matrix-vector kernel
+_GEMV_MAX_OUT = 4096  # widest weight (output rows) sent to the decode matrix-vector kernel
 
 
 class PacksWeights(nn.Module):
@@ -138,9 +138,9 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     stacked router and shared gate/up (1064 x 2048), the shared expert's down (2048 x 512) and an
     output projection (2048 x 4096), 17.4 / 14.1 us against 17.9 / 13.4 for the wide input
     projections (12352 and 9216 rows); at four rows it lost on three of the five, so only one row is
-    routed. The input projections were left to cuBLAS until the one-row kernel with programmatic
-    dependent launch (5.43 us against cuBLAS's 9.83 in a chain of output-projection products,
-    benchmarks/experiments/pdl_chain.py): cuBLAS's kernels do not take part in that overlap."""
+    routed. The one-row kernel with programmatic dependent launch (sixth 12-03 session,
+    data/2026-12-03-h200-s6/gemv_ab.json) took 2.11 / 1.78 / 5.69 us for the narrow three, but 18.26 /
+    15.11 us for the wide ones against cuBLAS's 17.82 / 13.37: the wide ones stay on cuBLAS."""
     kernel = _gemv_for(x, weight)
     return kernel(x, weight) if kernel is not None else F.linear(x, weight)
 

@@ -22,7 +22,8 @@ loads its first row block before waiting for its predecessor: in a chain of 48 s
 (``benchmarks/experiments/pdl_chain.py``, H200, 2048 x 4096 and 4096 x 2048 bf16, one CUDA graph) it
 took 5.43 us a product against 6.95 for the kernel above and 9.83 for cuBLAS; the same one-wave launch
 without PDL took 7.05-7.44 us. The overlap needs the predecessor to be a PDL kernel too (every decode
-kernel of ``ops/triton`` is).
+kernel of ``ops/triton`` is), so the kernel is the default for one row only where PDL is on (off
+unless HYBRIDLM_PDL=1, see ``utils.PDL``).
 
 Registered with ``torch.library`` (``hybridlm::decode_linear``) so ``torch.compile(fullgraph=True)``
 traces through it and a decode step captures it in a CUDA graph.
@@ -38,7 +39,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl, pdl_launch
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -125,9 +126,12 @@ def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
     return bo, bd
 
 
-def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps: int = 4) -> None:
-    """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim): one row
-    (D <= ROW_MAX_D) on the one-row kernel unless ``blocks`` asks for the block kernel's launch."""
+def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps: int = 4,
+              row: bool | None = None) -> None:
+    """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim). One row
+    (D <= ROW_MAX_D) takes the one-row kernel when ``row`` is True, or by default where kernels launch
+    with PDL (``utils.pdl``: without it the one-wave launch was slower than the block kernel); ``blocks``
+    asks for the block kernel's launch."""
     N, D = x_ND.shape
     O = w_OD.shape[0]
     if N == 0 or O == 0:
@@ -135,7 +139,7 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     if D == 0:
         y_NO.zero_()
         return
-    if N == 1 and D <= ROW_MAX_D and blocks is None:
+    if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and pdl(x_ND.device))):
         bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
         _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bd,
                                       num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
