@@ -60,11 +60,16 @@ class RMSNorm(nn.Module):
         """(s, self(s)) for s = x + y (x and y of one shape and dtype): a residual add and this norm.
 
         Where the decode kernels launch with programmatic dependent launch (``ops.triton.utils.pdl``,
-        off unless HYBRIDLM_PDL=1), on CUDA without gradients, also under torch.compile: one Triton pass
-        (``ops.triton.add_rms_norm_rows``, a custom op when traced; the static decode step's two a layer
-        were inductor's kernels, which take no part in PDL). Elsewhere ``x + y`` and this module's
-        forward, which inductor fuses into one kernel. s equals ``x + y`` either way."""
-        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y, traced=True) if _pdl(x) else None
+        off unless HYBRIDLM_PDL=1), on CUDA without gradients and outside torch.compile: one Triton pass
+        (``ops.triton.add_rms_norm_rows``). Elsewhere ``x + y`` and this module's forward, which inductor
+        fuses into one kernel. s equals ``x + y`` either way.
+
+        Not under torch.compile: traced as its two-output custom op, the 48-layer step became a graph
+        of opaque kernels only, in which each op's two outputs meet again at the next one, and torch
+        2.11's inductor spent minutes formatting the nested nodes as text (it recurses through every
+        input; the H200 profile showed it, sixth 12-03 session, RESULTS.md). Inductor's own kernel
+        for the add and norm ends that recursion."""
+        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y) if _pdl(x) else None
         if kernel is not None and y.shape == x.shape and y.dtype == x.dtype:
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y
