@@ -246,3 +246,35 @@ def test_graph_sampling_repeats_under_the_same_cuda_seed():
 
     assert torch.equal(run(1, temperature=1.0, top_k=1), eager_greedy(model, ids, 20, 8))
     assert torch.equal(run(1, temperature=1.5, top_p=0.9), run(1, temperature=1.5, top_p=0.9))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a GPU")
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batch1_bf16_step_with_and_without_pdl_on_cuda(pdl, compiled, monkeypatch):
+    """The batch-1 bf16 step through the decode kernels (one-row matrix-vector kernel, add + norm and
+    PDL launches when ``pdl``; compiled with inductor or not) against the eager cached decode."""
+    from hybridlm.ops.triton import utils
+
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability >= 9")
+    monkeypatch.setattr(utils, "PDL", pdl)
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().to(torch.bfloat16).eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    steps = torch.randint(0, vocab, (1, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    eager, static = model.new_cache(1, 20), model.new_cache(1, 20)
+    with torch.no_grad():
+        prefill(model, ids, None, eager)
+        prefill(model, ids, None, static)
+    step = torch.compile(model.decode_static, fullgraph=True) if compiled else model.decode_static
+    torch.compiler.reset()
+    slot = torch.zeros(1, dtype=torch.long, device="cuda")
+    for t in range(steps.shape[1]):
+        with torch.no_grad():
+            want = decode_one_token(model, steps[:, t], eager).float()
+        slot.fill_(static.seq_len)
+        got = step(steps[:, t:t + 1], static, slot).float()
+        static.seq_len += 1
+        assert ((got - want).norm() / want.norm()).item() < 3e-2
