@@ -52,7 +52,8 @@
 #                kernel and the residual add + norm kernel it brings (sixth 12-03 session; off unless
 #                HYBRIDLM_PDL=1): GPU tests, gemv_ab.py, the 4k batch-1 compiled profile with PDL (under a
 #                timeout with Python tracebacks: it did not finish in 7 minutes in the sixth session) and
-#                without, and the 4-layer trace (306.6 tokens/s, 54 launches before)
+#                without, the 4-layer trace (306.6 tokens/s, 54 launches before), and whether inductor's
+#                stall on chained two-output custom ops reproduces without the model on CUDA
 #   pdl3         the rest of the decode kernels' GPU tests and the 128k batch-36 compiled row with and
 #                without PDL (814.3 tokens/s, 73.2% before)
 #   route        after the decode step's routing and the attention layers' q/k norm + rotary + cache write
@@ -176,6 +177,8 @@ case $part in
         python3 -m hybridlm.profile_report "$out/profile_4k_b1_nopdl.json" | tee "$out/profile_4k_b1_nopdl.txt"
         HYBRIDLM_PDL=1 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
             | tee "$out/trace.txt"
+        python3 benchmarks/experiments/inductor_multi_output_chain.py --device cuda --layers 4,8,12,16 --seconds 90 2>&1 \
+            | tail -20 | tee "$out/inductor_chain.txt" || true
         ;;
     pdl3)
         HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
