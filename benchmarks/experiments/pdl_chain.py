@@ -55,8 +55,8 @@ def _rows_kernel(x_D, w_OD, y_O, O, D, s_wo, BLOCK_O: tl.constexpr, BLOCK_D: tl.
 @triton.jit
 def _persistent_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
                        AHEAD: tl.constexpr, USE_GDC: tl.constexpr):
-    # One wave of programs (a few per multiprocessor), so every program starts at once and, with PDL,
-    # the next kernel can launch as soon as all of them have: program p owns row tiles p, p + P, ...
+    # A fixed grid of a few programs per multiprocessor (one wave where they fit at once), so with PDL
+    # the next kernel can launch as soon as all of them have started: program p owns row tiles p, p + P, ...
     # and takes them AHEAD at a time, loading round r + 1 while it sums round r (registers, no shared
     # memory, so the next kernel's programs fit beside it). Round 0 is loaded before the wait.
     pid = tl.program_id(0)

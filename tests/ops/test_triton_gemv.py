@@ -60,7 +60,7 @@ def test_every_output_element_written(blocks, stages):
 
 @pytest.mark.parametrize("O, D", [(1, 1), (63, 100), (65, 63), (1000, 40), (37, 2048)])
 def test_one_row_kernel_every_round_written(O, D):
-    # the one-wave kernel (one row's default where kernels launch with PDL): without CUDA one
+    # the one-row kernel (one row's default where kernels launch with PDL): without CUDA one
     # multiprocessor, 4 programs, so O
     # rows take up to 32 rounds of the register-double-buffered loop; NaN-poisoned output
     x, w = make((1,), O, D, torch.float32, seed=3)
@@ -71,7 +71,7 @@ def test_one_row_kernel_every_round_written(O, D):
 
 
 def test_one_row_launch():
-    # H200 (132 SMs): 64 weight elements a thread at 8 warps, one wave of 4 programs a multiprocessor
+    # H200 (132 SMs): 64 weight elements a thread at 8 warps, 4 programs a multiprocessor
     assert row_launch(2048, 4096, 132) == (4, 4096, 512, 1)
     assert row_launch(12352, 2048, 132) == (8, 2048, 528, 3)
     assert row_launch(1064, 2048, 132) == (8, 2048, 133, 1)

@@ -69,7 +69,8 @@ class RMSNorm(nn.Module):
         2.11's inductor spent minutes formatting the nested nodes as text (it recurses through every
         input; the H200 profile showed it, sixth 12-03 session, RESULTS.md). Inductor's own kernel
         for the add and norm ends that recursion."""
-        kernel = inference_kernel("add_rms_norm_rows", x, self.weight, y) if _pdl(x) else None
+        kernel = None if torch.compiler.is_compiling() or not _pdl(x) else \
+            inference_kernel("add_rms_norm_rows", x, self.weight, y)
         if kernel is not None and y.shape == x.shape and y.dtype == x.dtype:
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y

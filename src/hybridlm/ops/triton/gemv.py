@@ -14,13 +14,15 @@ keeps [N, BLOCK_O, BLOCK_D] float32 partial products, summed over D once at the 
 until the grid gives every multiprocessor several programs, so many weight loads are in flight.
 Accumulation is float32 whatever the input dtype.
 
-One row of x (batch 1) takes a second kernel, :func:`_gemv_row_kernel`: one wave of programs
-(PROGRAMS_PER_SM_ROW a multiprocessor, all resident at once), program p owning row blocks p, p + P, ...
-and loading block r + 1 into registers while it sums block r. Launched with programmatic dependent
+One row of x (batch 1) can take a second kernel, :func:`_gemv_row_kernel`: a fixed grid of
+PROGRAMS_PER_SM_ROW programs a multiprocessor, program p owning row blocks p, p + P, ... and loading
+block r + 1 into registers while it sums block r. (At 8 warps and ~128 registers a thread two
+programs fit a multiprocessor at once, so the grid runs as two waves; of the launches swept, 4 a
+multiprocessor was the fastest.) Launched with programmatic dependent
 launch (``utils.pdl``), the kernel lets its successor launch as soon as every program has started and
 loads its first row block before waiting for its predecessor: in a chain of 48 such products
 (``benchmarks/experiments/pdl_chain.py``, H200, 2048 x 4096 and 4096 x 2048 bf16, one CUDA graph) it
-took 5.43 us a product against 6.95 for the kernel above and 9.83 for cuBLAS; the same one-wave launch
+took 5.43 us a product against 6.95 for the kernel above and 9.83 for cuBLAS; the same launch
 without PDL took 7.05-7.44 us. The overlap needs the predecessor to be a PDL kernel too (every decode
 kernel of ``ops/triton`` is), so the kernel is the default for one row only where PDL is on (off
 unless HYBRIDLM_PDL=1, see ``utils.PDL``).
@@ -49,7 +51,8 @@ PROGRAMS_PER_SM = 4
 # 7.55 us, 1064 x 2048 4.86 -> 3.63 us, 12352 x 2048 21.40 -> 17.36 us against the plain loop.
 STAGES = 3
 # The one-row kernel (pdl_chain.py's sweep, H200): 4 programs a multiprocessor, 8 warps, row blocks of
-# ROW_ELEMENTS weight elements (64 a thread; two blocks live take ~130 registers), widest row it takes.
+# ROW_ELEMENTS weight elements (64 a thread; with two blocks live an sm_90 compile takes 128 registers),
+# and the widest row it takes.
 PROGRAMS_PER_SM_ROW = 4
 ROW_WARPS = 8
 ROW_ELEMENTS = 16384
@@ -83,7 +86,7 @@ def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr
     # y [O] = W x for one row x [D]; program p of P owns row blocks p, p + P, ... (n_rounds of them)
     P = tl.num_programs(0)
     if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # every program is resident: the successor may launch now
+        tl.extra.cuda.gdc_launch_dependents()  # the successor may launch once every program has started
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -130,7 +133,7 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
               row: bool | None = None) -> None:
     """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim). One row
     (D <= ROW_MAX_D) takes the one-row kernel when ``row`` is True, or by default where kernels launch
-    with PDL (``utils.pdl``: without it the one-wave launch was slower than the block kernel); ``blocks``
+    with PDL (``utils.pdl``: without PDL this launch was slower than the block kernel); ``blocks``
     asks for the block kernel's launch."""
     N, D = x_ND.shape
     O = w_OD.shape[0]

@@ -54,10 +54,11 @@ def sequence_tables(B: int, T: int, bounds: list[int] | None, device: torch.devi
 # before it reads anything the predecessor wrote, so consecutive kernels' launch and fill overlap.
 # Every kernel of a PDL launch waits before its first read of activations and before any write, so
 # the order of memory accesses is that of plain stream order.
-# Off unless HYBRIDLM_PDL=1: with it on (and the one-row kernel and the add + norm kernel it brings into
-# the batch-1 step) the GPU tests passed, but the 48-layer compiled batch-1 profile did not finish in
-# 7 minutes on the H200 (sixth 12-03 session; it takes about 1 minute), cause not yet found
-# (benchmarks/RESULTS.md).
+# Off unless HYBRIDLM_PDL=1: not yet timed in the whole step. With it on (and the one-row kernel and the
+# add + norm kernel it brings into the batch-1 step) the GPU tests passed, but the 48-layer compiled
+# batch-1 profile stalled in inductor (the add + norm as a two-output custom op; now left to inductor
+# under compile) and no device time was left to time it after the fix (sixth 12-03 session,
+# benchmarks/RESULTS.md).
 PDL = os.environ.get("HYBRIDLM_PDL", "0") == "1"
 
 
