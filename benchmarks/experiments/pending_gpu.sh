@@ -51,7 +51,7 @@
 #   pdl2         programmatic dependent launch in every decode kernel with the one-row matrix-vector
 #                kernel and the residual add + norm kernel it brings (sixth 12-03 session; off unless
 #                HYBRIDLM_PDL=1): GPU tests, gemv_ab.py, the 4k batch-1 compiled profile with PDL (under a
-#                timeout with Python tracebacks: it did not finish in 7 minutes in the sixth session) and
+#                watchdog that prints the whole Python stack: it stalled in inductor in the sixth session) and
 #                without, the 4-layer trace (306.6 tokens/s, 54 launches before), and whether inductor's
 #                stall on chained two-output custom ops reproduces without the model on CUDA
 #   pdl3         the rest of the decode kernels' GPU tests and the 128k batch-36 compiled row with and
@@ -169,15 +169,18 @@ case $part in
             tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_pdl2.txt" || true
         HYBRIDLM_PDL=1 python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
         # the sixth 12-03 session's run of this part did not finish this profile in 7 minutes
-        PYTHONFAULTHANDLER=1 HYBRIDLM_PDL=1 timeout -s ABRT 150 $run --contexts 4k --batch 1 --compile --decode-steps 64 \
-            --prefill-repeats 3 --json > "$out/profile_4k_b1.json" 2> "$out/profile_4k_b1.err" || true
+        # (watchdog.py prints the whole stack, outermost frames included, if it is still running at 150 s)
+        HYBRIDLM_PDL=1 python3 benchmarks/experiments/watchdog.py 150 -m hybridlm.cli profile --preset qwen3-next-80b-a3b \
+            --experts 32 --no-twin --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 3 --json \
+            > "$out/profile_4k_b1.json" 2> "$out/profile_4k_b1.err" || true
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt" || true
         HYBRIDLM_PDL=0 $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 3 --json \
             > "$out/profile_4k_b1_nopdl.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1_nopdl.json" | tee "$out/profile_4k_b1_nopdl.txt"
         HYBRIDLM_PDL=1 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
             | tee "$out/trace.txt"
-        python3 benchmarks/experiments/inductor_multi_output_chain.py --device cuda --layers 4,8,12,16 --seconds 90 2>&1 \
+        python3 benchmarks/experiments/watchdog.py 90 benchmarks/experiments/inductor_multi_output_chain.py --device cuda \
+            --layers 4,8,12,16 --seconds 600 2>&1 \
             | tail -20 | tee "$out/inductor_chain.txt" || true
         ;;
     pdl3)
