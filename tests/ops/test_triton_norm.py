@@ -30,29 +30,42 @@ def reference(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         return ref(x).detach()
 
 
+def poison_new_tensors(monkeypatch) -> None:
+    """torch.empty_like returns NaN-filled tensors, so an output element a kernel skips shows."""
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+
+
+def random_norm(dim: int, zero_centered: bool, gen: torch.Generator) -> RMSNorm:
+    norm = RMSNorm(dim, eps=1e-6, zero_centered=zero_centered).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=gen) * 0.5)
+    return norm
+
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+       torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("zero_centered", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1, 16), (3, 7, 48), (2, 5, 130), (37, 2048)], ids=str)
 def test_kernel_equals_the_layer(shape, zero_centered, dtype, monkeypatch):
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    poison_new_tensors(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
-    norm = RMSNorm(shape[-1], eps=1e-6, zero_centered=zero_centered).to(DEVICE)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5)
+    norm = random_norm(shape[-1], zero_centered, gen)
     got = rms_norm_rows(x, norm.weight, norm.eps, zero_centered)
     want = reference(norm, x)
     assert got.dtype == x.dtype and not got.isnan().any()
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    tol = TOL[dtype]
     torch.testing.assert_close(got, want, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gate", ["silu", "sigmoid"])
 def test_gated_kernel_equals_the_gated_layer(gate, dtype, monkeypatch):
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    poison_new_tensors(monkeypatch)
     gen = torch.Generator().manual_seed(1)
     o = (torch.randn(2, 9, 3, 48, generator=gen) * 2).to(DEVICE, dtype)
     z = (torch.randn(2, 9, 3, 48, generator=gen) * 3).to(DEVICE, dtype)
@@ -63,7 +76,7 @@ def test_gated_kernel_equals_the_gated_layer(gate, dtype, monkeypatch):
         want = norm(o.requires_grad_(), z).detach()
     got = rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z, gate=gate)
     assert got.dtype == o.dtype and not got.isnan().any()
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    tol = TOL[dtype]
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(ValueError, match="z and gate go together"):
         rms_norm_rows(o.detach(), norm.weight, norm.eps, z=z)
@@ -160,18 +173,15 @@ def test_gated_norm_custom_op_under_compile():
 @pytest.mark.parametrize("shape", [(1, 1, 16), (3, 7, 48), (2, 1, 130), (37, 2048)], ids=str)
 def test_add_norm_equals_the_add_and_the_layer(shape, zero_centered, dtype, monkeypatch):
     """s = x + y exactly as PyTorch rounds it, and the layer's norm of s; NaN-poisoned outputs."""
-    empty_like = torch.empty_like
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    poison_new_tensors(monkeypatch)
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(shape, generator=gen) * 3).to(DEVICE, dtype)
     y = (torch.randn(shape, generator=gen) * 2).to(DEVICE, dtype)
-    norm = RMSNorm(shape[-1], eps=1e-6, zero_centered=zero_centered).to(DEVICE)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(shape[-1], generator=gen) * 0.5)
+    norm = random_norm(shape[-1], zero_centered, gen)
     s, h = add_rms_norm_rows(x, y, norm.weight, norm.eps, zero_centered)
     assert s.dtype == h.dtype == dtype and not s.isnan().any() and not h.isnan().any()
     torch.testing.assert_close(s, x + y, rtol=0, atol=0)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    tol = TOL[dtype]
     torch.testing.assert_close(h, reference(norm, x + y), **tol)
     with torch.no_grad():  # the layer's method: the kernel on CUDA, the add and forward elsewhere
         s2, h2 = norm.add(x, y)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 MAX_TAPS = 4  # the kernel keeps the three inputs before the current row in registers
 
@@ -46,9 +46,7 @@ def causal_conv_kernel(x_ptr, w_ptr, win_ptr, y_ptr, T, C, stride_xb, stride_xt,
     """Rows t0 .. t0 + BT - 1 of BC channels, one row after another: the three inputs before the
     current row stay in registers (filters of up to 4 taps; a shorter one is padded with leading
     zero taps), so each input row is read once and a thread only touches its own channels."""
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     W: tl.constexpr = KS - 1
     XT = x_ptr.dtype.element_ty

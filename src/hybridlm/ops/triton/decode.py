@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
 L2NORM_EPS = tl.constexpr(1e-6)
@@ -48,9 +48,7 @@ def _gdn_decode_kernel(
     # software-pipelined: the state tiles of the next STAGES - 1 iterations are copied into shared
     # memory asynchronously while this one computes (a plain `range` is not pipelined: its loads
     # feed no tensor-core product, and Triton pipelines those only in a loop given num_stages).
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     n_vb = tl.cdiv(V, BV)
     if STAGES > 1:
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):

@@ -39,7 +39,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.decode_attention import check_decode_attention
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Waves of resident programs the split kernel should run (latency hiding wants several loads in flight
@@ -87,9 +87,7 @@ def _split_kv_kernel(
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr,
     SKIP_EMPTY: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     R: tl.constexpr = H // HKV
     i_bk = tl.program_id(0)
     i_split = tl.program_id(1)
@@ -166,9 +164,7 @@ def _combine_kernel(part_acc, part_m, part_l, o, n_splits, DV: tl.constexpr, BDV
     (batch 1) would otherwise stream all their partials through a few multiprocessors; each
     program recomputes the row's weights (the split maxima and sums are a small share of its
     loads)."""
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_bh = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     o_dv = tl.program_id(1) * BDV + tl.arange(0, BDV)

@@ -47,7 +47,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
 # flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
@@ -69,9 +69,7 @@ DOWN_STAGES = 4
 def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
                     s_xn, s_ge, s_gi, s_ue, s_ui,
                     BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_nk = tl.program_id(0).to(tl.int64)
     i_i = tl.program_id(1)
     i_n = i_nk // K
@@ -109,9 +107,7 @@ def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N,
     # down_e[d-block, :] . h[n, slot, :], the slots' rows streamed one after another (BLOCK_I columns a
     # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows.
     # A shared expert's rows (ws [D, S] against hs [N, S]) go into the same tile first.
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_n = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D

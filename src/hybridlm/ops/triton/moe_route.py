@@ -32,7 +32,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 _EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 
@@ -41,9 +41,7 @@ _EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 def _route_kernel(logits_NE, bias_E, weights_NK, experts_NK, E, s_ln, scaling,
                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_n = tl.program_id(0).to(tl.int64)
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E

@@ -21,16 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 
 @triton.jit
 def rms_norm_kernel(x_ptr, w_ptr, z_ptr, y_ptr, r_ptr, s_ptr, n_rows, D, eps, ZH, s_zt, BD: tl.constexpr,
                     BR: tl.constexpr, ZERO_CENTERED: tl.constexpr, GATE: tl.constexpr, RESIDUAL: tl.constexpr,
                     USE_PDL: tl.constexpr):
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
     m_d = o_d < D

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.triton.utils import pdl_launch
+from hybridlm.ops.triton.utils import pdl_launch, pdl_start
 
 
 @triton.jit
@@ -63,9 +63,7 @@ def _qk_rope_kernel(q, k, v, q_w, k_w, inv_freq, pos_B, slot, q_out, k_cache, v_
                     s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_ob, s_oh, s_kcb, s_kcs, s_kch, s_vcb, s_vcs, s_vch,
                     R: tl.constexpr, BD: tl.constexpr, HAS_NORM: tl.constexpr, ZERO_CENTERED: tl.constexpr,
                     USE_PDL: tl.constexpr):
-    if USE_PDL:  # programmatic dependent launch (utils.pdl): let the successor launch, then wait for
-        tl.extra.cuda.gdc_launch_dependents()  # the predecessor's writes before any read or write
-        tl.extra.cuda.gdc_wait()
+    pdl_start(USE_PDL)
     i_b = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1)
     o_d = tl.arange(0, BD)

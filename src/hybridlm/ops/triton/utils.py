@@ -13,6 +13,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 CHUNK = 64
 
@@ -77,3 +79,12 @@ def pdl_launch(device: torch.device) -> dict:
     """Launch keyword arguments for a kernel taking a ``USE_PDL`` constexpr: ``dict(USE_PDL=..., launch_pdl=True)``
     when ``pdl(device)``, else ``dict(USE_PDL=False)``."""
     return dict(USE_PDL=True, launch_pdl=True) if pdl(device) else dict(USE_PDL=False)
+
+
+@triton.jit
+def pdl_start(USE_PDL: tl.constexpr):
+    """A decode kernel's first statement: under PDL, let the successor launch, then wait for the
+    predecessor's writes before any read or write (nothing without USE_PDL)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
