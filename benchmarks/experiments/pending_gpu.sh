@@ -73,7 +73,8 @@
 #   attn         the decode-attention default launches at head dims 256 (16:2, twice in swapped order)
 #                and 128 (8:8 and 8:1), now timed as CUDA-graph replays (eager timing was host-bound at
 #                B 1, S 128k: 38% or 70% for one launch by the order it was timed in, 2026-12-03)
-# Test lines end in "|| true" and keep their last 12 lines: a failing test must not stop the timing
+# Test lines end in "|| true" and keep their whole log (--tb=short; the seventh 12-03 session lost the
+# reason two tests failed to a 12-line tail), printing its last 12 lines: a failing test must not stop the timing
 # that follows in the same (scarce) device call (fifth 12-03 session: two failed tests ended the views
 # part before its profile ran).
 set -euo pipefail
@@ -153,7 +154,7 @@ case $part in
         ;;
     views)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
-            tests/ops/test_ops_delta_rule.py tests/ops/test_triton_norm.py 2>&1 | tail -12 | tee "$out/tests_views.txt" || true
+            tests/ops/test_ops_delta_rule.py tests/ops/test_triton_norm.py --tb=short 2>&1 | tee "$out/tests_views.txt" | tail -12 || true
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
         python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 | tee "$out/trace.txt"
@@ -167,7 +168,7 @@ case $part in
         ;;
     pdl2)
         HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py \
-            tests/ops/test_triton_norm.py tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_pdl2.txt" || true
+            tests/ops/test_triton_norm.py tests/test_static_decode.py --tb=short 2>&1 | tee "$out/tests_pdl2.txt" | tail -12 || true
         HYBRIDLM_PDL=1 python3 benchmarks/experiments/gemv_ab.py --json "$out/gemv_ab.json" 2>&1 | tee "$out/gemv_ab.txt"
         # the sixth 12-03 session's run of this part did not finish this profile in 7 minutes
         # (watchdog.py prints the whole stack, outermost frames included, if it is still running at 150 s)
@@ -187,7 +188,7 @@ case $part in
     pdl3)
         HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_decode.py tests/layers/test_packing.py tests/ops/test_triton_conv.py \
-            tests/ops/test_moe_route.py tests/ops/test_qk_rope.py 2>&1 | tail -12 | tee "$out/tests_pdl3.txt" || true
+            tests/ops/test_moe_route.py tests/ops/test_qk_rope.py --tb=short 2>&1 | tee "$out/tests_pdl3.txt" | tail -12 || true
         HYBRIDLM_PDL=1 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         HYBRIDLM_PDL=0 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json \
@@ -200,7 +201,7 @@ case $part in
         ;;
     route)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_route.py tests/ops/test_qk_rope.py \
-            tests/ops/test_moe_decode.py tests/test_static_decode.py 2>&1 | tail -12 | tee "$out/tests_route.txt" || true
+            tests/ops/test_moe_decode.py tests/test_static_decode.py --tb=short 2>&1 | tee "$out/tests_route.txt" | tail -12 || true
         python3 benchmarks/experiments/moe_route_ab.py --json "$out/moe_route_ab.json" 2>&1 | tee "$out/moe_route_ab.txt"
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --json > "$out/profile_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" | tee "$out/profile_4k_b1.txt"
@@ -210,7 +211,7 @@ case $part in
         ;;
     layout)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_decode.py tests/test_static_decode.py \
-            tests/layers/test_packing.py 2>&1 | tail -12 | tee "$out/tests_layout.txt" || true
+            tests/layers/test_packing.py --tb=short 2>&1 | tee "$out/tests_layout.txt" | tail -12 || true
         python3 benchmarks/experiments/moe_dense_ab.py --json "$out/moe_dense_ab.json" 2>&1 | tee "$out/moe_dense_ab.txt"
         python3 benchmarks/experiments/moe_decode_stages.py --experts 32 --batches 1,2,4 --shared 512 --down-contiguous \
             --json "$out/moe_layouts.json" 2>&1 | grep -E "default" | tee "$out/moe_layouts.txt"
@@ -224,9 +225,9 @@ case $part in
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py tests/layers/test_packing.py \
             tests/ops/test_triton_conv.py tests/ops/test_triton_norm.py tests/test_static_decode.py \
-            tests/ops/test_moe_route.py tests/ops/test_qk_rope.py 2>&1 | tail -12 | tee "$out/tests_layers.txt" || true
+            tests/ops/test_moe_route.py tests/ops/test_qk_rope.py --tb=short 2>&1 | tee "$out/tests_layers.txt" | tail -12 || true
         python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \
-            -k "bfloat16 or compiles or packed" 2>&1 | tail -12 | tee "$out/tests_chunk.txt" || true
+            -k "bfloat16 or compiles or packed" --tb=short 2>&1 | tee "$out/tests_chunk.txt" | tail -12 || true
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
