@@ -185,6 +185,31 @@ def test_compiled_static_decoder_equals_eager_greedy():
     assert torch.equal(got, eager_greedy(model, ids, 16, 4))
 
 
+def test_compiled_step_without_packing_first_leaves_the_weights_alone():
+    """torch.compile(model.decode_static) with no pack_for_inference before it, between eager decode
+    calls: the traced step stacks the experts inside the graph and leaves the parameters as they were
+    (re-pointing them while traced broke the compiled step's input check on the real weights)."""
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(1))
+    steps = torch.randint(0, vocab, (1, 3), generator=torch.Generator().manual_seed(2))
+    layout = {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()}
+    eager, static = model.new_cache(1, 16), model.new_cache(1, 16)
+    step = torch.compile(model.decode_static, fullgraph=True)
+    slot = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        prefill(model, ids, None, eager)
+        prefill(model, ids, None, static)
+        for t in range(steps.shape[1]):
+            want = decode_one_token(model, steps[:, t], eager)
+            slot.fill_(static.seq_len)
+            got = step(steps[:, t:t + 1], static, slot)
+            static.seq_len += 1
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert {n: (p.data_ptr(), p.stride()) for n, p in model.named_parameters()} == layout
+
+
 def test_sample_race_draws_the_filtered_softmax():
     from hybridlm.generation import filter_logits, sample_race
 
@@ -260,7 +285,8 @@ def test_batch1_bf16_step_with_and_without_pdl_on_cuda(pdl, compiled, monkeypatc
         pytest.skip("programmatic dependent launch needs compute capability >= 9")
     monkeypatch.setattr(utils, "PDL", pdl)
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().to(torch.bfloat16).eval()
+    # packed first, as StaticDecoder does: the path the profile times
+    model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().to(torch.bfloat16).eval().pack_for_inference()
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, 9), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     steps = torch.randint(0, vocab, (1, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(2))

@@ -222,6 +222,13 @@ class MoE(PacksWeights):
             gate = torch.stack([ex.gate_proj.weight for ex in self.experts])
             up = torch.stack([ex.up_proj.weight for ex in self.experts])
             down = torch.stack([ex.down_proj.weight for ex in self.experts], dim=1).transpose(0, 1)
+        if torch.compiler.is_compiling():
+            # traced before anything packed (torch.compile(model.decode_static) without
+            # pack_for_inference first): stack inside the graph, a copy of the experts' weights per
+            # call, and leave the parameters alone. Re-pointing them here changed only the traced
+            # parameters: the compiled step then expected views of a stack, and its input check failed on
+            # the real, unchanged weights (seventh 12-03 session).
+            return gate, up, down
         for e, ex in enumerate(self.experts):
             for proj, view in ((ex.gate_proj, gate[e]), (ex.up_proj, up[e]), (ex.down_proj, down[e])):
                 # .data: the same Parameter object, so an optimizer holding it keeps updating it
