@@ -54,9 +54,11 @@
 #                watchdog that prints the whole Python stack: it stalled in inductor in the sixth session) and
 #                without, the 4-layer trace (306.6 tokens/s, 54 launches before), and whether inductor's
 #                stall on chained two-output custom ops reproduces without the model on CUDA
-#   pdl3         the rest of the decode kernels' GPU tests, the 128k batch-36 compiled row with and
-#                without PDL (814.3 tokens/s, 73.2% before), and the decode sweep at batch 32 / 64 with and
-#                without PDL (87.2% / 91.4% of the 1 GiB copy rate before)
+#   pdl3         the batch-1 bf16 step test with and without PDL (its compiled cases failed in the seventh
+#                12-03 session: a stride check, from packing under trace, not PDL; fixed), the 128k batch-36
+#                compiled row with and without PDL (814.3 tokens/s, 73.2% in the fifth session), and the
+#                decode sweep at batch 32 / 64 with and without PDL (87.2% / 91.4% of the copy rate before);
+#                the other decode kernels' GPU tests passed with PDL in the seventh session (414)
 #   route        after the decode step's routing and the attention layers' q/k norm + rotary + cache write
 #                each became one Triton kernel (fifth 12-03 session): their GPU tests with MoE decode and
 #                static decode, moe_route_ab.py (the kernel against eager and
@@ -186,14 +188,13 @@ case $part in
             | tail -20 | tee "$out/inductor_chain.txt" || true
         ;;
     pdl3)
-        HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
-            tests/ops/test_triton_decode.py tests/layers/test_packing.py tests/ops/test_triton_conv.py \
-            tests/ops/test_moe_route.py tests/ops/test_qk_rope.py --tb=short 2>&1 | tee "$out/tests_pdl3.txt" | tail -12 || true
-        HYBRIDLM_PDL=1 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
-        python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
-        HYBRIDLM_PDL=0 $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json \
-            > "$out/compiled_128k_b36_nopdl.json"
-        python3 -m hybridlm.profile_report "$out/compiled_128k_b36_nopdl.json" | tee "$out/compiled_128k_b36_nopdl.txt"
+        HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q -k pdl_on_cuda tests/test_static_decode.py \
+            --tb=short 2>&1 | tee "$out/tests_pdl3.txt" | tail -12 || true
+        for pdl in 1 0; do
+            HYBRIDLM_PDL=$pdl $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json \
+                > "$out/compiled_128k_b36_pdl$pdl.json"
+            python3 -m hybridlm.profile_report "$out/compiled_128k_b36_pdl$pdl.json" | tee "$out/compiled_128k_b36_pdl$pdl.txt"
+        done
         for pdl in 0 1; do  # consecutive decode steps in one graph: does the launch overlap move batch 32 past 90%?
             HYBRIDLM_PDL=$pdl python3 benchmarks/decode_sweep.py --batches 32,64 --no-pipelined \
                 --json "$out/decode_sweep_pdl$pdl.json" 2>&1 | tee "$out/decode_sweep_pdl$pdl.txt"
