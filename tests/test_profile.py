@@ -145,6 +145,8 @@ def test_table_and_plot(rows, tmp_path):
     table = format_table(rows)
     assert table.count("\n") == len(rows) + 2 and "copy bandwidth" in table
     assert "prefill tokens of each prompt per call: 64 at batch 1, 64 at batch 2" in table
+    assert all(r["pdl"] is False for r in rows) and "PDL" not in table  # the CPU: plain launches
+    assert format_table([{**rows[0], "pdl": True}]).splitlines()[1].endswith("  PDL")
     path = tmp_path / "p.png"
     plot_profile(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

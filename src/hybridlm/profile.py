@@ -170,6 +170,17 @@ def card_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def pdl_on(device: torch.device) -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch on ``device``
+    (``hybridlm.ops.triton.utils.pdl``: Hopper and later unless HYBRIDLM_PDL=0), so a row says which
+    launches it timed."""
+    try:
+        from hybridlm.ops.triton.utils import pdl
+    except ImportError:  # no triton: no kernels, no PDL
+        return False
+    return pdl(device)
+
+
 def release(device: torch.device) -> None:
     """Hand cached CUDA blocks back, so the next row's peak and free memory start clean."""
     if device.type == "cuda":
@@ -402,7 +413,7 @@ def _row(model: HybridLM, name: str, context: int, batch: int, settings: Profile
     """One measured row; on CUDA out of memory, a row of None figures with an "error" entry."""
     cfg, dt = model.config, settings.dtype_name
     row = {"model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(settings.torch_device),
-           "card": card_name(settings.torch_device),
+           "card": card_name(settings.torch_device), "pdl": pdl_on(settings.torch_device),
            "dtype": dt, "context": context, "batch": batch, "weight_bytes": weights,
            "copy_bandwidth_bytes_per_s": bandwidth, "bytes_per_token": bytes_per_token(cfg, context, batch, dt)}
     try:

@@ -78,12 +78,22 @@ def test_one_row_launch():
     assert row_launch(3, 20, 132) == (4, 32, 1, 1)
 
 
-def test_pdl_is_opt_in_and_never_on_the_interpreter():
+def test_pdl_is_on_unless_turned_off_and_never_on_the_interpreter():
     from hybridlm.ops.triton import utils
 
     assert utils.pdl(torch.device("cpu")) is False
     assert utils.pdl_launch(torch.device("cpu")) == {"USE_PDL": False}
-    assert utils.PDL == (os.environ.get("HYBRIDLM_PDL") == "1")
+    assert utils.PDL == (os.environ.get("HYBRIDLM_PDL", "1") == "1")
+
+
+def test_a_bad_hybridlm_pdl_value_is_refused_by_name():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HYBRIDLM_PDL="yes")
+    run = subprocess.run([sys.executable, "-c", "import hybridlm.ops.triton.utils"], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "HYBRIDLM_PDL must be 0" in run.stderr and "'yes'" in run.stderr
 
 
 def test_weight_views_and_strided_rows():

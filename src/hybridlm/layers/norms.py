@@ -60,7 +60,7 @@ class RMSNorm(nn.Module):
         """(s, self(s)) for s = x + y (x and y of one shape and dtype): a residual add and this norm.
 
         Where the decode kernels launch with programmatic dependent launch (``ops.triton.utils.pdl``,
-        off unless HYBRIDLM_PDL=1), on CUDA without gradients and outside torch.compile: one Triton pass
+        on Hopper and later unless HYBRIDLM_PDL=0), on CUDA without gradients and outside torch.compile: one Triton pass
         (``ops.triton.add_rms_norm_rows``). Elsewhere ``x + y`` and this module's forward, which inductor
         fuses into one kernel. s equals ``x + y`` either way.
 

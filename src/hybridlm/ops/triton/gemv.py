@@ -24,8 +24,8 @@ loads its first row block before waiting for its predecessor: in a chain of 48 s
 (``benchmarks/experiments/pdl_chain.py``, H200, 2048 x 4096 and 4096 x 2048 bf16, one CUDA graph) it
 took 5.43 us a product against 6.95 for the kernel above and 9.83 for cuBLAS; the same launch
 without PDL took 7.05-7.44 us. The overlap needs the predecessor to be a PDL kernel too (every decode
-kernel of ``ops/triton`` is), so the kernel is the default for one row only where PDL is on (off
-unless HYBRIDLM_PDL=1, see ``utils.PDL``).
+kernel of ``ops/triton`` is), so the kernel is the default for one row only where PDL is on (on
+Hopper and later unless HYBRIDLM_PDL=0, see ``utils.PDL``).
 
 Registered with ``torch.library`` (``hybridlm::decode_linear``) so ``torch.compile(fullgraph=True)``
 traces through it and a decode step captures it in a CUDA graph.

@@ -56,17 +56,22 @@ def sequence_tables(B: int, T: int, bounds: list[int] | None, device: torch.devi
 # before it reads anything the predecessor wrote, so consecutive kernels' launch and fill overlap.
 # Every kernel of a PDL launch waits before its first read of activations and before any write, so
 # the order of memory accesses is that of plain stream order.
-# Off unless HYBRIDLM_PDL=1: not yet timed in the whole step. With it on (and the one-row kernel and the
-# add + norm kernel it brings into the batch-1 step) the GPU tests passed, but the 48-layer compiled
-# batch-1 profile stalled in inductor (the add + norm as a two-output custom op; now left to inductor
-# under compile) and no device time was left to time it after the fix (sixth 12-03 session,
-# benchmarks/RESULTS.md).
-PDL = os.environ.get("HYBRIDLM_PDL", "0") == "1"
+# On by default; HYBRIDLM_PDL=0 turns it off (and with it the one-row matrix-vector kernel and the add +
+# norm kernel it brings into the batch-1 step). Timed on an H200 in the seventh 12-03 session
+# (benchmarks/RESULTS.md), compiled 48-layer step, tokens/s without -> with: 4k batch 1 305.7 -> 317.1
+# and 317.8 (+3.7%), 4k batch 8 1,199.8 -> 1,211.9, 128k batch 36 812.4 -> 814.2; one GDN decode kernel
+# at batch 32 / 64 in a graph of consecutive steps 36.54 -> 35.98 / 69.89 -> 69.38 us. The GPU tests
+# passed with it (the batch-1 bf16 step against the eager decode included).
+_PDL_ENV = os.environ.get("HYBRIDLM_PDL", "1")
+if _PDL_ENV not in ("0", "1"):
+    raise ValueError(f"HYBRIDLM_PDL must be 0 (plain launches) or 1 (programmatic dependent launch, the "
+                     f"default), got {_PDL_ENV!r}")
+PDL = _PDL_ENV == "1"
 
 
 def pdl(device: torch.device) -> bool:
     """Whether kernels on ``device`` launch with programmatic dependent launch: CUDA devices of compute
-    capability 9 or later (not the CPU interpreter), when HYBRIDLM_PDL=1."""
+    capability 9 or later (not the CPU interpreter), unless HYBRIDLM_PDL=0."""
     return PDL and device.type == "cuda" and _capability(device.index) >= 9
 
 
