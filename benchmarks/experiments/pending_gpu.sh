@@ -48,17 +48,19 @@
 #   recheck      the 4k batch-1 row with five prefills (the fifth 12-03 session's TTFTs were single
 #                prefills: 0.108-0.179 s for unchanged prefill code) and the 4k batch-8 compiled row
 #                (1,122.6 tokens/s, 50.4% in the fourth 12-03 session), after the three launch cuts
-#   pdl2         programmatic dependent launch in every decode kernel with the one-row matrix-vector
-#                kernel and the residual add + norm kernel it brings (sixth 12-03 session; off unless
-#                HYBRIDLM_PDL=1): GPU tests, gemv_ab.py, the 4k batch-1 compiled profile with PDL (under a
-#                watchdog that prints the whole Python stack: it stalled in inductor in the sixth session) and
-#                without, the 4-layer trace (306.6 tokens/s, 54 launches before), and whether inductor's
-#                stall on chained two-output custom ops reproduces without the model on CUDA
-#   pdl3         the batch-1 bf16 step test with and without PDL (its compiled cases failed in the seventh
-#                12-03 session: a stride check, from packing under trace, not PDL; fixed), the 128k batch-36
-#                compiled row with and without PDL (814.3 tokens/s, 73.2% in the fifth session), and the
-#                decode sweep at batch 32 / 64 with and without PDL (87.2% / 91.4% of the copy rate before);
-#                the other decode kernels' GPU tests passed with PDL in the seventh session (414)
+#   pdl2         (ran in the seventh 12-03 session) programmatic dependent launch in every decode kernel with
+#                the one-row matrix-vector kernel and the residual add + norm kernel it brings: GPU tests,
+#                gemv_ab.py, the 4k batch-1 compiled profile with PDL (under a watchdog that prints the whole
+#                Python stack: it stalled in inductor in the sixth session; it did not in the seventh: 317.1
+#                tokens/s) and without (305.7), the 4-layer trace, and the model-free chain of two-output
+#                custom ops on CUDA (no stall)
+#   pdl3         (ran in the seventh 12-03 session) the batch-1 bf16 step test with and without PDL, the 128k
+#                batch-36 compiled row with and without PDL (814.2 / 812.4 tokens/s), and the decode sweep
+#                at batch 32 / 64 with and without PDL (88.4% / 91.7% against 87.0% / 91.0%)
+#   graphpdl     the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
+#                static step take the residual add + norm kernel (RMSNorm.add; under compile inductor
+#                fuses the add and norm itself). PDL became the default in the seventh 12-03 session on
+#                compiled rows; this row is untimed with it (270.8 tokens/s, 47.0%, fifth session)
 #   route        after the decode step's routing and the attention layers' q/k norm + rotary + cache write
 #                each became one Triton kernel (fifth 12-03 session): their GPU tests with MoE decode and
 #                static decode, moe_route_ab.py (the kernel against eager and
@@ -186,6 +188,13 @@ case $part in
         python3 benchmarks/experiments/watchdog.py 90 benchmarks/experiments/inductor_multi_output_chain.py --device cuda \
             --layers 4,8,12,16 --seconds 600 2>&1 \
             | tail -20 | tee "$out/inductor_chain.txt" || true
+        ;;
+    graphpdl)
+        for pdl in 1 0; do
+            HYBRIDLM_PDL=$pdl $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 3 --json \
+                > "$out/graph_4k_b1_pdl$pdl.json"
+            python3 -m hybridlm.profile_report "$out/graph_4k_b1_pdl$pdl.json" | tee "$out/graph_4k_b1_pdl$pdl.txt"
+        done
         ;;
     pdl3)
         HYBRIDLM_PDL=1 python3 -m pytest -p no:cacheprovider -o addopts="" -q -k pdl_on_cuda tests/test_static_decode.py \
