@@ -57,7 +57,13 @@
 #   pdl3         (ran in the seventh 12-03 session) the batch-1 bf16 step test with and without PDL, the 128k
 #                batch-36 compiled row with and without PDL (814.2 / 812.4 tokens/s), and the decode sweep
 #                at batch 32 / 64 with and without PDL (88.4% / 91.7% against 87.0% / 91.0%)
-#   graphpdl     the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
+#   stall        does the compiled step with the residual add + norm as its custom op (the PDL chain unbroken)
+#                stall in torch 2.11's inductor as in the sixth 12-03 session? inductor_stall_cpu.py on CUDA
+#                at 12 / 24 / 48 layers, then on the device's CPU under the interpreter (torch 2.11); on
+#                this machine's torch 2.13 CPU it did not stall (seventh 12-03 session). If neither stalls,
+#                time the 48-layer profile with that custom op under compile against 4k batch 1's
+#                uncompiled graph step (323.3 tokens/s) and the compiled one (317.8)
+#   graphpdl     (ran in the seventh 12-03 session: 323.3 tokens/s with PDL, 291.6 without) the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
 #                static step take the residual add + norm kernel (RMSNorm.add; under compile inductor
 #                fuses the add and norm itself). PDL became the default in the seventh 12-03 session on
 #                compiled rows; this row is untimed with it (270.8 tokens/s, 47.0%, fifth session)
@@ -188,6 +194,12 @@ case $part in
         python3 benchmarks/experiments/watchdog.py 90 benchmarks/experiments/inductor_multi_output_chain.py --device cuda \
             --layers 4,8,12,16 --seconds 600 2>&1 \
             | tail -20 | tee "$out/inductor_chain.txt" || true
+        ;;
+    stall)
+        python3 benchmarks/experiments/inductor_stall_cpu.py --device cuda --layers 12,24,48 --seconds 240 2>&1 \
+            | tee "$out/stall_cuda.txt" | tail -40 || true
+        TRITON_INTERPRET=1 python3 benchmarks/experiments/inductor_stall_cpu.py --layers 8,16 --seconds 240 2>&1 \
+            | tee "$out/stall_cpu.txt" | tail -40 || true
         ;;
     graphpdl)
         for pdl in 1 0; do
