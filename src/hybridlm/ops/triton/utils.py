@@ -58,8 +58,9 @@ def sequence_tables(B: int, T: int, bounds: list[int] | None, device: torch.devi
 # the order of memory accesses is that of plain stream order.
 # On by default; HYBRIDLM_PDL=0 turns it off (and with it the one-row matrix-vector kernel and the add +
 # norm kernel it brings into the batch-1 step). Timed on an H200 in the seventh 12-03 session
-# (benchmarks/RESULTS.md), compiled 48-layer step, tokens/s without -> with: 4k batch 1 305.7 -> 317.1
-# and 317.8 (+3.7%), 4k batch 8 1,199.8 -> 1,211.9, 128k batch 36 812.4 -> 814.2; one GDN decode kernel
+# (benchmarks/RESULTS.md), 48-layer step, tokens/s without -> with: compiled, 4k batch 1 305.7 -> 317.1
+# and 317.8 (+3.7%), 4k batch 8 1,199.8 -> 1,211.9, 128k batch 36 812.4 -> 814.2; the uncompiled graph
+# (which also takes the add + norm kernel) at 4k batch 1 291.6 -> 323.3 (+10.9%); one GDN decode kernel
 # at batch 32 / 64 in a graph of consecutive steps 36.54 -> 35.98 / 69.89 -> 69.38 us. The GPU tests
 # passed with it (the batch-1 bf16 step against the eager decode included).
 _PDL_ENV = os.environ.get("HYBRIDLM_PDL", "1")
