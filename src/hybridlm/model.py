@@ -198,7 +198,9 @@ class HybridLM(nn.Module):
             logits [B, vocab_size] of the new token.
 
         KV layers write their key with index_copy_ and attend over all max_len slots (empty slots carry
-        position -1 and are masked); MoE layers run every expert (see MoE.forward's ``static``). Layers
+        position -1 and are masked); MoE layers run every expert (see MoE.forward's ``static``). Call
+        ``pack_for_inference()`` before compiling this step (``StaticDecoder`` does): traced without
+        it, each MoE layer stacks its experts' weights inside the graph, a copy on every call. Layers
         A, G, D, K, L and X are supported; W, M and S raise NotImplementedError.
         """
         unsupported = sorted(set(self.config.layer_types) & set("WMS"))
