@@ -10,6 +10,8 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
+# Next, in this order (after the seventh 12-03 session made PDL the default): `stall` (~2 min), then
+# `kernels` (its decode rows were timed without PDL), then `transformers` (the 38.3x row predates PDL).
 # Parts:
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
 #                Qwen3-Next B 1 T 32k; its decode section rerun in the second 12-03 session: 87% at
