@@ -10,7 +10,7 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the seventh 12-03 session made PDL the default): `stall` (~2 min), then
+# Next, in this order (after the seventh 12-03 session made PDL the default): `stall` (~5 min), then
 # `kernels` (its decode rows were timed without PDL), then `transformers` (the 38.3x row predates PDL).
 # Parts:
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
@@ -62,9 +62,9 @@
 #   stall        does the compiled step with the residual add + norm as its custom op (the PDL chain unbroken)
 #                stall in torch 2.11's inductor as in the sixth 12-03 session? inductor_stall_cpu.py on CUDA
 #                at 12 / 24 / 48 layers, then on the device's CPU under the interpreter (torch 2.11); on
-#                this machine's torch 2.13 CPU it did not stall (seventh 12-03 session). If neither stalls,
-#                time the 48-layer profile with that custom op under compile against 4k batch 1's
-#                uncompiled graph step (323.3 tokens/s) and the compiled one (317.8)
+#                this machine's torch 2.13 CPU it did not stall (seventh 12-03 session). Then the 48-layer
+#                compiled profile with that custom op (profile_add_norm_op.py, under the watchdog) against
+#                the default compiled step (317.8 tokens/s) and the uncompiled graph step (323.3), one call
 #   graphpdl     (ran in the seventh 12-03 session: 323.3 tokens/s with PDL, 291.6 without) the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
 #                static step take the residual add + norm kernel (RMSNorm.add; under compile inductor
 #                fuses the add and norm itself). PDL became the default in the seventh 12-03 session on
@@ -202,6 +202,15 @@ case $part in
             | tee "$out/stall_cuda.txt" | tail -40 || true
         TRITON_INTERPRET=1 python3 benchmarks/experiments/inductor_stall_cpu.py --layers 8,16 --seconds 240 2>&1 \
             | tee "$out/stall_cpu.txt" | tail -40 || true
+        # the 48-layer compiled step with the add + norm custom op (the whole stack printed at 240 s if it stalls),
+        # then without it, in the same call, and the uncompiled graph step (323.3 tokens/s in the seventh session)
+        python3 benchmarks/experiments/watchdog.py 240 benchmarks/experiments/profile_add_norm_op.py \
+            --preset qwen3-next-80b-a3b --experts 32 --no-twin --contexts 4k --batch 1 --compile --decode-steps 64 \
+            --prefill-repeats 1 --json > "$out/profile_4k_b1_addnorm_op.json" 2> "$out/profile_4k_b1_addnorm_op.err" || true
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1_addnorm_op.json" | tee "$out/profile_4k_b1_addnorm_op.txt" || true
+        $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/profile_4k_b1.json"
+        $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 1 --json > "$out/graph_4k_b1.json"
+        python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" "$out/graph_4k_b1.json" | tee "$out/profile_4k_b1.txt"
         ;;
     graphpdl)
         for pdl in 1 0; do
