@@ -28,6 +28,7 @@ from hybridlm import memory
 from hybridlm.config import HybridConfig
 from hybridlm.generation import StaticDecoder, decode_one_token
 from hybridlm.model import HybridLM
+from hybridlm.ops._checks import pdl_on
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # tokens (all prompts of the batch together) per prefill call when ProfileSettings.prefill_chunk is None
@@ -168,17 +169,6 @@ def synchronize(device: torch.device) -> None:
 def card_name(device: torch.device) -> str:
     """The GPU's name (e.g. 'NVIDIA H200'), or 'cpu'."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def pdl_on(device: torch.device) -> bool:
-    """Whether the decode kernels launch with programmatic dependent launch on ``device``
-    (``hybridlm.ops.triton.utils.pdl``: Hopper and later unless HYBRIDLM_PDL=0), so a row says which
-    launches it timed."""
-    try:
-        from hybridlm.ops.triton.utils import pdl
-    except ImportError:  # no triton: no kernels, no PDL
-        return False
-    return pdl(device)
 
 
 def release(device: torch.device) -> None:

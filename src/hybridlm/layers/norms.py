@@ -10,7 +10,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from hybridlm.ops._checks import inference_kernel
+from hybridlm.ops._checks import inference_kernel, pdl_on
 
 
 class RMSNorm(nn.Module):
@@ -78,13 +78,7 @@ class RMSNorm(nn.Module):
 
 
 def _pdl(x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    try:
-        from hybridlm.ops.triton.utils import pdl
-    except ImportError:  # no triton
-        return False
-    return pdl(x.device)
+    return pdl_on(x.device)
 
 
 class GatedRMSNorm(nn.Module):

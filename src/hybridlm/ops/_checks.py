@@ -237,6 +237,18 @@ def run_per_sequence(core, tensors_BHT: list, state0: torch.Tensor, bounds: list
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
+def pdl_on(device: torch.device) -> bool:
+    """Whether the decode kernels launch with programmatic dependent launch on ``device``
+    (``hybridlm.ops.triton.utils.pdl``: Hopper and later unless HYBRIDLM_PDL=0); False without triton."""
+    if device.type != "cuda":
+        return False
+    try:
+        from hybridlm.ops.triton.utils import pdl
+    except ImportError:  # no triton: no kernels, no PDL
+        return False
+    return pdl(device)
+
+
 def _kernel_runs_on(x: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU ones only under Triton's interpreter."""
     return (isinstance(x, torch.Tensor) and x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"
