@@ -38,3 +38,15 @@ def test_cpu_tensors_without_the_interpreter_raise_naming_the_argument(entry, mo
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=rf"^{name} must be a CUDA tensor.*TRITON_INTERPRET=1"):
         fn()
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_named_with_the_fix():
+    from hybridlm.ops.triton.utils import interpreter_problem
+
+    msg = interpreter_problem("3.6.0", "2.4.6")
+    assert msg is not None and "3.6.0" in msg and "2.4.6" in msg and "triton>=3.7" in msg and "numpy<2.4" in msg
+    assert interpreter_problem("3.5.1", "2.5.0rc1") is not None
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.0", "2.4.6") is None
+    assert interpreter_problem("3.9.0", "2.4.6") is None
+    assert interpreter_problem("4.0.0", "3.0.0") is None

@@ -11,12 +11,44 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 import triton
 import triton.language as tl
 
 CHUNK = 64
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels with these versions, or None.
+
+    Triton's interpreter before 3.7 converts a loop bound that depends on a program id or a
+    loaded value with int() of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"): every kernel here with such a loop then fails. Found
+    on the device's CPU (torch 2.11, Triton 3.6) in the 12-04 session and reproduced on CPU with a
+    loop bound of T - program_id * BT: Triton 3.4, 3.5 and 3.6 fail with NumPy 2.4.6 (3.6 passes with
+    2.3.5); Triton 3.7, 3.8 and 3.9 pass with 2.4.6.
+    """
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter (TRITON_INTERPRET=1) cannot run these kernels "
+                f"with NumPy {numpy_version}: it calls int() on one-element arrays, which NumPy 2.4 refuses. "
+                "Install triton>=3.7 or numpy<2.4, or use backend='reference'")
+    return None
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import numpy
+
+    _problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if _problem:
+        raise ImportError(_problem)
 
 
 def sequence_tables(B: int, T: int, bounds: list[int] | None, device: torch.device):
