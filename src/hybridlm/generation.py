@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from hybridlm.cache import HybridCache
+from hybridlm.ops._inductor import register_inductor_fallbacks
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +90,10 @@ class StaticDecoder:
         model.pack_for_inference()
         # compile: let torch.compile fuse the step's many small element-wise kernels (norms, gates,
         # routing) before the graph captures it; the custom Triton ops stay as they are
+        if compile:
+            # our custom ops as inductor fallbacks up front: torch <= 2.11 otherwise formats every
+            # argument's whole IR for a log line, which stalled the 48-layer step (ops/_inductor.py)
+            register_inductor_fallbacks()
         self._decode = torch.compile(model.decode_static, dynamic=False) if compile else model.decode_static
         self.token_B1 = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
