@@ -10,14 +10,15 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the seventh 12-03 session made PDL the default): `stall` (~5 min), then
-# `kernels` (its decode rows were timed without PDL), then `transformers` (the 38.3x row predates PDL).
+# Next, in this order (after the 12-04 session): `stall` (~4 min: the add + norm op under compile with the
+# inductor fallbacks registered up front, against the default compiled and uncompiled graph steps), then
+# `pdlb1` (~6 min). The 12-04 session ran `kernels`, `tests` and `transformers` (RESULTS.md).
 # Parts:
-#   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-03, 377 s: fwd 1.67x fla at
-#                Qwen3-Next B 1 T 32k; its decode section rerun in the second 12-03 session: 87% at
-#                batch 32), after any kernel change
-#   transformers the compiled step and transformers' generate at 4k, batch 1, in one call (2026-12-03:
-#                217.9 vs 5.69 tokens/s, 38.3x)
+#   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-04, 361 s with fla's wheels:
+#                fwd 1.83x fla at Qwen3-Next B 1 T 32k, decode 88.3% at batch 32, 4.3 us at batch 1),
+#                after any kernel change
+#   transformers the compiled step and transformers' generate at 4k, batch 1, in one call (2026-12-04,
+#                93 s: 316.6 vs 4.82 tokens/s, 65.7x)
 #   compiled     the compiled step at the largest batches of 512k and 1M (128k: 72.6% of the bound at
 #                batch 36, seventh session)
 #   attn128      the decode-attention launch sweep at head dim 128 (8 query heads, 1 and 8 key/value
@@ -59,12 +60,14 @@
 #   pdl3         (ran in the seventh 12-03 session) the batch-1 bf16 step test with and without PDL, the 128k
 #                batch-36 compiled row with and without PDL (814.2 / 812.4 tokens/s), and the decode sweep
 #                at batch 32 / 64 with and without PDL (88.4% / 91.7% against 87.0% / 91.0%)
-#   stall        does the compiled step with the residual add + norm as its custom op (the PDL chain unbroken)
-#                stall in torch 2.11's inductor as in the sixth 12-03 session? inductor_stall_cpu.py on CUDA
-#                at 12 / 24 / 48 layers, then on the device's CPU under the interpreter (torch 2.11); on
-#                this machine's torch 2.13 CPU it did not stall (seventh 12-03 session). Then the 48-layer
-#                compiled profile with that custom op (profile_add_norm_op.py, under the watchdog) against
-#                the default compiled step (317.8 tokens/s) and the uncompiled graph step (323.3), one call
+#   stall        the 48-layer compiled step at 4k, batch 1, with the residual add + norm as its custom op
+#                (profile_add_norm_op.py, under the watchdog), against the default compiled step and the
+#                uncompiled graph step, one call. Without the fallbacks registered up front it stalled in
+#                torch 2.11's inductor (sixth 12-03 and 12-04 sessions: str() of the op's argument IR for
+#                a log line, ops/_inductor.py); registered since the 12-04 session, untimed on the GPU
+#   pdlb1        the 4k batch-1 step, compiled and as the uncompiled graph, with the GDN decode kernel
+#                launched without PDL (profile_decode_nopdl.py) and as by default: alone in a graph of
+#                its own steps PDL costs it 1 us at batch 1 (4.32 vs 3.30 us, 12-04 session)
 #   graphpdl     (ran in the seventh 12-03 session: 323.3 tokens/s with PDL, 291.6 without) the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
 #                static step take the residual add + norm kernel (RMSNorm.add; under compile inductor
 #                fuses the add and norm itself). PDL became the default in the seventh 12-03 session on
@@ -80,7 +83,7 @@
 #                32 experts, the 4k batch-1 profile and 4-layer trace, and the 128k batch-36 compiled row
 #                (fourth 12-03 session: 126 passed; 274.4 tokens/s, 47.6%; 804.4 tokens/s, 71.6%)
 #   tests        the chunked op's bf16 / packed / compile tests, decode attention, MoE decode, conv,
-#                norm and static decode on the GPU (all passed 2026-12-03; rerun after kernel changes)
+#                norm and static decode on the GPU (590 passed 2026-12-04 in ~8 min; rerun after kernel changes)
 #   moe          the MoE decode loops' stages, default launch included, at 32 and 512 experts
 #   attn         the decode-attention default launches at head dims 256 (16:2, twice in swapped order)
 #                and 128 (8:8 and 8:1), now timed as CUDA-graph replays (eager timing was host-bound at
@@ -198,12 +201,8 @@ case $part in
             | tail -20 | tee "$out/inductor_chain.txt" || true
         ;;
     stall)
-        python3 benchmarks/experiments/inductor_stall_cpu.py --device cuda --layers 12,24,48 --seconds 240 2>&1 \
-            | tee "$out/stall_cuda.txt" | tail -40 || true
-        TRITON_INTERPRET=1 python3 benchmarks/experiments/inductor_stall_cpu.py --layers 8,16 --seconds 240 2>&1 \
-            | tee "$out/stall_cpu.txt" | tail -40 || true
         # the 48-layer compiled step with the add + norm custom op (the whole stack printed at 240 s if it stalls),
-        # then without it, in the same call, and the uncompiled graph step (323.3 tokens/s in the seventh session)
+        # then the default compiled step and the uncompiled graph step, in the same call
         python3 benchmarks/experiments/watchdog.py 240 benchmarks/experiments/profile_add_norm_op.py \
             --preset qwen3-next-80b-a3b --experts 32 --no-twin --contexts 4k --batch 1 --compile --decode-steps 64 \
             --prefill-repeats 1 --json > "$out/profile_4k_b1_addnorm_op.json" 2> "$out/profile_4k_b1_addnorm_op.err" || true
@@ -211,6 +210,15 @@ case $part in
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/profile_4k_b1.json"
         $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 1 --json > "$out/graph_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" "$out/graph_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        ;;
+    pdlb1)
+        for compiled in --compile ""; do
+            name=${compiled:+compiled}; name=${name:-graph}
+            $run --contexts 4k --batch 1 $compiled --decode-steps 64 --prefill-repeats 1 --json > "$out/pdlb1_${name}_default.json"
+            python3 benchmarks/experiments/profile_decode_nopdl.py --preset qwen3-next-80b-a3b --experts 32 --no-twin \
+                --contexts 4k --batch 1 $compiled --decode-steps 64 --prefill-repeats 1 --json > "$out/pdlb1_${name}_gdn_nopdl.json"
+        done
+        python3 -m hybridlm.profile_report "$out"/pdlb1_*.json | tee "$out/pdlb1.txt"
         ;;
     graphpdl)
         for pdl in 1 0; do
@@ -264,7 +272,7 @@ case $part in
         ;;
     *)
         echo "PART: unknown '$part' (expected kernels, transformers, compiled, attn128, decode, forward, gemv, moe, attn," \
-             "attn8_1, moedense, pdl, pdl2, pdl3, layout, l2, views, route, recheck, tests)" >&2
+             "attn8_1, moedense, pdl, pdl2, pdl3, stall, graphpdl, pdlb1, layout, l2, views, route, recheck, tests)" >&2
         exit 2
         ;;
 esac

@@ -2,8 +2,13 @@
 
 Layout [B, T, H, D]; every stateful op returns (o, final_state). Public entry points dispatch on
 ``backend``; the ``*_naive`` (token loop) and ``*_chunked`` forms are exported for tests and readers.
+
+Compiling your own model that calls the Triton paths with ``torch.compile``? Call
+``register_inductor_fallbacks()`` first (``StaticDecoder(compile=True)`` does): on torch <= 2.11 it
+spares inductor a string of each custom op's whole argument IR, which stalls deep models.
 """
 
+from hybridlm.ops._inductor import register_inductor_fallbacks
 from hybridlm.ops.decode_attention import softmax_attention_decode
 from hybridlm.ops.delta_rule import (
     delta_rule,
@@ -72,6 +77,7 @@ __all__ = [
     "mla_attention",
     "moe_experts",
     "moe_route",
+    "register_inductor_fallbacks",
     "select_topk",
     "softmax_attention",
     "softmax_attention_decode",
