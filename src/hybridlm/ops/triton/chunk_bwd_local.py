@@ -29,6 +29,7 @@ import triton.language as tl
 
 from hybridlm.ops.triton.chunk_fwd import load_chunk_common
 from hybridlm.ops.triton.chunk_prep import causal_decay, dot_precision
+from hybridlm.ops.triton.utils import next_power_of_2
 
 
 @triton.jit
@@ -223,7 +224,7 @@ def chunk_bwd_local(q, k, v, gc, beta, t, m, do, h, dh, dvn, chunk_bounds, scale
     dv = torch.empty_like(v)
     dg = torch.empty(NTOK, HV, device=q.device, dtype=torch.float32)
     dbeta = torch.empty_like(dg)
-    BK, BV = max(16, triton.next_power_of_2(K)), min(block_v, max(16, triton.next_power_of_2(V)))
+    BK, BV = max(16, next_power_of_2(K)), min(block_v, max(16, next_power_of_2(V)))
     dkk, dqk = torch.empty_like(t), torch.empty_like(t)
     launch = dict(H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, PREC=dot_precision(q.dtype), num_warps=num_warps,
                   num_stages=num_stages)

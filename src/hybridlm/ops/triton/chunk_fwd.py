@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops.triton.chunk_prep import dot_precision
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -166,8 +167,8 @@ def pick_block_v(num_programs_without_split: int, V: int, device: torch.device) 
     B 1, T 64k, Hv 16: 2.11 / 2.46 / 4.19 ms.
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    width = max(16, min(32, triton.next_power_of_2(V)))
-    if width == 32 and num_programs_without_split * triton.cdiv(V, 32) < sms // 2:
+    width = max(16, min(32, next_power_of_2(V)))
+    if width == 32 and num_programs_without_split * cdiv(V, 32) < sms // 2:
         width = 16
     return width
 
@@ -201,9 +202,9 @@ def chunk_fwd(q, k, v, vec, t, m, initial_state, cu, chunk_offsets, scale: float
     if store_chunks:
         h = torch.empty(store_chunks, HV, K, V, device=q.device, dtype=torch.float32)
     BV = block_v or pick_block_v(N * HV, V, q.device)
-    chunk_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+    chunk_fwd_kernel[(cdiv(V, BV), N * HV)](
         q, k, v, vec, t, m, initial_state, o, ht, h, cu, chunk_offsets, scale,
-        H=H, HV=HV, K=K, V=V, BK=max(16, triton.next_power_of_2(K)), BV=BV,
+        H=H, HV=HV, K=K, V=V, BK=max(16, next_power_of_2(K)), BV=BV,
         HAS_H0=initial_state is not None, STORE_H=h is not None, PREC=dot_precision(q.dtype), NORM=l2norm,
         num_warps=num_warps, num_stages=num_stages or state_pass_stages(q.dtype),
     )

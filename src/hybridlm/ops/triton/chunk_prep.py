@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import L2NORM_EPS
-from hybridlm.ops.triton.utils import CHUNK
+from hybridlm.ops.triton.utils import CHUNK, cdiv, next_power_of_2
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def l2norm_rows(x: torch.Tensor) -> torch.Tensor:
     D = x.shape[-1]
     n_rows = x.numel() // D
     BR = 16
-    l2norm_rows_kernel[(triton.cdiv(n_rows, BR),)](x, y, n_rows, D=D, BD=max(16, triton.next_power_of_2(D)),
+    l2norm_rows_kernel[(cdiv(n_rows, BR),)](x, y, n_rows, D=D, BD=max(16, next_power_of_2(D)),
                                                    BR=BR, EPS=L2NORM_EPS, num_warps=4)
     return y
 
@@ -117,7 +117,7 @@ def qk_grad(x: torch.Tensor, dy: torch.Tensor, normalized: bool) -> torch.Tensor
     dx = torch.empty_like(x)
     n_rows = NTOK * H
     BR = 16
-    qk_grad_kernel[(triton.cdiv(n_rows, BR),)](x, dy, dx, n_rows, R=R, D=D, BD=max(16, triton.next_power_of_2(D)),
+    qk_grad_kernel[(cdiv(n_rows, BR),)](x, dy, dx, n_rows, R=R, D=D, BD=max(16, next_power_of_2(D)),
                                                BR=BR, NORM=normalized, EPS=L2NORM_EPS, num_warps=4)
     return dx
 
@@ -222,7 +222,7 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
         maxnreg = 168 if hopper and num_warps == 4 else None
     chunk_prep_kernel[(HV, NC)](
         q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, vec, chunk_bounds,
-        H=H, HV=HV, K=K, BK=max(16, triton.next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
+        H=H, HV=HV, K=K, BK=max(16, next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
         NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
     )
     return gc, t, m, vec

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 MAX_TAPS = 4  # the kernel keeps the three inputs before the current row in registers
 
@@ -154,10 +154,10 @@ def _conv_into(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor | 
         return y
     has_window = window_BCW is not None and W > 0
     BT = max(1, min(block_t, T))
-    BC = max(32, min(256, triton.next_power_of_2(C)))
+    BC = max(32, min(256, next_power_of_2(C)))
     update = has_window and T <= BT          # one program covers every row of its channels
     win = window_BCW if has_window else y    # not read without a window
-    causal_conv_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
+    causal_conv_kernel[(cdiv(T, BT), cdiv(C, BC), B)](
         x_BTC, w, win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
         KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4, **pdl_launch(x_BTC.device))
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]

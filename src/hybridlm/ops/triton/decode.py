@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
 L2NORM_EPS = tl.constexpr(1e-6)
@@ -181,14 +181,14 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device,
     (36.56 / 69.39 / 134.75 / 264.50 us at 32 / 64 / 128 / 256; the one-pass form was 0.2-0.5%
     slower there). Warps scale with the tile so that the state takes 64 registers a thread (K = 256
     doubles them)."""
-    bv_max = min(64, triton.next_power_of_2(V))
-    tiles = batch * num_v_heads * triton.cdiv(V, bv_max)
+    bv_max = min(64, next_power_of_2(V))
+    tiles = batch * num_v_heads * cdiv(V, bv_max)
     sms = _num_sms(device)
     if tiles >= 8 * sms:
         bv, one_reduce = bv_max, False
     else:
         bv, one_reduce = min(bv_max, 32 if tiles >= 2 * sms else 16), True
-    return bv, max(1, min(8, triton.next_power_of_2(K) * bv // 2048)), one_reduce
+    return bv, max(1, min(8, next_power_of_2(K) * bv // 2048)), one_reduce
 
 
 def packed_rows(t: torch.Tensor) -> torch.Tensor:
@@ -219,12 +219,12 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
     bv = block_v or bv
     warps = num_warps or warps
     one_reduce = one if one_reduce is None else one_reduce
-    n_tiles = triton.cdiv(V, bv) * B * HV
+    n_tiles = cdiv(V, bv) * B * HV
     grid = n_tiles if programs_per_sm is None else min(n_tiles, programs_per_sm * _num_sms(q.device))
     _gdn_decode_kernel[(grid,)](
         q, k, v, g, beta, A_log if A_log is not None else g, dt_bias if dt_bias is not None else g,
         state_in, state_out, o, scale, n_tiles, q.stride(0), k.stride(0), v.stride(0), g.stride(0), beta.stride(0),
-        H=H, HV=HV, K=K, V=V, BK=triton.next_power_of_2(K), BV=bv,
+        H=H, HV=HV, K=K, V=V, BK=next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
         num_warps=warps, **pdl_launch(q.device),

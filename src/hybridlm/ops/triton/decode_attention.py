@@ -39,7 +39,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.decode_attention import check_decode_attention
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Waves of resident programs the split kernel should run (latency hiding wants several loads in flight
@@ -207,7 +207,7 @@ def launch_config(D: int, Dv: int, dtype: torch.dtype) -> tuple[int, int, int]:
     87 / 91% of the copy rate at (B 1, S 128k) / (1, 1M) / (8, 32k) / (40, 128k); the earlier
     default (32-slot blocks, 4 warps, branching around empty blocks, 2 programs per SM) read 53 / 45 /
     39 / 45% (46 / 67 / 62 / 53% at 4 per SM). Other head dims are not yet timed on a GPU."""
-    row = (max(16, triton.next_power_of_2(D)) + max(16, triton.next_power_of_2(Dv))) * dtype.itemsize
+    row = (max(16, next_power_of_2(D)) + max(16, next_power_of_2(Dv))) * dtype.itemsize
     block = next((b for b in (64, 32, 16) if b * row <= TILE_BYTES), 16)
     stages = (3 if dtype.itemsize <= 2 else 2) if block * row <= TILE_BYTES else 1
     return block, (8 if max(D, Dv) > 128 else 4), stages
@@ -222,7 +222,7 @@ def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int, reside
     each (sequence, key/value head, split) is one program. Among the realisable counts from half to
     twice the target, the one nearest the target whose programs fill their last wave to at least
     MIN_WAVE_FILL (a wave a quarter full costs as long as a full one), else the fullest."""
-    n_blocks = max(1, triton.cdiv(S, block_s))
+    n_blocks = max(1, cdiv(S, block_s))
     rows = max(1, B * HKV)
     wave = max(1, resident) * num_sms
     want = max(1.0, min(WAVES * wave / rows, n_blocks))
@@ -231,7 +231,7 @@ def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int, reside
         waves = rows * n / wave
         return waves / math.ceil(waves)
 
-    counts = sorted({triton.cdiv(n_blocks, triton.cdiv(n_blocks, n))
+    counts = sorted({cdiv(n_blocks, cdiv(n_blocks, n))
                      for n in range(max(1, int(want // 2)), min(n_blocks, int(2 * want)) + 1)})
     full = [n for n in counts if fill(n) >= MIN_WAVE_FILL]
     if full:
@@ -241,7 +241,7 @@ def pick_num_splits(B: int, HKV: int, S: int, num_sms: int, block_s: int, reside
 
 def resident_programs(block_s: int, D: int, Dv: int, dtype: torch.dtype, stages: int) -> int:
     """Split programs one multiprocessor holds, by the shared memory of their pipelined tiles."""
-    row = (max(16, triton.next_power_of_2(D)) + max(16, triton.next_power_of_2(Dv))) * dtype.itemsize
+    row = (max(16, next_power_of_2(D)) + max(16, next_power_of_2(Dv))) * dtype.itemsize
     return max(1, min(4, SMEM_PER_SM // max(1, max(1, stages) * block_s * row)))
 
 
@@ -259,14 +259,14 @@ def split_plan(q, k, v, n_splits: Optional[int] = None, block_s: Optional[int] =
     B, S, HKV = k.shape[:3]
     block, _, stages = launch_config(q.shape[2], v.shape[3], k.dtype)
     bs = block_s or block
-    n_blocks = max(1, triton.cdiv(S, bs))
+    n_blocks = max(1, cdiv(S, bs))
     if n_splits is None:
         resident = resident_programs(bs, q.shape[2], v.shape[3], k.dtype, stages)
         n = pick_num_splits(B, HKV, S, _num_sms(q.device), bs, resident)
     else:
         n = min(n_splits, n_blocks)
-    per_split = triton.cdiv(n_blocks, max(1, n))
-    return triton.cdiv(n_blocks, per_split), per_split, bs
+    per_split = cdiv(n_blocks, max(1, n))
+    return cdiv(n_blocks, per_split), per_split, bs
 
 
 def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Optional[int],
@@ -297,8 +297,8 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
         q, k, v, q_pos, k_pos, part_acc, part_m, part_l, o,
         scale, window or 0, k.shape[1], per_split, n,
         *q.stride(), *k.stride(), *v.stride(), q_pos.stride(0), *k_pos.stride(),
-        H=H, HKV=HKV, D=D, DV=Dv, BLOCK_R=max(MIN_ROWS, triton.next_power_of_2(H // HKV)),
-        BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(Dv)), BLOCK_S=bs,
+        H=H, HKV=HKV, D=D, DV=Dv, BLOCK_R=max(MIN_ROWS, next_power_of_2(H // HKV)),
+        BD=max(16, next_power_of_2(D)), BDV=max(16, next_power_of_2(Dv)), BLOCK_S=bs,
         # float32 inputs keep float32 products (no TF32), as the reference computes
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=n == 1,
         SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps, **pdl_launch(q.device),
@@ -319,10 +319,10 @@ def combine_plan(rows: int, n: int, Dv: int, num_sms: int, block_dv: Optional[in
     us whole and 8.5 in 32-column pieces; benchmarks/experiments/combine_ab.py). A step takes up to
     64 splits and at most 4K float32 partial elements (16 KB a pipeline stage: compiled offline for
     sm_90, 112-168 registers and no spills at head dims 64-256; 8K spilled)."""
-    bdv = block_dv or triton.next_power_of_2(Dv)
-    while block_dv is None and bdv > MIN_COMBINE_COLS and 2 * rows * triton.cdiv(Dv, bdv) < num_sms:
+    bdv = block_dv or next_power_of_2(Dv)
+    while block_dv is None and bdv > MIN_COMBINE_COLS and 2 * rows * cdiv(Dv, bdv) < num_sms:
         bdv //= 2
-    return bdv, max(1, min(64, 4096 // bdv, triton.next_power_of_2(n)))
+    return bdv, max(1, min(64, 4096 // bdv, next_power_of_2(n)))
 
 
 def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sms: int,
@@ -330,7 +330,7 @@ def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sm
     """Merge ``n`` split partials per row into ``o`` [rows, Dv]; ``block_dv`` overrides
     :func:`combine_plan`'s columns per program (tests, benchmarks)."""
     bdv, bn = combine_plan(rows, n, Dv, num_sms, block_dv)
-    _combine_kernel[(rows, triton.cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
+    _combine_kernel[(rows, cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
                                                    STAGES=3, num_warps=4, **pdl_launch(o.device))
 
 

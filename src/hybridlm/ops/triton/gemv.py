@@ -41,7 +41,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl, pdl_launch
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -111,20 +111,20 @@ def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr
 
 def row_launch(O: int, D: int, num_sms: int) -> tuple[int, int, int, int]:
     """(BLOCK_O, BLOCK_D, programs, rounds) of the one-row kernel."""
-    bd = max(16, triton.next_power_of_2(D))
-    bo = max(1, min(ROW_ELEMENTS // bd, triton.next_power_of_2(O)))
-    blocks = triton.cdiv(O, bo)
+    bd = max(16, next_power_of_2(D))
+    bo = max(1, min(ROW_ELEMENTS // bd, next_power_of_2(O)))
+    blocks = cdiv(O, bo)
     programs = min(blocks, PROGRAMS_PER_SM_ROW * num_sms)
-    return bo, bd, programs, triton.cdiv(blocks, programs)
+    return bo, bd, programs, cdiv(blocks, programs)
 
 
 def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
     """(BLOCK_O, BLOCK_D): rows 512 wide (less for a small D), BLOCK_O from a TILE-element
     accumulator's rows down to 1 until cdiv(O, BLOCK_O) reaches PROGRAMS_PER_SM programs per SM."""
-    np_ = triton.next_power_of_2(N)
-    bd = max(16, min(512, triton.next_power_of_2(D)))
-    bo = max(1, min(TILE // (np_ * bd), triton.next_power_of_2(O)))
-    while bo > 1 and triton.cdiv(O, bo) < PROGRAMS_PER_SM * num_sms:
+    np_ = next_power_of_2(N)
+    bd = max(16, min(512, next_power_of_2(D)))
+    bo = max(1, min(TILE // (np_ * bd), next_power_of_2(O)))
+    while bo > 1 and cdiv(O, bo) < PROGRAMS_PER_SM * num_sms:
         bo //= 2
     return bo, bd
 
@@ -148,9 +148,9 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
                                       num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
-    _gemv_kernel[(triton.cdiv(O, bo),)](
+    _gemv_kernel[(cdiv(O, bo),)](
         x_ND, w_OD, y_NO, N, O, D, x_ND.stride(0), w_OD.stride(0), y_NO.stride(0),
-        NP=triton.next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps)
+        NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps)
 
 
 @torch.library.custom_op("hybridlm::decode_linear", mutates_args=())

@@ -47,7 +47,7 @@ import triton.language as tl
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
 # flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
@@ -150,16 +150,16 @@ def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int,
     program per SM. On the H200 at batch 1 the down loop's depth mattered, not its grid: 4 stages
     gave 21.8-21.9 us at 4, 8 and 16 rows (512 down to 128 programs), 23.8 at 2 rows.
     """
-    bd1 = max(16, min(256, triton.next_power_of_2(D)))
+    bd1 = max(16, min(256, next_power_of_2(D)))
     # at most a TILE-element tile: its two float32 accumulators stay in registers (64 x 256 spilled a
     # 2.4 KB stack on sm_90, and 16 tokens x 10 experts took 2.5 ms a layer on the H200)
-    bi1 = max(8, min(64, TILE // bd1, triton.next_power_of_2(I)))
-    while bi1 > 8 and N * K * triton.cdiv(I, bi1) < PROGRAMS_PER_SM * num_sms:
+    bi1 = max(8, min(64, TILE // bd1, next_power_of_2(I)))
+    while bi1 > 8 and N * K * cdiv(I, bi1) < PROGRAMS_PER_SM * num_sms:
         bi1 //= 2
-    bi2 = max(16, min(512, triton.next_power_of_2(I)))
+    bi2 = max(16, min(512, next_power_of_2(I)))
     tile = 2 * TILE if N >= PIPELINE_FROM_TOKENS else TILE
-    bd2 = max(2, min(tile // bi2, triton.next_power_of_2(D)))
-    while bd2 > 2 and N * triton.cdiv(D, bd2) < num_sms:
+    bd2 = max(2, min(tile // bi2, next_power_of_2(D)))
+    while bd2 > 2 and N * cdiv(D, bd2) < num_sms:
         bd2 //= 2
     return bi1, bd1, bi2, bd2
 
@@ -195,7 +195,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
     bi1, bd1, bi2, bd2 = blocks or pick_blocks(N, K, I, D, _num_sms(x_ND.device))
     stages = stages or pick_stages(N)
     h_NKI = torch.empty(N, K, I, device=x_ND.device, dtype=torch.float32)
-    _gate_up_kernel[(N * K, triton.cdiv(I, bi1))](
+    _gate_up_kernel[(N * K, cdiv(I, bi1))](
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
         BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps,
@@ -204,7 +204,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
     swiglu, gated = shared and shared_up_NS is not None, shared and shared_gate_N is not None
     us = shared_up_NS if swiglu else hs
     gs = shared_gate_N if gated else hs
-    _down_kernel[(N, triton.cdiv(D, bd2))](
+    _down_kernel[(N, cdiv(D, bd2))](
         h_NKI, experts_NK, down_EDI, out_ND, hs, ws, us, gs, K, I, D, shared_h_NS.shape[1] if shared else 0,
         down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0), us.stride(0),
         gs.stride(0), HAS_SHARED=shared, SWIGLU=swiglu, GATED=gated, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1],

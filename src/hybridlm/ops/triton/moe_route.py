@@ -32,7 +32,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import next_power_of_2, pdl_launch, pdl_start
 
 _EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 
@@ -84,7 +84,7 @@ def pick_warps(E: int) -> int:
     """Warps of a program for E experts: one warp (every reduction in shuffles, no barrier) up to 128
     experts, more as the row grows (each thread holds BLOCK_E / (32 warps) 64-bit keys; at 8192
     experts and 8 warps, 192 registers on sm_90)."""
-    block_e = triton.next_power_of_2(E)
+    block_e = next_power_of_2(E)
     return 1 if block_e <= 128 else 4 if block_e <= 2048 else 8 if block_e <= 4096 else 16
 
 
@@ -95,10 +95,10 @@ def moe_route_into(logits_NE, top_k, router, norm_topk_prob, scaling, score_bias
     N, E = logits_NE.shape
     if N == 0:
         return
-    block_e = triton.next_power_of_2(E)
+    block_e = next_power_of_2(E)
     _route_kernel[(N,)](
         logits_NE, logits_NE if score_bias_E is None else score_bias_E, weights_NK, experts_NK, E,
-        logits_NE.stride(0), scaling, K=top_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        logits_NE.stride(0), scaling, K=top_k, BLOCK_E=block_e, BLOCK_K=next_power_of_2(top_k),
         SOFTMAX=router == "softmax", HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=_EMPTY,
         num_warps=num_warps or pick_warps(E), **pdl_launch(logits_NE.device))
 

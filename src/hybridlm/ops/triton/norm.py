@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 
 @triton.jit
@@ -161,10 +161,10 @@ def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered:
     if n_rows == 0:
         return y
     z, zh, s_zt = (x, 1, D) if z is None else _z_rows(z)  # z is not read without a gate
-    BD = max(16, triton.next_power_of_2(D))
+    BD = max(16, next_power_of_2(D))
     BR = max(1, min(16, 4096 // BD))  # rows per program: ~4k elements, so wide rows do not spill
     has_res = residual is not None
-    rms_norm_kernel[(triton.cdiv(n_rows, BR),)](x, weight, z, y, residual if has_res else x, s if has_res else y,
+    rms_norm_kernel[(cdiv(n_rows, BR),)](x, weight, z, y, residual if has_res else x, s if has_res else y,
                                                 n_rows, D, float(eps), zh, s_zt, BD=BD, BR=BR,
                                                 ZERO_CENTERED=zero_centered, GATE=gate, RESIDUAL=has_res,
                                                 num_warps=4 if BD <= 1024 else 8, **pdl_launch(x.device))

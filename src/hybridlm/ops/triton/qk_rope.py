@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.triton.utils import pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import next_power_of_2, pdl_launch, pdl_start
 
 
 @triton.jit
@@ -103,7 +103,7 @@ def qk_norm_rope_into(q_BHD, k_BHD, v_BHD, pos_B, slot, k_cache, v_cache, q_out,
     if B == 0:
         return
     has_norm = q_weight is not None
-    bd = triton.next_power_of_2(D)
+    bd = next_power_of_2(D)
     _qk_rope_kernel[(B, H + HKV)](
         q_BHD, k_BHD, v_BHD, q_weight if has_norm else q_BHD, k_weight if has_norm else k_BHD, inv_freq, pos_B,
         slot, q_out, k_cache, v_cache, H, D, float(eps),
