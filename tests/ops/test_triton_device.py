@@ -50,3 +50,14 @@ def test_an_interpreter_that_cannot_run_the_kernels_is_named_with_the_fix():
     assert interpreter_problem("3.7.0", "2.4.6") is None
     assert interpreter_problem("3.9.0", "2.4.6") is None
     assert interpreter_problem("4.0.0", "3.0.0") is None
+
+
+def test_host_launch_arithmetic_equals_tritons():
+    import triton
+
+    from hybridlm.ops.triton.utils import cdiv, next_power_of_2
+
+    assert [next_power_of_2(n) for n in range(0, 5000)] == [triton.next_power_of_2(n) for n in range(0, 5000)]
+    assert next_power_of_2(2**40 + 1) == triton.next_power_of_2(2**40 + 1) == 2**41
+    pairs = [(a, b) for a in range(0, 300) for b in (1, 2, 3, 16, 64, 127)]
+    assert [cdiv(a, b) for a, b in pairs] == [triton.cdiv(a, b) for a, b in pairs]
