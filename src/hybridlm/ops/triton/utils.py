@@ -29,8 +29,11 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_power_of_2(n: int) -> int:
-    """The smallest power of two >= n (0 for 0), as ``triton.next_power_of_2``, in plain Python."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
+    """The smallest power of two >= n (0 for 0), as ``triton.next_power_of_2``, in plain Python for
+    ints (a symbolic size under tracing goes to Triton's bit arithmetic, which it supports)."""
+    if type(n) is int:
+        return 1 << (n - 1).bit_length() if n > 0 else 0
+    return triton.next_power_of_2(n)
 
 
 def _release(version: str) -> tuple[int, ...]:
