@@ -14,6 +14,11 @@ time of each first (compiling) call. A stall past ``--seconds`` dumps the Python
 ``--device cuda`` runs the same on the GPU in bf16 (the kernels route there by themselves; no
 interpreter), to tell torch 2.11's inductor from the CUDA path.
 
+Since the 12-04 session it registers our custom ops as inductor fallbacks first, as
+``StaticDecoder(compile=True)`` does (``--no-fallbacks``: leave them to inductor's implicit fallback,
+whose eager log string was the stall on torch 2.11), and prints how far the compiled step's logits
+are from the eager step's.
+
 Seventh 12-03 session, CPU, torch 2.13: no stall. First calls 8.2 / 16.5 / 19.5 / 24.4 s at 4 / 8 / 12 /
 16 layers with the custom op, 20.6 / 17.2 / 25.3 / 24.4 s with inductor's add + norm.
 
@@ -24,6 +29,7 @@ Seventh 12-03 session, CPU, torch 2.13: no stall. First calls 8.2 / 16.5 / 19.5 
 from __future__ import annotations
 
 import argparse
+import copy
 import faulthandler
 import os
 import sys
@@ -39,7 +45,7 @@ from hybridlm.config import HybridConfig  # noqa: E402
 from hybridlm.generation import prefill  # noqa: E402
 from hybridlm.layers import attention, conv, norms, packing  # noqa: E402
 from hybridlm.model import HybridLM  # noqa: E402
-from hybridlm.ops import _checks  # noqa: E402
+from hybridlm.ops import _checks, register_inductor_fallbacks  # noqa: E402
 from hybridlm.ops.triton import norm as triton_norm  # noqa: E402
 
 
@@ -68,7 +74,8 @@ def route_kernels(custom_add_norm: bool, cpu: bool) -> None:
     norms._pdl = lambda x: True
 
 
-def first_call_seconds(layers: int, device: str) -> float:
+def first_call_seconds(layers: int, device: str) -> tuple[float, float]:
+    """Seconds of the compiled step's first call, and its logits' largest distance from the eager step's."""
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.preset("tiny-qwen3-next", num_layers=layers)).to(device)
     if device != "cpu":
@@ -78,14 +85,17 @@ def first_call_seconds(layers: int, device: str) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, 5), device=device)
     with torch.no_grad():
         prefill(model, ids, None, cache)
+        eager_cache = copy.deepcopy(cache)
         torch.compiler.reset()
         step = torch.compile(model.decode_static, fullgraph=True, dynamic=False)
         slot = torch.tensor([cache.seq_len], device=device)
         t0 = time.perf_counter()
-        step(ids[:, :1], cache, slot)
+        got = step(ids[:, :1], cache, slot)
         if device != "cpu":
             torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        want = model.decode_static(ids[:, :1], eager_cache, slot.clone())
+        return seconds, float((got.float() - want.float()).abs().max())
 
 
 def main() -> None:
@@ -93,14 +103,19 @@ def main() -> None:
     ap.add_argument("--layers", default="4,8,16")
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--no-fallbacks", action="store_true",
+                    help="leave our custom ops to inductor's implicit fallback (register_inductor_fallbacks not called)")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(args.seconds, exit=True)
+    if not args.no_fallbacks:
+        print("registered as inductor fallbacks:", ", ".join(register_inductor_fallbacks()), flush=True)
     for custom in (False, True):
         route_kernels(custom, args.device == "cpu")
         for layers in (int(n) for n in args.layers.split(",")):
             label = "custom op" if custom else "inductor's"
-            print(f"add + norm {label:10s} {layers:3d} layers: first call {first_call_seconds(layers, args.device):7.1f} s",
-                  flush=True)
+            seconds, diff = first_call_seconds(layers, args.device)
+            print(f"add + norm {label:10s} {layers:3d} layers: first call {seconds:7.1f} s, "
+                  f"max |compiled - eager| logits {diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":
