@@ -23,8 +23,8 @@ CHUNK = 64
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for a launch's host-side arithmetic. ``triton.cdiv`` and ``triton.next_power_of_2``
     are constexpr functions (Triton 3.6 and 3.9): from Python each call goes through a wrapper that
-    unwraps its arguments, ~6 us a call on the CI machine, and a decode launch made five of them
-    (36 of the decode step's 54 us of host time before its launch)."""
+    unwraps its arguments, ~6 us a call on this project's CPU machine (CI's kind), and a decode launch
+    made five of them (36 of the eager decode step's 54 us of host time before its launch there)."""
     return (a + b - 1) // b
 
 
