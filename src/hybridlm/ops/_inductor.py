@@ -43,7 +43,7 @@ def register_inductor_fallbacks() -> list[str]:
         return []
     registered = []
     for qualified in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("hybridlm::")):
-        op = getattr(torch.ops.hybridlm, qualified.split("::", 1)[1].split(".", 1)[0]).default
+        op = getattr(torch.ops.hybridlm, qualified.split("::", 1)[1]).default  # custom_op: one overload
         if op in graph.lowerings:
             continue
         tag = graph.get_layout_constraint_tag(op, with_default=True)
