@@ -14,6 +14,8 @@
 # inductor fallbacks registered up front, against the default compiled and uncompiled graph steps), then
 # `pdlb1` (~6 min). The 12-04 session ran `kernels`, `tests` and `transformers` (RESULTS.md).
 # Parts:
+#   tma          decode_tma.py: the decode step's state through TMA descriptors (load, store, both) against
+#                the step, torch's copy and Triton's flat scale at batch 32 / 64 (new 2026-12-04, second session)
 #   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-04, 361 s with fla's wheels:
 #                fwd 1.83x fla at Qwen3-Next B 1 T 32k, decode 88.3% at batch 32, 4.3 us at batch 1),
 #                after any kernel change
@@ -101,6 +103,9 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    tma)
+        python3 benchmarks/experiments/decode_tma.py --json "$out/decode_tma.json" 2>&1 | tee "$out/decode_tma.txt" || true
+        ;;
     kernels)
         python3 benchmarks/kernels.py --max-minutes 8 --json "$out/kernels.json" --out "$out" 2>&1 | tee "$out/kernels.log"
         ;;
@@ -211,6 +216,24 @@ case $part in
         $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/profile_4k_b1.json"
         $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 1 --json > "$out/graph_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" "$out/graph_4k_b1.json" | tee "$out/profile_4k_b1.txt"
+        ;;
+    order)
+        # every PDL kernel's trigger and wait in both orders: the decode kernel's chain, then the 4k batch-1
+        # step compiled (the add + norm op now kept under compile) and as the uncompiled graph
+        for order in trigger-first wait-first; do
+            HYBRIDLM_PDL_ORDER=$order python3 benchmarks/experiments/decode_pdl_small.py --batches 1,8,32 \
+                --json "$out/pdl_chain_$order.json" 2>&1 | grep "^PDL=" | tee -a "$out/order.txt"
+        done
+        for i in 1 2; do
+            for order in trigger-first wait-first; do
+                for compiled in --compile ""; do
+                    name=${compiled:+compiled}; name=${name:-graph}
+                    HYBRIDLM_PDL_ORDER=$order $run --contexts 4k --batch 1 $compiled --decode-steps 64 --prefill-repeats 1 \
+                        --json > "$out/order_${name}_${order}_$i.json"
+                done
+            done
+        done
+        python3 -m hybridlm.profile_report "$out"/order_*.json | tee -a "$out/order.txt"
         ;;
     pdlb1)
         for trigger in early late; do  # the decode kernel's chain: trigger-then-wait (default) or wait-then-trigger

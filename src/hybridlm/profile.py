@@ -28,7 +28,7 @@ from hybridlm import memory
 from hybridlm.config import HybridConfig
 from hybridlm.generation import StaticDecoder, decode_one_token
 from hybridlm.model import HybridLM
-from hybridlm.ops._checks import pdl_on
+from hybridlm.ops._checks import pdl_on, pdl_order
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # tokens (all prompts of the batch together) per prefill call when ProfileSettings.prefill_chunk is None
@@ -404,6 +404,7 @@ def _row(model: HybridLM, name: str, context: int, batch: int, settings: Profile
     cfg, dt = model.config, settings.dtype_name
     row = {"model": name, "engine": "hybridlm", "layer_types": cfg.layer_types, "device": str(settings.torch_device),
            "card": card_name(settings.torch_device), "pdl": pdl_on(settings.torch_device),
+           "pdl_order": pdl_order() if pdl_on(settings.torch_device) else None,
            "dtype": dt, "context": context, "batch": batch, "weight_bytes": weights,
            "copy_bandwidth_bytes_per_s": bandwidth, "bytes_per_token": bytes_per_token(cfg, context, batch, dt)}
     try:

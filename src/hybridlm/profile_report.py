@@ -35,7 +35,7 @@ def format_table(rows: list[dict]) -> str:
             f"{_num(r.get('bandwidth_bound_tokens_per_s'), ',.0f'):>11} {_num(r.get('bandwidth_share'), '.1%'):>6} "
             f"{'n/a' if r['peak_bytes'] is None else format_bytes(r['peak_bytes']):>10} {cache:>23} "
             f"{max_batch:>9}" + ({"cuda graph": "  (graph)", "compiled cuda graph": "  (compiled graph)"}.get(r.get("decode"), ""))
-            + ("  PDL" if r.get("pdl") else "")
+            + ("  PDL" if r.get("pdl") else "") + (" wait-first" if r.get("pdl_order") == "wait-first" else "")
             + (f"  {r['error']}" if r.get("error") else ""))
     if any(r.get("at_max_batch") for r in rows):
         lines.append("* the largest batch that fits (max batch: analytic, then found by allocation after '/')")

@@ -96,6 +96,21 @@ def test_a_bad_hybridlm_pdl_value_is_refused_by_name():
     assert run.returncode != 0 and "HYBRIDLM_PDL must be 0" in run.stderr and "'yes'" in run.stderr
 
 
+@pytest.mark.parametrize("order", ["trigger-first", "wait-first", "late"])
+def test_the_pdl_order_is_read_from_the_environment_and_a_bad_one_refused(order):
+    import subprocess
+    import sys
+
+    code = "from hybridlm.ops.triton import utils; print(utils.PDL_ORDER, bool(utils.PDL_WAIT_FIRST))"
+    run = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, HYBRIDLM_PDL_ORDER=order),
+                         capture_output=True, text=True)
+    if order == "late":
+        assert run.returncode != 0 and "HYBRIDLM_PDL_ORDER must be" in run.stderr and "'late'" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == [order, str(order == "wait-first")]
+
+
 def test_weight_views_and_strided_rows():
     x, stack = make((2,), 96, 48, torch.float32, seed=2)
     view = stack[10:50]  # rows of a stack, as packed layers' weights are

@@ -14,7 +14,7 @@ import platform
 import torch
 
 from hybridlm.bench.timing import FLOP_CONVENTION
-from hybridlm.ops._checks import pdl_on
+from hybridlm.ops._checks import pdl_on, pdl_order
 
 OURS = "hybridlm"
 HEADER = (f"{'section':<15}{'shape':<28}{'B':>4}{'T':>9} {'impl':<10}{'ms':>10}{'tokens/s':>10}"
@@ -140,7 +140,7 @@ def environment(has_fla: bool) -> dict:
            "card": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
            "torch": torch.__version__, "triton": triton.__version__}
     if torch.cuda.is_available():  # which launches the decode kernels timed (HYBRIDLM_PDL=0: off)
-        env["pdl"] = "on" if pdl_on(torch.device("cuda", torch.cuda.current_device())) else "off"
+        env["pdl"] = f"on ({pdl_order()})" if pdl_on(torch.device("cuda", torch.cuda.current_device())) else "off"
     if has_fla:
         from importlib.metadata import PackageNotFoundError, version
         try:

@@ -11,6 +11,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from hybridlm.ops._checks import inference_kernel, pdl_on
+from hybridlm.ops._inductor import fallbacks_registered
 
 
 class RMSNorm(nn.Module):
@@ -60,17 +61,20 @@ class RMSNorm(nn.Module):
         """(s, self(s)) for s = x + y (x and y of one shape and dtype): a residual add and this norm.
 
         Where the decode kernels launch with programmatic dependent launch (``ops.triton.utils.pdl``,
-        on Hopper and later unless HYBRIDLM_PDL=0), on CUDA without gradients and outside torch.compile: one Triton pass
-        (``ops.triton.add_rms_norm_rows``). Elsewhere ``x + y`` and this module's forward, which inductor
-        fuses into one kernel. s equals ``x + y`` either way.
+        on Hopper and later unless HYBRIDLM_PDL=0), on CUDA without gradients: one Triton pass
+        (``ops.triton.add_rms_norm_rows``), which keeps the chain of PDL kernels unbroken. Elsewhere
+        ``x + y`` and this module's forward, which inductor fuses into one kernel. s equals ``x + y``
+        either way.
 
-        Not under torch.compile: traced as its two-output custom op, the 48-layer step became a graph
-        of opaque kernels only, in which each op's two outputs meet again at the next one, and torch
-        2.11's inductor spent minutes formatting the nested nodes as text (it recurses through every
-        input; the H200 profile showed it, sixth 12-03 session, RESULTS.md). Inductor's own kernel
-        for the add and norm ends that recursion."""
-        kernel = None if torch.compiler.is_compiling() or not _pdl(x) else \
-            inference_kernel("add_rms_norm_rows", x, self.weight, y)
+        Under torch.compile the kernel is its two-output custom op only once
+        ``ops.register_inductor_fallbacks()`` has run (``StaticDecoder(compile=True)`` runs it): up to
+        torch 2.11 inductor's implicit fallback formats every argument's IR as text for a log line,
+        and the residual stream's IR nests every layer before it (the 48-layer step was still
+        compiling after 200 s on an H200; ``ops/_inductor.py``). Registered, the compiled 4k batch-1
+        step read 329.6 tokens/s against 319.0 with inductor's add + norm (2026-12-04, RESULTS.md)."""
+        compiling = torch.compiler.is_compiling()
+        kernel = None if not _pdl(x) or (compiling and not fallbacks_registered()) else \
+            inference_kernel("add_rms_norm_rows", x, self.weight, y, traced=True)
         if kernel is not None and y.shape == x.shape and y.dtype == x.dtype:
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y

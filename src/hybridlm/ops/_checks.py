@@ -249,6 +249,16 @@ def pdl_on(device: torch.device) -> bool:
     return pdl(device)
 
 
+def pdl_order() -> str | None:
+    """The order of a PDL kernel's trigger and wait (``hybridlm.ops.triton.utils.PDL_ORDER``, set by
+    HYBRIDLM_PDL_ORDER), or None without triton."""
+    try:
+        from hybridlm.ops.triton.utils import PDL_ORDER
+    except ImportError:
+        return None
+    return PDL_ORDER
+
+
 def _kernel_runs_on(x: torch.Tensor) -> bool:
     """Triton kernels run on CUDA tensors, and on CPU ones only under Triton's interpreter."""
     return (isinstance(x, torch.Tensor) and x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1"

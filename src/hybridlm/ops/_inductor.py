@@ -21,6 +21,15 @@ from __future__ import annotations
 import torch
 
 
+_REGISTERED = False
+
+
+def fallbacks_registered() -> bool:
+    """Whether ``register_inductor_fallbacks`` has registered every ``hybridlm::`` op in this process
+    (layers that may hand a deep graph's residual stream to a custom op under compile ask first)."""
+    return _REGISTERED
+
+
 def register_inductor_fallbacks() -> list[str]:
     """Register every ``hybridlm::`` custom op that inductor has no lowering for yet as a fallback.
 
@@ -49,4 +58,6 @@ def register_inductor_fallbacks() -> list[str]:
         tag = graph.get_layout_constraint_tag(op, with_default=True)
         graph.make_fallback(op, layout_constraint=graph.tag_to_layout_constraint(tag))
         registered.append(qualified)
+    global _REGISTERED
+    _REGISTERED = True
     return registered

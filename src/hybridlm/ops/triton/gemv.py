@@ -41,7 +41,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -85,8 +85,7 @@ def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr
                      USE_PDL: tl.constexpr):
     # y [O] = W x for one row x [D]; program p of P owns row blocks p, p + P, ... (n_rounds of them)
     P = tl.num_programs(0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the successor may launch once every program has started
+    pdl_trigger(USE_PDL)  # trigger-first order: the successor may launch once every program has started
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -94,8 +93,7 @@ def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr
     # the weights do not depend on the predecessor: the first block is loaded before waiting for it
     b_w = tl.load(w_OD + o_o.to(tl.int64)[:, None] * s_wo + o_d[None, :], mask=m_o[:, None] & m_d[None, :],
                   other=0.0)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # the predecessor has finished and its writes (x) are visible
+    pdl_wait(USE_PDL)  # the predecessor has finished and its writes (x) are visible
     b_x = tl.load(x_D + o_d, mask=m_d, other=0.0).to(tl.float32)
     for _ in range(1, n_rounds):
         n_o = o_o + P * BLOCK_O

@@ -9,7 +9,6 @@ sequence boundary because they are cut per sequence.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 
@@ -124,9 +123,15 @@ def pdl(device: torch.device) -> bool:
     return PDL and device.type == "cuda" and _capability(device.index) >= 9
 
 
-@functools.lru_cache(maxsize=None)
+_CAPABILITY: dict = {}
+
+
 def _capability(index) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+    # a plain dict, not functools.lru_cache: layers ask ``pdl`` while torch.compile traces them, and
+    # dynamo warns on every lru_cache-wrapped call it traces through
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0]
+    return _CAPABILITY[index]
 
 
 def pdl_launch(device: torch.device) -> dict:
@@ -135,10 +140,41 @@ def pdl_launch(device: torch.device) -> dict:
     return dict(USE_PDL=True, launch_pdl=True) if pdl(device) else dict(USE_PDL=False)
 
 
+# The order of a PDL kernel's two statements. "trigger-first" lets the successor launch, then waits: a
+# chain of such kernels can launch grid after grid ahead of the one running, each parked in its wait on
+# the multiprocessors. "wait-first" waits for the predecessor, then lets the successor launch, so at
+# most the next grid is launched early. HYBRIDLM_PDL_ORDER picks one (a kernel's reads of what no kernel
+# writes, such as the matrix-vector kernel's first weight block, still go before the wait either way).
+_ORDER_ENV = os.environ.get("HYBRIDLM_PDL_ORDER", "trigger-first")
+if _ORDER_ENV not in ("trigger-first", "wait-first"):
+    raise ValueError(f"HYBRIDLM_PDL_ORDER must be 'trigger-first' or 'wait-first', got {_ORDER_ENV!r}")
+PDL_ORDER = _ORDER_ENV
+PDL_WAIT_FIRST = tl.constexpr(_ORDER_ENV == "wait-first")
+
+
+@triton.jit
+def pdl_trigger(USE_PDL: tl.constexpr):
+    """A PDL kernel's first statement: in the trigger-first order, let the successor launch (nothing
+    without USE_PDL or in the wait-first order, where ``pdl_wait`` triggers)."""
+    if USE_PDL:
+        if not PDL_WAIT_FIRST:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Before a PDL kernel's first read of anything its predecessors wrote, and before its first write:
+    wait for the predecessor (its writes are visible after), then, in the wait-first order, let the
+    successor launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if PDL_WAIT_FIRST:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
 @triton.jit
 def pdl_start(USE_PDL: tl.constexpr):
-    """A decode kernel's first statement: under PDL, let the successor launch, then wait for the
-    predecessor's writes before any read or write (nothing without USE_PDL)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
+    """A decode kernel's first statement: under PDL, ``pdl_trigger`` then ``pdl_wait`` (nothing
+    without USE_PDL)."""
+    pdl_trigger(USE_PDL)
+    pdl_wait(USE_PDL)
