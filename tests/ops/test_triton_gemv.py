@@ -209,3 +209,59 @@ def test_packed_projections_route_through_the_kernel(monkeypatch):
         assert rel_err(packed, unpacked) < 2e-2
         layer(x.expand(2, 1, 256))  # two rows: cuBLAS (the kernel lost there on the H200)
         assert len(calls) == 2, calls
+
+
+def gated_norm_reference(o, z, nw, eps, gate):
+    """GatedRMSNorm's arithmetic (float32, rounded to o's dtype), flattened."""
+    o32 = o.float()
+    y = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + eps) * nw.float()
+    y = y * (F.silu(z.float()) if gate == "silu" else torch.sigmoid(z.float()))
+    return y.to(o.dtype).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gate", ["silu", "sigmoid"])
+@pytest.mark.parametrize("shape_o, O, row_elements", [
+    ((4, 16), 40, None),          # one block
+    ((1, 1, 3, 16), 63, None),    # a [B, T, HV, V] decode output; 48 elements padded to 64: heads of zeros
+    ((2, 32), 65, 256),           # blocks of 4 rows: 17 blocks over 4 programs, up to 5 rounds
+    ((1, 8), 1, None),            # one output, one head
+])
+def test_gated_norm_linear_matches_norm_then_linear(shape_o, O, row_elements, gate, dtype, monkeypatch):
+    from hybridlm.ops.triton import gemv
+    from hybridlm.ops.triton.gemv import _gated_norm_linear_into, gated_norm_linear
+
+    if row_elements:
+        monkeypatch.setattr(gemv, "ROW_ELEMENTS", row_elements)
+    gen = torch.Generator().manual_seed(4)
+    o = torch.randn(*shape_o, generator=gen).to(DEVICE, dtype)
+    z = torch.randn(*shape_o, generator=gen).to(DEVICE, dtype)
+    nw = (1.0 + 0.1 * torch.randn(shape_o[-1], generator=gen)).to(DEVICE)
+    D = o.numel()
+    w = (torch.randn(O, D, generator=gen) * D ** -0.5).to(DEVICE, dtype)
+    want = F.linear(gated_norm_reference(o, z, nw, 1e-6, gate).double(), w.double())
+    y = gated_norm_linear(o, z, nw, 1e-6, gate, w)
+    assert y.shape == (O,) and y.dtype == dtype
+    assert rel_err(y, want) < TOL[dtype]
+    poisoned = torch.full((O,), float("nan"), device=DEVICE, dtype=dtype)  # every output element written
+    _gated_norm_linear_into(o.reshape(-1), z.reshape(-1), nw, 1e-6, 1 if gate == "silu" else 2, w, poisoned)
+    assert not poisoned.isnan().any() and torch.equal(poisoned, y)
+
+
+def test_gated_norm_linear_refuses_bad_input_by_name():
+    from hybridlm.ops.triton.gemv import gated_norm_linear
+
+    o, z, nw, w = torch.randn(2, 16), torch.randn(2, 16), torch.ones(16), torch.randn(5, 32)
+    o, z, nw, w = (t.to(DEVICE) for t in (o, z, nw, w))
+    with pytest.raises(ValueError, match="gate must be 'silu' or 'sigmoid'"):
+        gated_norm_linear(o, z, nw, 1e-6, "relu", w)
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        gated_norm_linear(o, z, nw[:8], 1e-6, "silu", w)
+    with pytest.raises(ValueError, match="norm_weight must have shape.*power of two"):
+        gated_norm_linear(o[:, :12], z[:, :12], nw[:12], 1e-6, "silu", w[:, :24])
+    with pytest.raises(ValueError, match="z must have o's shape"):
+        gated_norm_linear(o, z[:1], nw, 1e-6, "silu", w)
+    with pytest.raises(ValueError, match=r"weight must be \[O, 32\]"):
+        gated_norm_linear(o, z, nw, 1e-6, "silu", w[:, :16])
+    with pytest.raises(TypeError, match="weight of o's dtype"):
+        gated_norm_linear(o, z, nw, 1e-6, "silu", w.double())
