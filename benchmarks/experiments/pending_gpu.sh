@@ -217,20 +217,6 @@ case $part in
         $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 1 --json > "$out/graph_4k_b1.json"
         python3 -m hybridlm.profile_report "$out/profile_4k_b1.json" "$out/graph_4k_b1.json" | tee "$out/profile_4k_b1.txt"
         ;;
-    gnorm)
-        # Gated DeltaNet's output norm in the one-row kernel's prologue: its GPU tests, then the compiled 4k
-        # batch-1 step fused (the default) and apart (profile_norm_apart.py), then the static decode tests
-        timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q --tb=short -k "gated_norm" \
-            tests/ops/test_triton_gemv.py tests/layers/test_packing.py > "$out/tests_gnorm.txt" 2>&1 || true
-        tail -3 "$out/tests_gnorm.txt"
-        $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/gnorm_fused.json"
-        python3 benchmarks/experiments/profile_norm_apart.py --preset qwen3-next-80b-a3b --experts 32 --no-twin \
-            --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/gnorm_apart.json"
-        for f in "$out"/gnorm_*.json; do echo "$f"; python3 -m hybridlm.profile_report "$f" | sed -n 2p; done | tee "$out/gnorm.txt"
-        timeout 150 python3 -m pytest -p no:cacheprovider -o addopts="" -q --tb=short -k "cuda" \
-            tests/test_static_decode.py > "$out/tests_static.txt" 2>&1 || true
-        tail -3 "$out/tests_static.txt"
-        ;;
     wide)
         # the wide input projections on the one-row matrix-vector kernel (PDL chain unbroken) against cuBLAS,
         # 4k batch 1 compiled; launches: programs a multiprocessor x weight elements a block

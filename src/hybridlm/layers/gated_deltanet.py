@@ -18,7 +18,7 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project_gated_norm
+from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 
@@ -101,7 +101,7 @@ class GatedDeltaNet(PacksWeights):
         g_BTH = a[0] if fuse_gate else self._log_decay(a[0] if a else None, tokens)
         o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot, fuse_gate)
         z_BTHV = z.reshape(B, T, HV, V)
-        return project_gated_norm(self.norm, self.o_proj, o_BTHV, z_BTHV)
+        return project(self.o_proj, self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
 
     def pack_for_inference(self) -> None:
         """Stack the input projections' weights now (a decoder does this before tracing or capture)."""

@@ -18,7 +18,7 @@ from hybridlm.cache import RecurrentSlot
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.packing import project_gated_norm
+from hybridlm.layers.packing import project
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import kda, kda_step
 
@@ -97,7 +97,7 @@ class KimiDeltaAttention(nn.Module):
         if slot is not None:
             slot.state.copy_(state)
         gate_BTHV = self.g_b_proj(self.g_a_proj(x_BTD)).view(B, T, HV, V)
-        return project_gated_norm(self.norm, self.o_proj, o_BTHV, gate_BTHV)
+        return project(self.o_proj, self.norm(o_BTHV, gate_BTHV).reshape(B, T, HV * V))
 
     def _convolved_qkv(self, x_BTD: torch.Tensor, tokens: Tokens, window_BCW: torch.Tensor | None):
         """q, k [B, T, H*K] and v [B, T, HV*V] after conv + SiLU; the window holds q, k, v channels in that order."""

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlm.ops._checks import load_kernel, pdl_on
+from hybridlm.ops._checks import load_kernel
 
 
 _NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
@@ -161,27 +161,6 @@ def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if kernel is not None:
             return kernel(x, layer.weight)
     return layer(x)
-
-
-def project_gated_norm(norm: nn.Module, layer: nn.Module, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``project(layer, norm(o, z).flatten(-2))``: a gated norm (``layers.norms.GatedRMSNorm``) of
-    o, z [B, T, heads, head_dim] and the output projection after it.
-
-    One token (B = T = 1) on CUDA in a 16-bit dtype, where the decode kernels launch with programmatic
-    dependent launch, with no gradient needed: one kernel (``ops.triton.gemv.gated_norm_linear``), the
-    one-row matrix-vector kernel forming the normalised row in its prologue, which saves the norm's
-    kernel and launch of each Gated DeltaNet layer in the batch-1 decode step. Elsewhere the two
-    apart, as before."""
-    B, T, heads, hd = o.shape
-    if (B * T == 1 and o.is_cuda and o.dtype in (torch.bfloat16, torch.float16) and plain_linear(layer, o)
-            and layer.weight.dtype == o.dtype and layer.weight.shape[0] <= _GEMV_MAX_OUT and heads * hd <= 16384
-            and hd & (hd - 1) == 0 and pdl_on(o.device)
-            and not (torch.is_grad_enabled() and (norm.weight.requires_grad or z.requires_grad))):
-        kernel = load_kernel("gated_norm_linear", "auto", o)
-        if kernel is not None:
-            gate = "silu" if norm.gate is F.silu else "sigmoid"
-            return kernel(o, z, norm.weight, norm.eps, gate, layer.weight).reshape(B, T, -1)
-    return project(layer, norm(o, z).reshape(B, T, heads * hd))
 
 
 def pack_weights(owner: nn.Module, names: tuple[str, ...]) -> torch.Tensor | None:

@@ -81,28 +81,9 @@ def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
 
 
 @triton.jit
-def _gated_norm_row(x_D, z_D, nw_H, eps, D, BLOCK_D: tl.constexpr, HD: tl.constexpr, GATE: tl.constexpr):
-    """The row x [D] = heads of HD: RMSNorm of each head by nw_H [HD], times silu(z) (GATE 1) or
-    sigmoid(z) (GATE 2), in float32 and rounded to x's dtype, as ``norm.rms_norm_rows``'s gated norm
-    computes it; returned in float32. Padding (D < BLOCK_D) forms heads of zeros that stay zero."""
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    x = tl.load(x_D + o_d, mask=m_d, other=0.0)
-    x2 = tl.reshape(x.to(tl.float32), [BLOCK_D // HD, HD])
-    r = tl.rsqrt(tl.sum(x2 * x2, 1) / HD + eps)
-    w = tl.load(nw_H + tl.arange(0, HD)).to(tl.float32)
-    y = tl.reshape((x2 * r[:, None]) * w[None, :], [BLOCK_D])
-    z = tl.load(z_D + o_d, mask=m_d, other=0.0).to(tl.float32)
-    y = y * (z * tl.sigmoid(z) if GATE == 1 else tl.sigmoid(z))
-    return y.to(x_D.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
-def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, z_D, nw_H, eps, BLOCK_O: tl.constexpr,
-                     BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr, GATE: tl.constexpr, HD: tl.constexpr):
-    # y [O] = W x for one row x [D]; program p of P owns row blocks p, p + P, ... (n_rounds of them).
-    # GATE != 0: x is the gated RMSNorm of the row x_D by nw_H and z_D (``_gated_norm_row``), formed by
-    # every program from the raw row: the norm's own kernel and launch are saved.
+def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    # y [O] = W x for one row x [D]; program p of P owns row blocks p, p + P, ... (n_rounds of them)
     P = tl.num_programs(0)
     pdl_trigger(USE_PDL)  # trigger-first order: the successor may launch once every program has started
     o_d = tl.arange(0, BLOCK_D)
@@ -113,10 +94,7 @@ def _gemv_row_kernel(x_D, w_OD, y_O, O, D, s_wo, n_rounds, z_D, nw_H, eps, BLOCK
     b_w = tl.load(w_OD + o_o.to(tl.int64)[:, None] * s_wo + o_d[None, :], mask=m_o[:, None] & m_d[None, :],
                   other=0.0)
     pdl_wait(USE_PDL)  # the predecessor has finished and its writes (x) are visible
-    if GATE != 0:
-        b_x = _gated_norm_row(x_D, z_D, nw_H, eps, D, BLOCK_D, HD, GATE)
-    else:
-        b_x = tl.load(x_D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_x = tl.load(x_D + o_d, mask=m_d, other=0.0).to(tl.float32)
     for _ in range(1, n_rounds):
         n_o = o_o + P * BLOCK_O
         n_m = n_o < O
@@ -164,8 +142,8 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
         return
     if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and pdl(x_ND.device))):
         bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
-        _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, x_ND, x_ND, 0.0, BLOCK_O=bo,
-                                      BLOCK_D=bd, GATE=0, HD=1, num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
+        _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bd,
+                                      num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
     _gemv_kernel[(cdiv(O, bo),)](
@@ -222,83 +200,3 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         y_NO = torch.empty(rows, w_OD.shape[0], device=x.device, dtype=x.dtype)
         gemv_into(x_ND, w_OD, y_NO)
     return y_NO.reshape(*x.shape[:-1], w_OD.shape[0])
-
-
-_GATES = {"silu": 1, "sigmoid": 2}
-
-
-def _gated_norm_linear_into(x_D, z_D, norm_weight, eps, gate, w_OD, y_O) -> None:
-    O, D = w_OD.shape
-    if O == 0:
-        return
-    bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_D.device))
-    _gemv_row_kernel[(programs,)](x_D, w_OD, y_O, O, D, w_OD.stride(0), rounds, z_D, norm_weight, eps, BLOCK_O=bo,
-                                  BLOCK_D=bd, GATE=gate, HD=norm_weight.shape[0], num_warps=ROW_WARPS,
-                                  **pdl_launch(x_D.device))
-
-
-@torch.library.custom_op("hybridlm::gated_norm_linear", mutates_args=())
-def _gated_norm_linear_op(x_D: torch.Tensor, z_D: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate: int,
-                          w_OD: torch.Tensor) -> torch.Tensor:
-    y_O = torch.empty(w_OD.shape[0], device=x_D.device, dtype=x_D.dtype)
-    _gated_norm_linear_into(x_D, z_D, norm_weight, eps, gate, w_OD, y_O)
-    return y_O
-
-
-@_gated_norm_linear_op.register_fake
-def _(x_D, z_D, norm_weight, eps, gate, w_OD):
-    return x_D.new_empty(w_OD.shape[0])
-
-
-def gated_norm_linear(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate: str,
-                      weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(GatedRMSNorm(o, z).flatten(), weight)`` for one token in one kernel: the one-row
-    matrix-vector kernel, every program forming the normalised row from o and z as it starts.
-
-    Gated DeltaNet's output: o [..., heads, HD] (one token's heads) normalised per head by
-    ``norm_weight`` [HD] in float32, times silu(z) (``gate="silu"``) or sigmoid(z) (``"sigmoid"``),
-    rounded to o's dtype as ``layers.norms.GatedRMSNorm`` (and ``norm.rms_norm_rows``) does, then
-    projected by ``weight`` [O, heads * HD] with float32 accumulation. Saves the norm's own kernel
-    and launch in the batch-1 decode step.
-
-    Args:
-        o: one token's heads, [..., HD] with heads * HD = weight's in-features (leading dims of 1s
-            and the head dim: [1, 1, HV, HD] or [HV, HD]); float32, bfloat16 or float16.
-        z: the gate input, o's shape, any float dtype.
-        norm_weight: [HD]; HD a power of two.
-        eps: added to each head's mean of squares.
-        gate: "silu" or "sigmoid".
-        weight: [O, heads * HD] of o's dtype and device, rows contiguous.
-    Returns:
-        [O] in o's dtype. No autograd: for inference. Traced by torch.compile it is one custom op
-        (``hybridlm::gated_norm_linear``).
-    """
-    for name, t in (("o", o), ("z", z), ("norm_weight", norm_weight), ("weight", weight)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t))}")
-    if gate not in _GATES:
-        raise ValueError(f"gate must be 'silu' or 'sigmoid', got {gate!r}")
-    HD = o.shape[-1] if o.dim() else 0
-    if norm_weight.shape != (HD,) or HD == 0 or HD & (HD - 1):
-        raise ValueError(f"norm_weight must have shape (HD,) with HD = o's last dim, a power of two; got o "
-                         f"{tuple(o.shape)}, norm_weight {tuple(norm_weight.shape)}")
-    if z.shape != o.shape:
-        raise ValueError(f"z must have o's shape {tuple(o.shape)}, got {tuple(z.shape)}")
-    D = o.numel()
-    if weight.dim() != 2 or weight.shape[1] != D:
-        raise ValueError(f"weight must be [O, {D}] (o's {D} elements: one token's heads), got {tuple(weight.shape)}")
-    if D > ROW_MAX_D:
-        raise ValueError(f"o must hold at most {ROW_MAX_D} elements for the one-row kernel, got {D}")
-    if o.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != o.dtype:
-        raise TypeError(f"o must be float32, bfloat16 or float16 and weight of o's dtype; got {o.dtype}, {weight.dtype}")
-    for name, t in (("z", z), ("norm_weight", norm_weight), ("weight", weight)):
-        if t.device != o.device:
-            raise ValueError(f"{name} is on {t.device}, expected o's device {o.device}")
-    check_kernel_device("o", o)
-    x_D, z_D, nw = o.reshape(D).contiguous(), z.reshape(D).contiguous(), norm_weight.contiguous()
-    w_OD = weight if weight.stride(1) == 1 else weight.contiguous()
-    if torch.compiler.is_compiling():
-        return _gated_norm_linear_op(x_D, z_D, nw, float(eps), _GATES[gate], w_OD)
-    y_O = torch.empty(w_OD.shape[0], device=o.device, dtype=o.dtype)
-    _gated_norm_linear_into(x_D, z_D, nw, float(eps), _GATES[gate], w_OD, y_O)
-    return y_O
