@@ -10,9 +10,10 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the 12-04 session): `stall` (~4 min: the add + norm op under compile with the
-# inductor fallbacks registered up front, against the default compiled and uncompiled graph steps), then
-# `pdlb1` (~6 min). The 12-04 session ran `kernels`, `tests` and `transformers` (RESULTS.md).
+# Next, in this order (after the second 12-04 session): `tests` (~8 min: the whole GPU suite since the
+# compiled step keeps the add + norm op; only the static-decode, norm and matrix-vector GPU tests ran),
+# then `transformers` (~2 min, with that step). The second 12-04 session ran `tma`, `stall`, `pdlb1`,
+# `order` and `wide` (RESULTS.md); none of them needs a rerun.
 # Parts:
 #   tma          decode_tma.py: the decode step's state through TMA descriptors (load, store, both) against
 #                the step, torch's copy and Triton's flat scale at batch 32 / 64 (new 2026-12-04, second session)
