@@ -67,11 +67,13 @@
 #                (profile_add_norm_op.py, under the watchdog), against the default compiled step and the
 #                uncompiled graph step, one call. Without the fallbacks registered up front it stalled in
 #                torch 2.11's inductor (sixth 12-03 and 12-04 sessions: str() of the op's argument IR for
-#                a log line, ops/_inductor.py); registered since the 12-04 session, untimed on the GPU
+#                a log line, ops/_inductor.py); registered since the 12-04 session. Ran in the second 12-04
+#                session: 329.6 tokens/s against 319.0, no stall; the op is now the compiled default
 #   pdlb1        the 4k batch-1 step, compiled and as the uncompiled graph, with the GDN decode kernel
 #                launched without PDL (profile_decode_nopdl.py) and as by default: alone in a graph of
-#                its own steps PDL costs it 1 us at batch 1 (4.32 vs 3.30 us, 12-04 session); first, that
-#                chain with the kernel's PDL prologue as wait-then-trigger (decode_pdl_small.py --trigger late)
+#                its own steps PDL costs it 1 us at batch 1 (4.32 vs 3.30 us, 12-04 session). Ran in the second
+#                12-04 session (without PDL for that kernel: 311.7 / 315.9 against 318.9 / 325.1 tokens/s);
+#                that kernel's chain in both PDL orders is the `order` part
 #   graphpdl     (ran in the seventh 12-03 session: 323.3 tokens/s with PDL, 291.6 without) the uncompiled graph step at 4k, batch 1, with and without PDL: only there does the
 #                static step take the residual add + norm kernel (RMSNorm.add; under compile inductor
 #                fuses the add and norm itself). PDL became the default in the seventh 12-03 session on
@@ -248,10 +250,6 @@ case $part in
         python3 -m hybridlm.profile_report "$out"/order_*.json | tee -a "$out/order.txt"
         ;;
     pdlb1)
-        for trigger in early late; do  # the decode kernel's chain: trigger-then-wait (default) or wait-then-trigger
-            python3 benchmarks/experiments/decode_pdl_small.py --batches 1,8,32 --trigger $trigger \
-                --json "$out/pdl_order_$trigger.json" 2>&1 | grep "^PDL=" | tee -a "$out/pdl_order.txt"
-        done
         for compiled in --compile ""; do
             name=${compiled:+compiled}; name=${name:-graph}
             $run --contexts 4k --batch 1 $compiled --decode-steps 64 --prefill-repeats 1 --json > "$out/pdlb1_${name}_default.json"
