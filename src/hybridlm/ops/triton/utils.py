@@ -145,11 +145,10 @@ def pdl_launch(device: torch.device) -> dict:
 # the multiprocessors. "wait-first" waits for the predecessor, then lets the successor launch, so at
 # most the next grid is launched early. HYBRIDLM_PDL_ORDER picks one (a kernel's reads of what no kernel
 # writes, such as the matrix-vector kernel's first weight block, still go before the wait either way).
-_ORDER_ENV = os.environ.get("HYBRIDLM_PDL_ORDER", "trigger-first")
-if _ORDER_ENV not in ("trigger-first", "wait-first"):
-    raise ValueError(f"HYBRIDLM_PDL_ORDER must be 'trigger-first' or 'wait-first', got {_ORDER_ENV!r}")
-PDL_ORDER = _ORDER_ENV
-PDL_WAIT_FIRST = tl.constexpr(_ORDER_ENV == "wait-first")
+PDL_ORDER = os.environ.get("HYBRIDLM_PDL_ORDER", "trigger-first")
+if PDL_ORDER not in ("trigger-first", "wait-first"):
+    raise ValueError(f"HYBRIDLM_PDL_ORDER must be 'trigger-first' or 'wait-first', got {PDL_ORDER!r}")
+PDL_WAIT_FIRST = tl.constexpr(PDL_ORDER == "wait-first")
 
 
 @triton.jit
