@@ -152,7 +152,7 @@ def test_row_views_of_one_projection_read_in_place(shape, monkeypatch):
     torch.testing.assert_close(s, want_s, rtol=0, atol=0)
     for op in (torch.ops.hybridlm.gdn_decode_step, torch.ops.hybridlm.gdn_decode_step_):
         state = h0.clone()
-        out = op(*views, state, K ** -0.5, True, None, None, False)
+        out = op(*views, state, K ** -0.5, True, None, None, False, False)
         assert all(got.data_ptr() == t.data_ptr() for got, t in zip(seen[-1], views))
         torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, want_o, rtol=0, atol=0)
     o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
@@ -235,6 +235,52 @@ def test_every_output_element_written(block_v, programs_per_sm, stream, stages, 
     assert rel_err(new_state, s_ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("block_v, programs_per_sm", [(8, None), (64, None), (8, 3)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_state_read_first_gives_the_same_step(block_v, programs_per_sm, inplace):
+    """``state_early`` reads each state tile first (on a GPU under PDL: before the wait for the
+    preceding kernel). The step must match the default order and the reference, every output written
+    (bit-identical under the interpreter; compiled, the changed order may round the last bit)."""
+    B, H, HV, K, V = SHAPES[1]
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
+    h0 = make_state(B, HV, K, V, gen)
+    got = []
+    for early in (False, True):
+        o = torch.full((B, HV, V), float("nan"), device=DEVICE)
+        state_in = h0.clone()
+        new_state = state_in if inplace else torch.full_like(h0, float("nan"))
+        decode_into(q, k, v, g, beta, state_in, new_state, o, scale=K ** -0.5, use_qk_l2norm=True, A_log=None,
+                    dt_bias=None, beta_is_logit=False, block_v=block_v, programs_per_sm=programs_per_sm,
+                    state_early=early)
+        assert not o.isnan().any() and not new_state.isnan().any()
+        got.append((o, new_state))
+    o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, h0, use_qk_l2norm=True, backend="reference")
+    tol = 0 if DEVICE == "cpu" else 1e-6
+    assert rel_err(got[1][0], got[0][0]) <= tol and rel_err(got[1][1], got[0][1]) <= tol
+    assert rel_err(got[1][0], o_ref) < TOL[torch.float32] and rel_err(got[1][1], s_ref) < TOL[torch.float32]
+
+
+def test_settled_state_steps_match_reference():
+    """Public ``state_settled=True``: a loop of steps on one state, each after a plain (non-PDL) torch
+    kernel that writes the state, as a static decode step's embedding runs before its layers."""
+    B, H, HV, K, V = SHAPES[2]
+    gen = torch.Generator().manual_seed(7)
+    state = make_state(B, HV, K, V, gen)
+    ref = state.clone()
+    for _ in range(4):
+        q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
+        state.mul_(1.0)  # a plain launch between the steps
+        o, state = step(q, k, v, g, beta, state, use_qk_l2norm=True, inplace=True, state_settled=True)
+        o_ref, ref = gated_delta_rule_step(q, k, v, g, beta, ref, use_qk_l2norm=True, backend="reference")
+        assert rel_err(o, o_ref) < TOL[torch.float32]
+    assert rel_err(state, ref) < TOL[torch.float32]
+    with pytest.raises(TypeError, match="state_settled must be a bool"):
+        step(q, k, v, g, beta, state, state_settled=1)
+    with pytest.raises(TypeError, match="state_settled must be a bool"):
+        gated_delta_rule_step(q, k, v, g, beta, state, state_settled="yes")
+
+
 def _good_args(B=2, H=2, HV=4, K=8, V=8):
     gen = torch.Generator().manual_seed(0)
     q, k, v, g, beta = make_token(B, H, HV, K, V, torch.float32, gen)
@@ -273,9 +319,10 @@ def test_bad_gate_and_inplace_arguments_raise():
 
 def test_custom_ops_pass_opcheck():
     a = _good_args()
-    args = (a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], 0.25, True, None, None, False)
-    torch.library.opcheck(torch.ops.hybridlm.gdn_decode_step.default, args)
-    torch.library.opcheck(torch.ops.hybridlm.gdn_decode_step_.default, args)
+    for settled in (False, True):
+        args = (a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], 0.25, True, None, None, False, settled)
+        torch.library.opcheck(torch.ops.hybridlm.gdn_decode_step.default, args)
+        torch.library.opcheck(torch.ops.hybridlm.gdn_decode_step_.default, args)
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -335,6 +382,19 @@ def test_cuda_graph_capture_of_decode_steps():
         o_ref, s_ref = gated_delta_rule_step(q, k, v, g, beta, s_ref, use_qk_l2norm=True, backend="reference")
         assert rel_err(o, o_ref) < TOL[torch.bfloat16]
     assert rel_err(state, s_ref) < TOL[torch.float32]
+
+
+def test_state_read_early_only_where_it_paid(monkeypatch):
+    from hybridlm.ops.triton import decode as decode_mod
+
+    monkeypatch.setattr(decode_mod, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(decode_mod, "pdl", lambda device: True)
+    dev = torch.device(DEVICE)
+    assert decode_mod._read_state_early(True, 1, 32, 128, dev)  # 64 tiles
+    assert not decode_mod._read_state_early(False, 1, 32, 128, dev)  # no promise, no early read
+    assert not decode_mod._read_state_early(True, 8, 32, 128, dev)  # 512 tiles: slower there
+    monkeypatch.setattr(decode_mod, "pdl", lambda device: False)
+    assert not decode_mod._read_state_early(True, 1, 32, 128, dev)  # without PDL nothing to overlap
 
 
 def test_block_choice_by_batch(monkeypatch):

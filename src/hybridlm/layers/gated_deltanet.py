@@ -99,7 +99,8 @@ class GatedDeltaNet(PacksWeights):
         # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
         beta_BTH = b if fuse_gate else tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
         g_BTH = a[0] if fuse_gate else self._log_decay(a[0] if a else None, tokens)
-        o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot, fuse_gate)
+        o_BTHV = self._recurrence(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, slot, fuse_gate,
+                                  settled=tokens.slot is not None)
         z_BTHV = z.reshape(B, T, HV, V)
         return project(self.o_proj, self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
 
@@ -114,10 +115,14 @@ class GatedDeltaNet(PacksWeights):
         a = at_least_fp32(a)
         return tokens.zero_pads(-self.A_log.to(a.dtype).exp() * F.softplus(a + self.dt_bias.to(a.dtype)))
 
-    def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None, fuse_gate: bool = False) -> torch.Tensor:
+    def _recurrence(self, q, k, v, g, beta, slot: RecurrentSlot | None, fuse_gate: bool = False,
+                    settled: bool = False) -> torch.Tensor:
         """Run the (gated) delta rule over [B, T] tokens; update the slot's state. o: [B, T, HV, V].
         fuse_gate: g is the raw gate input a and beta the logit b; a decode step forms the decay from
-        A_log, dt_bias and applies the sigmoid."""
+        A_log, dt_bias and applies the sigmoid. settled: a static decode step (``HybridLM.decode_static``),
+        which embeds its tokens with a plain launch before any layer, so the previous step's write of
+        the state has finished before this step's kernels start: the step kernel may read the state
+        before waiting for its predecessor (``state_settled``)."""
         if slot is not None and q.shape[1] == 1:
             state = slot.state.float()
             # A float32 cache state is updated where it lies (one read, one write per step);
@@ -126,10 +131,11 @@ class GatedDeltaNet(PacksWeights):
             if self.gated:
                 gate = dict(A_log=self.A_log, dt_bias=self.dt_bias, beta_is_logit=True) if fuse_gate else {}
                 o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state,
-                                                     use_qk_l2norm=True, inplace=inplace, **gate)
+                                                     use_qk_l2norm=True, inplace=inplace, state_settled=settled,
+                                                     **gate)
             else:
                 o, new_state = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0], state, use_qk_l2norm=True,
-                                               inplace=inplace)
+                                               inplace=inplace, state_settled=settled)
             if not inplace:
                 slot.state.copy_(new_state)
             return o[:, None]

@@ -190,7 +190,7 @@ def delta_rule_chunked(q, k, v, beta, *, scale=None, initial_state=None, output_
 
 # --------------------------------------------------------------------------- decode step
 def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, inplace=False,
-                          backend="auto", A_log=None, dt_bias=None, beta_is_logit=False):
+                          backend="auto", A_log=None, dt_bias=None, beta_is_logit=False, state_settled=False):
     """One decode token of the gated delta rule; returns (o [B, HV, V] in v's dtype, new state).
 
     Args:
@@ -204,6 +204,11 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
             (the Triton kernel computes it in registers; saves the gate's small kernels per step).
         beta_is_logit: ``beta`` is the write strength's logit; the step applies the sigmoid (in
             float32, or float64 for float64 inputs; the Triton kernel in registers).
+        state_settled: the caller's promise that no kernel that can still be running writes ``state``
+            (a kernel launched without programmatic dependent launch runs between its last write and
+            this call, as the token embedding does in a static decode step). The Triton kernel then
+            reads the state before waiting for the preceding kernel (see
+            ``hybridlm.ops.triton.decode.fused_recurrent_gated_delta_rule_step``); the reference ignores it.
 
     On the Triton backend q, k, v, g and beta are read in place when each row's heads are packed
     (last dims contiguous; the row stride is free), as slices of a layer's projection are.
@@ -224,11 +229,13 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     ck.check_fused_gate(A_log, dt_bias, g, HV, q)
     if not isinstance(beta_is_logit, bool):
         raise TypeError(f"beta_is_logit must be a bool, got {type(beta_is_logit).__name__}")
+    if not isinstance(state_settled, bool):
+        raise TypeError(f"state_settled must be a bool, got {type(state_settled).__name__}")
     kernel = ck.load_kernel("fused_recurrent_gated_delta_rule_step", backend, q)
     if kernel is not None:
         g = torch.zeros_like(beta, dtype=torch.float32) if g is None else g
         return kernel(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm, inplace=inplace,
-                      A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
+                      A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit, state_settled=state_settled)
     if A_log is not None:
         g = ck.fused_gate(g, A_log, dt_bias)
     if beta_is_logit:
@@ -241,10 +248,11 @@ def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=
     return o[:, 0], S
 
 
-def delta_rule_step(q, k, v, beta, state, *, scale=None, use_qk_l2norm=False, inplace=False, backend="auto"):
+def delta_rule_step(q, k, v, beta, state, *, scale=None, use_qk_l2norm=False, inplace=False, backend="auto",
+                    state_settled=False):
     """One decode token of the delta rule (g = 0); arguments as in :func:`gated_delta_rule_step`."""
     return gated_delta_rule_step(q, k, v, None, beta, state, scale=scale, use_qk_l2norm=use_qk_l2norm,
-                                 inplace=inplace, backend=backend)
+                                 inplace=inplace, backend=backend, state_settled=state_settled)
 
 
 gated_delta_rule_naive.__doc__ = ("Gated delta rule as a token loop: the readable reference.\n" + _DOC_ARGS

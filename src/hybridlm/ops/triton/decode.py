@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
-from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
 L2NORM_EPS = tl.constexpr(1e-6)
@@ -40,7 +40,7 @@ def _gdn_decode_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, STAGES: tl.constexpr, ONE_REDUCE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr,
 ):
     # Tiles are (sequence x value head, value block) pairs, value blocks fastest. A grid of n_tiles
     # programs runs one tile each; a smaller (persistent) grid strides over them, which trims the
@@ -48,7 +48,11 @@ def _gdn_decode_kernel(
     # software-pipelined: the state tiles of the next STAGES - 1 iterations are copied into shared
     # memory asynchronously while this one computes (a plain `range` is not pipelined: its loads
     # feed no tensor-core product, and Triton pipelines those only in a loop given num_stages).
-    pdl_start(USE_PDL)
+    # STATE_EARLY: each tile reads its state first, before the wait (the caller having promised that
+    # no kernel still running writes it: ``decode_into``'s ``state_early``); the wait is in the tile.
+    pdl_trigger(USE_PDL)
+    if not STATE_EARLY:
+        pdl_wait(USE_PDL)
     n_vb = tl.cdiv(V, BV)
     if STAGES > 1:
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
@@ -56,7 +60,7 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb, H, HV, K, V, BK, BV, USE_L2NORM,
-                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE)
+                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE, USE_PDL, STATE_EARLY)
     else:
         for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             i_v = tile % n_vb
@@ -64,7 +68,14 @@ def _gdn_decode_kernel(
             i_bhv = (tile // n_vb).to(tl.int64)
             _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                          scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb, H, HV, K, V, BK, BV, USE_L2NORM,
-                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE)
+                         RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, STREAM, ONE_REDUCE, USE_PDL, STATE_EARLY)
+
+
+@triton.jit
+def _load_state(state_in, p_state, m_kv, STREAM: tl.constexpr):
+    if STREAM:
+        return tl.load(state_in + p_state, mask=m_kv, other=0.0, eviction_policy="evict_first")
+    return tl.load(state_in + p_state, mask=m_kv, other=0.0)
 
 
 @triton.jit
@@ -78,7 +89,8 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BK: tl.constexpr, BV: tl.constexpr,
                  USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, ONE_REDUCE: tl.constexpr):
+                 BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, ONE_REDUCE: tl.constexpr,
+                 USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
     i_b = i_bhv // HV
     i_hv = i_bhv % HV
     i_h = i_hv // (HV // H)
@@ -95,15 +107,17 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
     # once (evict first) and its store as streaming: at large batch it does not fit in L2 anyway.
     # q, k, v, g and beta: a sequence's row at its own stride (views into a wider projection or conv
     # output are read in place), the heads of a row packed; state and o contiguous
+    p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
+    if STATE_EARLY:
+        # the state first, before the PDL wait: its read overlaps the predecessor's tail (the state
+        # was written by no kernel that can still be running), then the activations after the wait
+        b_S = _load_state(state_in, p_state, m_kv, STREAM)
+        pdl_wait(USE_PDL)
     b_v = tl.load(v_BHV + i_b * s_vb + i_hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     b_g = tl.load(g_BH + i_b * s_gb + i_hv).to(tl.float32)
     b_beta = tl.load(beta_BH + i_b * s_bb + i_hv).to(tl.float32)
-
-    p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
-    if STREAM:
-        b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0, eviction_policy="evict_first")
-    else:
-        b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
+    if not STATE_EARLY:
+        b_S = _load_state(state_in, p_state, m_kv, STREAM)
     # q and k as one [BK, 2] load: two separate loads each need a layout change, and the compiler
     # places the second load after the first one's change, i.e. after q has arrived.
     p_qk = i_h * K + o_k[:, None]
@@ -191,6 +205,17 @@ def _pick_blocks(batch: int, num_v_heads: int, V: int, device: torch.device,
     return bv, max(1, min(8, next_power_of_2(K) * bv // 2048)), one_reduce
 
 
+def _read_state_early(settled: bool, batch: int, num_v_heads: int, V: int, device: torch.device) -> bool:
+    """Whether a step whose caller promised ``state_settled`` reads its state before the PDL wait:
+    under PDL, at batches of fewer 64-column tiles than twice the multiprocessors (the 16-column
+    regime of ``_pick_blocks``). Measured on an H200 (RESULTS.md, third 2026-12-04 session; graph
+    replays of consecutive steps, Qwen3-Next's heads): batch 1 4.30 -> 3.18 us, batch 8 10.41 ->
+    11.11, batch 32 35.78 -> 36.30, equal from 64. Programs of the next step that read early hold
+    their tiles in registers while they wait, so where a step fills the card they crowd it."""
+    tiles = batch * num_v_heads * cdiv(V, min(64, next_power_of_2(V)))
+    return settled and pdl(device) and tiles < 2 * _num_sms(device)
+
+
 def packed_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself when the kernel can read it in place (last dim contiguous and, for [B, heads,
     size], the heads of a row packed: a row's stride is free), else a contiguous copy."""
@@ -202,7 +227,7 @@ def packed_rows(t: torch.Tensor) -> torch.Tensor:
 
 def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2norm, A_log, dt_bias,
                 beta_is_logit, block_v=None, num_warps=None, programs_per_sm=None, stream=False,
-                stages=1, one_reduce=None) -> None:
+                stages=1, one_reduce=None, state_early=False) -> None:
     """Launch the kernel on validated tensors, writing ``o`` and ``state_out``: state and o contiguous;
     q, k, v [B, heads, size] and g, beta [B, HV] with any row (dim 0) stride, each row's heads packed
     (``packed_rows``).
@@ -212,7 +237,13 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
     persistent grid striding over the tiles); ``stream`` sets the state's cache hints; ``stages``
     > 1 software-pipelines the persistent loop; ``one_reduce`` forms every reduction over K (S^T k,
     S^T q and the norms) in one pass over the old state (None: the heuristic's choice). These are
-    the tuning knobs of ``benchmarks/decode_sweep.py``."""
+    the tuning knobs of ``benchmarks/decode_sweep.py``.
+
+    ``state_early`` (ignored with ``stages`` > 1): each program reads its state tile first, and under
+    programmatic dependent launch before waiting for the preceding kernel, so that read overlaps the
+    predecessor's tail. Only correct when no kernel that can still be running writes ``state_in``:
+    see ``fused_recurrent_gated_delta_rule_step``'s ``state_settled``. Without PDL it only moves the
+    state's load before the small ones (slower: callers pass it under PDL only)."""
     B, H, K = q.shape
     HV, V = v.shape[1], v.shape[2]
     bv, warps, one = _pick_blocks(B, HV, V, q.device, K)
@@ -227,7 +258,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         H=H, HV=HV, K=K, V=V, BK=next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
-        num_warps=warps, **pdl_launch(q.device),
+        num_warps=warps, STATE_EARLY=bool(state_early) and stages == 1, **pdl_launch(q.device),
     )
 
 
@@ -235,17 +266,18 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
 def _decode_step_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                     beta: torch.Tensor, state: torch.Tensor, scale: float, use_qk_l2norm: bool,
                     A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
-                    beta_is_logit: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    beta_is_logit: bool, state_settled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, g, beta = (packed_rows(t) for t in (q, k, v, g, beta))
     o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     new_state = torch.empty_like(state)
     decode_into(q, k, v, g, beta, state, new_state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
-                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
+                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit,
+                state_early=_read_state_early(state_settled, v.shape[0], v.shape[1], v.shape[2], v.device))
     return o, new_state
 
 
 @_decode_step_op.register_fake
-def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit, state_settled):
     return v.new_empty(v.shape), torch.empty_like(state)
 
 
@@ -253,16 +285,18 @@ def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_log
 def _decode_step_inplace_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                             beta: torch.Tensor, state: torch.Tensor, scale: float,
                             use_qk_l2norm: bool, A_log: Optional[torch.Tensor],
-                            dt_bias: Optional[torch.Tensor], beta_is_logit: bool) -> torch.Tensor:
+                            dt_bias: Optional[torch.Tensor], beta_is_logit: bool,
+                            state_settled: bool) -> torch.Tensor:
     q, k, v, g, beta = (packed_rows(t) for t in (q, k, v, g, beta))
     o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     decode_into(q, k, v, g, beta, state, state, o, scale=scale, use_qk_l2norm=use_qk_l2norm,
-                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit)
+                A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit,
+                state_early=_read_state_early(state_settled, v.shape[0], v.shape[1], v.shape[2], v.device))
     return o
 
 
 @_decode_step_inplace_op.register_fake
-def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit):
+def _(q, k, v, g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit, state_settled):
     return v.new_empty(v.shape)
 
 
@@ -311,7 +345,8 @@ def _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace) -> None:
 
 
 def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False,
-                                          inplace=False, A_log=None, dt_bias=None, beta_is_logit=False):
+                                          inplace=False, A_log=None, dt_bias=None, beta_is_logit=False,
+                                          state_settled=False):
     """One decode step of the gated delta rule for every sequence of a batch.
 
     Args:
@@ -327,6 +362,15 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
         inplace: write the new state into ``state`` (contiguous) instead of a new tensor.
         A_log, dt_bias: [HV] float gate parameters (dt_bias optional, needs A_log).
         beta_is_logit: see ``beta``.
+        state_settled: a promise that every kernel that wrote ``state`` has finished before the kernel
+            launched just before this call started, i.e. a kernel launched without programmatic
+            dependent launch (PDL), which waits for all earlier work, runs between the state's last
+            write and this call. A static decode step gives it: it embeds its tokens (a plain launch)
+            before its first layer. Under PDL, at small batch (``_read_state_early``), each program
+            then reads its state before waiting for the preceding kernel, overlapping that read with
+            the predecessor's tail (batch 1: 4.30 -> 3.18 us on an H200). Leave it False
+            when this call directly follows the decode step that wrote ``state`` (a loop of steps):
+            there the read could see the state before the earlier step's write.
 
     Returns:
         (o, new_state): o [B, HV, V] in v's dtype; new_state [B, HV, K, V] float32 (``state`` itself
@@ -341,6 +385,8 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
         >>> o, state = fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, use_qk_l2norm=True)
     """
     _check_inputs(q, k, v, g, beta, state, A_log, dt_bias, inplace)
+    if not isinstance(state_settled, bool):
+        raise TypeError(f"state_settled must be a bool, got {type(state_settled).__name__}")
     check_kernel_device("q", q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     # rows read in place where their heads are packed (views of the layer's projections and conv
@@ -356,10 +402,12 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
         o = torch.empty(v.shape, device=v.device, dtype=v.dtype)
         new_state = state if inplace else torch.empty_like(state)
         decode_into(*args, state, new_state, o, scale=scale, use_qk_l2norm=bool(use_qk_l2norm),
-                    A_log=gate[0], dt_bias=gate[1], beta_is_logit=bool(beta_is_logit))
+                    A_log=gate[0], dt_bias=gate[1], beta_is_logit=bool(beta_is_logit),
+                    state_early=_read_state_early(state_settled, v.shape[0], v.shape[1], v.shape[2], v.device))
         return o, new_state
     if inplace:
-        o = _decode_step_inplace_op(*args, state, scale, bool(use_qk_l2norm), *gate, bool(beta_is_logit))
+        o = _decode_step_inplace_op(*args, state, scale, bool(use_qk_l2norm), *gate, bool(beta_is_logit),
+                                    state_settled)
         return o, state
     return _decode_step_op(*args, state.contiguous(), scale, bool(use_qk_l2norm), *gate,
-                           bool(beta_is_logit))
+                           bool(beta_is_logit), state_settled)
