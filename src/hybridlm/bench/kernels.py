@@ -175,14 +175,17 @@ def bench_long(bench: Bench, heads: Heads, T: int) -> None:
     torch.cuda.empty_cache()
 
 
-def _decode_calls(impl: str, fla, q, k, v, g, beta, states):
-    """One zero-argument call per state buffer, each a full decode step of one layer."""
+def _decode_calls(impl: str, fla, q, k, v, g, beta, states, settled: bool = False):
+    """One zero-argument call per state buffer, each a full decode step of one layer. ``settled``:
+    our step's ``state_settled`` promise, which holds in a graph that visits each buffer once (graph
+    replays are stream-ordered), as a static decode step makes it for its layers."""
     from hybridlm.ops import gated_delta_rule_step
     from hybridlm.ops.triton.decode import fused_recurrent_gated_delta_rule_step
 
     if impl == "hybridlm":
         return [lambda s=s: fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, s, use_qk_l2norm=True,
-                                                                  inplace=True) for s in states]
+                                                                  inplace=True, state_settled=settled)
+                for s in states]
     if impl == "fla":
         q1, k1, v1, g1, b1 = q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None]
         return [lambda s=s: fla.fused_recurrent_gated_delta_rule(
@@ -208,6 +211,7 @@ def bench_decode(bench: Bench, heads: Heads, B: int) -> None:
         calls = _decode_calls(impl, bench.fla, q, k, v, g, beta, states)
         bench.measure("decode eager", impl, heads, B, 1, timing.round_robin(calls), nbytes=nbytes, tokens=B)
         if impl != "reference":
+            calls = _decode_calls(impl, bench.fla, q, k, v, g, beta, states, settled=True)
             bench.measure("decode graphed", impl, heads, B, 1, None, graphed_calls=calls, nbytes=nbytes, tokens=B)
     del states
     torch.cuda.empty_cache()

@@ -47,9 +47,16 @@ def graphed_ms_per_call(calls: list, *, warmup_ms: float = 25, rep_ms: float = 1
 
     Launch overhead, which dominates a decode step at batch 1, disappears from graph replays, as in
     a served model whose whole decode step is one graph."""
+    graph = capture_graph(calls)
+    return median_ms(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms) / len(calls)
+
+
+def capture_graph(calls: list) -> "torch.cuda.CUDAGraph":
+    """One CUDA graph that runs every function of ``calls`` once, in order (each first run once on
+    a side stream, so compilation and allocation stay outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and allocate outside the capture
+    with torch.cuda.stream(side):
         for fn in calls:
             fn()
     torch.cuda.current_stream().wait_stream(side)
@@ -57,7 +64,7 @@ def graphed_ms_per_call(calls: list, *, warmup_ms: float = 25, rep_ms: float = 1
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    return median_ms(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms) / len(calls)
+    return graph
 
 
 def copy_bytes_per_s(device, nbytes: int = 1 << 30) -> float:
