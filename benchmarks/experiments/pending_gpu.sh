@@ -300,6 +300,22 @@ case $part in
         $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         ;;
+    early2)
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
+            --tb=short 2>&1 | tee "$out/early2_tests.txt" | tail -12 || true
+        python3 benchmarks/experiments/decode_state_early.py --batches 1,8,32 --json "$out/early2_decode.json" \
+            2>&1 | tee "$out/early2_decode.txt"
+        ;;
+    early)
+        python3 benchmarks/experiments/decode_state_early.py --batches 1,8,32,64,128 --json "$out/early_decode.json" \
+            2>&1 | tee "$out/early_decode.txt"
+        python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
+            --tb=short 2>&1 | tee "$out/early_tests.txt" | tail -12 || true
+        $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/early_4k_b1_settled.json"
+        python3 benchmarks/experiments/profile_state_unsettled.py --preset qwen3-next-80b-a3b --experts 32 --no-twin \
+            --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/early_4k_b1_unsettled.json"
+        python3 -m hybridlm.profile_report "$out"/early_4k_b1_*.json | tee "$out/early_4k_b1.txt"
+        ;;
     tests)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_decode_attention.py tests/ops/test_moe_decode.py \
             tests/ops/test_triton_gemv.py tests/ops/test_triton_decode.py tests/layers/test_packing.py \
