@@ -300,6 +300,18 @@ case $part in
         $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         ;;
+    h100profile)
+        # the issue's card: #7's three targets on an H100 (80 GB: smaller largest batches than the H200's)
+        $run --contexts 4k --batch 1 --compile --transformers --decode-steps 32 --prefill-repeats 3 --json \
+            > "$out/h100_transformers.json"
+        python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --contexts 128k --batch 1 --fill \
+            --at-max-batch --decode-steps 32 --json > "$out/h100_128k_twin.json"
+        # compiled at 128k: inductor's buffers need room beside the cache, so 90% of the largest batch
+        b=$(python3 -c "import json,sys; r=[x for x in json.load(open(sys.argv[1])) if x['at_max_batch'] and
+            x['model']=='qwen3-next-80b-a3b']; print(max(1, int(r[0]['batch'] * 0.9)))" "$out/h100_128k_twin.json")
+        $run --contexts 128k --batch "$b" --fill --compile --decode-steps 32 --json > "$out/h100_128k_compiled.json" || true
+        python3 -m hybridlm.profile_report "$out"/h100_*.json | tee "$out/h100_profile.txt"
+        ;;
     early2)
         python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_decode.py tests/test_static_decode.py \
             --tb=short 2>&1 | tee "$out/early2_tests.txt" | tail -12 || true
