@@ -4,7 +4,8 @@ the prep and the state pass with the norm separate and fused, the op's forward a
 ``--baseline FILE`` (a ``chunk_fwd.py`` of another commit whose state pass takes token-major gc and
 beta, as d076bcf's does) its state pass is timed beside ours; with ``--baseline-prep FILE`` (another
 commit's ``chunk_prep.py``) its prep is timed beside ours, ``--maxnreg 168,128`` times our prep
-with those register caps and ``--state-configs 16:2,32:2`` the state pass at those (BV, stages).
+with those register caps and ``--state-configs 16:2,32:2`` the state pass at those (BV, stages);
+``--half-inverse`` adds the prep and the op forward with the inverse on float16 operands.
 
     git show d076bcf:src/hybridlm/ops/triton/chunk_fwd.py > /tmp/chunk_fwd_base.py
     python benchmarks/experiments/forward_ab.py --baseline /tmp/chunk_fwd_base.py --json out.json
@@ -56,6 +57,8 @@ def main() -> None:
                     "('none': uncapped; the default prep is capped on Hopper)")
     ap.add_argument("--state-configs", default="",
                     help="state-pass launches to time beside the default, BV:stages, e.g. 16:2,32:2")
+    ap.add_argument("--half-inverse", action="store_true",
+                    help="also time the prep and the op forward with the inverse on float16 operands")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -89,11 +92,17 @@ def main() -> None:
         rec(f"{tag} prep", timing.median_ms(lambda: CP.chunk_prep(qn, kn, g, beta, cb, HV)))
         rec(f"{tag} prep, l2-norm fused", timing.median_ms(lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)))
         gc, t, m, vec = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
-        for cap in caps:
-            _, t_c, m_c, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap)
-            rec(f"{tag} prep, l2-norm fused, maxnreg {cap}", timing.median_ms(
-                lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap)),
+        for cap in caps:  # with --half-inverse: the float16 inverse's prep at these caps
+            half = args.half_inverse or None
+            _, t_c, m_c, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap, half_inverse=half)
+            rec(f"{tag} prep, l2-norm fused, {'float16 inverse, ' if half else ''}maxnreg {cap}", timing.median_ms(
+                lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap, half_inverse=half)),
                 diff=max(rel(t_c, t), rel(m_c, m)))
+        if args.half_inverse:
+            _, t_h, m_h, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=True)
+            rec(f"{tag} prep, l2-norm fused, float16 inverse", timing.median_ms(
+                lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=True)),
+                diff=max(rel(t_h, t), rel(m_h, m)))
         if base_prep is not None:
             _, t_b, m_b, _ = base_prep.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
             rec(f"{tag} prep, l2-norm fused, baseline", timing.median_ms(
@@ -116,6 +125,14 @@ def main() -> None:
         with torch.no_grad():
             rec(f"{tag} op forward", timing.median_ms(
                 lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)))
+            if args.half_inverse:
+                o_tf32, _ = chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)
+                CP.HALF_INVERSE = True
+                o_half, _ = chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)
+                rec(f"{tag} op forward, float16 inverse", timing.median_ms(
+                    lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)),
+                    diff=rel(o_half, o_tf32))
+                CP.HALF_INVERSE = False
             if fla_chunk is not None:
                 rec(f"{tag} fla forward", timing.median_ms(
                     lambda: fla_chunk(*xs, use_qk_l2norm_in_kernel=True, output_final_state=True)))

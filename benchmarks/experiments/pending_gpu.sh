@@ -300,6 +300,13 @@ case $part in
         $run --contexts 128k --batch 36 --fill --compile --decode-steps 32 --json > "$out/compiled_128k_b36.json"
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         ;;
+    half)
+        # the prep's inverse on float16 operands (2026-12-05, opt-in) against the tf32 products, in one process
+        python3 benchmarks/experiments/forward_ab.py --half-inverse --maxnreg none,128 \
+            --json "$out/half_forward_ab.json" 2>&1 | tee "$out/half_forward_ab.txt"
+        python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \
+            -k "bfloat16 or compiles or packed or half" --tb=short 2>&1 | tee "$out/half_tests_chunk.txt" | tail -12 || true
+        ;;
     h100profile)
         # the card: #7's three targets on an H100 (80 GB: smaller largest batches than the H200's)
         $run --contexts 4k --batch 1 --compile --transformers --decode-steps 32 --prefill-repeats 3 --json \

@@ -34,7 +34,7 @@ PATTERNS = dict(HGMMA="HGMMA", LDGSTS="LDGSTS", LDG=r"LDG\.", LDGDEPBAR="LDGDEPB
 
 
 def compile_sm90(kernel, sig: dict, const: dict, num_warps: int, num_stages: int, name: str,
-                 out_dir: str | None = None, divisible: tuple = ()) -> dict:
+                 out_dir: str | None = None, divisible: tuple = (), maxnreg: int | None = None) -> dict:
     """Compile a Triton kernel for sm_90 (pointer arguments 16-byte aligned, as the GPU launcher
     specialises them; so are the integer arguments named in ``divisible``, as the launcher does for
     strides and sizes divisible by 16: without it a runtime row stride blocks vector loads and
@@ -47,7 +47,8 @@ def compile_sm90(kernel, sig: dict, const: dict, num_warps: int, num_stages: int
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, attrs=attrs,
                                     constexprs={(kernel.arg_names.index(n),): v for n, v in const.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+                              options=dict(num_warps=num_warps, num_stages=num_stages,
+                                           **({} if maxnreg is None else dict(maxnreg=maxnreg))))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     out_dir = out_dir or "/tmp"
     cubin = os.path.join(out_dir, f"{name}.cubin")
@@ -74,11 +75,14 @@ def compile_state_pass(norm: bool, out_dir: str | None = None) -> dict:
                         f"state_pass_norm{int(norm)}", out_dir)
 
 
-def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None) -> dict:
+def compile_prep(norm: bool, num_warps: int = 4, out_dir: str | None = None, half_inverse: bool = True,
+                 maxnreg: int | None = 168) -> dict:
+    """The prep as bf16 inputs launch it on Hopper: float16 inverse, capped at 168 registers (4 warps)."""
     sig = dict(q_ptr="*bf16", k_ptr="*bf16", g_ptr="*fp32", beta_ptr="*fp32", gc_ptr="*fp32", t_ptr="*bf16",
-               m_ptr="*bf16", vec_ptr="*fp32", chunk_bounds="*i32")
-    const = dict(H=16, HV=32, K=128, BK=128, PREC="tf32", NORM=norm, EPS=L2NORM_EPS)
-    return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, f"prep_norm{int(norm)}_w{num_warps}", out_dir)
+               m_ptr="*bf16", vec_ptr="*fp32", chunk_bounds="*i32", redo_count="*i32", redo_list="*i32")
+    const = dict(H=16, HV=32, K=128, BK=128, PREC="tf32", NORM=norm, EPS=L2NORM_EPS, HALF_INV=half_inverse)
+    name = f"prep_norm{int(norm)}_w{num_warps}_half{int(half_inverse)}_r{maxnreg}"
+    return compile_sm90(CP.chunk_prep_kernel, sig, const, num_warps, 3, name, out_dir, maxnreg=maxnreg)
 
 
 def compile_local(block_v: int = 16, num_warps: int = 4, num_stages: int = 3,
@@ -105,9 +109,9 @@ def main() -> None:
     print(f"Triton {triton.__version__}, sm_90, Qwen3-Next heads; state pass BV 32, 4 warps")
     for norm in (False, True):
         print(compile_state_pass(norm, out_dir=args.out))
-    for norm in (False, True):
-        for warps in (4, 8):
-            print(compile_prep(norm, warps, out_dir=args.out))
+    for half in (False, True):
+        for cap in (None, 168):
+            print(compile_prep(True, 4, out_dir=args.out, half_inverse=half, maxnreg=cap))
     for row in compile_local(out_dir=args.out):
         print(row)
 

@@ -200,6 +200,57 @@ def test_prep_matches_its_definition(T, l2norm):
             assert (vec[c, hv, n:, 1:] == 0).all()
 
 
+def test_prep_half_inverse_matches_and_falls_back():
+    """The inverse's doubling products on float16 operands (the default for 16-bit inputs), forced
+    here on float32 inputs: T matches (I + A)^-1 to float16's mantissa (as tf32's). The second,
+    3-token chunk has keys 300 times larger (no l2-norm): its inverse's entries pass float16's range,
+    its float16 inverse is not finite, and that chunk alone is redone at full precision: T matches, no inf or NaN."""
+    from hybridlm.ops.triton.chunk import _tables
+    from hybridlm.ops.triton.chunk_prep import chunk_prep
+
+    H, HV, K, V, T = 2, 4, 16, 32, 67
+    q, k, _, g, beta, _ = make_inputs(1, T, H, HV, K, V, torch.float32)
+    k = torch.cat([k[:, :64], k[:, 64:] * 300.0], 1)
+    _, _, bounds = _tables(q, None)
+    _, t_full, _, _ = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, half_inverse=False)
+    _, t_half, _, _ = chunk_prep(q[0], k[0], g[0], beta[0], bounds, HV, half_inverse=True)
+    assert t_half.isfinite().all()
+    for bos, n in ((0, 64), (64, 3)):
+        for hv in range(HV):
+            kc = k[0, bos:bos + n, hv * H // HV].double()
+            gcc = g[0, bos:bos + n, hv].double().cumsum(0)
+            A = (beta[0, bos:bos + n, hv].double()[:, None] * (kc @ kc.T)
+                 * (gcc[:, None] - gcc[None, :]).exp().tril()).tril(-1)
+            want = torch.linalg.inv(torch.eye(n, dtype=torch.float64, device=A.device) + A)
+            got = t_half[bos:bos + n, hv, :n]
+            if bos == 0:
+                assert rel_rms(got, want) < 2e-3
+                assert rel_rms(got, want) > rel_rms(t_full[bos:bos + n, hv, :n], want)  # float16 did round
+            else:
+                assert want.abs().max() > 65504  # past float16's range
+                assert rel_rms(got, want) < 1e-5  # the full-precision redo
+
+
+@pytest.mark.skipif(not CUDA, reason="16-bit inputs run on the GPU (the interpreter mishandles bfloat16)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("packed", [False, True])
+def test_half_inverse_outputs_and_gradients_match_reference(dtype, packed, monkeypatch):
+    """The op with the prep's float16 inverse (``chunk_prep.HALF_INVERSE``) at the GPU shapes and
+    packed sequences: outputs, final states and every gradient against the float64 reference, at the
+    16-bit tolerances the tf32 inverse meets."""
+    from hybridlm.ops.triton import chunk_prep as CP
+
+    monkeypatch.setattr(CP, "HALF_INVERSE", True)
+    if packed:
+        cu = torch.tensor([0, 1, 64, 130, 1130], device=DEVICE, dtype=torch.int32)
+        got, want = run_both(make_inputs(1, 1130, 2, 4, 128, 128, dtype, N=4), cu_seqlens=cu, use_qk_l2norm=True)
+        assert_close(got, want, TOL[dtype])
+    else:
+        for shape in GPU_CASES:
+            got, want = run_both(make_inputs(*shape, dtype), use_qk_l2norm=True)
+            assert_close(got, want, TOL[dtype])
+
+
 def test_no_initial_state_and_no_final_state():
     """The paths without a state to read or a state gradient to start from, forward and backward."""
     xs = make_inputs(2, 70, 1, 2, 16, 16, torch.float32)[:5]

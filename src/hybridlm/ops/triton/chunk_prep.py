@@ -15,8 +15,11 @@ recursive doubling: six levels, the first an element-wise negation and the other
 0.545 ms, against 0.70 ms with the first level as products too, 0.91 ms for doubling on the chunk's
 two 32-row halves joined by T_ba = -T_bb A_ba T_aa (a sixth of the FLOPs, a longer chain: the time
 is the chain of dependent products, not their FLOPs) and 0.86 ms (H100) for forward substitution on
-16 x 16 blocks, whose row-by-row reductions serialise the warps. It also forms
-M = Q K^T * exp(gc_i - gc_j), i >= j.
+16 x 16 blocks, whose row-by-row reductions serialise the warps. With ``half_inverse`` the doubling
+products take float16 operands: the same 10-bit mantissa as tf32 (and T is stored in the inputs'
+16-bit dtype in the end) at twice the tensor-core rate and half the shared-memory bytes; a chunk
+whose float16 inverse overflows (not finite) is listed and redone at tf32 by a second, persistent
+kernel, which otherwise only reads the list's length. It also forms M = Q K^T * exp(gc_i - gc_j), i >= j.
 """
 
 from __future__ import annotations
@@ -39,10 +42,14 @@ def causal_decay(b_gc):
 
 
 @triton.jit
-def _inv_unit_lower64(a, PREC: tl.constexpr):
+def _inv_unit_lower64(a, PREC: tl.constexpr, HALF: tl.constexpr = False):
     """(I + a)^-1 for a strictly lower 64 x 64 a by recursive doubling of the diagonal blocks:
     with D the inverse of the diagonal s x s blocks and E the part of a that joins pairs of them,
-    [[X1, 0], [L21, X2^-1]]^-1 gives D <- D - D E D for the 2s x 2s blocks (as LAPACK's trtri)."""
+    [[X1, 0], [L21, X2^-1]]^-1 gives D <- D - D E D for the 2s x 2s blocks (as LAPACK's trtri).
+
+    HALF: the products take float16 operands (float32 sums) instead of ``PREC``'s: the 10-bit
+    mantissa of tf32 at twice its tensor-core rate and half its shared-memory bytes. float16's range
+    is the price: an entry past 65504 becomes inf and the result is not finite (the caller checks)."""
     o = tl.arange(0, 64)
     # level 0 (2 x 2 blocks, D = I) is D - D E D = I - E: no product needed
     d = tl.where(o[:, None] == o[None, :], 1.0, tl.where((o[:, None] // 2 == o[None, :] // 2), -a, 0.0))
@@ -50,7 +57,11 @@ def _inv_unit_lower64(a, PREC: tl.constexpr):
         s = 1 << lvl
         join = ((o[:, None] // (2 * s)) == (o[None, :] // (2 * s))) & ((o[:, None] // s) != (o[None, :] // s))
         e = tl.where(join, a, 0.0)
-        d = d - tl.dot(d, tl.dot(e, d, input_precision=PREC), input_precision=PREC)
+        if HALF:
+            dh = d.to(tl.float16)
+            d = d - tl.dot(dh, tl.dot(e.to(tl.float16), dh).to(tl.float16))
+        else:
+            d = d - tl.dot(d, tl.dot(e, d, input_precision=PREC), input_precision=PREC)
     return d
 
 
@@ -124,13 +135,38 @@ def qk_grad(x: torch.Tensor, dy: torch.Tensor, normalized: bool) -> torch.Tensor
 
 @triton.jit
 def chunk_prep_kernel(
-    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr, chunk_bounds,
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr, chunk_bounds, redo_count, redo_list,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    NORM: tl.constexpr, EPS: tl.constexpr, HALF_INV: tl.constexpr,
+):
+    # value heads vary fastest, so the heads of one q/k group read their shared q, k tiles from L2
+    _prep_chunk(tl.program_id(1), tl.program_id(0), q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr,
+                chunk_bounds, redo_count, redo_list, H, HV, K, BK, PREC, NORM, EPS, HALF_INV)
+
+
+@triton.jit
+def chunk_prep_redo_kernel(
+    q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr, chunk_bounds, redo_count, redo_list,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
     NORM: tl.constexpr, EPS: tl.constexpr,
 ):
-    # value heads vary fastest, so the heads of one q/k group read their shared q, k tiles from L2
-    i_hv = tl.program_id(0)
-    i_c = tl.program_id(1)
+    """The (chunk, value head) pairs whose float16 inverse was not finite, again at PREC; a fixed
+    grid that loops over however many the prep listed (none, as a rule: each program reads the
+    count and ends)."""
+    n = tl.load(redo_count)
+    for j in range(tl.program_id(0), n, tl.num_programs(0)):
+        item = tl.load(redo_list + j)
+        _prep_chunk(item // HV, item % HV, q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr,
+                    chunk_bounds, redo_count, redo_list, H, HV, K, BK, PREC, NORM, EPS, False)
+
+
+@triton.jit
+def _prep_chunk(i_c, i_hv, q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, vec_ptr, chunk_bounds,
+                redo_count, redo_list, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                PREC: tl.constexpr, NORM: tl.constexpr, EPS: tl.constexpr, HALF_INV: tl.constexpr):
+    """gc, the vectors, M and T of chunk ``i_c`` at value head ``i_hv``. HALF_INV: T from float16
+    products; if an entry is not finite the pair is appended to ``redo_list`` (``redo_count`` its
+    length) for ``chunk_prep_redo_kernel``."""
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c)
     eos = tl.load(chunk_bounds + 2 * i_c + 1)
@@ -177,8 +213,24 @@ def chunk_prep_kernel(
         b_kk = b_kk * b_rk[:, None] * b_rk[None, :]
     strict = o_c[:, None] > o_c[None, :]
     b_a = tl.where(strict, b_kk * b_beta[:, None], 0.0)
-    b_t = _inv_unit_lower64(b_a, PREC)
+    if HALF_INV:
+        b_t = _inv_unit_lower64(b_a, PREC, True)
+        # an entry not finite (inf, or NaN, which fails every comparison): a float16 operand
+        # overflowed; the pair is redone at PREC by the next kernel. (A max would not do: it may
+        # skip NaNs. Redone in this program, the second chain's code spilled: 255 registers.)
+        finite = tl.abs(b_t) < float("inf")
+        if tl.sum(tl.sum(tl.where(finite, 0, 1), 1), 0) > 0:
+            slot = tl.atomic_add(redo_count, 1)
+            tl.store(redo_list + slot, i_c * HV + i_hv)
+    else:
+        b_t = _inv_unit_lower64(b_a, PREC)
     tl.store(t_ptr + p_cc, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
+
+
+# chunk_prep's default for 16-bit inputs: the inverse's products on float16 operands. Off until it
+# is timed against the tf32 products on the GPU (built 2026-12-05 with no device time to spare;
+# `benchmarks/experiments/forward_ab.py --half-inverse` times both and checks them against each other).
+HALF_INVERSE = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -188,7 +240,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, beta_NHV: torch.Tensor,
                chunk_bounds: torch.Tensor, HV: int, num_warps: int = 4, l2norm: bool = False,
-               vec_chunks: int = 0, maxnreg: int | str | None = "auto"):
+               vec_chunks: int = 0, maxnreg: int | str | None = "auto", half_inverse: bool | None = None):
     """Cumulative in-chunk log-decay, the WY transform and the causal decayed Q K^T of every chunk.
 
     Args:
@@ -203,6 +255,10 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
             3 with 56 bytes of local memory a thread, 128 fits 4 with 224. "auto": 168 on compute
             capability 9 at 4 warps (H200, Qwen3-Next heads, B 1, T 32k, l2-norm fused: 0.582 ms
             against 0.663 uncapped and 0.616 at 128), else no cap.
+        half_inverse: the inverse's doubling products on float16 operands (tf32's mantissa, float32
+            sums), a chunk whose result is not finite redone at tf32; None: ``HALF_INVERSE`` for
+            16-bit inputs (T is stored in their dtype, so tf32's products round it no finer), never
+            for float32.
     Returns:
         gc: float32 [NTOK, HV] cumulative sum of g from each chunk's start.
         t: [NTOK, HV, 64] row i of its chunk's (I + A)^-1, in k's dtype (float32 stays float32).
@@ -220,9 +276,15 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
     if maxnreg == "auto":
         hopper = k_NHK.is_cuda and torch.cuda.get_device_capability(k_NHK.device)[0] == 9
         maxnreg = 168 if hopper and num_warps == 4 else None
-    chunk_prep_kernel[(HV, NC)](
-        q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, vec, chunk_bounds,
-        H=H, HV=HV, K=K, BK=max(16, next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype),
-        NORM=l2norm, EPS=L2NORM_EPS, num_warps=num_warps, **({} if maxnreg is None else dict(maxnreg=maxnreg)),
-    )
+    half = (HALF_INVERSE and k_NHK.dtype != torch.float32) if half_inverse is None else half_inverse
+    redo_count = torch.zeros(1, device=k_NHK.device, dtype=torch.int32) if half else None
+    redo_list = torch.empty(NC * HV, device=k_NHK.device, dtype=torch.int32) if half else None
+    args = (q_NHK, k_NHK, g_NHV, beta_NHV, gc, t, m, vec, chunk_bounds, redo_count, redo_list)
+    const = dict(H=H, HV=HV, K=K, BK=max(16, next_power_of_2(K)), PREC=dot_precision(k_NHK.dtype), NORM=l2norm,
+                 EPS=L2NORM_EPS)
+    chunk_prep_kernel[(HV, NC)](*args, **const, HALF_INV=half, num_warps=num_warps,
+                                **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+    if half:
+        sms = torch.cuda.get_device_properties(k_NHK.device).multi_processor_count if k_NHK.is_cuda else 4
+        chunk_prep_redo_kernel[(min(NC * HV, sms),)](*args, **const, num_warps=num_warps)
     return gc, t, m, vec
