@@ -92,17 +92,20 @@ def main() -> None:
         rec(f"{tag} prep", timing.median_ms(lambda: CP.chunk_prep(qn, kn, g, beta, cb, HV)))
         rec(f"{tag} prep, l2-norm fused", timing.median_ms(lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)))
         gc, t, m, vec = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
-        for cap in caps:  # with --half-inverse: the float16 inverse's prep at these caps
-            half = args.half_inverse or None
+        for cap in caps:  # the default inverse (``CP.HALF_INVERSE``); with --half-inverse the float16 one
+            half = True if args.half_inverse else None
             _, t_c, m_c, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap, half_inverse=half)
             rec(f"{tag} prep, l2-norm fused, {'float16 inverse, ' if half else ''}maxnreg {cap}", timing.median_ms(
                 lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, maxnreg=cap, half_inverse=half)),
                 diff=max(rel(t_c, t), rel(m_c, m)))
-        if args.half_inverse:
+        if args.half_inverse:  # both inverses explicitly (the default is ``CP.HALF_INVERSE``'s)
+            _, t_f, m_f, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=False)
+            rec(f"{tag} prep, l2-norm fused, tf32 inverse", timing.median_ms(
+                lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=False)))
             _, t_h, m_h, _ = CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=True)
             rec(f"{tag} prep, l2-norm fused, float16 inverse", timing.median_ms(
                 lambda: CP.chunk_prep(q, k, g, beta, cb, HV, l2norm=True, half_inverse=True)),
-                diff=max(rel(t_h, t), rel(m_h, m)))
+                diff=max(rel(t_h, t_f), rel(m_h, m_f)))
         if base_prep is not None:
             _, t_b, m_b, _ = base_prep.chunk_prep(q, k, g, beta, cb, HV, l2norm=True)
             rec(f"{tag} prep, l2-norm fused, baseline", timing.median_ms(
@@ -126,13 +129,15 @@ def main() -> None:
             rec(f"{tag} op forward", timing.median_ms(
                 lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)))
             if args.half_inverse:
-                o_tf32, _ = chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)
-                CP.HALF_INVERSE = True
-                o_half, _ = chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)
-                rec(f"{tag} op forward, float16 inverse", timing.median_ms(
-                    lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)),
-                    diff=rel(o_half, o_tf32))
-                CP.HALF_INVERSE = False
+                default = CP.HALF_INVERSE
+                outs = {}
+                for half in (False, True):
+                    CP.HALF_INVERSE = half
+                    outs[half], _ = chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)
+                    rec(f"{tag} op forward, {'float16' if half else 'tf32'} inverse", timing.median_ms(
+                        lambda: chunk_gated_delta_rule(*xs, use_qk_l2norm=True, output_final_state=True)),
+                        diff=rel(outs[half], outs[False]))
+                CP.HALF_INVERSE = default
             if fla_chunk is not None:
                 rec(f"{tag} fla forward", timing.median_ms(
                     lambda: fla_chunk(*xs, use_qk_l2norm_in_kernel=True, output_final_state=True)))

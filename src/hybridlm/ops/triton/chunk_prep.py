@@ -227,10 +227,10 @@ def _prep_chunk(i_c, i_hv, q_ptr, k_ptr, g_ptr, beta_ptr, gc_ptr, t_ptr, m_ptr, 
     tl.store(t_ptr + p_cc, b_t.to(t_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
-# chunk_prep's default for 16-bit inputs: the inverse's products on float16 operands. Off until it
-# is timed against the tf32 products on the GPU (built 2026-12-05 with no device time to spare;
-# `benchmarks/experiments/forward_ab.py --half-inverse` times both and checks them against each other).
-HALF_INVERSE = False
+# chunk_prep's default for 16-bit inputs: the inverse's products on float16 operands. Measured on an
+# H100 (2026-12-05, Qwen3-Next heads, B 1, T 32k, l2-norm fused): prep 0.578 -> 0.447 ms, op forward
+# 1.291 -> 1.160 ms (`benchmarks/experiments/forward_ab.py --half-inverse` times both in one process).
+HALF_INVERSE = True
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -254,7 +254,9 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
             kernel takes 177-182 registers on sm_90, so 2 programs share a multiprocessor; 168 fits
             3 with 56 bytes of local memory a thread, 128 fits 4 with 224. "auto": 168 on compute
             capability 9 at 4 warps (H200, Qwen3-Next heads, B 1, T 32k, l2-norm fused: 0.582 ms
-            against 0.663 uncapped and 0.616 at 128), else no cap.
+            against 0.663 uncapped and 0.616 at 128), else no cap. With the float16 inverse the
+            kernel takes 186 registers uncapped, 168 with 40 bytes of local memory (H100: 0.447 ms
+            at 168, 0.534 uncapped, 0.848 at 128).
         half_inverse: the inverse's doubling products on float16 operands (tf32's mantissa, float32
             sums), a chunk whose result is not finite redone at tf32; None: ``HALF_INVERSE`` for
             16-bit inputs (T is stored in their dtype, so tf32's products round it no finer), never
