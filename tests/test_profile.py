@@ -270,6 +270,9 @@ def test_summary_compares_twin_at_largest_batch_transformers_and_bandwidth(tmp_p
     path.write_text(json.dumps(rows))
     assert report_main([str(path), "--context", "300"]) == 0
     assert "4.00x" in capsys.readouterr().out
+    png = tmp_path / "rows.png"  # the saved rows drawn again, as the profile's --plot draws them
+    assert report_main([str(path), "--context", "300", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 def test_prefill_repeats_report_the_median_time_to_first_token():

@@ -152,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hybridlm.profile_report", description=main.__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", help="JSON row lists from hybridlm profile --json")
     ap.add_argument("--context", type=int, default=131072, help="context of the twin comparison")
+    ap.add_argument("--plot", metavar="PNG", help="also draw the rows as hybridlm profile --plot does")
     args = ap.parse_args(argv)
     rows = [r for f in args.files for r in json.loads(open(f).read())]
     print(format_table(rows))
     print("\n".join(summarize(rows, args.context)))
+    if args.plot:
+        plot_profile(rows, args.plot)
     return 0
 
 
