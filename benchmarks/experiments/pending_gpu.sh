@@ -10,16 +10,23 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the second 12-04 session): `tests` (~8 min: the whole GPU suite since the
-# compiled step keeps the add + norm op; only the static-decode, norm and matrix-vector GPU tests ran),
-# then `transformers` (~2 min, with that step). The second 12-04 session ran `tma`, `stall`, `pdlb1`,
-# `order` and `wide` (RESULTS.md); none of them needs a rerun.
+# Next, in this order (after the 2026-12-05 session, which ran `half`, the kernel suite and three
+# profile rows on an H100): on an H200, `half` then `kernels` (the float16 inverse, the default since
+# 12-05, is untimed there), then `h100profile` on an H100 if one is lent (its compiled 128k row at
+# 90% of the largest batch did not run). In the 12-05 session three H100 and three H200 starts were
+# refused (~650 device-seconds) before an H100 came: put the most important part first.
 # Parts:
 #   tma          decode_tma.py: the decode step's state through TMA descriptors (load, store, both) against
 #                the step, torch's copy and Triton's flat scale at batch 32 / 64 (new 2026-12-04, second session)
-#   kernels      the whole kernel suite (`bench kernels`; last run 2026-12-04, 361 s with fla's wheels:
-#                fwd 1.83x fla at Qwen3-Next B 1 T 32k, decode 88.3% at batch 32, 4.3 us at batch 1),
-#                after any kernel change
+#   kernels      the whole kernel suite (`bench kernels`; H200 2026-12-04, 361 s with fla's wheels:
+#                fwd 1.83x fla at Qwen3-Next B 1 T 32k, decode 88.3% at batch 32, 4.3 us at batch 1;
+#                H100 2026-12-05 with the float16 inverse, --max-minutes 6.5, 339 s: 2.02x, 92.0%,
+#                3.3 us), after any kernel change
+#   half         forward_ab.py --half-inverse: the prep's inverse on float16 against tf32 operands, and
+#                the chunked op's bf16/fp16/packed/compile GPU tests (H100 2026-12-05, 497 s with the
+#                machine's start: prep 0.578 -> 0.447 ms, op 1.291 -> 1.160, 19 passed)
+#   h100profile  #7's targets on an H100: transformers at 4k batch 1 (compiled), 128k against the twin at
+#                the largest batches, the compiled 128k row at 90% of the largest batch
 #   transformers the compiled step and transformers' generate at 4k, batch 1, in one call (2026-12-04,
 #                93 s: 316.6 vs 4.82 tokens/s, 65.7x)
 #   compiled     the compiled step at the largest batches of 512k and 1M (128k: 72.6% of the bound at
@@ -301,7 +308,7 @@ case $part in
         python3 -m hybridlm.profile_report "$out/compiled_128k_b36.json" | tee "$out/compiled_128k_b36.txt"
         ;;
     half)
-        # the prep's inverse on float16 operands (2026-12-05, opt-in) against the tf32 products, in one process
+        # the prep's inverse on float16 operands (the default for 16-bit inputs since 2026-12-05) against tf32's, one process
         python3 benchmarks/experiments/forward_ab.py --half-inverse --maxnreg none,128 \
             --json "$out/half_forward_ab.json" 2>&1 | tee "$out/half_forward_ab.txt"
         python3 -m pytest -x -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_chunk.py \
