@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import L2NORM_EPS
+from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 from hybridlm.ops.triton.utils import CHUNK, cdiv, next_power_of_2
 
 
@@ -287,6 +288,5 @@ def chunk_prep(q_NHK: torch.Tensor, k_NHK: torch.Tensor, g_NHV: torch.Tensor, be
     chunk_prep_kernel[(HV, NC)](*args, **const, HALF_INV=half, num_warps=num_warps,
                                 **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     if half:
-        sms = torch.cuda.get_device_properties(k_NHK.device).multi_processor_count if k_NHK.is_cuda else 4
-        chunk_prep_redo_kernel[(min(NC * HV, sms),)](*args, **const, num_warps=num_warps)
+        chunk_prep_redo_kernel[(min(NC * HV, _num_sms(k_NHK.device)),)](*args, **const, num_warps=num_warps)
     return gc, t, m, vec
