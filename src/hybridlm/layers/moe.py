@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import os
+
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
 from hybridlm.layers.packing import (
@@ -28,6 +30,18 @@ from hybridlm.ops import _checks as ck
 from hybridlm.ops import moe_experts
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS
 from hybridlm.ops.moe_route import route_reference as route
+
+# A static decode step with few tokens (N k < E) and at most FUSED_MAX_EXPERTS experts routes and
+# runs its experts in one launch (``hybridlm.ops.triton.moe_decode.moe_decode_fused``) on CUDA;
+# HYBRIDLM_MOE_FUSED=0 keeps the routing kernel and the two expert kernels. Larger E is untimed: every
+# program of the fused kernel routes its token itself, which at 512 experts takes a multi-warp
+# reduction per program.
+FUSED_MAX_EXPERTS = 128
+_FUSED_ENV = os.environ.get("HYBRIDLM_MOE_FUSED", "1")
+if _FUSED_ENV not in ("0", "1"):
+    raise ValueError(f"HYBRIDLM_MOE_FUSED must be 0 (routing and experts in three kernels) or 1 (one, the "
+                     f"default), got {_FUSED_ENV!r}")
+MOE_FUSED = _FUSED_ENV == "1"
 
 
 def _grouped_mm():
@@ -122,6 +136,10 @@ class MoE(PacksWeights):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         sparse = static and x_ND.shape[0] * self.top_k < len(self.experts)
         logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse)
+        if sparse and (shared_ND is None or isinstance(shared_ND, dict)):
+            out_ND = self._fused_decode(x_ND, logits_NE, shared_ND or {})
+            if out_ND is not None:
+                return out_ND.view_as(x_BTD)
         kernel = None
         if static and self.n_group == 1 and len(self.experts) <= KERNEL_MAX_EXPERTS:  # what the kernel routes
             kernel = ck.inference_kernel("moe_route", logits_NE, traced=True)
@@ -264,10 +282,14 @@ class MoE(PacksWeights):
         groups = self._in_groups()
         if groups is not None:
             pack_groups(self, groups)
+        # the fused decode kernel's barrier counters (it leaves them zeroed), made here, before any
+        # trace or capture, on the weights' device
+        self._fused_sync = torch.zeros(2, dtype=torch.int32, device=self.gate.weight.device)
 
     def _release_packs(self):
         # the experts' stacks, as PacksWeights does for stacked projections (``.to()`` and the like)
         pack = self.__dict__.pop("_pack", None)
+        self.__dict__.pop("_fused_sync", None)  # made again, on the new device, by the next pack or step
         return super()._release_packs(), (None if pack is None else [(tuple(t.shape), t.stride()) for t in pack])
 
     def _restore_packs(self, held) -> None:
@@ -282,6 +304,24 @@ class MoE(PacksWeights):
             self._pack = tuple(views)  # packed_experts keeps it if the weights still are its rows
         if not any(p.is_meta for p in self.parameters()):
             self.packed_experts()
+
+    def _fused_decode(self, x_ND: torch.Tensor, logits_NE: torch.Tensor, shared: dict) -> torch.Tensor | None:
+        """A sparse static step through the fused routing + experts kernel, or None where it does not
+        apply (not CUDA, gradients, grouped routing, more than FUSED_MAX_EXPERTS experts, HYBRIDLM_MOE_FUSED=0,
+        or traced before ``pack_for_inference`` made the kernel's barrier counters)."""
+        if not MOE_FUSED or self.n_group != 1 or len(self.experts) > FUSED_MAX_EXPERTS:
+            return None
+        kernel = ck.inference_kernel("moe_decode_fused", x_ND, logits_NE, traced=True)
+        if kernel is None:
+            return None
+        sync = getattr(self, "_fused_sync", None)
+        if sync is None or sync.device != x_ND.device:
+            if torch.compiler.is_compiling():
+                return None
+            sync = self._fused_sync = torch.zeros(2, dtype=torch.int32, device=x_ND.device)
+        return kernel(x_ND, logits_NE, *self.packed_experts(), sync, top_k=self.top_k, router=self.router,
+                      norm_topk_prob=self.norm_topk_prob, scaling=float(self.routed_scaling_factor),
+                      score_bias_E=self.score_bias, **shared)
 
     def _in_groups(self) -> tuple[tuple[str, ...], ...] | None:
         """The projections of the layer's input that one product can serve: router, shared gate,

@@ -17,7 +17,8 @@ from hybridlm.ops import _checks as ck
 
 def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
                       shared_h_NS=None, shared_down_DS=None, shared_up_NS=None, shared_gate_N=None) -> None:
-    """Shapes, dtypes and devices of :func:`moe_experts`'s arguments (reads no values)."""
+    """Shapes, dtypes and devices of :func:`moe_experts`'s arguments (reads no values); experts_NK and
+    weights_NK may both be None (the fused decode kernel, which routes from logits)."""
     ck.check_float_tensor("x_ND", x_ND, 2, "[N, D]")
     N, D = x_ND.shape
     for name, w, dims in (("gate_EID", gate_EID, "[E, I, D]"), ("up_EID", up_EID, "[E, I, D]"),
@@ -35,18 +36,19 @@ def check_moe_experts(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
     if down_EDI.shape != (E, D, I):
         raise ValueError(f"down_EDI must be [E, D, I] = {(E, D, I)} (the experts' down_proj weights, "
                          f"[D, I] each, as gate_EID's [E, I, D] implies), got {tuple(down_EDI.shape)}")
-    if not isinstance(experts_NK, torch.Tensor):
-        raise TypeError(f"experts_NK must be a torch.Tensor [N, K] of int64, got {type(experts_NK).__name__}")
-    if experts_NK.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"experts_NK must have dtype int64 (or int32), got {experts_NK.dtype}")
-    if experts_NK.dim() != 2 or experts_NK.shape[0] != N:
-        raise ValueError(f"experts_NK must be [N, K] with N = {N} as in x_ND, got shape {tuple(experts_NK.shape)}")
-    ck.check_same("experts_NK", experts_NK, "x_ND", x_ND, dtype=False)
-    ck.check_float_tensor("weights_NK", weights_NK, 2, "[N, K]")
-    if weights_NK.shape != experts_NK.shape:
-        raise ValueError(f"weights_NK must have experts_NK's shape [N, K] = {tuple(experts_NK.shape)}, "
-                         f"got {tuple(weights_NK.shape)}")
-    ck.check_same("weights_NK", weights_NK, "x_ND", x_ND, dtype=False)
+    if experts_NK is not None or weights_NK is not None:  # None, None: the fused kernel routes itself
+        if not isinstance(experts_NK, torch.Tensor):
+            raise TypeError(f"experts_NK must be a torch.Tensor [N, K] of int64, got {type(experts_NK).__name__}")
+        if experts_NK.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"experts_NK must have dtype int64 (or int32), got {experts_NK.dtype}")
+        if experts_NK.dim() != 2 or experts_NK.shape[0] != N:
+            raise ValueError(f"experts_NK must be [N, K] with N = {N} as in x_ND, got shape {tuple(experts_NK.shape)}")
+        ck.check_same("experts_NK", experts_NK, "x_ND", x_ND, dtype=False)
+        ck.check_float_tensor("weights_NK", weights_NK, 2, "[N, K]")
+        if weights_NK.shape != experts_NK.shape:
+            raise ValueError(f"weights_NK must have experts_NK's shape [N, K] = {tuple(experts_NK.shape)}, "
+                             f"got {tuple(weights_NK.shape)}")
+        ck.check_same("weights_NK", weights_NK, "x_ND", x_ND, dtype=False)
     if (shared_h_NS is None) != (shared_down_DS is None):
         raise ValueError("shared_h_NS and shared_down_DS go together: pass both (a shared expert's inner "
                          "activations and its down_proj weight) or neither")

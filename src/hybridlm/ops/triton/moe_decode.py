@@ -46,7 +46,9 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
+from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
+from hybridlm.ops.triton.moe_route import EMPTY, route_row
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
@@ -66,16 +68,9 @@ DOWN_STAGES = 4
 
 
 @triton.jit
-def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
-                    s_xn, s_ge, s_gi, s_ue, s_ui,
-                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
-    i_nk = tl.program_id(0).to(tl.int64)
-    i_i = tl.program_id(1)
-    i_n = i_nk // K
-    i_e = tl.load(experts_NK + i_nk).to(tl.int64)
-    w = tl.load(weights_NK + i_nk).to(tl.float32)
-
+def _gate_up_tile(x_ND, gate_EID, up_EID, h_NKI, i_nk, i_n, i_e, w, i_i, I, D, s_xn, s_ge, s_gi, s_ue, s_ui,
+                  BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+    # h[i_nk, i-block] = w * silu(gate_e x_n) * up_e x_n over BLOCK_I rows of expert i_e
     o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
     m_i = o_i < I
     p_gate = gate_EID + i_e * s_ge + o_i.to(tl.int64)[:, None] * s_gi
@@ -100,44 +95,174 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 
 
 @triton.jit
-def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N, K, I, D, S, s_de, s_dd, s_on,
-                 s_hn, s_wd, s_un, s_gn, HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    # program (token, d-block): out[n, d-block] = sum over the token's K slots of
-    # down_e[d-block, :] . h[n, slot, :], the slots' rows streamed one after another (BLOCK_I columns a
-    # step, contiguous) into one float32 tile, reduced once at the end: a fixed order, no partial rows.
-    # A shared expert's rows (ws [D, S] against hs [N, S]) go into the same tile first.
+def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
+                    s_xn, s_ge, s_gi, s_ue, s_ui,
+                    BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_start(USE_PDL)
-    i_n = tl.program_id(0).to(tl.int64)
-    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    n_i = tl.cdiv(I, BLOCK_I)
+    i_nk = tl.program_id(0).to(tl.int64)
+    i_n = i_nk // K
+    i_e = tl.load(experts_NK + i_nk).to(tl.int64)
+    w = tl.load(weights_NK + i_nk).to(tl.float32)
+    _gate_up_tile(x_ND, gate_EID, up_EID, h_NKI, i_nk, i_n, i_e, w, tl.program_id(1), I, D, s_xn, s_ge, s_gi,
+                  s_ue, s_ui, BLOCK_I, BLOCK_D, STAGES)
+
+
+@triton.jit
+def _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n, o_d, m_d, S, s_hn, s_wd, s_un, s_gn,
+                 SWIGLU: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
+                 STAGES: tl.constexpr):
+    # a shared expert's rows (ws [D, S] against hs [N, S]) as a [BLOCK_D, BLOCK_I] float32 partial tile
     acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
-    if HAS_SHARED:
-        row_s = o_d.to(tl.int64)[:, None] * s_wd
-        scale = 1.0
-        if GATED:  # the shared expert's sigmoid gate, one factor per token
-            scale = tl.sigmoid(tl.load(gs_N + i_n * s_gn).to(tl.float32))
-        for i0 in tl.range(0, S, BLOCK_I, num_stages=STAGES):
-            o_i = i0 + tl.arange(0, BLOCK_I)
-            m_i = o_i < S
-            b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
-            if SWIGLU:  # hs is the gate projection: the inner activations formed here, in float32
-                b_u = tl.load(us_NS + i_n * s_un + o_i, mask=m_i, other=0.0).to(tl.float32)
-                b_h = b_h * tl.sigmoid(b_h) * b_u * scale
-            b_w = tl.load(ws_DS + row_s + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
-            acc += b_w * b_h[None, :]
+    row_s = o_d.to(tl.int64)[:, None] * s_wd
+    scale = 1.0
+    if GATED:  # the shared expert's sigmoid gate, one factor per token
+        scale = tl.sigmoid(tl.load(gs_N + i_n * s_gn).to(tl.float32))
+    for i0 in tl.range(0, S, BLOCK_I, num_stages=STAGES):
+        o_i = i0 + tl.arange(0, BLOCK_I)
+        m_i = o_i < S
+        b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
+        if SWIGLU:  # hs is the gate projection: the inner activations formed here, in float32
+            b_u = tl.load(us_NS + i_n * s_un + o_i, mask=m_i, other=0.0).to(tl.float32)
+            b_h = b_h * tl.sigmoid(b_h) * b_u * scale
+        b_w = tl.load(ws_DS + row_s + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
+        acc += b_w * b_h[None, :]
+    return acc
+
+
+@triton.jit
+def _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n, o_d, m_d, K, I, s_de, s_dd, s_on,
+                 BLOCK_I: tl.constexpr, STAGES: tl.constexpr, BYPASS_L1: tl.constexpr):
+    # out[n, d-block] = acc + sum over the token's K slots of down_e[d-block, :] . h[n, slot, :], the
+    # slots' rows streamed one after another (BLOCK_I columns a step, contiguous) into the one float32
+    # tile, reduced once at the end: a fixed order, no partial rows. BYPASS_L1: h and the expert ids
+    # were written by other programs of the same launch (the fused kernel): read them from L2.
+    n_i = tl.cdiv(I, BLOCK_I)
     row_d = o_d.to(tl.int64)[:, None] * s_dd
     for t in tl.range(0, K * n_i, num_stages=STAGES):
         j = t // n_i
         o_i = (t - j * n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
         m_i = o_i < I
-        i_e = tl.load(experts_NK + i_n * K + j).to(tl.int64)
-        b_h = tl.load(h_NKI + (i_n * K + j) * I + o_i, mask=m_i, other=0.0)
+        if BYPASS_L1:
+            i_e = tl.load(experts_NK + i_n * K + j, cache_modifier=".cg").to(tl.int64)
+            b_h = tl.load(h_NKI + (i_n * K + j) * I + o_i, mask=m_i, other=0.0, cache_modifier=".cg")
+        else:
+            i_e = tl.load(experts_NK + i_n * K + j).to(tl.int64)
+            b_h = tl.load(h_NKI + (i_n * K + j) * I + o_i, mask=m_i, other=0.0)
         b_w = tl.load(down_EDI + i_e * s_de + row_d + o_i[None, :], mask=m_d[:, None] & m_i[None, :],
                       other=0.0).to(tl.float32)
         acc += b_w * b_h[None, :]
     tl.store(out_ND + i_n * s_on + o_d, tl.sum(acc, axis=1).to(out_ND.dtype.element_ty), mask=m_d)
+
+
+@triton.jit
+def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N, K, I, D, S, s_de, s_dd, s_on,
+                 s_hn, s_wd, s_un, s_gn, HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    # program (token, d-block): the shared expert's rows (if any) first, then the routed experts'
+    pdl_start(USE_PDL)
+    i_n = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    if HAS_SHARED:
+        acc = _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n, o_d, m_d, S, s_hn, s_wd, s_un, s_gn, SWIGLU, GATED,
+                           BLOCK_D, BLOCK_I, STAGES)
+    else:
+        acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+    _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n, o_d, m_d, K, I, s_de, s_dd, s_on, BLOCK_I, STAGES,
+                 False)
+
+
+@triton.jit
+def _grid_arrive_and_wait(sync, P):
+    # A barrier across the launch's P programs (all resident at once: see fused_programs). Every
+    # thread's stores come before the program's arrival (the CTA barrier, then a release at GPU
+    # scope), and its reads after it after everyone's (an acquire, then the CTA barrier). The
+    # scalar atomics run on one thread of the program.
+    tl.debug_barrier()
+    tl.atomic_add(sync, 1, sem="release", scope="gpu")
+    while tl.atomic_add(sync, 0, sem="acquire", scope="gpu") < P:
+        pass
+    tl.debug_barrier()
+
+
+@triton.jit
+def _grid_leave(sync, P):
+    # After a program's last read behind the barrier: the last of the P programs to get here zeroes
+    # both counters (every other one has passed its wait by then), so the next launch starts from 0.
+    tl.debug_barrier()
+    if tl.atomic_add(sync + 1, 1, sem="acq_rel", scope="gpu") == P - 1:
+        tl.atomic_xchg(sync, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(sync + 1, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _fused_kernel(x_ND, logits_NE, bias_E, gate_EID, up_EID, down_EDI, hs_NS, ws_DS, us_NS, gs_N,
+                  h_NKI, experts_NK, sync, out_ND, N, E, I, D, S, scaling,
+                  s_xn, s_ln, s_ge, s_gi, s_ue, s_ui, s_de, s_dd, s_on, s_hn, s_wd, s_un, s_gn,
+                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr,
+                  HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
+                  BI1: tl.constexpr, BD1: tl.constexpr, BI2: tl.constexpr, BD2: tl.constexpr,
+                  STAGES1: tl.constexpr, STAGES2: tl.constexpr, PHASES: tl.constexpr, USE_PDL: tl.constexpr):
+    # Routing, gate/up and down of a MoE decode in one launch of P programs (a persistent grid):
+    # phase 1 strides over the (token, slot, row block) tiles of gate/up, each program routing a
+    # token itself (the shared ``route_row``: the routing kernel's choice, bit for bit) when its tile's
+    # token changes, and writes h and the expert ids; phase 2 strides over the (token, d-block) tiles
+    # of down. PHASES 3: both, with a barrier between them; a program forms its first down tile's
+    # shared-expert rows before the barrier (they need nothing from phase 1), so those bytes stream
+    # while the slowest programs finish gate/up. PHASES 1 or 2: one phase (two launches, no barrier:
+    # the CPU interpreter runs programs one after another, where a barrier cannot work).
+    pdl_start(USE_PDL)
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    if PHASES % 2 == 1:
+        n_ib = tl.cdiv(I, BI1)
+        per_token = K * n_ib
+        o_k = tl.arange(0, BLOCK_K)
+        cur = pid * 0 - 1
+        w_k = tl.zeros([BLOCK_K], dtype=tl.float32)
+        e_k = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for item in range(pid, N * per_token, P):
+            i_n = item // per_token
+            j = (item - i_n * per_token) // n_ib
+            i_i = item - i_n * per_token - j * n_ib
+            if i_n != cur:
+                w_k, e_k = route_row(logits_NE + i_n.to(tl.int64) * s_ln, bias_E, E, scaling, K, BLOCK_E, BLOCK_K,
+                                     SOFTMAX, HAS_BIAS, NORM, EMPTY)
+                cur = i_n
+            i_e = tl.sum(tl.where(o_k == j, e_k, 0), 0)
+            w = tl.sum(tl.where(o_k == j, w_k, 0.0), 0)
+            i_nk = i_n.to(tl.int64) * K + j
+            if i_i == 0:
+                tl.store(experts_NK + i_nk, i_e)
+            _gate_up_tile(x_ND, gate_EID, up_EID, h_NKI, i_nk, i_n.to(tl.int64), i_e.to(tl.int64), w, i_i, I, D,
+                          s_xn, s_ge, s_gi, s_ue, s_ui, BI1, BD1, STAGES1)
+    if PHASES >= 2:
+        n_db = tl.cdiv(D, BD2)
+        first = tl.zeros([BD2, BI2], dtype=tl.float32)
+        if HAS_SHARED:
+            if pid < N * n_db:
+                i_n = pid // n_db
+                o_d = (pid - i_n * n_db) * BD2 + tl.arange(0, BD2)
+                first = _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n.to(tl.int64), o_d, o_d < D, S, s_hn, s_wd,
+                                     s_un, s_gn, SWIGLU, GATED, BD2, BI2, STAGES2)
+        if PHASES == 3:
+            _grid_arrive_and_wait(sync, P)
+        for item in range(pid, N * n_db, P):
+            i_n = item // n_db
+            o_d = (item - i_n * n_db) * BD2 + tl.arange(0, BD2)
+            m_d = o_d < D
+            acc = first
+            if HAS_SHARED:
+                if item != pid:
+                    acc = _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n.to(tl.int64), o_d, m_d, S, s_hn, s_wd, s_un,
+                                       s_gn, SWIGLU, GATED, BD2, BI2, STAGES2)
+            else:
+                acc = tl.zeros([BD2, BI2], dtype=tl.float32)
+            _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n.to(tl.int64), o_d, m_d, K, I, s_de, s_dd,
+                         s_on, BI2, STAGES2, PHASES == 3)
+        if PHASES == 3:
+            _grid_leave(sync, P)
 
 
 def pick_blocks(N: int, K: int, I: int, D: int, num_sms: int) -> tuple[int, int, int, int]:
@@ -230,6 +355,17 @@ def _(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, sha
     return torch.empty_like(x_ND)
 
 
+def _rows_in_place(gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS):
+    """The kernels' weight and shared-expert operands: as given where their last dim is contiguous
+    (views read in place), else contiguous copies."""
+    gate_EID, up_EID, down_EDI = (w if w.stride(2) == 1 else w.contiguous() for w in (gate_EID, up_EID, down_EDI))
+    if shared_h_NS is not None:
+        shared_h_NS, shared_down_DS = (t if t.stride(1) == 1 else t.contiguous() for t in (shared_h_NS, shared_down_DS))
+    if shared_up_NS is not None and shared_up_NS.stride(1) != 1:
+        shared_up_NS = shared_up_NS.contiguous()
+    return gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS
+
+
 def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, *, shared_h_NS=None,
                        shared_down_DS=None, shared_up_NS=None, shared_gate_N=None, blocks=None):
     """Sparse-MoE decode kernel; arguments and result as in :func:`hybridlm.ops.moe_experts`.
@@ -256,11 +392,8 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
             isinstance(b, bool) or not isinstance(b, int) or b < 1 or b & (b - 1) for b in blocks)):
         raise ValueError(f"blocks must be four powers of two or None, got {blocks!r}")
     x_ND, experts_NK, weights_NK = x_ND.contiguous(), experts_NK.contiguous(), weights_NK.contiguous()
-    gate_EID, up_EID, down_EDI = (w if w.stride(2) == 1 else w.contiguous() for w in (gate_EID, up_EID, down_EDI))
-    if shared_h_NS is not None:
-        shared_h_NS, shared_down_DS = (t if t.stride(1) == 1 else t.contiguous() for t in (shared_h_NS, shared_down_DS))
-    if shared_up_NS is not None and shared_up_NS.stride(1) != 1:
-        shared_up_NS = shared_up_NS.contiguous()
+    gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS = _rows_in_place(
+        gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS)
     if not torch.compiler.is_compiling():
         # Eager calls launch directly: the custom-op dispatch costs tens of microseconds of host time,
         # as much as the kernels at decode sizes (see ops/triton/decode.py).
@@ -271,3 +404,168 @@ def moe_experts_decode(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI,
         return out_ND
     return _moe_experts_op(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS,
                            shared_up_NS, shared_gate_N, None if blocks is None else list(blocks))
+
+
+# The fused kernel's launch: a persistent grid of FUSED_PROGRAMS_PER_SM programs per multiprocessor
+# (all resident at once, which its barrier needs: see fused_programs), phase 1 in tiles of
+# FUSED_BLOCK_I x 256 weights and 3 pipeline stages, phase 2 in BD2 x 512 tiles and DOWN_STAGES.
+FUSED_PROGRAMS_PER_SM = 2
+FUSED_WARPS = 4
+FUSED_BLOCK_I = 8
+FUSED_STAGES = (3, DOWN_STAGES)
+# Shared memory a program may take (its pipelined tiles), so that FUSED_PROGRAMS_PER_SM of them fit
+# beside each other on an sm_90 multiprocessor (227 KB).
+_FUSED_SMEM_BYTES = 96 * 1024
+
+
+def fused_programs(num_sms: int, programs_per_sm: int, num_warps: int) -> int:
+    """The fused kernel's grid: ``programs_per_sm`` programs on each of ``num_sms`` multiprocessors.
+
+    Its barrier needs every program resident at once (a program that waits for one not yet started
+    would wait forever), so the grid is held to what always fits: with programs_per_sm x num_warps
+    <= 8, 32 threads a warp and at most 255 registers a thread, the programs of one multiprocessor
+    need at most 65,280 of its 65,536 registers, and their pipelined tiles are held under
+    ``_FUSED_SMEM_BYTES`` each (``moe_fused_into`` checks). Work the previous kernel (PDL) or other
+    streams still run finishes on its own; the next kernel launches only after all of these programs
+    have started."""
+    if programs_per_sm < 1 or num_warps < 1 or programs_per_sm * num_warps > 8:
+        raise ValueError(f"programs_per_sm x num_warps must be in [1, 8] so that every program of the fused "
+                         f"kernel stays resident, got {programs_per_sm} x {num_warps}")
+    return num_sms * programs_per_sm
+
+
+def moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, score_bias_E, gate_EID, up_EID,
+                   down_EDI, out_ND, sync, *, shared_h_NS=None, shared_down_DS=None, shared_up_NS=None,
+                   shared_gate_N=None, split: bool = False, programs_per_sm: Optional[int] = None,
+                   num_warps: Optional[int] = None, block_i: Optional[int] = None,
+                   stages: Optional[tuple[int, int]] = None, programs: Optional[int] = None) -> None:
+    """Launch the fused routing + experts kernel on validated tensors, writing ``out_ND`` [N, D].
+
+    One launch (``split=False``: the two phases with a barrier between them, ``sync`` int32 [2] zeros,
+    left zeroed) or two (``split=True``: phase 1, then phase 2; ``sync`` unused; the CPU interpreter's
+    way, as it runs programs one after another). The rest are tuning knobs (``programs`` overrides the
+    grid in split launches only: a barrier launch always takes ``fused_programs``)."""
+    N, D = x_ND.shape
+    E, I = gate_EID.shape[:2]
+    K = top_k
+    if N == 0:
+        return
+    warps = num_warps or FUSED_WARPS
+    P = fused_programs(_num_sms(x_ND.device), programs_per_sm or FUSED_PROGRAMS_PER_SM, warps)
+    if split and programs is not None:
+        P = programs
+    bd1 = max(16, min(256, next_power_of_2(D)))
+    bi1 = block_i or max(1, min(FUSED_BLOCK_I, TILE // bd1, next_power_of_2(I)))
+    bi2 = max(16, min(512, next_power_of_2(I)))
+    bd2 = max(2, min(TILE // bi2, next_power_of_2(cdiv(N * D, P))))
+    st1, st2 = stages or FUSED_STAGES
+    smem = max(st1 * 2 * bi1 * bd1, st2 * bd2 * bi2) * x_ND.element_size()
+    if smem > _FUSED_SMEM_BYTES:
+        raise ValueError(f"the fused kernel's pipelined tiles would take {smem} bytes of shared memory a program, "
+                         f"more than {_FUSED_SMEM_BYTES}: fewer stages or a smaller block_i")
+    shared = shared_h_NS is not None and shared_h_NS.shape[1] > 0
+    h_NKI = torch.empty(N, K, I, device=x_ND.device, dtype=torch.float32)
+    experts_NK = torch.empty(N, K, device=x_ND.device, dtype=torch.int32)
+    hs, ws = (shared_h_NS, shared_down_DS) if shared else (h_NKI, h_NKI)  # unread without HAS_SHARED
+    swiglu, gated = shared and shared_up_NS is not None, shared and shared_gate_N is not None
+    us = shared_up_NS if swiglu else hs
+    gs = shared_gate_N if gated else hs
+    args = (x_ND, logits_NE, logits_NE if score_bias_E is None else score_bias_E, gate_EID, up_EID, down_EDI,
+            hs, ws, us, gs, h_NKI, experts_NK, sync, out_ND, N, E, I, D, shared_h_NS.shape[1] if shared else 0,
+            float(scaling), x_ND.stride(0), logits_NE.stride(0), gate_EID.stride(0), gate_EID.stride(1),
+            up_EID.stride(0), up_EID.stride(1), down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0),
+            hs.stride(0), ws.stride(0), us.stride(0), gs.stride(0) if gs.dim() > 1 else 1)
+    meta = dict(K=K, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(K), SOFTMAX=router == "softmax",
+                HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=EMPTY, HAS_SHARED=shared,
+                SWIGLU=swiglu, GATED=gated, BI1=bi1, BD1=bd1, BI2=bi2, BD2=bd2, STAGES1=st1, STAGES2=st2,
+                num_warps=warps)
+    for phases in ((1, 2) if split else (3,)):
+        _fused_kernel[(P,)](*args, PHASES=phases, **meta, **pdl_launch(x_ND.device))
+
+
+@torch.library.custom_op("hybridlm::moe_decode_fused", mutates_args=("sync",))
+def _moe_fused_op(x_ND: torch.Tensor, logits_NE: torch.Tensor, gate_EID: torch.Tensor, up_EID: torch.Tensor,
+                  down_EDI: torch.Tensor, sync: torch.Tensor, top_k: int, router: str, norm_topk_prob: bool,
+                  scaling: float, score_bias_E: Optional[torch.Tensor], shared_h_NS: Optional[torch.Tensor],
+                  shared_down_DS: Optional[torch.Tensor], shared_up_NS: Optional[torch.Tensor],
+                  shared_gate_N: Optional[torch.Tensor], split: bool) -> torch.Tensor:
+    out_ND = torch.empty_like(x_ND)
+    moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, score_bias_E, gate_EID, up_EID,
+                   down_EDI, out_ND, sync, shared_h_NS=shared_h_NS, shared_down_DS=shared_down_DS,
+                   shared_up_NS=shared_up_NS, shared_gate_N=shared_gate_N, split=split)
+    return out_ND
+
+
+@_moe_fused_op.register_fake
+def _(x_ND, logits_NE, gate_EID, up_EID, down_EDI, sync, top_k, router, norm_topk_prob, scaling, score_bias_E,
+      shared_h_NS, shared_down_DS, shared_up_NS, shared_gate_N, split):
+    return torch.empty_like(x_ND)
+
+
+def moe_decode_fused(x_ND, logits_NE, gate_EID, up_EID, down_EDI, sync, *, top_k, router="softmax",
+                     norm_topk_prob=False, scaling=1.0, score_bias_E=None, shared_h_NS=None, shared_down_DS=None,
+                     shared_up_NS=None, shared_gate_N=None, split=None):
+    """A MoE layer's decode from its router logits: routing and the routed (and shared) experts in one
+    launch; returns out [N, D] in x's dtype.
+
+    The same result as ``moe_route`` (softmax or sigmoid scores, top ``top_k``, optional score bias,
+    renormalisation, ``scaling``) followed by ``moe_experts_decode`` with the same shared expert, with
+    the same float32 arithmetic in the same order. What it saves at decode sizes is two launches' worth
+    of waiting: the routing kernel and the boundary between gate/up and down, where each kernel waits for
+    the whole previous one. Programs route their tokens themselves and meet at one barrier between
+    gate/up and down (the shared expert's down rows stream before it).
+
+    Args:
+        x_ND: [N, D] tokens; logits_NE: [N, E] router logits (any row stride, e.g. columns of a packed
+            projection output); gate_EID, up_EID, down_EDI and the shared expert's tensors as in
+            :func:`hybridlm.ops.moe_experts`.
+        sync: int32 [2] zeros on x's device: the barrier's counters. The kernel leaves them zeroed.
+            Calls sharing one ``sync`` must not run concurrently (on different streams); a MoE layer
+            keeps its own.
+        top_k, router, norm_topk_prob, scaling, score_bias_E: as in :func:`hybridlm.ops.moe_route`.
+        split: two launches without the barrier (default: under the CPU interpreter only).
+
+    Example (CUDA tensors; CPU ones only under TRITON_INTERPRET=1):
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> x, logits = torch.randn(1, 48, device=dev), torch.randn(1, 4, device=dev)
+        >>> gate, up, down = torch.randn(4, 40, 48, device=dev), torch.randn(4, 40, 48, device=dev), torch.randn(4, 48, 40, device=dev)
+        >>> out = moe_decode_fused(x, logits, gate, up, down, torch.zeros(2, dtype=torch.int32, device=dev), top_k=2)
+    """
+    check_moe_experts(x_ND, None, None, gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS,
+                      shared_gate_N)
+    check_route(logits_NE, top_k, router, norm_topk_prob, scaling, score_bias_E, 1, 1)
+    check_kernel_device("x_ND", x_ND)
+    if x_ND.dtype == torch.float64:
+        raise TypeError("x_ND must be float32, bfloat16 or float16 for the Triton kernel, got torch.float64; "
+                        "use the reference (hybridlm.ops.moe_route, then hybridlm.ops.moe_experts)")
+    N, E = x_ND.shape[0], gate_EID.shape[0]
+    if tuple(logits_NE.shape) != (N, E):
+        raise ValueError(f"logits_NE must be [N, E] = {(N, E)} (N from x_ND, E from gate_EID), got "
+                         f"{tuple(logits_NE.shape)}")
+    if logits_NE.device != x_ND.device:
+        raise ValueError(f"logits_NE is on {logits_NE.device}, expected x_ND's device {x_ND.device}")
+    if E > KERNEL_MAX_EXPERTS:
+        raise ValueError(f"gate_EID holds E = {E} experts; the kernel routes up to {KERNEL_MAX_EXPERTS}")
+    if (not isinstance(sync, torch.Tensor) or sync.dtype != torch.int32 or tuple(sync.shape) != (2,)
+            or sync.device != x_ND.device or not sync.is_contiguous()):
+        raise ValueError("sync must be a contiguous int32 tensor of shape [2], zeros, on x_ND's device "
+                         f"{x_ND.device}, got {sync.dtype if isinstance(sync, torch.Tensor) else type(sync).__name__} "
+                         f"{tuple(getattr(sync, 'shape', ()))} on {getattr(sync, 'device', None)}")
+    if split is None:
+        split = not x_ND.is_cuda
+    x_ND = x_ND.contiguous()
+    if logits_NE.stride(1) != 1:
+        logits_NE = logits_NE.contiguous()
+    if score_bias_E is not None:
+        score_bias_E = score_bias_E.contiguous()
+    gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS = _rows_in_place(
+        gate_EID, up_EID, down_EDI, shared_h_NS, shared_down_DS, shared_up_NS)
+    if not torch.compiler.is_compiling():
+        out_ND = torch.empty_like(x_ND)
+        moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, float(scaling), score_bias_E, gate_EID,
+                       up_EID, down_EDI, out_ND, sync, shared_h_NS=shared_h_NS, shared_down_DS=shared_down_DS,
+                       shared_up_NS=shared_up_NS, shared_gate_N=shared_gate_N, split=bool(split))
+        return out_ND
+    return _moe_fused_op(x_ND, logits_NE, gate_EID, up_EID, down_EDI, sync, top_k, router, norm_topk_prob,
+                         float(scaling), score_bias_E, shared_h_NS, shared_down_DS, shared_up_NS, shared_gate_N,
+                         bool(split))

@@ -34,18 +34,19 @@ from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
 from hybridlm.ops.triton.utils import next_power_of_2, pdl_launch, pdl_start
 
-_EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
+EMPTY = -(2**63)  # the key of a lane past E, and of a lane already picked
 
 
 @triton.jit
-def _route_kernel(logits_NE, bias_E, weights_NK, experts_NK, E, s_ln, scaling,
-                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
-    i_n = tl.program_id(0).to(tl.int64)
+def route_row(logits_E, bias_E, E, scaling, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+              SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr):
+    """One token's routing from its E logits (a pointer to its row): (weights [BLOCK_K] float32,
+    experts [BLOCK_K] int32), the first K lanes filled, the weights renormalised (NORM) and scaled.
+    Shared by the routing kernel and the fused MoE decode kernel (``moe_decode.py``), so both pick
+    the same experts with the same weights, bit for bit."""
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < E
-    x = tl.load(logits_NE + i_n * s_ln + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
+    x = tl.load(logits_E + o_e, mask=m_e, other=float("-inf")).to(tl.float32)
     if SOFTMAX:
         p = tl.where(m_e, tl.exp(x - tl.max(x, 0)), 0.0)
         scores = p / tl.sum(p, 0)
@@ -75,8 +76,20 @@ def _route_kernel(logits_NE, bias_E, weights_NK, experts_NK, E, s_ln, scaling,
         e_k = tl.where(o_k == j, e, e_k)
     if NORM:
         w_k = w_k / tl.sum(w_k, 0)
+    return w_k * scaling, e_k
+
+
+@triton.jit
+def _route_kernel(logits_NE, bias_E, weights_NK, experts_NK, E, s_ln, scaling,
+                  K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SOFTMAX: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
+    i_n = tl.program_id(0).to(tl.int64)
+    w_k, e_k = route_row(logits_NE + i_n * s_ln, bias_E, E, scaling, K, BLOCK_E, BLOCK_K, SOFTMAX, HAS_BIAS,
+                         NORM, EMPTY)
+    o_k = tl.arange(0, BLOCK_K)
     m_k = o_k < K
-    tl.store(weights_NK + i_n * K + o_k, w_k * scaling, mask=m_k)
+    tl.store(weights_NK + i_n * K + o_k, w_k, mask=m_k)
     tl.store(experts_NK + i_n * K + o_k, e_k.to(tl.int64), mask=m_k)
 
 
@@ -99,7 +112,7 @@ def moe_route_into(logits_NE, top_k, router, norm_topk_prob, scaling, score_bias
     _route_kernel[(N,)](
         logits_NE, logits_NE if score_bias_E is None else score_bias_E, weights_NK, experts_NK, E,
         logits_NE.stride(0), scaling, K=top_k, BLOCK_E=block_e, BLOCK_K=next_power_of_2(top_k),
-        SOFTMAX=router == "softmax", HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=_EMPTY,
+        SOFTMAX=router == "softmax", HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=EMPTY,
         num_warps=num_warps or pick_warps(E), **pdl_launch(logits_NE.device))
 
 
