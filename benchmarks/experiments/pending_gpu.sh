@@ -120,7 +120,7 @@ case $part in
         # static-decode tests (timeouts: a barrier that never opens would hang the call), the kernel A/B at
         # Qwen3-Next's expert shapes, the 4k batch-1 step compiled and as the uncompiled graph with and without
         # it, then the 4-layer compiled trace (launches; is the sync counter copied back each call?)
-        timeout 300 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_fused.py \
+        HYBRIDLM_MOE_FUSED=1 timeout 300 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_fused.py \
             tests/ops/test_moe_decode.py tests/ops/test_moe_route.py tests/test_static_decode.py --tb=short 2>&1 \
             | tee "$out/tests_fused.txt" | tail -15 || true
         timeout 150 python3 benchmarks/experiments/moe_fused_ab.py --json "$out/moe_fused_ab.json" 2>&1 \
@@ -132,7 +132,7 @@ case $part in
                 --json > "$out/fused${f}_graph_4k_b1.json" || true
         done
         python3 -m hybridlm.profile_report "$out"/fused*_4k_b1.json | tee "$out/fused_4k_b1.txt" || true
-        timeout 120 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
+        HYBRIDLM_MOE_FUSED=1 timeout 120 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
             | tee "$out/trace.txt" || true
         ;;
     tma)
