@@ -284,6 +284,35 @@ def test_batch1_bf16_step_with_and_without_pdl_on_cuda(pdl, compiled, monkeypatc
     if pdl and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs compute capability >= 9")
     monkeypatch.setattr(utils, "PDL", pdl)
+    _batch1_bf16_step_matches_eager(compiled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused decode kernels run on CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batch1_bf16_step_with_the_fused_moe_and_conv_kernels_on_cuda(compiled, monkeypatch):
+    """The batch-1 bf16 step with the fused MoE kernel (one launch, a grid barrier) and the conv inside
+    the GDN decode kernel, eager and compiled, against the eager cached decode; both kernels ran."""
+    from hybridlm.layers import gated_deltanet as gdn_module
+    from hybridlm.layers import moe as moe_module
+    from hybridlm.ops.triton import decode as decode_module
+    from hybridlm.ops.triton import moe_decode as moe_decode_module
+
+    def fused(on):
+        monkeypatch.setattr(gdn_module, "CONV_FUSED", on)
+        monkeypatch.setattr(moe_module, "MOE_FUSED", on)
+
+    calls = []
+    for mod, name in ((decode_module, "conv_decode_into"), (moe_decode_module, "moe_fused_into")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    _batch1_bf16_step_matches_eager(compiled, fused)
+    assert set(calls) == {"conv_decode_into", "moe_fused_into"}
+
+
+def _batch1_bf16_step_matches_eager(compiled, fused=None):
+    """fused: a switch fused(on) for kernels the static step takes and the eager decode must not (it is
+    the reference then)."""
+    fused = fused or (lambda on: None)
     torch.manual_seed(0)
     # packed first, as StaticDecoder does: the path the profile times
     model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().to(torch.bfloat16).eval().pack_for_inference()
@@ -298,8 +327,10 @@ def test_batch1_bf16_step_with_and_without_pdl_on_cuda(pdl, compiled, monkeypatc
     torch.compiler.reset()
     slot = torch.zeros(1, dtype=torch.long, device="cuda")
     for t in range(steps.shape[1]):
+        fused(False)
         with torch.no_grad():
             want = decode_one_token(model, steps[:, t], eager).float()
+        fused(True)
         slot.fill_(static.seq_len)
         got = step(steps[:, t:t + 1], static, slot).float()
         static.seq_len += 1

@@ -16,8 +16,9 @@
 # 90% of the largest batch did not run). In the 12-05 session three H100 and three H200 starts were
 # refused (~650 device-seconds) before an H100 came: put the most important part first.
 # Parts:
-#   fused        the fused MoE decode kernel (new 2026-12-05, second session): GPU tests, moe_fused_ab.py, the
-#                4k batch-1 step with HYBRIDLM_MOE_FUSED=1 / 0 (compiled and uncompiled graph), the 4-layer trace
+#   fused        the fused MoE decode kernel and the conv in the GDN decode kernel (new 2026-12-05, second
+#                session): moe_fused_ab.py, the compiled 4k batch-1 step with neither / both / MoE only, the
+#                GPU tests
 #   tma          decode_tma.py: the decode step's state through TMA descriptors (load, store, both) against
 #                the step, torch's copy and Triton's flat scale at batch 32 / 64 (new 2026-12-04, second session)
 #   kernels      the whole kernel suite (`bench kernels`; H200 2026-12-04, 361 s with fla's wheels:
@@ -116,24 +117,21 @@ run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --
 for part in "${@:2}"; do
 case $part in
     fused)
-        # the fused MoE decode kernel (routing + experts in one launch with a grid barrier): its GPU tests and the
-        # static-decode tests (timeouts: a barrier that never opens would hang the call), the kernel A/B at
-        # Qwen3-Next's expert shapes, the 4k batch-1 step compiled and as the uncompiled graph with and without
-        # it, then the 4-layer compiled trace (launches; is the sync counter copied back each call?)
-        HYBRIDLM_MOE_FUSED=1 timeout 300 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_fused.py \
-            tests/ops/test_moe_decode.py tests/ops/test_moe_route.py tests/test_static_decode.py --tb=short 2>&1 \
-            | tee "$out/tests_fused.txt" | tail -15 || true
-        timeout 150 python3 benchmarks/experiments/moe_fused_ab.py --json "$out/moe_fused_ab.json" 2>&1 \
+        # the fused MoE decode kernel (routing + experts in one launch with a grid barrier) and the conv in the GDN
+        # decode kernel: the MoE kernel A/B at Qwen3-Next's expert shapes (checked bit for bit first), the 4k
+        # batch-1 step compiled with neither / both / the MoE one (HYBRIDLM_MOE_FUSED, HYBRIDLM_GDN_CONV_FUSED),
+        # then their GPU tests and the static-decode tests (timeouts: a barrier that never opens would hang)
+        timeout 100 python3 benchmarks/experiments/moe_fused_ab.py --json "$out/moe_fused_ab.json" 2>&1 \
             | tee "$out/moe_fused_ab.txt" || true
-        for f in 1 0; do
-            HYBRIDLM_MOE_FUSED=$f timeout 150 $run --contexts 4k --batch 1 --compile --decode-steps 64 \
-                --prefill-repeats 1 --json > "$out/fused${f}_compiled_4k_b1.json" || true
-            HYBRIDLM_MOE_FUSED=$f timeout 100 $run --contexts 4k --batch 1 --decode-steps 64 --prefill-repeats 1 \
-                --json > "$out/fused${f}_graph_4k_b1.json" || true
+        for f in 00 11 10; do
+            HYBRIDLM_MOE_FUSED=${f:0:1} HYBRIDLM_GDN_CONV_FUSED=${f:1:1} timeout 120 $run --contexts 4k --batch 1 \
+                --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/fused${f}_compiled_4k_b1.json" || true
+            python3 -m hybridlm.profile_report "$out/fused${f}_compiled_4k_b1.json" | sed -n 2p | sed "s/^/$f /" \
+                | tee -a "$out/fused_4k_b1.txt" || true
         done
-        python3 -m hybridlm.profile_report "$out"/fused*_4k_b1.json | tee "$out/fused_4k_b1.txt" || true
-        HYBRIDLM_MOE_FUSED=1 timeout 120 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -30 \
-            | tee "$out/trace.txt" || true
+        HYBRIDLM_MOE_FUSED=1 HYBRIDLM_GDN_CONV_FUSED=1 timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" \
+            -q -x tests/ops/test_moe_fused.py tests/ops/test_conv_decode.py tests/test_static_decode.py --tb=short 2>&1 \
+            | tee "$out/tests_fused.txt" | tail -15 || true
         ;;
     tma)
         python3 benchmarks/experiments/decode_tma.py --json "$out/decode_tma.json" 2>&1 | tee "$out/decode_tma.txt" || true

@@ -9,6 +9,7 @@ o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(z) per head; outpu
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -16,11 +17,22 @@ import torch.nn.functional as F
 
 from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
-from hybridlm.layers.conv import ShortConv
+from hybridlm.layers.conv import ShortConv, _window_fits
 from hybridlm.layers.norms import GatedRMSNorm
 from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
+from hybridlm.ops._checks import inference_kernel
+
+# A static decode step of a gated layer can run its short conv inside the decode kernel
+# (``hybridlm.ops.triton.decode.conv_gated_delta_rule_step``: one launch fewer a layer) on CUDA:
+# HYBRIDLM_GDN_CONV_FUSED=1. Off by default until timed on a GPU (pending_gpu.sh part "fused").
+_CONV_ENV = os.environ.get("HYBRIDLM_GDN_CONV_FUSED", "0")
+if _CONV_ENV not in ("0", "1"):
+    raise ValueError(f"HYBRIDLM_GDN_CONV_FUSED must be 0 (the conv kernel, then the decode kernel; the default) "
+                     f"or 1 (one kernel), got {_CONV_ENV!r}")
+CONV_FUSED = _CONV_ENV == "1"
+TICKET_ROWS = 64  # sequences the conv-fused step's counters cover when packed (more: made on the next eager call)
 
 
 class GatedDeltaNet(PacksWeights):
@@ -88,14 +100,18 @@ class GatedDeltaNet(PacksWeights):
         qkv, b, *a, z = packed_linears(self, self._in_groups, x_BTD)
         # Zeroing pads before the conv makes a left-padded row's window what it would be alone.
         qkv = tokens.zero_pads(qkv)
+        fuse_gate = slot is not None and T == 1 and tokens.mask_BT is None and self.gated and not self.A_log.is_meta
+        if fuse_gate:
+            o = self._conv_step(qkv[:, 0], b[:, 0], a[0][:, 0], slot, settled=tokens.slot is not None)
+            if o is not None:
+                return project(self.o_proj, self.norm(o[:, None], z.reshape(B, T, HV, V)).reshape(B, T, HV * V))
         qkv = self.conv(qkv, None if slot is None else slot.conv) if self.conv is not None else F.silu(qkv)
         q_BTHK, k_BTHK, v_BTHV = torch.split(qkv, [H * K, H * K, HV * V], dim=-1)
         q_BTHK, k_BTHK = q_BTHK.reshape(B, T, H, K), k_BTHK.reshape(B, T, H, K)
         k_BTHK, v_BTHV = tokens.zero_pads(k_BTHK), tokens.zero_pads(v_BTHV.reshape(B, T, HV, V))
-        # A decode step without pads hands the raw gate inputs to the op, which forms the decay and
-        # beta = sigmoid(b) inside the Triton step kernel (the same formulas; saves their small
-        # kernels per layer and step)
-        fuse_gate = slot is not None and T == 1 and tokens.mask_BT is None and self.gated and not self.A_log.is_meta
+        # A decode step without pads (fuse_gate) hands the raw gate inputs to the op, which forms the
+        # decay and beta = sigmoid(b) inside the Triton step kernel (the same formulas; saves their
+        # small kernels per layer and step)
         # beta = 0 at pads: the token writes nothing; with g = 0 it forgets nothing either.
         beta_BTH = b if fuse_gate else tokens.zero_pads(torch.sigmoid(at_least_fp32(b)))
         g_BTH = a[0] if fuse_gate else self._log_decay(a[0] if a else None, tokens)
@@ -107,6 +123,32 @@ class GatedDeltaNet(PacksWeights):
     def pack_for_inference(self) -> None:
         """Stack the input projections' weights now (a decoder does this before tracing or capture)."""
         pack_groups(self, self._in_groups)
+        # the conv-fused decode step's counters (left at zero by the kernel), made before any trace or
+        # capture; kept while on the weights' device (a captured graph holds their address)
+        tickets, device = getattr(self, "_conv_tickets", None), self.o_proj.weight.device
+        if tickets is None or tickets.device != device:
+            self._conv_tickets = torch.zeros(TICKET_ROWS * self.num_heads, dtype=torch.int32, device=device)
+
+    def _conv_step(self, x_BC, b_BH, a_BH, slot: RecurrentSlot, settled: bool) -> torch.Tensor | None:
+        """The conv and the decode step in one kernel (HYBRIDLM_GDN_CONV_FUSED=1, CUDA, no gradient, a
+        float32 state and a window the kernel updates in place): o [B, HV, V], or None where it does not
+        apply."""
+        if not CONV_FUSED or self.conv is None or not 2 <= self.conv.kernel_size <= 4 or slot.conv is None:
+            return None
+        kernel = inference_kernel("conv_gated_delta_rule_step", x_BC, self.conv.weight, self.A_log, traced=True)
+        if kernel is None or slot.state.dtype != torch.float32 or not slot.state.is_contiguous():
+            return None
+        if not _window_fits(slot.conv):
+            return None
+        tickets, need = getattr(self, "_conv_tickets", None), x_BC.shape[0] * self.num_heads
+        if tickets is None or tickets.device != x_BC.device or tickets.numel() < need:
+            if torch.compiler.is_compiling():
+                return None
+            tickets = self._conv_tickets = torch.zeros(max(need, TICKET_ROWS * self.num_heads), dtype=torch.int32,
+                                                       device=x_BC.device)
+        return kernel(x_BC, slot.conv, self.conv.weight, tickets, a_BH, b_BH, slot.state, num_heads=self.num_heads,
+                      use_qk_l2norm=True, A_log=self.A_log, dt_bias=self.dt_bias, beta_is_logit=True,
+                      state_settled=settled)
 
     def _log_decay(self, a: torch.Tensor | None, tokens: Tokens) -> torch.Tensor | None:
         """g [B, T, HV] float32 (<= 0) from the gate projection a, 0 at pads; None for DeltaNet."""

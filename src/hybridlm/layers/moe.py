@@ -284,13 +284,14 @@ class MoE(PacksWeights):
         if groups is not None:
             pack_groups(self, groups)
         # the fused decode kernel's barrier counters (it leaves them zeroed), made here, before any
-        # trace or capture, on the weights' device
-        self._fused_sync = torch.zeros(2, dtype=torch.int32, device=self.gate.weight.device)
+        # trace or capture, on the weights' device; kept while there (a captured graph holds their address)
+        sync = getattr(self, "_fused_sync", None)
+        if sync is None or sync.device != self.gate.weight.device:
+            self._fused_sync = torch.zeros(2, dtype=torch.int32, device=self.gate.weight.device)
 
     def _release_packs(self):
         # the experts' stacks, as PacksWeights does for stacked projections (``.to()`` and the like)
         pack = self.__dict__.pop("_pack", None)
-        self.__dict__.pop("_fused_sync", None)  # made again, on the new device, by the next pack or step
         return super()._release_packs(), (None if pack is None else [(tuple(t.shape), t.stride()) for t in pack])
 
     def _restore_packs(self, held) -> None:

@@ -17,7 +17,7 @@ __all__ = ["add_rms_norm_rows", "causal_conv_rows", "chunk_gated_delta_rule", "d
            "qk_norm_rope_decode", "rms_norm_rows", "split_kv_decode_attention"]
 
 try:  # the decode kernel lives in its own module, written separately
-    from hybridlm.ops.triton.decode import fused_recurrent_gated_delta_rule_step
-    __all__.append("fused_recurrent_gated_delta_rule_step")
+    from hybridlm.ops.triton.decode import conv_gated_delta_rule_step, fused_recurrent_gated_delta_rule_step
+    __all__ += ["conv_gated_delta_rule_step", "fused_recurrent_gated_delta_rule_step"]
 except ImportError:
     pass

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
+from hybridlm.ops.triton.conv import window_fits
 from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 # A constexpr global: compiled Triton kernels may read no other kind of module-level value.
@@ -84,6 +85,20 @@ def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
 
 
 @triton.jit
+def _tile_index(i_v, i_bhv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    # a (sequence x value head, value block) tile: sequence, value head, its key head, offsets, masks
+    i_b = i_bhv // HV
+    i_hv = i_bhv % HV
+    i_h = i_hv // (HV // H)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k = o_k < K
+    m_v = o_v < V
+    return i_b, i_hv, i_h, o_k, o_v, m_k, m_v, m_k[:, None] & m_v[None, :]
+
+
+@triton.jit
 def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV,
                  scale, i_v, i_bhv, s_qb, s_kb, s_vb, s_gb, s_bb,
                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -91,15 +106,7 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
                  USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
                  BETA_IS_LOGIT: tl.constexpr, STREAM: tl.constexpr, ONE_REDUCE: tl.constexpr,
                  USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr):
-    i_b = i_bhv // HV
-    i_hv = i_bhv % HV
-    i_h = i_hv // (HV // H)
-
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k = o_k < K
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    i_b, i_hv, i_h, o_k, o_v, m_k, m_v, m_kv = _tile_index(i_v, i_bhv, H, HV, K, V, BK, BV)
 
     # The small loads go first, then the state's: a program's loads are all in flight before it waits
     # on any, and the compiler does not sink the small ones behind the reduction (which put their
@@ -126,6 +133,20 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
                    mask=m_k[:, None] & (o_2 < 2), other=0.0)
     b_q, b_k = tl.split(b_qk.to(tl.float32))
 
+    b_S, b_o = _tile_math(b_S, b_q, b_k, b_v, b_g, b_beta, A_log_H, dt_bias_H, i_hv, scale, BK, BV, USE_L2NORM,
+                          RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, ONE_REDUCE)
+    if STREAM:
+        tl.store(state_out + p_state, b_S, mask=m_kv, cache_modifier=".cs")
+    else:
+        tl.store(state_out + p_state, b_S, mask=m_kv)
+    tl.store(o_BHV + i_bhv * V + o_v, b_o.to(o_BHV.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _tile_math(b_S, b_q, b_k, b_v, b_g, b_beta, A_log_H, dt_bias_H, i_hv, scale, BK: tl.constexpr, BV: tl.constexpr,
+               USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+               BETA_IS_LOGIT: tl.constexpr, ONE_REDUCE: tl.constexpr):
+    # one tile's step of the rule on loaded float32 values: (new state tile, output columns)
     if RAW_GATE:
         # g = -exp(A_log) * softplus(a + dt_bias), softplus with torch's threshold of 20; below -15
         # log(1 + exp(x)) rounds to 0 in float32, while exp(x) is its value to within 1e-7.
@@ -169,11 +190,107 @@ def _decode_tile(q_BHK, k_BHK, v_BHV, g_BH, beta_BH, A_log_H, dt_bias_H, state_i
         b_S = b_S + b_k[:, None] * b_u[None, :]
         b_o = tl.sum(b_S * (b_q * scale)[:, None], axis=0)
 
-    if STREAM:
-        tl.store(state_out + p_state, b_S, mask=m_kv, cache_modifier=".cs")
-    else:
-        tl.store(state_out + p_state, b_S, mask=m_kv)
+    return b_S, b_o
+
+
+@triton.jit
+def _conv_taps(win_b, cw_CK, c, m, KS: tl.constexpr, XT: tl.constexpr):
+    # a channel block's filter taps and the window's inputs before this token, as floats through x's
+    # dtype (the arithmetic of ops/triton/conv.py's kernel: a filter of fewer than 4 taps gets leading
+    # zero taps)
+    W: tl.constexpr = KS - 1
+    w3 = tl.zeros(c.shape, dtype=tl.float32)
+    w2 = tl.zeros(c.shape, dtype=tl.float32)
+    w1 = tl.zeros(c.shape, dtype=tl.float32)
+    p3 = tl.zeros(c.shape, dtype=tl.float32)
+    p2 = tl.zeros(c.shape, dtype=tl.float32)
+    p1 = tl.zeros(c.shape, dtype=tl.float32)
+    if KS >= 4:
+        w3 = tl.load(cw_CK + c * KS + (KS - 4), mask=m, other=0.0).to(XT).to(tl.float32)
+        p3 = tl.load(win_b + c * W + (W - 3), mask=m, other=0.0).to(XT).to(tl.float32)
+    if KS >= 3:
+        w2 = tl.load(cw_CK + c * KS + (KS - 3), mask=m, other=0.0).to(XT).to(tl.float32)
+        p2 = tl.load(win_b + c * W + (W - 2), mask=m, other=0.0).to(XT).to(tl.float32)
+    if KS >= 2:
+        w1 = tl.load(cw_CK + c * KS + (KS - 2), mask=m, other=0.0).to(XT).to(tl.float32)
+        p1 = tl.load(win_b + c * W + (W - 1), mask=m, other=0.0).to(XT).to(tl.float32)
+    w0 = tl.load(cw_CK + c * KS + (KS - 1), mask=m, other=0.0).to(XT).to(tl.float32)
+    return w3, w2, w1, w0, p3, p2, p1
+
+
+@triton.jit
+def _conv_out(x_b, c, m, w3, w2, w1, w0, p3, p2, p1, XT: tl.constexpr):
+    # silu(conv) of this token's inputs, rounded to x's dtype as the conv kernel writes it, and the inputs
+    cur = tl.load(x_b + c, mask=m, other=0.0).to(tl.float32)
+    acc = w3 * p3 + w2 * p2 + w1 * p1 + w0 * cur
+    return (acc * tl.sigmoid(acc)).to(XT).to(tl.float32), cur
+
+
+@triton.jit
+def _window_store(win_b, c, m, p2, p1, cur, KS: tl.constexpr):
+    # the window after this token: its last KS - 1 inputs
+    W: tl.constexpr = KS - 1
+    WT = win_b.dtype.element_ty
+    if W >= 1:
+        tl.store(win_b + c * W + (W - 1), cur.to(WT), mask=m)
+    if W >= 2:
+        tl.store(win_b + c * W + (W - 2), p1.to(WT), mask=m)
+    if W >= 3:
+        tl.store(win_b + c * W + (W - 3), p2.to(WT), mask=m)
+
+
+@triton.jit
+def _gdn_conv_decode_kernel(
+    x_BC, win_BCW, cw_CK, tickets, g_BH, beta_BH, A_log_H, dt_bias_H, state_in, state_out, o_BHV, scale,
+    s_xb, s_wb, s_gb, s_bb,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    KS: tl.constexpr, USE_L2NORM: tl.constexpr, RAW_GATE: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    BETA_IS_LOGIT: tl.constexpr, ONE_REDUCE: tl.constexpr, USE_PDL: tl.constexpr, STATE_EARLY: tl.constexpr,
+):
+    # The decode step with the layer's short conv in front: a tile reads the in-projection's raw
+    # [q k v] row, convolves its own channels with the window (q and k of its key head, its value
+    # columns), applies the SiLU, runs the rule and moves the window on by this token. A value
+    # column's window belongs to one tile, which writes it; a key head's q and k windows are read by
+    # every tile of that head (HV / H value heads x their value blocks), so the last of them to arrive
+    # (a counter per sequence and key head, left at 0) writes them. STATE_EARLY: the state, the filter
+    # and the window before the PDL wait (written by no kernel that may still run).
+    pdl_trigger(USE_PDL)
+    if not STATE_EARLY:
+        pdl_wait(USE_PDL)
+    n_vb = tl.cdiv(V, BV)
+    tile = tl.program_id(0)
+    i_v = tile % n_vb
+    i_bhv = (tile // n_vb).to(tl.int64)
+    i_b, i_hv, i_h, o_k, o_v, m_k, m_v, m_kv = _tile_index(i_v, i_bhv, H, HV, K, V, BK, BV)
+    XT = x_BC.dtype.element_ty
+    p_state = i_bhv * K * V + o_k[:, None] * V + o_v[None, :]
+    o_2 = tl.arange(0, 2)[None, :]
+    c_qk = tl.where(o_2 == 0, i_h * K + o_k[:, None], H * K + i_h * K + o_k[:, None])  # [BK, 2]: q, k
+    m_qk = m_k[:, None] & (o_2 < 2)
+    c_v = 2 * H * K + i_hv * V + o_v
+    win_b = win_BCW + i_b * s_wb
+    b_S = tl.load(state_in + p_state, mask=m_kv, other=0.0)
+    v3, v2, v1, v0, vp3, vp2, vp1 = _conv_taps(win_b, cw_CK, c_v, m_v, KS, XT)
+    k3, k2, k1, k0, kp3, kp2, kp1 = _conv_taps(win_b, cw_CK, c_qk, m_qk, KS, XT)
+    if STATE_EARLY:
+        pdl_wait(USE_PDL)
+    x_b = x_BC + i_b * s_xb
+    b_v, cur_v = _conv_out(x_b, c_v, m_v, v3, v2, v1, v0, vp3, vp2, vp1, XT)
+    b_qk, cur_qk = _conv_out(x_b, c_qk, m_qk, k3, k2, k1, k0, kp3, kp2, kp1, XT)
+    b_g = tl.load(g_BH + i_b * s_gb + i_hv).to(tl.float32)
+    b_beta = tl.load(beta_BH + i_b * s_bb + i_hv).to(tl.float32)
+    b_q, b_k = tl.split(b_qk)
+    b_S, b_o = _tile_math(b_S, b_q, b_k, b_v, b_g, b_beta, A_log_H, dt_bias_H, i_hv, scale, BK, BV, USE_L2NORM,
+                          RAW_GATE, HAS_DT_BIAS, BETA_IS_LOGIT, ONE_REDUCE)
+    tl.store(state_out + p_state, b_S, mask=m_kv)
     tl.store(o_BHV + i_bhv * V + o_v, b_o.to(o_BHV.dtype.element_ty), mask=m_v)
+    # every thread's window reads are done before any store and before this tile counts as arrived
+    tl.debug_barrier()
+    _window_store(win_b, c_v, m_v, vp2, vp1, cur_v, KS)
+    ticket = tickets + i_b * H + i_h
+    if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == (HV // H) * n_vb - 1:
+        _window_store(win_b, c_qk, m_qk, kp2, kp1, cur_qk, KS)
+        tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -410,4 +527,129 @@ def fused_recurrent_gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None
                                     state_settled)
         return o, state
     return _decode_step_op(*args, state.contiguous(), scale, bool(use_qk_l2norm), *gate,
+                           bool(beta_is_logit), state_settled)
+
+
+def conv_decode_into(x_BC, window_BCW, conv_CK, tickets, g, beta, state, o, *, num_heads, scale, use_qk_l2norm,
+                     A_log, dt_bias, beta_is_logit, state_early=False) -> None:
+    """Launch the conv + decode kernel on validated tensors: x_BC [B, C] (last dim contiguous), the
+    window [B, C, KS - 1] (each row a contiguous [C, KS - 1]), conv_CK a contiguous [C, KS], tickets
+    int32 zeros (>= B * num_heads), state float32 contiguous [B, HV, K, V], updated in place, with the
+    window; o [B, HV, V] contiguous."""
+    B, HV, K, V = state.shape
+    bv, warps, one_reduce = _pick_blocks(B, HV, V, x_BC.device, K)
+    _gdn_conv_decode_kernel[(cdiv(V, bv) * B * HV,)](
+        x_BC, window_BCW, conv_CK, tickets, g, beta, A_log if A_log is not None else g,
+        dt_bias if dt_bias is not None else g, state, state, o, scale, x_BC.stride(0), window_BCW.stride(0),
+        g.stride(0), beta.stride(0), H=num_heads, HV=HV, K=K, V=V, BK=next_power_of_2(K), BV=bv, KS=conv_CK.shape[1],
+        USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
+        BETA_IS_LOGIT=beta_is_logit, ONE_REDUCE=one_reduce, STATE_EARLY=bool(state_early), num_warps=warps,
+        **pdl_launch(x_BC.device))
+
+
+@torch.library.custom_op("hybridlm::gdn_conv_decode_step_", mutates_args=("window_BCW", "tickets", "state"))
+def _conv_decode_op(x_BC: torch.Tensor, window_BCW: torch.Tensor, conv_CK: torch.Tensor, tickets: torch.Tensor,
+                    g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor, num_heads: int, scale: float,
+                    use_qk_l2norm: bool, A_log: Optional[torch.Tensor], dt_bias: Optional[torch.Tensor],
+                    beta_is_logit: bool, state_settled: bool) -> torch.Tensor:
+    B, HV, K, V = state.shape
+    o = torch.empty(B, HV, V, device=x_BC.device, dtype=x_BC.dtype)
+    conv_decode_into(x_BC, window_BCW, conv_CK, tickets, g, beta, state, o, num_heads=num_heads, scale=scale,
+                     use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit,
+                     state_early=_read_state_early(state_settled, B, HV, V, x_BC.device))
+    return o
+
+
+@_conv_decode_op.register_fake
+def _(x_BC, window_BCW, conv_CK, tickets, g, beta, state, num_heads, scale, use_qk_l2norm, A_log, dt_bias,
+      beta_is_logit, state_settled):
+    B, HV, K, V = state.shape
+    return x_BC.new_empty(B, HV, V)
+
+
+def conv_gated_delta_rule_step(x_BC, conv_window, conv_weight, tickets, g, beta, state, *, num_heads, scale=None,
+                               use_qk_l2norm=False, A_log=None, dt_bias=None, beta_is_logit=False,
+                               state_settled=False):
+    """One decode step of Gated DeltaNet's short conv (depthwise, causal, then SiLU) and the gated delta
+    rule in one kernel, state and window updated in place; returns o [B, HV, V] in x's dtype.
+
+    The same arithmetic as ``ops.triton.causal_conv_rows`` (its window updated) followed by
+    :func:`fused_recurrent_gated_delta_rule_step` on the conv's q, k, v columns (``inplace=True``), with
+    one launch fewer: at batch 1 a decode step is a chain of small dependent kernels, each adding its
+    latency.
+
+    Args:
+        x_BC: [B, C] the in-projection's q, k, v columns of the token, C = 2 H K + HV V (any row stride,
+            last dim contiguous: a slice of a packed projection output).
+        conv_window: [B, C, KS - 1] the inputs before the token (any float dtype), each row a contiguous
+            [C, KS - 1]; afterwards it holds the last KS - 1 inputs.
+        conv_weight: [C, 1, KS] or [C, KS] depthwise filters, KS from 2 to 4.
+        tickets: int32 zeros of at least B * num_heads elements, on x's device: counters the kernel uses
+            to let the last reader of a key head's window update it, left at zero. Calls sharing them must
+            not run concurrently; a layer keeps its own.
+        g, beta, state, scale, use_qk_l2norm, A_log, dt_bias, beta_is_logit, state_settled: as in
+            :func:`fused_recurrent_gated_delta_rule_step`; ``state`` float32 contiguous [B, HV, K, V]
+            (HV, K, V from it), updated in place.
+        num_heads: H, the query/key heads (HV a multiple of it).
+
+    Example (CUDA tensors; CPU ones only under TRITON_INTERPRET=1):
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> B, H, HV, K, V = 1, 2, 4, 16, 16
+        >>> x, window = torch.randn(B, 2 * H * K + HV * V, device=dev), torch.zeros(B, 2 * H * K + HV * V, 3, device=dev)
+        >>> state, tickets = torch.zeros(B, HV, K, V, device=dev), torch.zeros(B * H, dtype=torch.int32, device=dev)
+        >>> o = conv_gated_delta_rule_step(x, window, torch.randn(2 * H * K + HV * V, 4, device=dev), tickets,
+        ...                                -torch.rand(B, HV, device=dev), torch.rand(B, HV, device=dev), state,
+        ...                                num_heads=H, use_qk_l2norm=True)
+    """
+    if not isinstance(state, torch.Tensor) or state.dim() != 4:
+        raise ValueError(f"state must be a 4-D tensor [B, HV, K, V], got {getattr(state, 'shape', type(state))}")
+    B, HV, K, V = state.shape
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or HV % num_heads:
+        raise ValueError(f"num_heads must be a positive int dividing HV = {HV} (from state), got {num_heads!r}")
+    H = num_heads
+    C = 2 * H * K + HV * V
+    if not isinstance(x_BC, torch.Tensor) or tuple(x_BC.shape) != (B, C):
+        raise ValueError(f"x_BC must be [B, C] = {(B, C)} (C = 2 H K + HV V from num_heads and state), got "
+                         f"{tuple(getattr(x_BC, 'shape', ()))}")
+    if x_BC.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x_BC must be float32, bfloat16 or float16, got {x_BC.dtype}")
+    w = conv_weight.reshape(conv_weight.shape[0], -1) if conv_weight.dim() == 3 else conv_weight
+    if w.dim() != 2 or w.shape[0] != C or not 2 <= w.shape[1] <= 4:
+        raise ValueError(f"conv_weight must be [C, 1, KS] or [C, KS] with C = {C} and KS from 2 to 4, got "
+                         f"{tuple(conv_weight.shape)}")
+    KS = w.shape[1]
+    if (not isinstance(conv_window, torch.Tensor) or tuple(conv_window.shape) != (B, C, KS - 1)
+            or not conv_window.is_floating_point()):
+        raise ValueError(f"conv_window must be a float tensor [B, C, KS - 1] = {(B, C, KS - 1)}, got "
+                         f"{tuple(getattr(conv_window, 'shape', ()))}")
+    if not window_fits(conv_window):
+        raise ValueError(f"conv_window: each batch row must be a contiguous [C, KS - 1], got strides {conv_window.stride()}")
+    if (not isinstance(tickets, torch.Tensor) or tickets.dtype != torch.int32 or tickets.dim() != 1
+            or tickets.numel() < B * H or not tickets.is_contiguous()):
+        raise ValueError(f"tickets must be a contiguous 1-D int32 tensor of at least B * num_heads = {B * H} zeros, "
+                         f"got {getattr(tickets, 'dtype', type(tickets))} {tuple(getattr(tickets, 'shape', ()))}")
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous (it is updated in place)")
+    _check_inputs(x_BC.new_empty(B, H, K), x_BC.new_empty(B, H, K), x_BC.new_empty(B, HV, V), g, beta, state, A_log,
+                  dt_bias, True)
+    for name, t in (("conv_window", conv_window), ("conv_weight", conv_weight), ("tickets", tickets)):
+        if t.device != x_BC.device:
+            raise ValueError(f"{name} is on {t.device}, expected x_BC's device {x_BC.device}")
+    if not isinstance(state_settled, bool):
+        raise TypeError(f"state_settled must be a bool, got {type(state_settled).__name__}")
+    check_kernel_device("x_BC", x_BC)
+    scale = K ** -0.5 if scale is None else float(scale)
+    if x_BC.stride(1) != 1:
+        x_BC = x_BC.contiguous()
+    g, beta = packed_rows(g), packed_rows(beta)
+    w = w.contiguous()
+    gate = (None if A_log is None else A_log.contiguous(), None if dt_bias is None else dt_bias.contiguous())
+    if not torch.compiler.is_compiling():
+        o = torch.empty(B, HV, V, device=x_BC.device, dtype=x_BC.dtype)
+        conv_decode_into(x_BC, conv_window, w, tickets, g, beta, state, o, num_heads=H, scale=scale,
+                         use_qk_l2norm=bool(use_qk_l2norm), A_log=gate[0], dt_bias=gate[1],
+                         beta_is_logit=bool(beta_is_logit),
+                         state_early=_read_state_early(state_settled, B, HV, V, x_BC.device))
+        return o
+    return _conv_decode_op(x_BC, conv_window, w, tickets, g, beta, state, H, scale, bool(use_qk_l2norm), *gate,
                            bool(beta_is_logit), state_settled)
