@@ -133,6 +133,16 @@ case $part in
             -q -x tests/ops/test_moe_fused.py tests/ops/test_conv_decode.py tests/test_static_decode.py --tb=short 2>&1 \
             | tee "$out/tests_fused.txt" | tail -15 || true
         ;;
+    fusedtests)
+        # the two fused decode kernels' GPU tests (all of them, after the first run stopped at a test that
+        # expected bit-equal sums from different tile shapes), then the default step's 4-layer compiled trace
+        HYBRIDLM_MOE_FUSED=1 HYBRIDLM_GDN_CONV_FUSED=1 timeout 300 python3 -m pytest -p no:cacheprovider -o addopts="" \
+            -q tests/ops/test_moe_fused.py tests/ops/test_conv_decode.py tests/test_static_decode.py \
+            -k "fused or conv or barrier or graph or layer or batch1 or opcheck or compile" --tb=short 2>&1 \
+            | tee "$out/tests_fused.txt" | tail -25 || true
+        timeout 150 python3 benchmarks/step_trace.py --layers 4 --compile --json "$out/trace.json" 2>&1 | tail -40 \
+            | tee "$out/trace.txt" || true
+        ;;
     tma)
         python3 benchmarks/experiments/decode_tma.py --json "$out/decode_tma.json" 2>&1 | tee "$out/decode_tma.txt" || true
         ;;

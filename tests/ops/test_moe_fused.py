@@ -56,6 +56,16 @@ def sync_zeros():
     return torch.zeros(2, dtype=torch.int32, device=DEVICE)
 
 
+def assert_same_sums(out, other):
+    """Equal bit for bit on the CPU interpreter. On a GPU only where both launches use the same down
+    tile shape: another [BLOCK_D, BLOCK_I] tile spreads a row's columns over the threads differently,
+    so its final row sum adds in another order (the grid sets the fused kernel's BLOCK_D; H100, 12-05)."""
+    if out.device.type == "cpu":
+        assert torch.equal(out, other)
+    else:
+        assert rel_err(out, other) < (1e-6 if out.dtype == torch.float32 else 1e-2)
+
+
 def three_kernels(x, logits, gate, up, down, shared, score_bias, K, router, norm, scaling):
     w, e = moe_route(logits, K, router, norm, scaling, score_bias)
     return moe_experts_decode(x, e, w, gate, up, down, **shared)
@@ -92,7 +102,7 @@ def test_every_tile_written_for_any_grid(programs):
     moe_fused_into(x, logits, 3, "softmax", True, 1.0, None, gate, up, down, out, sync_zeros(), split=True,
                    programs=programs, **shared)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, three_kernels(x, logits, gate, up, down, shared, None, 3, "softmax", True, 1.0))
+    assert_same_sums(out, three_kernels(x, logits, gate, up, down, shared, None, 3, "softmax", True, 1.0))
 
 
 def test_shared_expert_without_gate_and_strided_logits():
@@ -174,7 +184,7 @@ def test_barrier_equals_split_and_three_kernels(N, dtype, pps, warps):
         outs.append(out)
     assert torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[0], three_kernels(x, logits, gate, up, down, shared, None, 10, "softmax", True, 1.0))
+    assert_same_sums(outs[0], three_kernels(x, logits, gate, up, down, shared, None, 10, "softmax", True, 1.0))
     ref = reference(x, logits, gate, up, down, shared, None, 10, "softmax", True, 1.0)
     assert rel_err(outs[0], ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
@@ -205,7 +215,7 @@ def test_cuda_graph_of_many_calls_sharing_one_sync():
         expect = x
         for _, logits, gate, up, down, shared, _ in layers * 12:
             expect = three_kernels(expect, logits, gate, up, down, shared, None, 10, "softmax", False, 1.0)
-        assert torch.equal(out, expect), step
+        assert_same_sums(out, expect)
     assert torch.equal(sync, sync_zeros())
 
 
