@@ -10,11 +10,9 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the 2026-12-05 session, which ran `half`, the kernel suite and three
-# profile rows on an H100): on an H200, `half` then `kernels` (the float16 inverse, the default since
-# 12-05, is untimed there), then `h100profile` on an H100 if one is lent (its compiled 128k row at
-# 90% of the largest batch did not run). In the 12-05 session three H100 and three H200 starts were
-# refused (~650 device-seconds) before an H100 came: put the most important part first.
+# Next, in this order (after the second 2026-12-05 session, where the two fused decode kernels lost on an
+# H100: 269.5 tokens/s without, 259.4 with both): on an H200, `half` then `kernels` (the float16 inverse is
+# untimed there), then `h100profile` on an H100. `fusedtests` only reruns the opt-in kernels' tests.
 # Parts:
 #   fused        the fused MoE decode kernel and the conv in the GDN decode kernel (new 2026-12-05, second
 #                session): moe_fused_ab.py, the compiled 4k batch-1 step with neither / both / MoE only, the
