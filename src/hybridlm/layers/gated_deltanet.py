@@ -9,7 +9,6 @@ o = gated_delta_rule(q, k, v, g, beta); o = RMSNorm(o) * SiLU(z) per head; outpu
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -22,16 +21,12 @@ from hybridlm.layers.norms import GatedRMSNorm
 from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
-from hybridlm.ops._checks import inference_kernel
+from hybridlm.ops._checks import env_switch, inference_kernel
 
 # A static decode step of a gated layer can run its short conv inside the decode kernel
 # (``hybridlm.ops.triton.decode.conv_gated_delta_rule_step``: one launch fewer a layer) on CUDA:
 # HYBRIDLM_GDN_CONV_FUSED=1. Off by default until timed on a GPU (pending_gpu.sh part "fused").
-_CONV_ENV = os.environ.get("HYBRIDLM_GDN_CONV_FUSED", "0")
-if _CONV_ENV not in ("0", "1"):
-    raise ValueError(f"HYBRIDLM_GDN_CONV_FUSED must be 0 (the conv kernel, then the decode kernel; the default) "
-                     f"or 1 (one kernel), got {_CONV_ENV!r}")
-CONV_FUSED = _CONV_ENV == "1"
+CONV_FUSED = env_switch("HYBRIDLM_GDN_CONV_FUSED", "the conv kernel, then the decode kernel", "one kernel")
 TICKET_ROWS = 64  # sequences the conv-fused step's counters cover when packed (more: made on the next eager call)
 
 

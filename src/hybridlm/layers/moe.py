@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import os
-
 from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
 from hybridlm.layers.packing import (
@@ -38,11 +36,7 @@ from hybridlm.ops.moe_route import route_reference as route
 # program of the fused kernel routes its token itself, which at 512 experts takes a multi-warp
 # reduction per program.
 FUSED_MAX_EXPERTS = 128
-_FUSED_ENV = os.environ.get("HYBRIDLM_MOE_FUSED", "0")
-if _FUSED_ENV not in ("0", "1"):
-    raise ValueError(f"HYBRIDLM_MOE_FUSED must be 0 (routing and experts in three kernels, the default) or 1 "
-                     f"(one), got {_FUSED_ENV!r}")
-MOE_FUSED = _FUSED_ENV == "1"
+MOE_FUSED = ck.env_switch("HYBRIDLM_MOE_FUSED", "routing and experts in three kernels", "one")
 
 
 def _grouped_mm():

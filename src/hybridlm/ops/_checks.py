@@ -18,6 +18,15 @@ L2NORM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- scalar arguments
+def env_switch(name: str, off: str, on: str) -> bool:
+    """An opt-in environment switch: True for NAME=1, False when unset or 0; anything else raises,
+    saying what each value does (``off`` / ``on``)."""
+    value = os.environ.get(name, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 ({off}, the default) or 1 ({on}), got {value!r}")
+    return value == "1"
+
+
 def check_backend(backend, allowed=BACKENDS) -> None:
     if backend not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
