@@ -37,7 +37,7 @@ def variant(launch=(), row=False, add_norm=False):
     try:
         for name, m in KERNEL_MODULES.items():
             on = name in launch
-            m.pdl_launch = (lambda device, on=on: dict(_ON) if on and device.type == "cuda" else dict(_OFF))
+            m.pdl_launch = (lambda device, kernel=None, on=on: dict(_ON) if on and device.type == "cuda" else dict(_OFF))
         gemv.pdl = lambda device: row and device.type == "cuda"
         norms._pdl = lambda x: add_norm and x.is_cuda
         yield

@@ -14,6 +14,9 @@
 # H100: 269.5 tokens/s without, 259.4 with both): on an H200, `half` then `kernels` (the float16 inverse is
 # untimed there), then `h100profile` on an H100. `fusedtests` only reruns the opt-in kernels' tests.
 # Parts:
+#   order        the compiled 4k batch-1 step with five choices of wait-first kernels (HYBRIDLM_PDL_WAIT_FIRST;
+#                third 12-05 session, H100: 271.7-273.4 tokens/s for all, within noise) and moe_lookahead.py's
+#                order combinations of the MoE chain
 #   fused        the fused MoE decode kernel and the conv in the GDN decode kernel (new 2026-12-05, second
 #                session): moe_fused_ab.py, the compiled 4k batch-1 step with neither / both / MoE only, the
 #                GPU tests
@@ -114,6 +117,21 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    order)
+        # per-kernel PDL order in the compiled 4k batch-1 step (HYBRIDLM_PDL_WAIT_FIRST: the kernels that wait
+        # before letting their successor launch; new in the third 12-05 session: 271.7-273.4 tokens/s for every
+        # choice, so none by default), then the MoE chain's order combinations again
+        for w in none route route,conv,gdn_decode route,gate_up,down \
+                 route,conv,gdn_decode,gate_up,down,qk_rope,split_kv,combine none route; do
+            ww=${w/none/}
+            HYBRIDLM_PDL_WAIT_FIRST=$ww timeout 95 $run --contexts 4k --batch 1 --compile --decode-steps 64 \
+                --prefill-repeats 1 --json > "$out/order_${w//,/+}.json" || true
+            python3 -m hybridlm.profile_report "$out/order_${w//,/+}.json" | sed -n 2p | sed "s/^/$w /" \
+                | tee -a "$out/order_4k_b1.txt" || true
+        done
+        timeout 60 python3 benchmarks/experiments/moe_lookahead.py --no-prefetch --json "$out/moe_orders.json" 2>&1 \
+            | tee "$out/moe_orders.txt" || true
+        ;;
     fused)
         # the fused MoE decode kernel (routing + experts in one launch with a grid barrier) and the conv in the GDN
         # decode kernel: the MoE kernel A/B at Qwen3-Next's expert shapes (checked bit for bit first), the 4k

@@ -16,7 +16,7 @@ from hybridlm.cli import main
 from hybridlm.ops.triton import decode
 
 
-def plain_launch(device):
+def plain_launch(device, kernel=None):
     """``pdl_launch`` for a kernel that neither waits for its predecessor nor lets its successor start early."""
     return dict(USE_PDL=False)
 

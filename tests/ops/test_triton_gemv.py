@@ -82,8 +82,20 @@ def test_pdl_is_on_unless_turned_off_and_never_on_the_interpreter():
     from hybridlm.ops.triton import utils
 
     assert utils.pdl(torch.device("cpu")) is False
-    assert utils.pdl_launch(torch.device("cpu")) == {"USE_PDL": False}
+    assert utils.pdl_launch(torch.device("cpu"), "gemv") == {"USE_PDL": 0}
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        utils.pdl_launch(torch.device("cpu"), "gemm")
     assert utils.PDL == (os.environ.get("HYBRIDLM_PDL", "1") == "1")
+
+
+def test_a_bad_wait_first_kernel_name_is_refused_by_name():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HYBRIDLM_PDL_WAIT_FIRST="route,gemm")
+    run = subprocess.run([sys.executable, "-c", "import hybridlm.ops.triton.utils"], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "HYBRIDLM_PDL_WAIT_FIRST" in run.stderr and "gemm" in run.stderr
 
 
 def test_a_bad_hybridlm_pdl_value_is_refused_by_name():

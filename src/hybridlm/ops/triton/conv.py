@@ -159,7 +159,7 @@ def _conv_into(x_BTC: torch.Tensor, w: torch.Tensor, window_BCW: torch.Tensor | 
     win = window_BCW if has_window else y    # not read without a window
     causal_conv_kernel[(cdiv(T, BT), cdiv(C, BC), B)](
         x_BTC, w, win, y, T, C, x_BTC.stride(0), x_BTC.stride(1), win.stride(0), BT,
-        KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4, **pdl_launch(x_BTC.device))
+        KS=KS, BC=BC, HAS_WINDOW=has_window, UPDATE=update, num_warps=4, **pdl_launch(x_BTC.device, "conv"))
     if has_window and not update:            # after the kernel (same stream): the last W rows of [window, x]
         if T >= W:
             window_BCW.copy_(x_BTC[:, T - W:].transpose(1, 2))

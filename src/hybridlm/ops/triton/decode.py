@@ -375,7 +375,7 @@ def decode_into(q, k, v, g, beta, state_in, state_out, o, *, scale, use_qk_l2nor
         H=H, HV=HV, K=K, V=V, BK=next_power_of_2(K), BV=bv,
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, STREAM=stream, STAGES=stages, ONE_REDUCE=one_reduce,
-        num_warps=warps, STATE_EARLY=bool(state_early) and stages == 1, **pdl_launch(q.device),
+        num_warps=warps, STATE_EARLY=bool(state_early) and stages == 1, **pdl_launch(q.device, "gdn_decode"),
     )
 
 
@@ -544,7 +544,7 @@ def conv_decode_into(x_BC, window_BCW, conv_CK, tickets, g, beta, state, o, *, n
         g.stride(0), beta.stride(0), H=num_heads, HV=HV, K=K, V=V, BK=next_power_of_2(K), BV=bv, KS=conv_CK.shape[1],
         USE_L2NORM=use_qk_l2norm, RAW_GATE=A_log is not None, HAS_DT_BIAS=dt_bias is not None,
         BETA_IS_LOGIT=beta_is_logit, ONE_REDUCE=one_reduce, STATE_EARLY=bool(state_early), num_warps=warps,
-        **pdl_launch(x_BC.device))
+        **pdl_launch(x_BC.device, "gdn_conv_decode"))
 
 
 @torch.library.custom_op("hybridlm::gdn_conv_decode_step_", mutates_args=("window_BCW", "tickets", "state"))

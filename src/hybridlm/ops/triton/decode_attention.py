@@ -301,7 +301,7 @@ def decode_attention_into(q, k, v, q_pos, k_pos, o, *, scale: float, window: Opt
         BD=max(16, next_power_of_2(D)), BDV=max(16, next_power_of_2(Dv)), BLOCK_S=bs,
         # float32 inputs keep float32 products (no TF32), as the reference computes
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FINAL=n == 1,
-        SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps, **pdl_launch(q.device),
+        SKIP_EMPTY=skip_empty, STAGES=num_stages, num_warps=num_warps, **pdl_launch(q.device, "split_kv"),
     )
     if n > 1:
         combine_into(part_acc, part_m, part_l, o, B * H, n, Dv, _num_sms(q.device))
@@ -331,7 +331,7 @@ def combine_into(part_acc, part_m, part_l, o, rows: int, n: int, Dv: int, num_sm
     :func:`combine_plan`'s columns per program (tests, benchmarks)."""
     bdv, bn = combine_plan(rows, n, Dv, num_sms, block_dv)
     _combine_kernel[(rows, cdiv(Dv, bdv))](part_acc, part_m, part_l, o, n, DV=Dv, BDV=bdv, BN=bn,
-                                                   STAGES=3, num_warps=4, **pdl_launch(o.device))
+                                                   STAGES=3, num_warps=4, **pdl_launch(o.device, "combine"))
 
 
 @torch.library.custom_op("hybridlm::softmax_attention_decode", mutates_args=())

@@ -143,7 +143,7 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and pdl(x_ND.device))):
         bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
         _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bd,
-                                      num_warps=ROW_WARPS, **pdl_launch(x_ND.device))
+                                      num_warps=ROW_WARPS, **pdl_launch(x_ND.device, "gemv"))
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
     _gemv_kernel[(cdiv(O, bo),)](

@@ -324,7 +324,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
         x_ND.stride(0), gate_EID.stride(0), gate_EID.stride(1), up_EID.stride(0), up_EID.stride(1),
         BLOCK_I=bi1, BLOCK_D=bd1, STAGES=stages[0], num_warps=num_warps,
-        **pdl_launch(x_ND.device))
+        **pdl_launch(x_ND.device, "gate_up"))
     hs, ws = (shared_h_NS, shared_down_DS) if shared else (h_NKI, h_NKI)  # unread without HAS_SHARED
     swiglu, gated = shared and shared_up_NS is not None, shared and shared_gate_N is not None
     us = shared_up_NS if swiglu else hs
@@ -333,7 +333,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         h_NKI, experts_NK, down_EDI, out_ND, hs, ws, us, gs, K, I, D, shared_h_NS.shape[1] if shared else 0,
         down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0), us.stride(0),
         gs.stride(0), HAS_SHARED=shared, SWIGLU=swiglu, GATED=gated, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1],
-        num_warps=down_warps or num_warps, **pdl_launch(x_ND.device))
+        num_warps=down_warps or num_warps, **pdl_launch(x_ND.device, "down"))
 
 
 @torch.library.custom_op("hybridlm::moe_experts_decode", mutates_args=())
@@ -480,7 +480,7 @@ def moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, scor
                 SWIGLU=swiglu, GATED=gated, BI1=bi1, BD1=bd1, BI2=bi2, BD2=bd2, STAGES1=st1, STAGES2=st2,
                 num_warps=warps)
     for phases in ((1, 2) if split else (3,)):
-        _fused_kernel[(P,)](*args, PHASES=phases, **meta, **pdl_launch(x_ND.device))
+        _fused_kernel[(P,)](*args, PHASES=phases, **meta, **pdl_launch(x_ND.device, "moe_fused"))
 
 
 @torch.library.custom_op("hybridlm::moe_decode_fused", mutates_args=("sync",))

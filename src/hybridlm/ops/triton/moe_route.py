@@ -113,7 +113,7 @@ def moe_route_into(logits_NE, top_k, router, norm_topk_prob, scaling, score_bias
         logits_NE, logits_NE if score_bias_E is None else score_bias_E, weights_NK, experts_NK, E,
         logits_NE.stride(0), scaling, K=top_k, BLOCK_E=block_e, BLOCK_K=next_power_of_2(top_k),
         SOFTMAX=router == "softmax", HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=EMPTY,
-        num_warps=num_warps or pick_warps(E), **pdl_launch(logits_NE.device))
+        num_warps=num_warps or pick_warps(E), **pdl_launch(logits_NE.device, "route"))
 
 
 @torch.library.custom_op("hybridlm::moe_route", mutates_args=())

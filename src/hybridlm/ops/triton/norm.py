@@ -167,7 +167,7 @@ def _norm_into(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered:
     rms_norm_kernel[(cdiv(n_rows, BR),)](x, weight, z, y, residual if has_res else x, s if has_res else y,
                                                 n_rows, D, float(eps), zh, s_zt, BD=BD, BR=BR,
                                                 ZERO_CENTERED=zero_centered, GATE=gate, RESIDUAL=has_res,
-                                                num_warps=4 if BD <= 1024 else 8, **pdl_launch(x.device))
+                                                num_warps=4 if BD <= 1024 else 8, **pdl_launch(x.device, "norm"))
     return y
 
 

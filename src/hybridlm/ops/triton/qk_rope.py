@@ -111,7 +111,7 @@ def qk_norm_rope_into(q_BHD, k_BHD, v_BHD, pos_B, slot, k_cache, v_cache, q_out,
         q_out.stride(0), q_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         R=2 * inv_freq.shape[0], BD=bd, HAS_NORM=has_norm, ZERO_CENTERED=bool(zero_centered),
-        num_warps=max(1, min(4, bd // 128)), **pdl_launch(q_BHD.device))
+        num_warps=max(1, min(4, bd // 128)), **pdl_launch(q_BHD.device, "qk_rope"))
 
 
 @torch.library.custom_op("hybridlm::qk_norm_rope_decode", mutates_args=("k_cache", "v_cache"))

@@ -134,10 +134,6 @@ def _capability(index) -> int:
     return _CAPABILITY[index]
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """Launch keyword arguments for a kernel taking a ``USE_PDL`` constexpr: ``dict(USE_PDL=..., launch_pdl=True)``
-    when ``pdl(device)``, else ``dict(USE_PDL=False)``."""
-    return dict(USE_PDL=True, launch_pdl=True) if pdl(device) else dict(USE_PDL=False)
 
 
 # The order of a PDL kernel's two statements. "trigger-first" lets the successor launch, then waits: a
@@ -150,13 +146,40 @@ if PDL_ORDER not in ("trigger-first", "wait-first"):
     raise ValueError(f"HYBRIDLM_PDL_ORDER must be 'trigger-first' or 'wait-first', got {PDL_ORDER!r}")
 PDL_WAIT_FIRST = tl.constexpr(PDL_ORDER == "wait-first")
 
+# Decode kernels by the name ``pdl_launch`` is given. Those in PDL_WAIT_FIRST_IN take the wait-first
+# order whatever PDL_ORDER says (USE_PDL = 2 instead of 1): HYBRIDLM_PDL_WAIT_FIRST, comma-separated names,
+# none by default. Measured on an H100 (third 12-05 session, benchmarks/RESULTS.md): in a chain of the
+# batch-1 MoE block alone (router product, routing, gate/up, down; benchmarks/experiments/moe_lookahead.py,
+# 16 layers) the all-trigger-first chain took 34.1 us a layer and every mix with a wait-first kernel
+# 33.5-34.0; in the compiled 48-layer step at 4k, batch 1, five choices of wait-first kernels (none, the
+# routing kernel, + conv and the GDN step, + the expert kernels, every kernel but the norms and the
+# matrix-vector one) all gave 271.7-273.4 tokens/s: within noise, so nothing changes by default.
+PDL_KERNELS = frozenset({"route", "gate_up", "down", "moe_fused", "gemv", "norm", "qk_rope", "conv", "gdn_decode",
+                         "gdn_conv_decode", "split_kv", "combine"})
+_WAIT_FIRST_ENV = os.environ.get("HYBRIDLM_PDL_WAIT_FIRST", "")
+PDL_WAIT_FIRST_IN = frozenset(n.strip() for n in _WAIT_FIRST_ENV.split(",") if n.strip())
+if not PDL_WAIT_FIRST_IN <= PDL_KERNELS:
+    raise ValueError(f"HYBRIDLM_PDL_WAIT_FIRST must name decode kernels from {sorted(PDL_KERNELS)}, comma-separated; "
+                     f"got {_WAIT_FIRST_ENV!r} (unknown: {sorted(PDL_WAIT_FIRST_IN - PDL_KERNELS)})")
+
+
+def pdl_launch(device: torch.device, kernel: str) -> dict:
+    """Launch keyword arguments for the decode kernel ``kernel`` (a name in PDL_KERNELS), which takes a
+    ``USE_PDL`` constexpr: ``dict(USE_PDL=1 or 2, launch_pdl=True)`` when ``pdl(device)`` (2: wait-first,
+    the kernel is in PDL_WAIT_FIRST_IN), else ``dict(USE_PDL=0)``."""
+    if kernel not in PDL_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(PDL_KERNELS)}, got {kernel!r}")
+    if not pdl(device):
+        return dict(USE_PDL=0)
+    return dict(USE_PDL=2 if kernel in PDL_WAIT_FIRST_IN else 1, launch_pdl=True)
+
 
 @triton.jit
 def pdl_trigger(USE_PDL: tl.constexpr):
     """A PDL kernel's first statement: in the trigger-first order, let the successor launch (nothing
     without USE_PDL or in the wait-first order, where ``pdl_wait`` triggers)."""
     if USE_PDL:
-        if not PDL_WAIT_FIRST:
+        if not PDL_WAIT_FIRST and USE_PDL != 2:
             tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -167,7 +190,7 @@ def pdl_wait(USE_PDL: tl.constexpr):
     successor launch."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-        if PDL_WAIT_FIRST:
+        if PDL_WAIT_FIRST or USE_PDL == 2:
             tl.extra.cuda.gdc_launch_dependents()
 
 
