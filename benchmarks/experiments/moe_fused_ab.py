@@ -21,10 +21,8 @@ from hybridlm.bench import report, timing
 from hybridlm.ops.triton.moe_decode import moe_experts_decode, moe_fused_into
 from hybridlm.ops.triton.moe_route import moe_route
 
-# (programs per SM, warps, gate/up BLOCK_I, (gate/up stages, down stages)[, routed slots preloaded before the
-# barrier]); None: the defaults
-CONFIGS = [None, (2, 4, 8, (3, 4), 1), (2, 4, 8, (3, 4), 2), (2, 4, 8, (3, 4), 4), (1, 8, 8, (3, 4), 4),
-           (1, 4, 8, (3, 4)), (2, 4, 16, (3, 4)), (2, 4, 8, (1, 4)), (2, 4, 8, (2, 3)), (4, 2, 8, (3, 4)),
+# (programs per SM, warps, gate/up BLOCK_I, (gate/up stages, down stages)); None: the defaults
+CONFIGS = [None, (1, 4, 8, (3, 4)), (2, 4, 16, (3, 4)), (2, 4, 8, (1, 4)), (2, 4, 8, (2, 3)), (4, 2, 8, (3, 4)),
            (1, 8, 8, (3, 4)), (2, 4, 4, (3, 4))]
 
 
@@ -62,8 +60,7 @@ def main() -> None:
             return moe_experts_decode(x, e, w, *layers[l][:3], shared_down_DS=layers[l][3], **shared[l])
 
         def fused(l, cfg):
-            kw = {} if cfg is None else dict(programs_per_sm=cfg[0], num_warps=cfg[1], block_i=cfg[2], stages=cfg[3],
-                                             prefetch=cfg[4] if len(cfg) > 4 else None)
+            kw = {} if cfg is None else dict(programs_per_sm=cfg[0], num_warps=cfg[1], block_i=cfg[2], stages=cfg[3])
             moe_fused_into(x, logits[l], K, "softmax", True, 1.0, None, *layers[l][:3], out, sync,
                            shared_down_DS=layers[l][3], **shared[l], **kw)
 

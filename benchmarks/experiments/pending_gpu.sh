@@ -14,8 +14,7 @@
 # H100: 269.5 tokens/s without, 259.4 with both): on an H200, `half` then `kernels` (the float16 inverse is
 # untimed there), then `h100profile` on an H100. `fusedtests` only reruns the opt-in kernels' tests.
 # Parts:
-#   preload      the fused MoE kernel with routed down rows loaded before its barrier: moe_fused_ab.py, the 4k
-#                batch-1 compiled step without / with the fused kernel at 0, 2, 4 preloaded slots, its GPU tests
+#   (preload, third 12-05 session, reverted: `git checkout c513ab3` and its pending_gpu.sh rerun it)
 #   order        the compiled 4k batch-1 step with five choices of wait-first kernels (HYBRIDLM_PDL_WAIT_FIRST;
 #                third 12-05 session, H100: 271.7-273.4 tokens/s for all, within noise) and moe_lookahead.py's
 #                order combinations of the MoE chain
@@ -119,26 +118,6 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
-    preload)
-        # the fused MoE kernel with its first down tile's routed rows loaded before the grid barrier (new in the
-        # third 12-05 session): moe_fused_ab.py (prefetch 1 / 2 / 4 slots among the launches), the compiled 4k
-        # batch-1 step without the fused kernel, with it at 0, 2 and 4 preloaded slots, then the GPU tests
-        timeout 100 python3 benchmarks/experiments/moe_fused_ab.py --batches 1 --json "$out/moe_fused_ab.json" 2>&1 \
-            | tee "$out/moe_fused_ab.txt" || true
-        timeout 95 $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json \
-            > "$out/preload_default.json" || true
-        python3 -m hybridlm.profile_report "$out/preload_default.json" | sed -n 2p | sed "s/^/default /" \
-            | tee -a "$out/preload_4k_b1.txt" || true
-        for pf in 0 2 4; do
-            HYBRIDLM_MOE_FUSED=1 timeout 95 python3 benchmarks/experiments/profile_moe_prefetch.py $pf \
-                --preset qwen3-next-80b-a3b --experts 32 --no-twin --contexts 4k --batch 1 --compile \
-                --decode-steps 64 --prefill-repeats 1 --json > "$out/preload_fused$pf.json" || true
-            python3 -m hybridlm.profile_report "$out/preload_fused$pf.json" | sed -n 2p | sed "s/^/fused $pf /" \
-                | tee -a "$out/preload_4k_b1.txt" || true
-        done
-        timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_moe_fused.py --tb=short \
-            2>&1 | tee "$out/tests_preload.txt" | tail -12 || true
-        ;;
     order)
         # per-kernel PDL order in the compiled 4k batch-1 step (HYBRIDLM_PDL_WAIT_FIRST: the kernels that wait
         # before letting their successor launch; new in the third 12-05 session: 271.7-273.4 tokens/s for every

@@ -131,15 +131,14 @@ def _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n, o_d, m_d, S, s_hn, s_wd, s_un, 
 
 @triton.jit
 def _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n, o_d, m_d, K, I, s_de, s_dd, s_on,
-                 BLOCK_I: tl.constexpr, STAGES: tl.constexpr, BYPASS_L1: tl.constexpr, T0=0):
+                 BLOCK_I: tl.constexpr, STAGES: tl.constexpr, BYPASS_L1: tl.constexpr):
     # out[n, d-block] = acc + sum over the token's K slots of down_e[d-block, :] . h[n, slot, :], the
     # slots' rows streamed one after another (BLOCK_I columns a step, contiguous) into the one float32
     # tile, reduced once at the end: a fixed order, no partial rows. BYPASS_L1: h and the expert ids
-    # were written by other programs of the same launch (the fused kernel): read them from L2. T0: the
-    # first (slot, column block) step, the ones before it already in acc.
+    # were written by other programs of the same launch (the fused kernel): read them from L2.
     n_i = tl.cdiv(I, BLOCK_I)
     row_d = o_d.to(tl.int64)[:, None] * s_dd
-    for t in tl.range(T0, K * n_i, num_stages=STAGES):
+    for t in tl.range(0, K * n_i, num_stages=STAGES):
         j = t // n_i
         o_i = (t - j * n_i) * BLOCK_I + tl.arange(0, BLOCK_I)
         m_i = o_i < I
@@ -153,24 +152,6 @@ def _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n, o_d, m_d, K, I, 
                       other=0.0).to(tl.float32)
         acc += b_w * b_h[None, :]
     tl.store(out_ND + i_n * s_on + o_d, tl.sum(acc, axis=1).to(out_ND.dtype.element_ty), mask=m_d)
-
-
-@triton.jit
-def _slot_tile(down_EDI, e_k, j: tl.constexpr, o_d, m_d, I, s_de, s_dd, BLOCK_I: tl.constexpr):
-    # slot j's expert's rows o_d of the down weight, all I columns (I <= BLOCK_I), as loaded (16-bit)
-    o_k = tl.arange(0, e_k.shape[0])
-    i_e = tl.sum(tl.where(o_k == j, e_k, 0), 0).to(tl.int64)
-    o_i = tl.arange(0, BLOCK_I)
-    return tl.load(down_EDI + i_e * s_de + o_d.to(tl.int64)[:, None] * s_dd + o_i[None, :],
-                   mask=m_d[:, None] & (o_i < I)[None, :], other=0.0)
-
-
-@triton.jit
-def _add_slot(acc, b_w, h_NKI, i_n, K, j: tl.constexpr, I, BLOCK_I: tl.constexpr):
-    # acc + a preloaded slot tile times the slot's h row (read from L2: other programs wrote it)
-    o_i = tl.arange(0, BLOCK_I)
-    b_h = tl.load(h_NKI + (i_n * K + j) * I + o_i, mask=o_i < I, other=0.0, cache_modifier=".cg")
-    return acc + b_w.to(tl.float32) * b_h[None, :]
 
 
 @triton.jit
@@ -222,18 +203,15 @@ def _fused_kernel(x_ND, logits_NE, bias_E, gate_EID, up_EID, down_EDI, hs_NS, ws
                   HAS_BIAS: tl.constexpr, NORM: tl.constexpr, EMPTY: tl.constexpr,
                   HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
                   BI1: tl.constexpr, BD1: tl.constexpr, BI2: tl.constexpr, BD2: tl.constexpr,
-                  STAGES1: tl.constexpr, STAGES2: tl.constexpr, PHASES: tl.constexpr, PF: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+                  STAGES1: tl.constexpr, STAGES2: tl.constexpr, PHASES: tl.constexpr, USE_PDL: tl.constexpr):
     # Routing, gate/up and down of a MoE decode in one launch of P programs (a persistent grid):
     # phase 1 strides over the (token, slot, row block) tiles of gate/up, each program routing a
     # token itself (the shared ``route_row``: the routing kernel's choice, bit for bit) when its tile's
     # token changes, and writes h and the expert ids; phase 2 strides over the (token, d-block) tiles
     # of down. PHASES 3: both, with a barrier between them; a program forms its first down tile's
     # shared-expert rows before the barrier (they need nothing from phase 1), so those bytes stream
-    # while the slowest programs finish gate/up. PF (0-4, with I <= BI2): the first PF routed slots'
-    # rows of that tile are loaded into registers before the barrier too, and summed after it. PHASES
-    # 1 or 2: one phase (two launches, no barrier: the CPU interpreter runs programs one after another,
-    # where a barrier cannot work).
+    # while the slowest programs finish gate/up. PHASES 1 or 2: one phase (two launches, no barrier:
+    # the CPU interpreter runs programs one after another, where a barrier cannot work).
     pdl_start(USE_PDL)
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -268,20 +246,6 @@ def _fused_kernel(x_ND, logits_NE, bias_E, gate_EID, up_EID, down_EDI, hs_NS, ws
                 o_d = (pid - i_n * n_db) * BD2 + tl.arange(0, BD2)
                 first = _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n.to(tl.int64), o_d, o_d < D, S, s_hn, s_wd,
                                      s_un, s_gn, SWIGLU, GATED, BD2, BI2, STAGES2)
-        # the first tile's first PF routed slots (masked off where the program has no down tile)
-        i_n0 = tl.minimum(pid // n_db, N - 1)
-        o_d0 = (pid - (pid // n_db) * n_db) * BD2 + tl.arange(0, BD2)
-        m_d0 = o_d0 < tl.where(pid < N * n_db, D, 0)
-        if PF > 0:
-            w0_k, e0_k = route_row(logits_NE + i_n0.to(tl.int64) * s_ln, bias_E, E, scaling, K, BLOCK_E, BLOCK_K,
-                                   SOFTMAX, HAS_BIAS, NORM, EMPTY)
-            p0 = _slot_tile(down_EDI, e0_k, 0, o_d0, m_d0, I, s_de, s_dd, BI2)
-        if PF > 1:
-            p1 = _slot_tile(down_EDI, e0_k, 1, o_d0, m_d0, I, s_de, s_dd, BI2)
-        if PF > 2:
-            p2 = _slot_tile(down_EDI, e0_k, 2, o_d0, m_d0, I, s_de, s_dd, BI2)
-        if PF > 3:
-            p3 = _slot_tile(down_EDI, e0_k, 3, o_d0, m_d0, I, s_de, s_dd, BI2)
         if PHASES == 3:
             _grid_arrive_and_wait(sync, P)
         for item in range(pid, N * n_db, P):
@@ -295,20 +259,8 @@ def _fused_kernel(x_ND, logits_NE, bias_E, gate_EID, up_EID, down_EDI, hs_NS, ws
                                        s_gn, SWIGLU, GATED, BD2, BI2, STAGES2)
             else:
                 acc = tl.zeros([BD2, BI2], dtype=tl.float32)
-            t0 = 0
-            if PF > 0:
-                if item == pid:  # the preloaded slots, in their order, then the rest from slot PF on
-                    i_nl = i_n.to(tl.int64)
-                    acc = _add_slot(acc, p0, h_NKI, i_nl, K, 0, I, BI2)
-                    if PF > 1:
-                        acc = _add_slot(acc, p1, h_NKI, i_nl, K, 1, I, BI2)
-                    if PF > 2:
-                        acc = _add_slot(acc, p2, h_NKI, i_nl, K, 2, I, BI2)
-                    if PF > 3:
-                        acc = _add_slot(acc, p3, h_NKI, i_nl, K, 3, I, BI2)
-                    t0 = PF
             _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n.to(tl.int64), o_d, m_d, K, I, s_de, s_dd,
-                         s_on, BI2, STAGES2, PHASES == 3, t0)
+                         s_on, BI2, STAGES2, PHASES == 3)
         if PHASES == 3:
             _grid_leave(sync, P)
 
@@ -461,7 +413,6 @@ FUSED_PROGRAMS_PER_SM = 2
 FUSED_WARPS = 4
 FUSED_BLOCK_I = 8
 FUSED_STAGES = (3, DOWN_STAGES)
-FUSED_PREFETCH = 0  # routed slots of a program's first down tile loaded before the barrier (untimed; 0-4)
 # Shared memory a program may take (its pipelined tiles), so that FUSED_PROGRAMS_PER_SM of them fit
 # beside each other on an sm_90 multiprocessor (227 KB).
 _FUSED_SMEM_BYTES = 96 * 1024
@@ -487,16 +438,13 @@ def moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, scor
                    down_EDI, out_ND, sync, *, shared_h_NS=None, shared_down_DS=None, shared_up_NS=None,
                    shared_gate_N=None, split: bool = False, programs_per_sm: Optional[int] = None,
                    num_warps: Optional[int] = None, block_i: Optional[int] = None,
-                   stages: Optional[tuple[int, int]] = None, programs: Optional[int] = None,
-                   prefetch: Optional[int] = None) -> None:
+                   stages: Optional[tuple[int, int]] = None, programs: Optional[int] = None) -> None:
     """Launch the fused routing + experts kernel on validated tensors, writing ``out_ND`` [N, D].
 
     One launch (``split=False``: the two phases with a barrier between them, ``sync`` int32 [2] zeros,
     left zeroed) or two (``split=True``: phase 1, then phase 2; ``sync`` unused; the CPU interpreter's
     way, as it runs programs one after another). The rest are tuning knobs (``programs`` overrides the
-    grid in split launches only: a barrier launch always takes ``fused_programs``; ``prefetch`` the routed
-    slots whose down rows a program loads before the barrier, 0-4, default FUSED_PREFETCH, 0 where I >
-    512 or top_k is smaller)."""
+    grid in split launches only: a barrier launch always takes ``fused_programs``)."""
     N, D = x_ND.shape
     E, I = gate_EID.shape[:2]
     K = top_k
@@ -511,10 +459,6 @@ def moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, scor
     bi2 = max(16, min(512, next_power_of_2(I)))
     bd2 = max(2, min(TILE // bi2, next_power_of_2(cdiv(N * D, P))))
     st1, st2 = stages or FUSED_STAGES
-    pf = FUSED_PREFETCH if prefetch is None else prefetch
-    if not 0 <= pf <= 4:
-        raise ValueError(f"prefetch must be in [0, 4] routed slots, got {pf}")
-    pf = min(pf, K) if I <= bi2 else 0
     smem = max(st1 * 2 * bi1 * bd1, st2 * bd2 * bi2) * x_ND.element_size()
     if smem > _FUSED_SMEM_BYTES:
         raise ValueError(f"the fused kernel's pipelined tiles would take {smem} bytes of shared memory a program, "
@@ -534,7 +478,7 @@ def moe_fused_into(x_ND, logits_NE, top_k, router, norm_topk_prob, scaling, scor
     meta = dict(K=K, BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(K), SOFTMAX=router == "softmax",
                 HAS_BIAS=score_bias_E is not None, NORM=norm_topk_prob, EMPTY=EMPTY, HAS_SHARED=shared,
                 SWIGLU=swiglu, GATED=gated, BI1=bi1, BD1=bd1, BI2=bi2, BD2=bd2, STAGES1=st1, STAGES2=st2,
-                PF=pf, num_warps=warps)
+                num_warps=warps)
     for phases in ((1, 2) if split else (3,)):
         _fused_kernel[(P,)](*args, PHASES=phases, **meta, **pdl_launch(x_ND.device, "moe_fused"))
 
