@@ -14,6 +14,8 @@
 # H100: 269.5 tokens/s without, 259.4 with both): on an H200, `half` then `kernels` (the float16 inverse is
 # untimed there), then `h100profile` on an H100. `fusedtests` only reruns the opt-in kernels' tests.
 # Parts:
+#   blockwide    the compiled 4k batch-1 step with the wide input projections on the block kernel (now PDL)
+#                against cuBLAS, and the matrix-vector kernel's GPU tests
 #   (preload, third 12-05 session, reverted: `git checkout c513ab3` and its pending_gpu.sh rerun it)
 #   order        the compiled 4k batch-1 step with five choices of wait-first kernels (HYBRIDLM_PDL_WAIT_FIRST;
 #                third 12-05 session, H100: 271.7-273.4 tokens/s for all, within noise) and moe_lookahead.py's
@@ -118,6 +120,21 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    blockwide)
+        # the wide input projections (12,352 and 9,216 x 2,048) on the block matrix-vector kernel, now launched
+        # with PDL, against cuBLAS in the compiled 4k batch-1 step (third 12-05 session), then the kernel's GPU tests
+        timeout 95 $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json \
+            > "$out/blockwide_default.json" || true
+        timeout 95 python3 benchmarks/experiments/profile_wide_gemv.py --block --preset qwen3-next-80b-a3b --experts 32 \
+            --no-twin --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json \
+            > "$out/blockwide_block.json" || true
+        for f in default block; do
+            python3 -m hybridlm.profile_report "$out/blockwide_$f.json" | sed -n 2p | sed "s/^/$f /" \
+                | tee -a "$out/blockwide_4k_b1.txt" || true
+        done
+        timeout 90 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py --tb=short 2>&1 \
+            | tee "$out/tests_gemv.txt" | tail -5 || true
+        ;;
     order)
         # per-kernel PDL order in the compiled 4k batch-1 step (HYBRIDLM_PDL_WAIT_FIRST: the kernels that wait
         # before letting their successor launch; new in the third 12-05 session: 271.7-273.4 tokens/s for every

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_trigger, pdl_wait
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_start, pdl_trigger, pdl_wait
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -57,11 +57,17 @@ PROGRAMS_PER_SM_ROW = 4
 ROW_WARPS = 8
 ROW_ELEMENTS = 16384
 ROW_MAX_D = 16384
+# The widest weight (output rows) the one-row kernel takes; wider ones (the input projections) take the
+# block kernel, with PDL: in the compiled 4k batch-1 step on an H100 that was 281.3-281.6 tokens/s against
+# 272.8-273.4 with them on cuBLAS (third 12-05 session); the one-row kernel lost to cuBLAS there (12-04).
+ROW_MAX_O = 4096
 
 
 @triton.jit
 def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
-                 NP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr):
+                 NP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    pdl_start(USE_PDL)
     o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     m_o = o_o < O
     o_n = tl.arange(0, NP)
@@ -140,7 +146,8 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     if D == 0:
         y_NO.zero_()
         return
-    if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and pdl(x_ND.device))):
+    if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and O <= ROW_MAX_O
+                                                                         and pdl(x_ND.device))):
         bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
         _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bd,
                                       num_warps=ROW_WARPS, **pdl_launch(x_ND.device, "gemv"))
@@ -148,7 +155,8 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
     _gemv_kernel[(cdiv(O, bo),)](
         x_ND, w_OD, y_NO, N, O, D, x_ND.stride(0), w_OD.stride(0), y_NO.stride(0),
-        NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps)
+        NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps,
+        **pdl_launch(x_ND.device, "gemv"))
 
 
 @torch.library.custom_op("hybridlm::decode_linear", mutates_args=())
