@@ -10,9 +10,10 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the second 2026-12-05 session, where the two fused decode kernels lost on an
-# H100: 269.5 tokens/s without, 259.4 with both): on an H200, `half` then `kernels` (the float16 inverse is
-# untimed there), then `h100profile` on an H100. `fusedtests` only reruns the opt-in kernels' tests.
+# Next, in this order (after the third 2026-12-05 session, whose last change, the wide input projections on the
+# block kernel with PDL by default, was timed only through profile_wide_gemv.py --block: 281.3-281.6 tokens/s):
+# on an H100 `blockwide` (its "default" row is now the block kernel: both rows should agree) and `tests`, then
+# `h100profile` (the 128k rows with the new routing); on an H200 `half` then `kernels`.
 # Parts:
 #   blockwide    the compiled 4k batch-1 step with the wide input projections on the block kernel (now PDL)
 #                against cuBLAS, and the matrix-vector kernel's GPU tests
