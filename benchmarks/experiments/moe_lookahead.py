@@ -206,7 +206,7 @@ def main() -> None:
         _down_kernel[(1, cdiv(D, bd2))](
             h, experts, down, out, hs, ws, us, gs, K, I, D, S, down.stride(0), down.stride(1), out.stride(0),
             hs.stride(0), ws.stride(0), us.stride(0), gs.stride(0), HAS_SHARED=True, SWIGLU=True, GATED=True,
-            BLOCK_D=bd2, BLOCK_I=bi2, STAGES=st2, num_warps=4, USE_PDL=use_pdl, **pdl)
+            BLOCK_D=bd2, BLOCK_I=bi2, STAGES=st2, SHARED_PRELOAD=False, num_warps=4, USE_PDL=use_pdl, **pdl)
 
     variants = {} if args.no_prefetch else {"base": (False, False, False, None), "r_wf": (True, False, False, None),
                 "la": (True, True, False, 0), "g_pf": (True, True, True, None)}

@@ -121,6 +121,21 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    preload)
+        # weights loaded before the PDL wait (fourth 12-05 session): the block matrix-vector kernel's first
+        # row pieces (HYBRIDLM_GEMV_PRELOAD 0-2: the wide input projections at batch 1) and the down kernel's
+        # shared-expert rows (HYBRIDLM_MOE_SHARED_PRELOAD), in the compiled 4k batch-1 step; "00" is the
+        # default (the third 12-05 session's block-kernel routing, timed there only through
+        # profile_wide_gemv.py --block: 281.3-281.6 tokens/s); then the two kernels' GPU tests
+        for gs in 00 10 20 01 11 21 00; do
+            HYBRIDLM_GEMV_PRELOAD=${gs:0:1} HYBRIDLM_MOE_SHARED_PRELOAD=${gs:1:1} timeout 95 $run --contexts 4k \
+                --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/preload_$gs.json" || true
+            python3 -m hybridlm.profile_report "$out/preload_$gs.json" | sed -n 2p | sed "s/^/$gs /" \
+                | tee -a "$out/preload_4k_b1.txt" || true
+        done
+        timeout 100 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py \
+            tests/ops/test_moe_decode.py --tb=short 2>&1 | tee "$out/tests_preload.txt" | tail -5 || true
+        ;;
     blockwide)
         # the wide input projections (12,352 and 9,216 x 2,048) on the block matrix-vector kernel, now launched
         # with PDL, against cuBLAS in the compiled 4k batch-1 step (third 12-05 session), then the kernel's GPU tests

@@ -179,6 +179,31 @@ def test_shared_expert_from_its_projections(S, blocks, gated, dtype):
     assert rel_err(only_shared, h @ w.double().t()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("N, S, blocks", [(1, 40, (8, 16, 64, 4)), (3, 7, (8, 16, 16, 2)), (2, 16, (8, 16, 16, 8)),
+                                          (1, 100, (8, 16, 32, 4))])
+def test_shared_rows_preloaded_same_bits(N, S, blocks, raw):
+    """The down kernel's shared-expert rows loaded before the PDL wait (one row piece; S wider than
+    a piece falls back to the loop) give the same bits as loaded after it; NaN-poisoned output."""
+    x, experts, weights, gate, up, down = make_inputs(N, 2, 4, 48, 40, seed=21)
+    if raw:
+        g, u, logit = make_raw_shared(N, S, seed=22)
+        _, w = make_shared(N, 48, S, seed=23)
+        kw = dict(shared_h_NS=g, shared_up_NS=u, shared_gate_N=logit, shared_down_DS=w)
+    else:
+        h, w = make_shared(N, 48, S, seed=23)
+        kw = dict(shared_h_NS=h, shared_down_DS=w)
+    outs = []
+    for pre in (False, True):
+        out = torch.full_like(x, float("nan"))
+        moe_experts_into(x, experts, weights, gate, up, down, out, blocks=blocks, shared_preload=pre, **kw)
+        outs.append(out)
+    assert torch.isfinite(outs[1]).all()
+    assert torch.equal(outs[0], outs[1])
+    ref = moe_experts(x, experts, weights, gate, up, down, backend="reference", **kw)
+    assert rel_err(outs[1], ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("S, blocks", [(40, None), (24, None), (100, (8, 16, 32, 4)), (7, (8, 16, 16, 2))])
 def test_shared_expert_joins_the_sum(S, blocks, dtype):

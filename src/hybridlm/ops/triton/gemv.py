@@ -34,6 +34,7 @@ traces through it and a decode step captures it in a CUDA graph.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -41,7 +42,7 @@ import triton.language as tl
 
 from hybridlm.ops._checks import check_kernel_device
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
-from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_start, pdl_trigger, pdl_wait
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl, pdl_launch, pdl_trigger, pdl_wait
 
 MAX_ROWS = 4  # rows of x the kernel takes: its accumulator holds every row
 TILE = 4096  # float32 accumulator elements per program (32 a thread at 4 warps)
@@ -61,20 +62,43 @@ ROW_MAX_D = 16384
 # block kernel, with PDL: in the compiled 4k batch-1 step on an H100 that was 281.3-281.6 tokens/s against
 # 272.8-273.4 with them on cuBLAS (third 12-05 session); the one-row kernel lost to cuBLAS there (12-04).
 ROW_MAX_O = 4096
+# Row pieces the block kernel loads before waiting for its predecessor (0-2; HYBRIDLM_GEMV_PRELOAD).
+_PRELOAD_ENV = os.environ.get("HYBRIDLM_GEMV_PRELOAD", "0")
+if _PRELOAD_ENV not in ("0", "1", "2"):
+    raise ValueError(f"HYBRIDLM_GEMV_PRELOAD must be 0, 1 or 2 (row pieces the block matrix-vector kernel loads "
+                     f"before its PDL wait), got {_PRELOAD_ENV!r}")
+PRELOAD = int(_PRELOAD_ENV)
 
 
 @triton.jit
 def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
                  NP: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
-                 USE_PDL: tl.constexpr):
-    pdl_start(USE_PDL)
+                 PRELOAD: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_trigger(USE_PDL)
     o_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
     m_o = o_o < O
     o_n = tl.arange(0, NP)
     m_n = o_n < N
+    o_b = tl.arange(0, BLOCK_D)
     p_w = w_OD + o_o.to(tl.int64)[:, None] * s_wo
+    # PRELOAD (0-2) row pieces are loaded before waiting for the predecessor: the weights do not depend
+    # on it, so under PDL their bytes stream while it finishes. Summed in the loop's order (piece 0
+    # first), so the result is the same bits as with none.
+    if PRELOAD >= 1:
+        w_0 = tl.load(p_w + o_b[None, :], mask=m_o[:, None] & (o_b < D)[None, :], other=0.0)
+    if PRELOAD >= 2:
+        w_1 = tl.load(p_w + BLOCK_D + o_b[None, :], mask=m_o[:, None] & (BLOCK_D + o_b < D)[None, :], other=0.0)
+    pdl_wait(USE_PDL)
     acc = tl.zeros([NP, BLOCK_O, BLOCK_D], dtype=tl.float32)
-    for d0 in tl.range(0, D, BLOCK_D, num_stages=STAGES):
+    if PRELOAD >= 1:
+        x_0 = tl.load(x_ND + o_n[:, None] * s_xn + o_b[None, :], mask=m_n[:, None] & (o_b < D)[None, :],
+                      other=0.0).to(tl.float32)
+        acc += w_0.to(tl.float32)[None, :, :] * x_0[:, None, :]
+    if PRELOAD >= 2:
+        x_1 = tl.load(x_ND + o_n[:, None] * s_xn + BLOCK_D + o_b[None, :],
+                      mask=m_n[:, None] & (BLOCK_D + o_b < D)[None, :], other=0.0).to(tl.float32)
+        acc += w_1.to(tl.float32)[None, :, :] * x_1[:, None, :]
+    for d0 in tl.range(PRELOAD * BLOCK_D, D, BLOCK_D, num_stages=STAGES):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
         b_w = tl.load(p_w + o_d[None, :], mask=m_o[:, None] & m_d[None, :], other=0.0).to(tl.float32)
@@ -134,11 +158,12 @@ def pick_blocks(N: int, O: int, D: int, num_sms: int) -> tuple[int, int]:
 
 
 def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps: int = 4,
-              row: bool | None = None) -> None:
+              row: bool | None = None, preload: int | None = None) -> None:
     """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim). One row
     (D <= ROW_MAX_D) takes the one-row kernel when ``row`` is True, or by default where kernels launch
     with PDL (``utils.pdl``: without PDL this launch was slower than the block kernel); ``blocks``
-    asks for the block kernel's launch."""
+    asks for the block kernel's launch; ``preload`` (0-2, default PRELOAD) its row pieces loaded before
+    the PDL wait."""
     N, D = x_ND.shape
     O = w_OD.shape[0]
     if N == 0 or O == 0:
@@ -153,10 +178,13 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
                                       num_warps=ROW_WARPS, **pdl_launch(x_ND.device, "gemv"))
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
+    pre = PRELOAD if preload is None else preload
+    if isinstance(pre, bool) or not isinstance(pre, int) or not 0 <= pre <= 2:
+        raise ValueError(f"preload must be 0, 1 or 2 (row pieces loaded before the PDL wait), got {pre!r}")
     _gemv_kernel[(cdiv(O, bo),)](
         x_ND, w_OD, y_NO, N, O, D, x_ND.stride(0), w_OD.stride(0), y_NO.stride(0),
-        NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, num_warps=num_warps,
-        **pdl_launch(x_ND.device, "gemv"))
+        NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, PRELOAD=min(pre, cdiv(D, bd)),
+        num_warps=num_warps, **pdl_launch(x_ND.device, "gemv"))
 
 
 @torch.library.custom_op("hybridlm::decode_linear", mutates_args=())

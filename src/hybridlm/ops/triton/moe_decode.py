@@ -44,12 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridlm.ops._checks import check_kernel_device
+from hybridlm.ops._checks import check_kernel_device, env_switch
 from hybridlm.ops.moe_decode import check_moe_experts, shared_inner
 from hybridlm.ops.moe_route import KERNEL_MAX_EXPERTS, check_route
 from hybridlm.ops.triton.decode import _num_sms  # multiprocessor count, cached per device
 from hybridlm.ops.triton.moe_route import EMPTY, route_row
-from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start
+from hybridlm.ops.triton.utils import cdiv, next_power_of_2, pdl_launch, pdl_start, pdl_trigger, pdl_wait
 
 # Programs each kernel should give every multiprocessor (latency hiding wants several weight loads in
 # flight per SM); the block sizes shrink until the grid reaches this many, or their floor.
@@ -65,6 +65,10 @@ TILE = 4096  # elements of a weight tile per loop step (16 per thread at 4 warps
 PIPELINE_FROM_TOKENS = 4
 PIPELINE_STAGES = 3
 DOWN_STAGES = 4
+# The down kernel loads a shared expert's rows before its PDL wait where they are one row piece
+# (HYBRIDLM_MOE_SHARED_PRELOAD=1).
+SHARED_PRELOAD = env_switch("HYBRIDLM_MOE_SHARED_PRELOAD", "the shared rows loaded after the wait",
+                            "before it")
 
 
 @triton.jit
@@ -108,22 +112,35 @@ def _gate_up_kernel(x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I,
 
 
 @triton.jit
+def _shared_h(hs_NS, us_NS, i_n, o_i, m_i, scale, s_hn, s_un, SWIGLU: tl.constexpr):
+    # a shared expert's inner activations over columns o_i of token i_n, in float32
+    b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
+    if SWIGLU:  # hs is the gate projection: the inner activations formed here, in float32
+        b_u = tl.load(us_NS + i_n * s_un + o_i, mask=m_i, other=0.0).to(tl.float32)
+        b_h = b_h * tl.sigmoid(b_h) * b_u * scale
+    return b_h
+
+
+@triton.jit
+def _shared_scale(gs_N, i_n, s_gn, GATED: tl.constexpr):
+    scale = 1.0
+    if GATED:  # the shared expert's sigmoid gate, one factor per token
+        scale = tl.sigmoid(tl.load(gs_N + i_n * s_gn).to(tl.float32))
+    return scale
+
+
+@triton.jit
 def _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n, o_d, m_d, S, s_hn, s_wd, s_un, s_gn,
                  SWIGLU: tl.constexpr, GATED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr,
                  STAGES: tl.constexpr):
     # a shared expert's rows (ws [D, S] against hs [N, S]) as a [BLOCK_D, BLOCK_I] float32 partial tile
     acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
     row_s = o_d.to(tl.int64)[:, None] * s_wd
-    scale = 1.0
-    if GATED:  # the shared expert's sigmoid gate, one factor per token
-        scale = tl.sigmoid(tl.load(gs_N + i_n * s_gn).to(tl.float32))
+    scale = _shared_scale(gs_N, i_n, s_gn, GATED)
     for i0 in tl.range(0, S, BLOCK_I, num_stages=STAGES):
         o_i = i0 + tl.arange(0, BLOCK_I)
         m_i = o_i < S
-        b_h = tl.load(hs_NS + i_n * s_hn + o_i, mask=m_i, other=0.0).to(tl.float32)
-        if SWIGLU:  # hs is the gate projection: the inner activations formed here, in float32
-            b_u = tl.load(us_NS + i_n * s_un + o_i, mask=m_i, other=0.0).to(tl.float32)
-            b_h = b_h * tl.sigmoid(b_h) * b_u * scale
+        b_h = _shared_h(hs_NS, us_NS, i_n, o_i, m_i, scale, s_hn, s_un, SWIGLU)
         b_w = tl.load(ws_DS + row_s + o_i[None, :], mask=m_d[:, None] & m_i[None, :], other=0.0).to(tl.float32)
         acc += b_w * b_h[None, :]
     return acc
@@ -157,13 +174,26 @@ def _down_routed(acc, h_NKI, experts_NK, down_EDI, out_ND, i_n, o_d, m_d, K, I, 
 @triton.jit
 def _down_kernel(h_NKI, experts_NK, down_EDI, out_ND, hs_NS, ws_DS, us_NS, gs_N, K, I, D, S, s_de, s_dd, s_on,
                  s_hn, s_wd, s_un, s_gn, HAS_SHARED: tl.constexpr, SWIGLU: tl.constexpr, GATED: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr):
-    # program (token, d-block): the shared expert's rows (if any) first, then the routed experts'
-    pdl_start(USE_PDL)
+                 BLOCK_D: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr, SHARED_PRELOAD: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    # program (token, d-block): the shared expert's rows (if any) first, then the routed experts'.
+    # SHARED_PRELOAD (the shared expert's rows one BLOCK_I piece): they are loaded before waiting for
+    # the predecessor (weights do not depend on it), and summed as _down_shared sums them (same bits).
+    pdl_trigger(USE_PDL)
     i_n = tl.program_id(0).to(tl.int64)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    if HAS_SHARED:
+    if SHARED_PRELOAD:
+        o_s = tl.arange(0, BLOCK_I)
+        m_s = o_s < S
+        w_s = tl.load(ws_DS + o_d.to(tl.int64)[:, None] * s_wd + o_s[None, :], mask=m_d[:, None] & m_s[None, :],
+                      other=0.0)
+    pdl_wait(USE_PDL)
+    if SHARED_PRELOAD:
+        acc = tl.zeros([BLOCK_D, BLOCK_I], dtype=tl.float32)
+        b_h = _shared_h(hs_NS, us_NS, i_n, o_s, m_s, _shared_scale(gs_N, i_n, s_gn, GATED), s_hn, s_un, SWIGLU)
+        acc += w_s.to(tl.float32) * b_h[None, :]
+    elif HAS_SHARED:
         acc = _down_shared(hs_NS, ws_DS, us_NS, gs_N, i_n, o_d, m_d, S, s_hn, s_wd, s_un, s_gn, SWIGLU, GATED,
                            BLOCK_D, BLOCK_I, STAGES)
     else:
@@ -297,13 +327,16 @@ def pick_stages(N: int) -> tuple[int, int]:
 def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, out_ND, *,
                      shared_h_NS=None, shared_down_DS=None, shared_up_NS=None, shared_gate_N=None,
                      blocks: Optional[tuple[int, int, int, int]] = None, num_warps: int = 4,
-                     stages: Optional[tuple[int, int]] = None, down_warps: Optional[int] = None) -> None:
+                     stages: Optional[tuple[int, int]] = None, down_warps: Optional[int] = None,
+                     shared_preload: Optional[bool] = None) -> None:
     """Launch the two kernels on validated tensors, writing ``out_ND`` [N, D].
 
     x_ND, experts_NK, weights_NK and out_ND must be contiguous; the weight stacks, shared_h_NS and
     shared_down_DS may have any strides with a contiguous last dim (D for gate and up, I for down,
     S for the shared expert's). ``blocks`` overrides :func:`pick_blocks`, ``stages``
-    :func:`pick_stages` and ``down_warps`` the down kernel's warps (``num_warps``; tests, tuning)."""
+    :func:`pick_stages` and ``down_warps`` the down kernel's warps (``num_warps``; tests, tuning);
+    ``shared_preload`` (default SHARED_PRELOAD) has the down kernel load a shared expert's rows before
+    its PDL wait where they are one row piece."""
     N, D = x_ND.shape
     K = experts_NK.shape[1]
     I = gate_EID.shape[1]
@@ -319,6 +352,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         return
     bi1, bd1, bi2, bd2 = blocks or pick_blocks(N, K, I, D, _num_sms(x_ND.device))
     stages = stages or pick_stages(N)
+    shared_preload = SHARED_PRELOAD if shared_preload is None else bool(shared_preload)
     h_NKI = torch.empty(N, K, I, device=x_ND.device, dtype=torch.float32)
     _gate_up_kernel[(N * K, cdiv(I, bi1))](
         x_ND, experts_NK, weights_NK, gate_EID, up_EID, h_NKI, K, I, D,
@@ -333,6 +367,7 @@ def moe_experts_into(x_ND, experts_NK, weights_NK, gate_EID, up_EID, down_EDI, o
         h_NKI, experts_NK, down_EDI, out_ND, hs, ws, us, gs, K, I, D, shared_h_NS.shape[1] if shared else 0,
         down_EDI.stride(0), down_EDI.stride(1), out_ND.stride(0), hs.stride(0), ws.stride(0), us.stride(0),
         gs.stride(0), HAS_SHARED=shared, SWIGLU=swiglu, GATED=gated, BLOCK_D=bd2, BLOCK_I=bi2, STAGES=stages[1],
+        SHARED_PRELOAD=shared and shared_preload and shared_h_NS.shape[1] <= bi2,
         num_warps=down_warps or num_warps, **pdl_launch(x_ND.device, "down"))
 
 
