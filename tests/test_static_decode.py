@@ -100,14 +100,20 @@ def eager_greedy(model, ids, max_len, steps):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU")
-def test_static_decoder_graph_equals_eager_on_cuda():
+@pytest.mark.parametrize("greedy_kernel", [False, True])
+def test_static_decoder_graph_equals_eager_on_cuda(greedy_kernel, monkeypatch):
+    # the token chosen by torch's argmax or by the greedy kernel (ops/triton/greedy.py) inside the graph
+    import hybridlm.generation as generation
+
+    monkeypatch.setattr(generation, "GREEDY_KERNEL", greedy_kernel)
     torch.manual_seed(0)
     model = HybridLM(HybridConfig.preset("tiny-qwen3-next")).cuda().eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 33), device="cuda")
     cache = model.new_cache(2, 33 + 9)
     dec = StaticDecoder(model, cache)
+    assert (dec._greedy_scratch is not None) == greedy_kernel
     got = dec.run(prefill(model, ids, None, cache).argmax(-1), 8)
-    assert torch.equal(got, eager_greedy(model, ids, 42, 8))
+    assert got.dtype == torch.long and torch.equal(got, eager_greedy(model, ids, 42, 8))
 
 
 def test_packed_experts_are_views_with_the_same_values_and_repack_after_to():

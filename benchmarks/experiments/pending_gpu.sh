@@ -121,6 +121,24 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    greedy)
+        # (first 12-06 session) the greedy kernel (HYBRIDLM_GREEDY_KERNEL: argmax, token buffer, history and
+        # slot in one launch) and the block kernel's row pieces preloaded before its PDL wait (HYBRIDLM_GEMV_PRELOAD,
+        # now 0-4), in the compiled 4k batch-1 step; "PG" = preload, greedy kernel. The fourth 12-05 session had
+        # 0 at 276.7-277.1 and 2 at 280.5 tokens/s. The greedy kernel's and the decoder's GPU tests first.
+        timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_greedy.py \
+            tests/test_static_decode.py --tb=short 2>&1 | tee "$out/tests_greedy.txt" | tail -5 || true
+        i=0
+        for pg in 20 21 41 31 01 20 41 21; do
+            i=$((i + 1))
+            HYBRIDLM_GEMV_PRELOAD=${pg:0:1} HYBRIDLM_GREEDY_KERNEL=${pg:1:1} timeout 95 $run --contexts 4k \
+                --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/greedy_${i}_$pg.json" || true
+            python3 -m hybridlm.profile_report "$out/greedy_${i}_$pg.json" | sed -n 2p | sed "s/^/$pg /" \
+                | tee -a "$out/greedy_4k_b1.txt" || true
+        done
+        timeout 100 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py --tb=short \
+            2>&1 | tee "$out/tests_gemv.txt" | tail -5 || true
+        ;;
     preload)
         # weights loaded before the PDL wait (fourth 12-05 session): the block matrix-vector kernel's first
         # row pieces (HYBRIDLM_GEMV_PRELOAD 0-2: the wide input projections at batch 1) and the down kernel's

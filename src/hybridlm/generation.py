@@ -14,7 +14,12 @@ from collections.abc import Sequence
 import torch
 
 from hybridlm.cache import HybridCache
+from hybridlm.ops._checks import env_switch
 from hybridlm.ops._inductor import register_inductor_fallbacks
+
+# Greedy steps on CUDA choose the token with one Triton kernel (ops/triton/greedy.py: argmax, token
+# buffer, history, slot) instead of torch's argmax and three small ops (HYBRIDLM_GREEDY_KERNEL=1).
+GREEDY_KERNEL = env_switch("HYBRIDLM_GREEDY_KERNEL", "torch's argmax, then the copies", "one kernel")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +54,9 @@ class StaticDecoder:
     (``HybridLM.decode_static``), chooses the next token inside the step (fused sampling: argmax
     when ``temperature`` is 0, else ``sample_race``: a draw from softmax(logits / temperature)
     after the top-k / top-p filters of ``sample``), writes it into the token buffer and advances
-    the slot counter, all on the device: no host sync between tokens. Sampled draws come from
+    the slot counter, all on the device: no host sync between tokens. Each step also writes its token
+    into a history of the cache's length (int32, [batch, max_len]), column ``slot``, which ``run``
+    returns, so nothing is launched between two replays. Sampled draws come from
     ``generator`` without a graph; a CUDA graph draws from the default CUDA generator (seed it with
     ``torch.cuda.manual_seed``), each replay advancing it.
 
@@ -97,17 +104,29 @@ class StaticDecoder:
         self._decode = torch.compile(model.decode_static, dynamic=False) if compile else model.decode_static
         self.token_B1 = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.history_BL = torch.zeros(cache.batch_size, cache.max_len, dtype=torch.int32, device=device)
+        # the greedy kernel's scratch, allocated at the first (warm-up, uncaptured) step
+        self._greedy = GREEDY_KERNEL and temperature == 0 and device.type == "cuda"
+        self._greedy_scratch = None
         self.graph = None
         if use_graph:
             self._capture(warmup)
 
     def _step(self) -> None:
         logits = self._decode(self.token_B1, self.cache, self.slot)
+        if self._greedy:  # argmax, token buffer, history, slot += 1: one kernel
+            from hybridlm.ops.triton.greedy import greedy_scratch, greedy_token_
+
+            if self._greedy_scratch is None:
+                self._greedy_scratch = greedy_scratch(*logits.shape, logits.device)
+            greedy_token_(logits, self.token_B1, self.slot, self.history_BL, self._greedy_scratch)
+            return
         if self.temperature == 0:
             token = logits.argmax(-1)
         else:
             token = sample_race(logits, self.temperature, self.top_k, self.top_p, self.generator)
         self.token_B1.copy_(token[:, None])
+        self.history_BL.index_copy_(1, self.slot, token[:, None].to(torch.int32))
         self.slot += 1
 
     def _capture(self, warmup: int) -> None:
@@ -138,17 +157,16 @@ class StaticDecoder:
                              f"({cache.seq_len} cached)")
         if tuple(token_B.shape) != (cache.batch_size,):
             raise ValueError(f"token_B: expected shape ({cache.batch_size},), got {tuple(token_B.shape)}")
+        start = cache.seq_len
         self.token_B1.copy_(token_B[:, None])
-        self.slot.fill_(cache.seq_len)
-        out = torch.empty(cache.batch_size, steps, dtype=torch.long, device=self.slot.device)
-        for i in range(steps):
+        self.slot.fill_(start)
+        for _ in range(steps):
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self._step()
-            out[:, i] = self.token_B1[:, 0]
         cache.seq_len += steps
-        return out
+        return self.history_BL[:, start:start + steps].long()
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None,

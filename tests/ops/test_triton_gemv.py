@@ -60,7 +60,7 @@ def test_every_output_element_written(blocks, stages):
 
 @pytest.mark.parametrize("N, O, D, blocks", [(1, 70, 200, (4, 32)), (3, 65, 63, (8, 16)), (1, 33, 1000, (2, 512)),
                                               (2, 9, 20, (4, 32)), (1, 40, 64, (8, 32))])
-@pytest.mark.parametrize("preload", [1, 2])
+@pytest.mark.parametrize("preload", [1, 2, 3, 4])
 def test_preloaded_pieces_same_bits(N, O, D, blocks, preload):
     # the block kernel's row pieces loaded before the PDL wait (one, two, or more than D holds) are
     # summed in the loop's order: the same bits as none preloaded; NaN-poisoned output
@@ -74,10 +74,10 @@ def test_preloaded_pieces_same_bits(N, O, D, blocks, preload):
     assert rel_err(y1, reference(x, w)) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("preload", [-1, 3, True, 1.0])
+@pytest.mark.parametrize("preload", [-1, 5, True, 1.0])
 def test_bad_preload_raises(preload):
     x, w = make((1,), 8, 16, torch.float32)
-    with pytest.raises(ValueError, match="preload must be 0, 1 or 2"):
+    with pytest.raises(ValueError, match="preload must be an int from 0 to 4"):
         gemv_into(x, w, torch.empty(1, 8, device=DEVICE), blocks=(4, 16), preload=preload)
 
 
@@ -131,15 +131,16 @@ def test_a_bad_hybridlm_pdl_value_is_refused_by_name():
     assert run.returncode != 0 and "HYBRIDLM_PDL must be 0" in run.stderr and "'yes'" in run.stderr
 
 
-@pytest.mark.parametrize("value", ["1", "2", "3"])
+@pytest.mark.parametrize("value", ["1", "2", "4", "5"])
 def test_the_preload_is_read_from_the_environment_and_a_bad_one_refused(value):
     import subprocess
     import sys
 
     run = subprocess.run([sys.executable, "-c", "from hybridlm.ops.triton import gemv; print(gemv.PRELOAD)"],
                          env=dict(os.environ, HYBRIDLM_GEMV_PRELOAD=value), capture_output=True, text=True)
-    if value == "3":
-        assert run.returncode != 0 and "HYBRIDLM_GEMV_PRELOAD must be 0, 1 or 2" in run.stderr and "'3'" in run.stderr
+    if value == "5":
+        assert run.returncode != 0 and "HYBRIDLM_GEMV_PRELOAD must be 0, 1, 2, 3 or 4" in run.stderr
+        assert "'5'" in run.stderr
     else:
         assert run.returncode == 0, run.stderr
         assert run.stdout.split() == [value]

@@ -62,12 +62,29 @@ ROW_MAX_D = 16384
 # block kernel, with PDL: in the compiled 4k batch-1 step on an H100 that was 281.3-281.6 tokens/s against
 # 272.8-273.4 with them on cuBLAS (third 12-05 session); the one-row kernel lost to cuBLAS there (12-04).
 ROW_MAX_O = 4096
-# Row pieces the block kernel loads before waiting for its predecessor (0-2; HYBRIDLM_GEMV_PRELOAD).
+# Row pieces the block kernel loads before waiting for its predecessor (0-MAX_PRELOAD; HYBRIDLM_GEMV_PRELOAD).
+MAX_PRELOAD = 4
 _PRELOAD_ENV = os.environ.get("HYBRIDLM_GEMV_PRELOAD", "0")
-if _PRELOAD_ENV not in ("0", "1", "2"):
-    raise ValueError(f"HYBRIDLM_GEMV_PRELOAD must be 0, 1 or 2 (row pieces the block matrix-vector kernel loads "
+if _PRELOAD_ENV not in ("0", "1", "2", "3", "4"):
+    raise ValueError(f"HYBRIDLM_GEMV_PRELOAD must be 0, 1, 2, 3 or 4 (row pieces the block matrix-vector kernel loads "
                      f"before its PDL wait), got {_PRELOAD_ENV!r}")
 PRELOAD = int(_PRELOAD_ENV)
+
+
+@triton.jit
+def _row_piece(p_w, m_o, o_b, j, D, BLOCK_D: tl.constexpr):
+    # row piece j ([BLOCK_O, BLOCK_D] weights, columns j * BLOCK_D + o_b) in the weights' dtype
+    o_d = j * BLOCK_D + o_b
+    return tl.load(p_w + o_d[None, :], mask=m_o[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _add_piece(acc, w, x_ND, s_xn, o_n, m_n, o_b, j, D, BLOCK_D: tl.constexpr):
+    # acc [NP, BLOCK_O, BLOCK_D] + row piece j of W times the same columns of every row of x, in float32
+    o_d = j * BLOCK_D + o_b
+    b_x = tl.load(x_ND + o_n[:, None] * s_xn + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :],
+                  other=0.0).to(tl.float32)
+    return acc + w.to(tl.float32)[None, :, :] * b_x[:, None, :]
 
 
 @triton.jit
@@ -81,23 +98,27 @@ def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn,
     m_n = o_n < N
     o_b = tl.arange(0, BLOCK_D)
     p_w = w_OD + o_o.to(tl.int64)[:, None] * s_wo
-    # PRELOAD (0-2) row pieces are loaded before waiting for the predecessor: the weights do not depend
+    # PRELOAD (0-4) row pieces are loaded before waiting for the predecessor: the weights do not depend
     # on it, so under PDL their bytes stream while it finishes. Summed in the loop's order (piece 0
     # first), so the result is the same bits as with none.
     if PRELOAD >= 1:
-        w_0 = tl.load(p_w + o_b[None, :], mask=m_o[:, None] & (o_b < D)[None, :], other=0.0)
+        w_0 = _row_piece(p_w, m_o, o_b, 0, D, BLOCK_D)
     if PRELOAD >= 2:
-        w_1 = tl.load(p_w + BLOCK_D + o_b[None, :], mask=m_o[:, None] & (BLOCK_D + o_b < D)[None, :], other=0.0)
+        w_1 = _row_piece(p_w, m_o, o_b, 1, D, BLOCK_D)
+    if PRELOAD >= 3:
+        w_2 = _row_piece(p_w, m_o, o_b, 2, D, BLOCK_D)
+    if PRELOAD >= 4:
+        w_3 = _row_piece(p_w, m_o, o_b, 3, D, BLOCK_D)
     pdl_wait(USE_PDL)
     acc = tl.zeros([NP, BLOCK_O, BLOCK_D], dtype=tl.float32)
     if PRELOAD >= 1:
-        x_0 = tl.load(x_ND + o_n[:, None] * s_xn + o_b[None, :], mask=m_n[:, None] & (o_b < D)[None, :],
-                      other=0.0).to(tl.float32)
-        acc += w_0.to(tl.float32)[None, :, :] * x_0[:, None, :]
+        acc = _add_piece(acc, w_0, x_ND, s_xn, o_n, m_n, o_b, 0, D, BLOCK_D)
     if PRELOAD >= 2:
-        x_1 = tl.load(x_ND + o_n[:, None] * s_xn + BLOCK_D + o_b[None, :],
-                      mask=m_n[:, None] & (BLOCK_D + o_b < D)[None, :], other=0.0).to(tl.float32)
-        acc += w_1.to(tl.float32)[None, :, :] * x_1[:, None, :]
+        acc = _add_piece(acc, w_1, x_ND, s_xn, o_n, m_n, o_b, 1, D, BLOCK_D)
+    if PRELOAD >= 3:
+        acc = _add_piece(acc, w_2, x_ND, s_xn, o_n, m_n, o_b, 2, D, BLOCK_D)
+    if PRELOAD >= 4:
+        acc = _add_piece(acc, w_3, x_ND, s_xn, o_n, m_n, o_b, 3, D, BLOCK_D)
     for d0 in tl.range(PRELOAD * BLOCK_D, D, BLOCK_D, num_stages=STAGES):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
@@ -162,7 +183,7 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     """Launch on validated 2-D tensors (rows of x, W and y contiguous along their last dim). One row
     (D <= ROW_MAX_D) takes the one-row kernel when ``row`` is True, or by default where kernels launch
     with PDL (``utils.pdl``: without PDL this launch was slower than the block kernel); ``blocks``
-    asks for the block kernel's launch; ``preload`` (0-2, default PRELOAD) its row pieces loaded before
+    asks for the block kernel's launch; ``preload`` (0-4, default PRELOAD) its row pieces loaded before
     the PDL wait."""
     N, D = x_ND.shape
     O = w_OD.shape[0]
@@ -179,8 +200,9 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
         return
     bo, bd = blocks or pick_blocks(N, O, D, _num_sms(x_ND.device))
     pre = PRELOAD if preload is None else preload
-    if isinstance(pre, bool) or not isinstance(pre, int) or not 0 <= pre <= 2:
-        raise ValueError(f"preload must be 0, 1 or 2 (row pieces loaded before the PDL wait), got {pre!r}")
+    if isinstance(pre, bool) or not isinstance(pre, int) or not 0 <= pre <= MAX_PRELOAD:
+        raise ValueError(f"preload must be an int from 0 to {MAX_PRELOAD} (row pieces loaded before the PDL wait), "
+                         f"got {pre!r}")
     _gemv_kernel[(cdiv(O, bo),)](
         x_ND, w_OD, y_NO, N, O, D, x_ND.stride(0), w_OD.stride(0), y_NO.stride(0),
         NP=next_power_of_2(N), BLOCK_O=bo, BLOCK_D=bd, STAGES=stages, PRELOAD=min(pre, cdiv(D, bd)),
