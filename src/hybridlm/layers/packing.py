@@ -136,7 +136,8 @@ def _gemv_for(x: torch.Tensor, weight: torch.Tensor):
 
 def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias, no gradient needed). One row of x on CUDA, in weight's 16-bit
-    dtype, against at most ``_GEMV_MAX_OUT`` weight rows runs on the decode matrix-vector kernel.
+    dtype, against at most ``_GEMV_MAX_OUT`` weight rows (``_GEMV_MAX_OUT_PDL`` where kernels launch
+    with PDL) runs on the decode matrix-vector kernel.
 
     Measured on an H200 (bf16, distinct weights per call, data/2026-12-03-h200-s2/gemv_ab.json): at
     one row the block kernel took 3.63 / 2.89 / 7.55 us against cuBLAS's 6.21 / 3.78 / 10.01 for MoE's
@@ -145,7 +146,10 @@ def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     projections (12352 and 9216 rows); at four rows it lost on three of the five, so only one row is
     routed. The one-row kernel with programmatic dependent launch (sixth 12-03 session,
     data/2026-12-03-h200-s6/gemv_ab.json) took 2.11 / 1.78 / 5.69 us for the narrow three, but 18.26 /
-    15.11 us for the wide ones against cuBLAS's 17.82 / 13.37: the wide ones stay on cuBLAS."""
+    15.11 us for the wide ones against cuBLAS's 17.82 / 13.37. Alone the wide ones are no faster on the
+    kernel, but in the PDL chain of a decode step cuBLAS breaks the chain twice a layer: with PDL they
+    take the block kernel (compiled 4k batch-1 step on an H100, third 12-05 session: 281.3-281.6 tokens/s
+    against 272.8-273.4 on cuBLAS); without PDL they stay on cuBLAS."""
     kernel = _gemv_for(x, weight)
     return kernel(x, weight) if kernel is not None else F.linear(x, weight)
 
