@@ -129,7 +129,7 @@ case $part in
         timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_greedy.py \
             tests/test_static_decode.py --tb=short 2>&1 | tee "$out/tests_greedy.txt" | tail -5 || true
         i=0
-        for pg in 20 21 41 31 01 20 41 21; do
+        for pg in 20 21 41 21 20 41 31; do
             i=$((i + 1))
             HYBRIDLM_GEMV_PRELOAD=${pg:0:1} HYBRIDLM_GREEDY_KERNEL=${pg:1:1} timeout 95 $run --contexts 4k \
                 --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/greedy_${i}_$pg.json" || true
