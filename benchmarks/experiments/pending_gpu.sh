@@ -10,11 +10,13 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the third 2026-12-05 session, whose last change, the wide input projections on the
-# block kernel with PDL by default, was timed only through profile_wide_gemv.py --block: 281.3-281.6 tokens/s):
-# on an H100 `blockwide` (its "default" row is now the block kernel: both rows should agree) and `tests`, then
-# `h100profile` (the 128k rows with the new routing); on an H200 `half` then `kernels`.
+# Next, in this order (after the first 2026-12-06 session: greedy kernel and two preloaded gemv pieces now the
+# defaults, 288.2-288.4 tokens/s at 4k batch 1 on an H100, 69.5-70.1% of the bound): on an H100 `tests` (the
+# compiled static-decoder and sampling GPU tests did not run after the token history change), then `h100profile`
+# (the 128k rows with the new defaults, and the README's plot); on an H200 `half` then `kernels`.
 # Parts:
+#   greedy       the greedy kernel and 2-4 preloaded gemv pieces in the compiled 4k batch-1 step (first 12-06 session,
+#                454 s on an H100 with a 120 s test limit that stopped the tests at 79 passed; now 300 s)
 #   blockwide    the compiled 4k batch-1 step with the wide input projections on the block kernel (now PDL)
 #                against cuBLAS, and the matrix-vector kernel's GPU tests
 #   (preload, third 12-05 session, reverted: `git checkout c513ab3` and its pending_gpu.sh rerun it)
@@ -126,7 +128,7 @@ case $part in
         # slot in one launch) and the block kernel's row pieces preloaded before its PDL wait (HYBRIDLM_GEMV_PRELOAD,
         # now 0-4), in the compiled 4k batch-1 step; "PG" = preload, greedy kernel. The fourth 12-05 session had
         # 0 at 276.7-277.1 and 2 at 280.5 tokens/s. The greedy kernel's and the decoder's GPU tests first.
-        timeout 120 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_greedy.py \
+        timeout 300 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_greedy.py \
             tests/test_static_decode.py --tb=short 2>&1 | tee "$out/tests_greedy.txt" | tail -5 || true
         i=0
         for pg in 20 21 41 21 20 41 31; do

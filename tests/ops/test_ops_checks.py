@@ -115,3 +115,33 @@ def test_device_mismatch_is_named():
     meta = torch.empty(1, 10, 4, device="meta")
     with pytest.raises(ValueError, match="g must be on the same device as q"):
         gated_delta_rule(Q, K, V, meta, BETA)
+
+
+@pytest.mark.parametrize("default", [False, True])
+def test_env_switch_reads_0_1_and_the_default_and_refuses_the_rest(default, monkeypatch):
+    from hybridlm.ops._checks import env_switch
+
+    monkeypatch.delenv("HYBRIDLM_TEST_SWITCH", raising=False)
+    assert env_switch("HYBRIDLM_TEST_SWITCH", "off", "on", default=default) is default
+    for value, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("HYBRIDLM_TEST_SWITCH", value)
+        assert env_switch("HYBRIDLM_TEST_SWITCH", "off", "on", default=default) is want
+    monkeypatch.setenv("HYBRIDLM_TEST_SWITCH", "yes")
+    said = "1 \\(on, the default\\)" if default else "0 \\(off, the default\\)"
+    with pytest.raises(ValueError, match=f"HYBRIDLM_TEST_SWITCH must be .*{said}.*'yes'"):
+        env_switch("HYBRIDLM_TEST_SWITCH", "off", "on", default=default)
+
+
+@pytest.mark.parametrize("value, want", [(None, True), ("0", False), ("1", True)])
+def test_the_greedy_kernel_switch_is_on_unless_turned_off(value, want):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_GREEDY_KERNEL"}
+    if value is not None:
+        env["HYBRIDLM_GREEDY_KERNEL"] = value
+    run = subprocess.run([sys.executable, "-c", "import hybridlm.generation as g; print(g.GREEDY_KERNEL)"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == [str(want)]

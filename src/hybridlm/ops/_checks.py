@@ -18,12 +18,13 @@ L2NORM_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- scalar arguments
-def env_switch(name: str, off: str, on: str) -> bool:
-    """An opt-in environment switch: True for NAME=1, False when unset or 0; anything else raises,
-    saying what each value does (``off`` / ``on``)."""
-    value = os.environ.get(name, "0")
+def env_switch(name: str, off: str, on: str, default: bool = False) -> bool:
+    """An environment switch: True for NAME=1, False for NAME=0, ``default`` when unset (opt-in unless
+    told); anything else raises, saying what each value does (``off`` / ``on``) and which is the default."""
+    value = os.environ.get(name, "1" if default else "0")
     if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 ({off}, the default) or 1 ({on}), got {value!r}")
+        first, second = (f" ({off})", f" ({on}, the default)") if default else (f" ({off}, the default)", f" ({on})")
+        raise ValueError(f"{name} must be 0{first} or 1{second}, got {value!r}")
     return value == "1"
 
 

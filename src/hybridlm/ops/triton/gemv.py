@@ -62,12 +62,17 @@ ROW_MAX_D = 16384
 # block kernel, with PDL: in the compiled 4k batch-1 step on an H100 that was 281.3-281.6 tokens/s against
 # 272.8-273.4 with them on cuBLAS (third 12-05 session); the one-row kernel lost to cuBLAS there (12-04).
 ROW_MAX_O = 4096
-# Row pieces the block kernel loads before waiting for its predecessor (0-MAX_PRELOAD; HYBRIDLM_GEMV_PRELOAD).
+# Row pieces the block kernel loads before waiting for its predecessor (0-MAX_PRELOAD; HYBRIDLM_GEMV_PRELOAD):
+# the weights do not depend on it, so their first bytes stream while it ends. In the compiled 4k batch-1
+# step on an H100 (the wide input projections, D = 2048: four 512-column pieces a row), tokens/s:
+# 0 276.7 / 277.1, 1 278.0, 2 280.5 (fourth 12-05 session); with the greedy kernel, 2 288.2-288.4, 3 280.0,
+# 4 275.5 / 275.5 (first 12-06 session, another H100). Likely why more loses: four pieces take 119 registers
+# a thread on sm_90 against 78 for two, so a multiprocessor holds fewer programs.
 MAX_PRELOAD = 4
-_PRELOAD_ENV = os.environ.get("HYBRIDLM_GEMV_PRELOAD", "0")
+_PRELOAD_ENV = os.environ.get("HYBRIDLM_GEMV_PRELOAD", "2")
 if _PRELOAD_ENV not in ("0", "1", "2", "3", "4"):
     raise ValueError(f"HYBRIDLM_GEMV_PRELOAD must be 0, 1, 2, 3 or 4 (row pieces the block matrix-vector kernel loads "
-                     f"before its PDL wait), got {_PRELOAD_ENV!r}")
+                     f"before its PDL wait; default 2), got {_PRELOAD_ENV!r}")
 PRELOAD = int(_PRELOAD_ENV)
 
 
