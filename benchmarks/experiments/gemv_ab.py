@@ -96,8 +96,7 @@ def sweep(what, O, D, ws, rate) -> list[dict]:
         gemv_into(x, ws[0], y, blocks=(bo, bd), stages=st, num_warps=wp)
         err = ((y.float() - ref).norm() / ref.norm()).item()
         us = timing.graphed_ms_per_call([lambda w=w: gemv_into(x, w, y, blocks=(bo, bd), stages=st, num_warps=wp)
-                                         for w in ws],
-                         ours_row=[lambda w=w: gemv_into(x, w, y, row=True) for w in ws], warmup_ms=5, rep_ms=30) * 1e3
+                                         for w in ws], warmup_ms=5, rep_ms=30) * 1e3
         out.append(dict(what=what, O=O, D=D, N=1, sweep=True, blocks=[bo, bd], stages=st, warps=wp, us=us,
                         share=O * D * 2 / (us * 1e-6) / rate, rel_err=err, default=(bo, bd, st, wp) == default))
     out.sort(key=lambda r: r["us"])
