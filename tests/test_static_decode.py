@@ -66,6 +66,23 @@ def test_static_decoder_equals_greedy_eager_loop():
     assert cache.seq_len == ref_cache.seq_len == 12
 
 
+def test_static_decoder_runs_continue_and_return_only_their_own_tokens():
+    # two runs in a row (3 then 2 steps) return the tokens of one 5-step run, each its own columns of
+    # the decoder's token history
+    model = _model("tiny-qwen3-next")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    whole = model.new_cache(2, 13)
+    dec = StaticDecoder(model, whole, graph=False)
+    want = dec.run(prefill(model, ids, None, whole).argmax(-1), 5)
+    split = model.new_cache(2, 13)
+    dec = StaticDecoder(model, split, graph=False)
+    a = dec.run(prefill(model, ids, None, split).argmax(-1), 3)
+    b = dec.run(a[:, -1], 2)
+    assert a.shape == (2, 3) and b.shape == (2, 2) and a.dtype == b.dtype == torch.long
+    assert torch.equal(torch.cat([a, b], 1), want)
+    assert split.seq_len == 12
+
+
 def test_static_decoder_errors():
     model = _model("tiny-hybrid-3to1")
     cache = model.new_cache(1, 4)
