@@ -5,7 +5,8 @@ In the compiled batch-1 step on an H100 (``benchmarks/step_trace.py``, data/2026
 the step ended with torch's argmax (one reduction kernel, 8.9 us for a 151,936-token vocabulary),
 a copy into the token buffer, the slot's ``+= 1`` and, between graph replays, a copy of the token
 into the output: four launches after the last product. This kernel does all of it in one launch,
-each row's vocabulary split over P programs.
+each row's vocabulary split over P programs (``StaticDecoder``'s default on CUDA; H100, compiled 4k
+batch-1 step, first 12-06 session: 288.2-288.4 tokens/s against 287.4-287.7 with torch's argmax).
 
 Program (p, b) reduces its slice of row b to (largest value, its first index, first NaN index),
 writes them to ``scratch``, and takes a ticket from row b's counter. The last program of the row to
