@@ -332,6 +332,25 @@ def test_batch1_bf16_step_with_the_fused_moe_and_conv_kernels_on_cuda(compiled, 
     assert set(calls) == {"conv_decode_into", "moe_fused_into"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused norm kernel runs on CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("norm_fused", [False, True])
+def test_batch1_bf16_step_with_and_without_the_norms_in_the_products_on_cuda(norm_fused, compiled, monkeypatch):
+    """The batch-1 bf16 step with each input norm inside the product after it (HYBRIDLM_NORM_FUSED, the
+    default where PDL is on) and without, eager and compiled, against the eager cached decode."""
+    from hybridlm.layers import packing
+    from hybridlm.ops.triton import gemv
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused norm is taken where programmatic dependent launch is, compute capability >= 9")
+    monkeypatch.setattr(packing, "NORM_FUSED", norm_fused)
+    calls = []
+    real = gemv._add_norm_linear_into
+    monkeypatch.setattr(gemv, "_add_norm_linear_into", lambda *a: (calls.append(1), real(*a))[1])
+    _batch1_bf16_step_matches_eager(compiled)
+    assert bool(calls) == norm_fused
+
+
 def _batch1_bf16_step_matches_eager(compiled, fused=None):
     """fused: a switch fused(on) for kernels the static step takes and the eager decode must not (it is
     the reference then)."""

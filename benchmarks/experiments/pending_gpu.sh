@@ -123,6 +123,22 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    normfused)
+        # (second 12-06 session) each batch-1 input norm inside the product after it (HYBRIDLM_NORM_FUSED, the
+        # add + norm kernel gone: two fewer launches a layer), in the compiled 4k batch-1 step; "N:L" = the
+        # switch, HYBRIDLM_NORM_LAUNCH (the block kernel's BLOCK_O,STAGES with the norm: 8,3 takes 96 registers
+        # a thread on sm_90, 4,3 56; row-only = MoE's stack only). The fused kernel's GPU tests first.
+        timeout 60 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/ops/test_triton_gemv.py -k norm \
+            --tb=short 2>&1 | tee "$out/tests_norm.txt" | tail -5 || true
+        i=0
+        for v in 0: 1:4,3 1:8,3 1:row-only 1:8,1 0: 1:4,3; do
+            i=$((i + 1))
+            HYBRIDLM_NORM_FUSED=${v%%:*} HYBRIDLM_NORM_LAUNCH=${v#*:} timeout 95 $run --contexts 4k \
+                --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json > "$out/norm_${i}.json" || true
+            python3 -m hybridlm.profile_report "$out/norm_${i}.json" | sed -n 2p | sed "s/^/$v /" \
+                | tee -a "$out/norm_4k_b1.txt" || true
+        done
+        ;;
     greedy)
         # (first 12-06 session) the greedy kernel (HYBRIDLM_GREEDY_KERNEL: argmax, token buffer, history and
         # slot in one launch) and the block kernel's row pieces preloaded before its PDL wait (HYBRIDLM_GEMV_PRELOAD,

@@ -70,12 +70,24 @@ class Block(nn.Module):
         residual stream x and the previous block's branch output y (None for the first block),
         returns (x + y + mixer branch, this block's MLP / MoE branch output). Equals ``forward`` on
         x + y when ``plain_residuals`` (the adds and norms are ``RMSNorm.add``, one kernel each on CUDA)."""
-        if y is None:
-            h = self.mixer_norm(x)
-        else:
-            x, h = self.mixer_norm.add(x, y)
-        x, h = self.mlp_norm.add(x, self.mixer(h, tokens, slot))
-        return x, self.mlp(h, static=True) if isinstance(self.mlp, MoE) else self.mlp(h)
+        x, h, kw = _norm_and_project(self.mixer_norm, x, y, self.mixer)
+        x, h, mlp_kw = _norm_and_project(self.mlp_norm, x, self.mixer(h, tokens, slot, **kw), self.mlp)
+        return x, self.mlp(h, static=True, **mlp_kw) if isinstance(self.mlp, MoE) else self.mlp(h)
+
+
+def _norm_and_project(norm: RMSNorm, x: torch.Tensor, y: torch.Tensor | None, layer: nn.Module) -> tuple:
+    """(x + y, its norm, keyword arguments for ``layer``): the norm before a layer of the static decode
+    step. Where ``layer`` has a stacked input product (``input_stack``: Gated DeltaNet's, attention's and
+    MoE's) and ``RMSNorm.project`` applies (batch 1 on a PDL GPU), that product runs in the norm's kernel
+    and reaches the layer as ``projected``; else the add + norm (one kernel on CUDA) or the norm alone."""
+    stack = getattr(layer, "input_stack", None)
+    fused = norm.project(x, y, stack()) if stack is not None else None
+    if fused is not None:
+        s, h, projected = fused
+        return s, h, {"projected": projected}
+    if y is None:
+        return x, norm(x), {}
+    return *norm.add(x, y), {}
 
 
 class HybridLM(nn.Module):

@@ -18,7 +18,9 @@ if not torch.cuda.is_available():
 
 from ops_testing import rel_err  # noqa: E402
 
-from hybridlm.ops.triton.gemv import MAX_ROWS, decode_linear, gemv_into, pick_blocks, row_launch  # noqa: E402
+from hybridlm.ops.triton.gemv import (MAX_ROWS, NORM_MAX_D, add_rms_norm_linear, decode_linear, gemv_into,  # noqa: E402
+                                      pick_blocks, row_launch)
+from hybridlm.ops.triton.norm import add_rms_norm_rows, rms_norm_rows  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if DEVICE == "cuda" else [])
@@ -259,3 +261,125 @@ def test_packed_projections_route_through_the_kernel(monkeypatch):
         assert rel_err(packed, unpacked) < 2e-2
         layer(x.expand(2, 1, 256))  # two rows: cuBLAS (the kernel lost there on the H200)
         assert len(calls) == 2, calls
+
+
+# ---------------------------------------------------------------- the input norm inside the product
+
+def make_norm(D, O, dtype, seed=0, zero_centered=False):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(1, 1, D, generator=gen) * 3, torch.randn(1, 1, D, generator=gen)
+    nw = torch.randn(D, generator=gen) * 0.2 + (0.0 if zero_centered else 1.0)
+    w = torch.randn(O, D, generator=gen) * D ** -0.5
+    return x.to(DEVICE, dtype), y.to(DEVICE, dtype), nw.to(DEVICE), w.to(DEVICE, dtype)
+
+
+def norm_reference(x, y, nw, zero_centered, w):
+    """The two kernels the fused one replaces: the add + norm (or the norm), then the product in float64."""
+    s, h = (x, rms_norm_rows(x, nw, 1e-6, zero_centered)) if y is None else add_rms_norm_rows(x, y, nw, 1e-6,
+                                                                                                 zero_centered)
+    return s, h, F.linear(h.double(), w.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D, O", [(1, 1), (63, 65), (65, 63), (1000, 1000), (64, 1064), (2048, 70)])
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("add", [True, False])
+def test_add_norm_linear_matches_the_norm_then_the_product(D, O, zero_centered, add, dtype):
+    x, y, nw, w = make_norm(D, O, dtype, seed=D + O, zero_centered=zero_centered)
+    y = y if add else None
+    s, h, out = add_rms_norm_linear(x, y, nw, 1e-6, zero_centered, w)
+    s_ref, h_ref, out_ref = norm_reference(x, y, nw, zero_centered, w)
+    assert out.shape == (1, 1, O) and s.shape == h.shape == x.shape and out.dtype == h.dtype == dtype
+    assert (s is x) == (not add)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)  # the add rounds once, as x + y does
+    # the mean of squares may sum in another order: h within one rounding of the norm kernel's
+    torch.testing.assert_close(h, h_ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert rel_err(out, out_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("row", [True, False])
+@pytest.mark.parametrize("D, O, blocks", [(1, 3, (2, 16)), (63, 65, (4, 32)), (1000, 63, (2, 512)),
+                                          (200, 1000, (8, 64))])
+@pytest.mark.parametrize("preload", [0, 2])
+def test_add_norm_linear_every_output_written_in_both_kernels(row, D, O, blocks, preload):
+    # the one-row kernel (several rounds) and the block kernel (pieces preloaded or not) with the norm in
+    # their prologue; s, h and the product NaN-poisoned, only program 0 writes s and h
+    x, y, nw, w = make_norm(D, O, torch.float32, seed=7, zero_centered=True)
+    x, y = x.view(1, D), y.view(1, D)
+    s, h, out = (torch.full(shape, float("nan"), device=DEVICE) for shape in ((1, D), (1, D), (1, O)))
+    kw = dict(row=True) if row else dict(blocks=blocks, preload=preload)
+    gemv_into(x, w, out, norm=(y, nw, s, h, 1e-6, True), **kw)
+    s_ref, h_ref, out_ref = norm_reference(x, y, nw, True, w)
+    assert not (s.isnan().any() or h.isnan().any() or out.isnan().any())
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(h, h_ref, rtol=1e-6, atol=1e-6)
+    assert rel_err(out, out_ref) < TOL[torch.float32]
+
+
+def test_add_norm_linear_takes_a_stack_view_and_a_row_of_any_leading_shape():
+    x, y, nw, stack = make_norm(48, 96, torch.float32, seed=2)
+    view = stack[8:50]  # rows of a stack, as packed layers' weights are
+    s, h, out = add_rms_norm_linear(x.view(48), y.view(48), nw, 1e-6, False, view)
+    assert s.shape == h.shape == (48,) and out.shape == (42,)
+    assert rel_err(out, norm_reference(x, y, nw, False, view)[2].view(42)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (lambda x, y, nw, w: (x.double(), y.double(), nw, w.double()), TypeError, "x must be a float32"),
+    (lambda x, y, nw, w: (x.expand(2, 1, -1), y.expand(2, 1, -1), nw, w), ValueError, "x must hold one row"),
+    (lambda x, y, nw, w: (torch.zeros(1, NORM_MAX_D + 1, device=x.device), None,
+                          torch.ones(NORM_MAX_D + 1, device=x.device), torch.zeros(2, NORM_MAX_D + 1, device=x.device)),
+     ValueError, "x must hold one row of 1 to 8192"),
+    (lambda x, y, nw, w: (x, y[..., :4], nw, w), ValueError, "y must be None or have x's shape"),
+    (lambda x, y, nw, w: (x, y.half(), nw, w), ValueError, "y must be None or have x's shape"),
+    (lambda x, y, nw, w: (x, y, nw[:4], w), ValueError, "norm_weight must be a float tensor of shape"),
+    (lambda x, y, nw, w: (x, y, nw, w[:, :4]), ValueError, "weight must be"),
+    (lambda x, y, nw, w: (x, y, nw, w.half()), TypeError, "weight and norm_weight must be on x's device"),
+])
+def test_add_norm_linear_bad_inputs_raise(args, error, words):
+    x, y, nw, w = make_norm(8, 6, torch.float32)
+    a = args(x, y, nw, w)
+    with pytest.raises(error, match=words):
+        add_rms_norm_linear(a[0], a[1], a[2], 1e-6, False, a[3])
+
+
+def test_gemv_into_refuses_a_norm_over_several_rows():
+    x, w = make((2,), 6, 8, torch.float32)
+    with pytest.raises(ValueError, match="norm takes one row of x"):
+        gemv_into(x, w, torch.empty(2, 6, device=DEVICE), norm=(None, torch.ones(8, device=DEVICE), None,
+                                                                 torch.empty(1, 8, device=DEVICE), 1e-6, False))
+
+
+@pytest.mark.parametrize("add", [True, False])
+def test_add_norm_linear_custom_op_passes_opcheck(add):
+    x, y, nw, w = make_norm(40, 24, torch.float32)
+    torch.library.opcheck(torch.ops.hybridlm.add_rms_norm_linear.default,
+                          (x.view(1, 40), y.view(1, 40) if add else None, nw, 1e-6, True, w))
+
+
+def test_add_norm_linear_under_torch_compile_fullgraph_matches_eager():
+    x, y, nw, w = make_norm(40, 24, torch.float32)
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    compiled = torch.compile(lambda x, y: [t * 2.0 for t in add_rms_norm_linear(x, y, nw, 1e-6, False, w)],
+                             fullgraph=True, backend=backend)
+    for got, want in zip(compiled(x, y), add_rms_norm_linear(x, y, nw, 1e-6, False, w)):
+        torch.testing.assert_close(got, want * 2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_add_norm_linear_cuda_graph_at_qwen3_next_sizes():
+    # the decode step's two shapes: Gated DeltaNet's input stack (block kernel) and MoE's (one-row kernel)
+    for O in (12352, 1064):
+        x, y, nw, w = make_norm(2048, O, torch.bfloat16, seed=O, zero_centered=True)
+        add_rms_norm_linear(x, y, nw, 1e-6, True, w)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            s, h, out = add_rms_norm_linear(x, y, nw, 1e-6, True, w)
+        for _ in range(2):
+            x.normal_()
+            graph.replay()
+            s_ref, h_ref, out_ref = norm_reference(x, y, nw, True, w)
+            torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+            torch.testing.assert_close(h, h_ref, rtol=1e-2, atol=1e-2)
+            assert rel_err(out, out_ref) < TOL[torch.bfloat16]

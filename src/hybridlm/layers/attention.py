@@ -12,7 +12,7 @@ from torch import nn
 from hybridlm.cache import KVSlot, ring_slots
 from hybridlm.config import HybridConfig
 from hybridlm.layers.norms import RMSNorm
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
+from hybridlm.layers.packing import PacksWeights, input_stack, pack_groups, packed_linears, project
 from hybridlm.layers.rotary import RotaryEmbedding
 from hybridlm.layers.step import Tokens
 from hybridlm.ops import softmax_attention, softmax_attention_decode
@@ -67,16 +67,19 @@ class GatedAttention(PacksWeights):
             # a plain attribute, not a buffer: not saved, and a meta-built model has nothing to fill in
             self._rope_inv_freq = self.rotary.inv_freq(weight.device)
 
-    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
-        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
+    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None;
+        projected: x's product by ``input_stack()``, when the caller made it (the static decode step's
+        norm kernel does, ``model._norm_and_project``).
 
         Returns [B, T, hidden] in x's dtype. With a slot, the new keys/values are written to it.
         """
         if slot is not None and tokens.slot is not None:
-            fused = self._fused_decode(x_BTD, tokens, slot)
+            fused = self._fused_decode(x_BTD, tokens, slot, projected)
             if fused is not None:
                 return fused
-        q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
+        q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens, projected)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
         if slot is not None and q_BTHD.shape[1] == 1:  # a decode step: split-KV decode attention
             o_BTHD = softmax_attention_decode(q_BTHD[:, 0], k_all, v_all, q_pos=tokens.pos_BT[:, 0], k_pos=k_pos,
@@ -89,7 +92,12 @@ class GatedAttention(PacksWeights):
             o_BTHD = softmax_attention(q_BTHD, k_all, v_all, window=self.window, q_pos=tokens.pos_BT, k_pos=k_pos)
         return self.finish(o_BTHD, gate_BTHD)
 
-    def _fused_decode(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot) -> torch.Tensor | None:
+    def input_stack(self) -> torch.Tensor | None:
+        """The stacked q (with its gate), k, v projections' weight once packed and no gradient is needed."""
+        return input_stack(self, self._in_groups)
+
+    def _fused_decode(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot,
+                      projected: torch.Tensor | None = None) -> torch.Tensor | None:
         """A static decode step (one token a row, no pads, a plain cache) with the q/k norms, the rotary
         embedding and the cache write as one Triton kernel (``ops.triton.qk_norm_rope_decode``); None
         where that does not apply (CPU, a gradient needed, norms over all heads, no rotary frequencies
@@ -106,30 +114,30 @@ class GatedAttention(PacksWeights):
         kernel = inference_kernel("qk_norm_rope_decode", x_BTD, *norm_weights, traced=True)
         if kernel is None:
             return None
-        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD)
+        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD, projected)
         q_BHD = kernel(q_BTHD[:, 0], k_BTHD[:, 0], v_BTHD[:, 0], tokens.pos_BT[:, 0], tokens.slot, slot.k, slot.v,
                        inv_freq, *norm_weights, qn.eps if qn is not None else 0.0, qn is not None and qn.zero_centered)
         o_BHD = softmax_attention_decode(q_BHD, slot.k.to(q_BHD.dtype), slot.v.to(q_BHD.dtype),
                                          q_pos=tokens.pos_BT[:, 0], k_pos=slot.k_pos, window=self.window)
         return self.finish(o_BHD[:, None], gate_BTHD)
 
-    def _projections(self, x_BTD: torch.Tensor):
+    def _projections(self, x_BTD: torch.Tensor, projected: torch.Tensor | None = None):
         """(q [B, T, H, D], output gate [B, T, H, D] or None, k and v [B, T, HKV, D]) as they come out
         of the projections: views of one product over the stacked weights at inference
-        (hybridlm.layers.packing)."""
+        (hybridlm.layers.packing), or of ``projected``, that product made by the caller."""
         B, T, _ = x_BTD.shape
         hd = self.head_dim
-        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD)
+        q_proj, k_proj, v_proj = packed_linears(self, self._in_groups, x_BTD, projected)
         q_proj = q_proj.reshape(B, T, self.num_heads, -1)
         q_BTHD, gate_BTHD = (q_proj[..., :hd], q_proj[..., hd:]) if self.gated else (q_proj, None)
         kv_shape = (B, T, self.num_kv_heads, hd)
         return q_BTHD, gate_BTHD, k_proj.reshape(kv_shape), v_proj.reshape(kv_shape)
 
-    def project(self, x_BTD: torch.Tensor, tokens: Tokens):
+    def project(self, x_BTD: torch.Tensor, tokens: Tokens, projected: torch.Tensor | None = None):
         """(q [B, T, H, D], k and v [B, T, HKV, D], output gate [B, T, H, D] or None): normed, rotated,
-        keys and values zero at pads."""
+        keys and values zero at pads (``projected``: as in ``forward``)."""
         B, T, _ = x_BTD.shape
-        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD)
+        q_BTHD, gate_BTHD, k_BTHD, v_BTHD = self._projections(x_BTD, projected)
         if self.q_norm is not None and self.qk_norm_all_heads:
             q_BTHD = self.q_norm(q_BTHD.reshape(B, T, -1)).view_as(q_BTHD)
             k_BTHD = self.k_norm(k_BTHD.reshape(B, T, -1)).view_as(k_BTHD)

@@ -18,7 +18,7 @@ from hybridlm.cache import RecurrentSlot, conv_channels
 from hybridlm.config import HybridConfig
 from hybridlm.layers.conv import ShortConv, _window_fits
 from hybridlm.layers.norms import GatedRMSNorm
-from hybridlm.layers.packing import PacksWeights, pack_groups, packed_linears, project
+from hybridlm.layers.packing import PacksWeights, input_stack, pack_groups, packed_linears, project
 from hybridlm.layers.step import Tokens, at_least_fp32
 from hybridlm.ops import delta_rule, delta_rule_step, gated_delta_rule, gated_delta_rule_step
 from hybridlm.ops._checks import env_switch, inference_kernel
@@ -83,8 +83,11 @@ class GatedDeltaNet(PacksWeights):
             dt = log_dt.exp().clamp(min=1e-4)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: RecurrentSlot | None = None) -> torch.Tensor:
-        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's state or None.
+    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: RecurrentSlot | None = None,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's state or None;
+        projected: x's product by ``input_stack()``, when the caller made it (the static decode step's
+        norm kernel does, ``model._norm_and_project``).
 
         Returns [B, T, hidden] in x's dtype. With a slot, its state and conv window are updated
         in place: T == 1 runs the single-step op, T > 1 the chunked op.
@@ -92,7 +95,7 @@ class GatedDeltaNet(PacksWeights):
         B, T, _ = x_BTD.shape
         H, HV, K, V = self.num_heads, self.num_v_heads, self.key_dim, self.value_dim
         # one product over the stacked projection weights at inference (hybridlm.layers.packing)
-        qkv, b, *a, z = packed_linears(self, self._in_groups, x_BTD)
+        qkv, b, *a, z = packed_linears(self, self._in_groups, x_BTD, projected)
         # Zeroing pads before the conv makes a left-padded row's window what it would be alone.
         qkv = tokens.zero_pads(qkv)
         fuse_gate = slot is not None and T == 1 and tokens.mask_BT is None and self.gated and not self.A_log.is_meta
@@ -114,6 +117,10 @@ class GatedDeltaNet(PacksWeights):
                                   settled=tokens.slot is not None)
         z_BTHV = z.reshape(B, T, HV, V)
         return project(self.o_proj, self.norm(o_BTHV, z_BTHV).reshape(B, T, HV * V))
+
+    def input_stack(self) -> torch.Tensor | None:
+        """The stacked input projections' weight (q k v, b, a, z rows) once packed and no gradient is needed."""
+        return input_stack(self, self._in_groups)
 
     def pack_for_inference(self) -> None:
         """Stack the input projections' weights now (a decoder does this before tracing or capture)."""

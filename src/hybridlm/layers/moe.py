@@ -18,6 +18,7 @@ from hybridlm.config import HybridConfig
 from hybridlm.layers.mlp import SwiGLU
 from hybridlm.layers.packing import (
     PacksWeights,
+    input_stack,
     pack_groups,
     packed_linears,
     plain_linear,
@@ -119,8 +120,11 @@ class MoE(PacksWeights):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d, 1, bias=False)
 
-    def forward(self, x_BTD: torch.Tensor, static: bool = False) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, static: bool = False, projected: torch.Tensor | None = None) -> torch.Tensor:
         """x_BTD: [B, T, D] -> [B, T, D], same dtype.
+
+        projected: x's product by ``input_stack()`` (router, shared gate, shared expert's gate and up),
+        when the caller made it (the static decode step's norm kernel does, ``model._norm_and_project``).
 
         static: fixed shapes and no host sync (a decode step a CUDA graph can capture). When the
         tokens make fewer expert calls than there are experts (N k < E), ``ops.moe_experts`` reads
@@ -130,7 +134,9 @@ class MoE(PacksWeights):
         """
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         sparse = static and x_ND.shape[0] * self.top_k < len(self.experts)
-        logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse)
+        if projected is not None:
+            projected = projected.reshape(x_ND.shape[0], projected.shape[-1])
+        logits_NE, shared_ND = self._router_and_shared(x_ND, inner=sparse, projected=projected)
         if sparse and (shared_ND is None or isinstance(shared_ND, dict)):
             out_ND = self._fused_decode(x_ND, logits_NE, shared_ND or {})
             if out_ND is not None:
@@ -328,7 +334,13 @@ class MoE(PacksWeights):
         gate = (("shared_expert_gate",),) if self.shared_expert_gate is not None else ()
         return (("gate",), *gate, ("shared_expert.gate_proj",), ("shared_expert.up_proj",))
 
-    def _router_and_shared(self, x_ND: torch.Tensor, inner: bool = False
+    def input_stack(self) -> torch.Tensor | None:
+        """The stacked router, shared gate and shared expert's gate and up weight (``_in_groups``) once
+        packed and no gradient is needed; None without such a stack."""
+        groups = self._in_groups()
+        return None if groups is None else input_stack(self, groups)
+
+    def _router_and_shared(self, x_ND: torch.Tensor, inner: bool = False, projected: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor | None] | None]:
         """Router logits [N, E] and the shared expert's gated output [N, D] (None without one).
 
@@ -343,12 +355,14 @@ class MoE(PacksWeights):
         reads them and adds the down product to the routed experts' sum: no kernel of their own.
         """
         groups = self._in_groups()
+        if groups is None and projected is not None:
+            raise ValueError("projected: this MoE layer has no stacked input product (see input_stack)")
         if groups is None:
             shared = None if self.shared_expert is None else self.shared_expert(x_ND)
             if shared is not None and self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x_ND)) * shared
             return self.gate(x_ND), shared
-        outs = packed_linears(self, groups, x_ND)
+        outs = packed_linears(self, groups, x_ND, projected)
         down = self.shared_expert.down_proj
         if inner and plain_linear(down, outs[-2]):
             gate_N = outs[1][:, 0] if self.shared_expert_gate is not None else None

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from hybridlm.ops._checks import inference_kernel, pdl_on
 from hybridlm.ops._inductor import fallbacks_registered
+from hybridlm.layers.packing import norm_project_for
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +80,28 @@ class RMSNorm(nn.Module):
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y
         return s, self(s)
+
+
+    def project(self, x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(s, self(s), self(s) @ weight.T) for s = x + y (s is x when y is None) in one kernel, or None
+        where that kernel does not apply: a decode step's residual add, its input norm and the layer's
+        stacked input product (``weight``, ``packing.input_stack``) at batch 1, where the decode kernels
+        launch with PDL (``packing.norm_project_for``; HYBRIDLM_NORM_FUSED=0 turns it off). The norm
+        then costs no kernel of its own: every program of the product computes it
+        (``ops.triton.add_rms_norm_linear``). s and the norm are what ``add`` / ``forward`` return, but
+        for the mean of squares' summation order.
+        """
+        if weight is None or (y is not None and (y.shape != x.shape or y.dtype != x.dtype)):
+            return None
+        if torch.compiler.is_compiling() and not fallbacks_registered():
+            return None  # as in ``add``: inductor's implicit fallback would format the residual stream's IR
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, y, self.weight, weight)):
+            return None
+        kernel = norm_project_for(x, weight)
+        if kernel is None:
+            return None
+        return kernel(x, y, self.weight, self.eps, self.zero_centered, weight)
 
 
 def _pdl(x: torch.Tensor) -> bool:

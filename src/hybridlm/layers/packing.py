@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridlm.ops._checks import load_kernel
+from hybridlm.ops._checks import env_switch, load_kernel
 
 
 _NAMES = "_pack_names"  # owner.__dict__ key: {pack attribute: names of the layers it stacks}
@@ -44,6 +44,9 @@ _GEMV_MAX_OUT = 4096  # widest weight (output rows) sent to the decode matrix-ve
 # ... where kernels launch with PDL: the wide input projections too, on the block kernel (gemv.ROW_MAX_O);
 # H100, compiled 4k batch-1 step, third 12-05 session: 281.3-281.6 tokens/s against 272.8-273.4 on cuBLAS
 _GEMV_MAX_OUT_PDL = 16384
+# The batch-1 decode step's input norms inside the products after them (``norm_project_for``), on by default.
+NORM_FUSED = env_switch("HYBRIDLM_NORM_FUSED", "the norm kernel, then the product",
+                        "the norm inside the product's kernel", default=True)
 
 
 class PacksWeights(nn.Module):
@@ -99,29 +102,60 @@ def storage_view(t: torch.Tensor | None, shape: tuple[int, ...],
         return view.set_(t.untyped_storage(), t.storage_offset(), shape, stride)
 
 
-def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor) -> list[torch.Tensor]:
+def packed_linears(owner: nn.Module, groups: tuple[tuple[str, ...], ...], x: torch.Tensor,
+                   projected: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Project x [..., in] by the layers ``owner.<name>`` of every group; one tensor per group, the
     outputs of its layers side by side (so q, k, v as one group come out as one [..., 3 out] tensor).
 
     With a pack (``pack_weights`` was called) and no gradient needed: one product over the stacked
     weight, the groups its column slices. Otherwise each layer runs alone and a group of several is
-    concatenated.
+    concatenated. ``projected``: that product already made ([..., rows of ``input_stack(owner,
+    groups)``], by ``norms.RMSNorm.project`` at decode), only sliced here.
     """
-    names = _names(groups)
-    pack = None
-    if _attr(names) in owner.__dict__ and not (
-            torch.is_grad_enabled() and any(p.requires_grad for n in names for p in _layer(owner, n).parameters())):
-        pack = pack_weights(owner, names)
+    if projected is not None:
+        return _group_slices(owner, groups, projected)
+    pack = input_stack(owner, groups)
     if pack is not None:
-        widths = [sum(_layer(owner, n).out_features for n in g) for g in groups]
-        pad = pack.shape[0] - sum(widths)
-        outs = project_rows(x, pack).split(widths + [pad] if pad else widths, -1)
-        return list(outs[:len(groups)])
+        return _group_slices(owner, groups, project_rows(x, pack))
     outs = []
     for g in groups:
         ys = [_layer(owner, n)(x) for n in g]
         outs.append(ys[0] if len(ys) == 1 else torch.cat(ys, -1))
     return outs
+
+
+def input_stack(owner: nn.Module, groups: tuple[tuple[str, ...], ...]) -> torch.Tensor | None:
+    """The stacked weight ``packed_linears(owner, groups, x)`` multiplies x by: the pack when one was
+    made (restacked if something replaced a weight) and no gradient is needed, else None."""
+    names = _names(groups)
+    if _attr(names) not in owner.__dict__ or (
+            torch.is_grad_enabled() and any(p.requires_grad for n in names for p in _layer(owner, n).parameters())):
+        return None
+    return pack_weights(owner, names)
+
+
+def _group_slices(owner: nn.Module, groups: tuple[tuple[str, ...], ...], out: torch.Tensor) -> list[torch.Tensor]:
+    """The groups' column slices of the product over their stack (its zero padding rows dropped)."""
+    widths = [sum(_layer(owner, n).out_features for n in g) for g in groups]
+    pad = out.shape[-1] - sum(widths)
+    if pad < 0:
+        raise ValueError(f"projected must have at least {sum(widths)} columns (the stacked weight's rows), got "
+                         f"{out.shape[-1]}")
+    return list(out.split(widths + [pad] if pad else widths, -1)[:len(groups)])
+
+
+def norm_project_for(x: torch.Tensor, weight: torch.Tensor):
+    """``ops.triton.add_rms_norm_linear`` when a decode step's input norm and its product by ``weight`` (a
+    layer's input stack) run as one kernel: one row of x on CUDA in weight's 16-bit dtype, where the
+    decode kernels launch with PDL (the chain the separate norm kernel stood in) and ``project_rows``
+    would take the matrix-vector kernel, unless HYBRIDLM_NORM_FUSED=0; else None."""
+    if (NORM_FUSED and x.dim() >= 1 and x.shape[-1] == weight.shape[-1] and _gemv_for(x, weight) is not None):
+        from hybridlm.ops.triton import gemv
+        from hybridlm.ops.triton.utils import pdl
+        block_ok = gemv.NORM_BLOCK_KERNEL or weight.shape[0] <= gemv.ROW_MAX_O  # HYBRIDLM_NORM_LAUNCH=row-only
+        if x.shape[-1] <= gemv.NORM_MAX_D and pdl(x.device) and block_ok:
+            return load_kernel("add_rms_norm_linear", "auto", x)
+    return None
 
 
 def _gemv_for(x: torch.Tensor, weight: torch.Tensor):

@@ -125,13 +125,15 @@ class BlockSparseAttention(GatedAttention):
         self.index_k_proj = nn.Linear(d, Di, bias=False)
         self.fp8_index = bool(config.index_key_bytes)
 
-    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None) -> torch.Tensor:
-        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None.
+    def forward(self, x_BTD: torch.Tensor, tokens: Tokens, slot: KVSlot | None = None,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """x_BTD: [B, T, hidden] float; tokens: positions/padding; slot: this layer's cache or None;
+        projected: as in ``GatedAttention.forward`` (the q, k, v product; the indexer's are made here).
 
         Returns [B, T, hidden] in x's dtype. With a slot, keys, values and index keys are stored.
         """
         B, T, _ = x_BTD.shape
-        q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens)
+        q_BTHD, k_BTHD, v_BTHD, gate_BTHD = self.project(x_BTD, tokens, projected)
         k_all, v_all, k_pos = self._keys(k_BTHD, v_BTHD, tokens, slot)
         k_idx = _cached(tokens.zero_pads(self.index_k_proj(x_BTD)), slot, tokens.start, self.fp8_index)
         # Blocks are runs of block_size *positions*: a left-padded row's keys sit at other cache slots than
