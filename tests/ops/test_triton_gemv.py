@@ -265,6 +265,25 @@ def test_packed_projections_route_through_the_kernel(monkeypatch):
 
 # ---------------------------------------------------------------- the input norm inside the product
 
+@pytest.mark.parametrize("value, want", [(None, "None"), ("row-only", "None"), ("4,3", "(4, 3)"), ("8,1", "(8, 1)"),
+                                         ("3,3", None), ("8", None), ("8,5", None), ("a,b", None)])
+def test_the_norm_launch_is_read_from_the_environment_and_a_bad_one_refused(value, want):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_NORM_LAUNCH"}
+    if value is not None:
+        env["HYBRIDLM_NORM_LAUNCH"] = value
+    run = subprocess.run([sys.executable, "-c", "from hybridlm.ops.triton import gemv; print(gemv.NORM_LAUNCH)"],
+                         env=env, capture_output=True, text=True)
+    if want is None:
+        assert run.returncode != 0 and "HYBRIDLM_NORM_LAUNCH must be 'row-only'" in run.stderr
+        assert repr(value) in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == want
+
+
 def make_norm(D, O, dtype, seed=0, zero_centered=False):
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(1, 1, D, generator=gen) * 3, torch.randn(1, 1, D, generator=gen)

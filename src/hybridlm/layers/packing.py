@@ -148,12 +148,15 @@ def norm_project_for(x: torch.Tensor, weight: torch.Tensor):
     """``ops.triton.add_rms_norm_linear`` when a decode step's input norm and its product by ``weight`` (a
     layer's input stack) run as one kernel: one row of x on CUDA in weight's 16-bit dtype, where the
     decode kernels launch with PDL (the chain the separate norm kernel stood in) and ``project_rows``
-    would take the matrix-vector kernel, unless HYBRIDLM_NORM_FUSED=0; else None."""
+    would take the one-row matrix-vector kernel (MoE's stack at batch 1; the block kernel of the wider
+    stacks too where HYBRIDLM_NORM_LAUNCH asks, see ``gemv.NORM_LAUNCH``), unless HYBRIDLM_NORM_FUSED=0;
+    else None."""
     if (NORM_FUSED and x.dim() >= 1 and x.shape[-1] == weight.shape[-1] and _gemv_for(x, weight) is not None):
         from hybridlm.ops.triton import gemv
         from hybridlm.ops.triton.utils import pdl
-        block_ok = gemv.NORM_BLOCK_KERNEL or weight.shape[0] <= gemv.ROW_MAX_O  # HYBRIDLM_NORM_LAUNCH=row-only
-        if x.shape[-1] <= gemv.NORM_MAX_D and pdl(x.device) and block_ok:
+        # the block kernel (wider stacks) only where HYBRIDLM_NORM_LAUNCH asks (``gemv.NORM_LAUNCH``)
+        row = gemv.takes_row_kernel(x.reshape(-1, x.shape[-1]), weight)
+        if x.shape[-1] <= gemv.NORM_MAX_D and pdl(x.device) and (row or gemv.NORM_LAUNCH is not None):
             return load_kernel("add_rms_norm_linear", "auto", x)
     return None
 

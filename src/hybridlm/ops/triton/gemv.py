@@ -77,23 +77,24 @@ if _PRELOAD_ENV not in ("0", "1", "2", "3", "4"):
     raise ValueError(f"HYBRIDLM_GEMV_PRELOAD must be 0, 1, 2, 3 or 4 (row pieces the block matrix-vector kernel loads "
                      f"before its PDL wait; default 2), got {_PRELOAD_ENV!r}")
 PRELOAD = int(_PRELOAD_ENV)
-# The block kernel's launch (BLOCK_O, pipeline stages) when it computes the input norm too (the wide input
-# stacks at batch 1). Its loop then reads three vectors a piece (x, r, the norm's weight) beside the weights,
-# which pipelined over 3 stages at BLOCK_O 8 takes 96 registers a thread on sm_90 against 78 without the
-# norm (6 programs a multiprocessor fit at 78, 5 at 96); BLOCK_O 4 takes 56. HYBRIDLM_NORM_LAUNCH="BO,STAGES"
-# overrides it for measurements; "row-only" keeps the norm out of the block kernel (only the one-row
-# kernel's products, MoE's stack, take it).
-NORM_LAUNCH = (4, 3)
-_NORM_LAUNCH_ENV = os.environ.get("HYBRIDLM_NORM_LAUNCH", "")
-NORM_BLOCK_KERNEL = _NORM_LAUNCH_ENV != "row-only"
-if _NORM_LAUNCH_ENV not in ("", "row-only"):
+# Where the input norm goes into the product (``add_rms_norm_linear``): by default only into the one-row
+# kernel's products (at batch 1 MoE's stack of router and shared expert, 1,064 x 2,048: 133 programs). The
+# wide input stacks (12,352 and 9,216 rows) keep the add + norm kernel before the block kernel: there every
+# one of its 1,544+ programs would read the whole row and wait for its sum before using its preloaded
+# weights. H100, compiled 4k batch-1 step, one call (second 12-06 session): no fusion 288.9 / 288.8
+# tokens/s; MoE's stack only 292.5; the block kernel too at BLOCK_O 4 / 8 and 3 stages 286.7-286.9 /
+# 286.6, at 8 and 1 stage 279.2. HYBRIDLM_NORM_LAUNCH="BO,STAGES" (BO 1-16, STAGES 1-4) puts it into the
+# block kernel too, launched so, for measurements.
+NORM_LAUNCH: tuple[int, int] | None = None
+_NORM_LAUNCH_ENV = os.environ.get("HYBRIDLM_NORM_LAUNCH", "row-only")
+if _NORM_LAUNCH_ENV != "row-only":
     try:
         NORM_LAUNCH = tuple(int(v) for v in _NORM_LAUNCH_ENV.split(","))
         if len(NORM_LAUNCH) != 2 or NORM_LAUNCH[0] not in (1, 2, 4, 8, 16) or not 1 <= NORM_LAUNCH[1] <= 4:
             raise ValueError
     except ValueError:
-        raise ValueError(f"HYBRIDLM_NORM_LAUNCH must be 'BO,STAGES' (BO 1, 2, 4, 8 or 16; STAGES 1-4) or 'row-only', "
-                         f"got {_NORM_LAUNCH_ENV!r}") from None
+        raise ValueError(f"HYBRIDLM_NORM_LAUNCH must be 'row-only' (the default) or 'BO,STAGES' (BO 1, 2, 4, 8 or 16; "
+                         f"STAGES 1-4), got {_NORM_LAUNCH_ENV!r}") from None
 
 
 @triton.jit
@@ -431,7 +432,7 @@ def _add_norm_linear_into(x_1D, y_1D, nw, eps, zero_centered, w_OD):
     h = torch.empty_like(x_1D)
     out = x_1D.new_empty(1, w_OD.shape[0])
     norm = (y_1D, nw, None if y_1D is None else s, h, eps, zero_centered)
-    if takes_row_kernel(x_1D, w_OD):
+    if takes_row_kernel(x_1D, w_OD) or NORM_LAUNCH is None:  # the default launch of either kernel
         gemv_into(x_1D, w_OD, out, norm=norm)
     else:
         bo, stages = NORM_LAUNCH
