@@ -189,8 +189,9 @@ def main() -> None:
         stack, gate, up, down, ws = layers[l]
         x, out = (x0 if l == 0 else xs[l]), xs[l + 1]
         s_, r_, g_, d_ = (2 if c == "w" else 1 for c in orders)
-        _gemv_row_kernel[(programs,)](x, stack, proj, R, D, stack.stride(0), rounds, BLOCK_O=bo, BLOCK_D=bdr,
-                                      USE_PDL=s_, num_warps=ROW_WARPS, **pdl)
+        _gemv_row_kernel[(programs,)](x, stack, proj, R, D, stack.stride(0), rounds, x, x, proj, proj, 0.0,
+                                      BLOCK_O=bo, BLOCK_D=bdr, USE_PDL=s_, NORM=0, ZERO_CENTERED=False,
+                                      num_warps=ROW_WARPS, **pdl)
         logits = proj[:, :E]
         hs, us, gs = proj[:, E + 1:E + 1 + S], proj[:, E + 1 + S:], proj[:, E]
         route(logits, r_)

@@ -10,11 +10,15 @@
 # 12-03 session four of seven calls got no machine, each refusal costing ~100-120 s of device time
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
-# Next, in this order (after the first 2026-12-06 session: greedy kernel and two preloaded gemv pieces now the
-# defaults, 288.2-288.4 tokens/s at 4k batch 1 on an H100, 69.5-70.1% of the bound): on an H100 `tests` (the
-# compiled static-decoder and sampling GPU tests did not run after the token history change), then `h100profile`
-# (the 128k rows with the new defaults, and the README's plot); on an H200 `half` then `kernels`.
+# Next, in this order (after the second 2026-12-06 session: MoE's input norm inside its stacked product by
+# default, 4k batch-1 compiled 70.5-70.9% of the bound on one H100 start and 69.9-70.0% on another; the 128k
+# rows and docs/profile's plot rerun with it): on an H200 `half` then `kernels` (the float16 WY inverse is
+# untimed there); the fused MoE kernel at 512 experts; `gemv` against cuBLAS with the new kernel arguments.
 # Parts:
+#   h100run      docs/profile's H100 run (compiled 4k batch-1 row, 128k vs the twin, transformers, the plot) and
+#                the static decoder's compiled/sampling/graph GPU tests (second 12-06 session, 238 s)
+#   normfused    the batch-1 input norm inside the product after it against the add + norm kernel, in the
+#                compiled 4k batch-1 step (second 12-06 session: +1.3%), then the GPU tests
 #   greedy       the greedy kernel and 2-4 preloaded gemv pieces in the compiled 4k batch-1 step (first 12-06 session,
 #                454 s on an H100 with a 120 s test limit that stopped the tests at 79 passed; now 300 s)
 #   blockwide    the compiled 4k batch-1 step with the wide input projections on the block kernel (now PDL)
@@ -123,6 +127,22 @@ export PYTHONUNBUFFERED=1
 run="python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --no-twin"
 for part in "${@:2}"; do
 case $part in
+    h100run)
+        # (second 12-06 session) docs/profile's H100 run with the current defaults (fused MoE input norm, greedy
+        # kernel, two preloaded pieces): the compiled 4k batch-1 row, 128k against the twin at the largest
+        # batches, transformers' generate at 4k, the README's plot; then the static decoder's GPU tests that the
+        # earlier calls' time limits cut off (compiled, sampling, graphs, the fused norm)
+        timeout 95 $run --contexts 4k --batch 1 --compile --decode-steps 64 --prefill-repeats 1 --json \
+            > "$out/compiled.json" || true
+        timeout 120 python3 -m hybridlm.cli profile --preset qwen3-next-80b-a3b --experts 32 --contexts 128k --batch 1 \
+            --fill --at-max-batch --decode-steps 32 --json > "$out/twin.json" || true
+        timeout 120 $run --contexts 4k --batch 1 --transformers --decode-steps 16 --prefill-repeats 1 --json \
+            > "$out/transformers.json" || true
+        python3 -m hybridlm.profile_report "$out/transformers.json" "$out/twin.json" "$out/compiled.json" \
+            --plot "$out/h100.png" | tee "$out/h100_profile.txt" || true
+        timeout 200 python3 -m pytest -p no:cacheprovider -o addopts="" -q tests/test_static_decode.py \
+            -k "compiled or sampl or graph or batch1 or norm" --tb=short 2>&1 | tee "$out/tests_static.txt" | tail -5 || true
+        ;;
     normfused)
         # (second 12-06 session) each batch-1 input norm inside the product after it (HYBRIDLM_NORM_FUSED: the
         # add + norm kernel gone), in the compiled 4k batch-1 step; "N:L" = the switch, HYBRIDLM_NORM_LAUNCH
