@@ -362,6 +362,17 @@ def test_add_norm_linear_bad_inputs_raise(args, error, words):
         add_rms_norm_linear(a[0], a[1], a[2], 1e-6, False, a[3])
 
 
+@pytest.mark.parametrize("add", [True, False])
+def test_add_norm_linear_with_an_empty_weight_still_returns_the_sum_and_the_norm(add):
+    x, y, nw, w = make_norm(40, 0, torch.float32, seed=4)
+    y = y if add else None
+    s, h, out = add_rms_norm_linear(x, y, nw, 1e-6, True, w)
+    s_ref, h_ref, _ = norm_reference(x, y, nw, True, w)
+    assert out.shape == (1, 1, 0)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+
+
 def test_gemv_into_refuses_a_norm_over_several_rows():
     x, w = make((2,), 6, 8, torch.float32)
     with pytest.raises(ValueError, match="norm takes one row of x"):

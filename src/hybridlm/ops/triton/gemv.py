@@ -84,8 +84,8 @@ PRELOAD = int(_PRELOAD_ENV)
 # weights. H100, compiled 4k batch-1 step, one call (second 12-06 session): no fusion 288.9 / 288.8
 # tokens/s; MoE's stack only 292.5; the block kernel too at BLOCK_O 4 / 8 and 3 stages 286.7-286.9 /
 # 286.6, at 8 and 1 stage 279.2; then, alternated, 288.4-288.6 without against 292.2-292.3 with it, and on
-# another H100 start 284.8-284.9 against 288.5-288.8 (+1.3% on both). HYBRIDLM_NORM_LAUNCH="BO,STAGES" (BO 1-16, STAGES 1-4) puts it into the
-# block kernel too, launched so, for measurements.
+# another H100 start 284.8-284.9 against 288.5-288.8 (+1.3% on both). HYBRIDLM_NORM_LAUNCH="BO,STAGES"
+# (BO 1-16, STAGES 1-4) puts it into the block kernel too, launched so, for measurements.
 NORM_LAUNCH: tuple[int, int] | None = None
 _NORM_LAUNCH_ENV = os.environ.get("HYBRIDLM_NORM_LAUNCH", "row-only")
 if _NORM_LAUNCH_ENV != "row-only":
@@ -195,16 +195,16 @@ def _gemv_kernel(x_ND, w_OD, y_NO, N, O, D, s_xn, s_wo, s_yn, r_D, nw_D, s_D, h_
     acc = tl.zeros([NP, BLOCK_O, BLOCK_D], dtype=tl.float32)
     if PRELOAD >= 1:
         acc = _add_piece(acc, w_0, x_ND, s_xn, o_n, m_n, o_b, 0, D, r_D, nw_D, rstd, BLOCK_D, NORM,
-                             ZERO_CENTERED)
+                         ZERO_CENTERED)
     if PRELOAD >= 2:
         acc = _add_piece(acc, w_1, x_ND, s_xn, o_n, m_n, o_b, 1, D, r_D, nw_D, rstd, BLOCK_D, NORM,
-                             ZERO_CENTERED)
+                         ZERO_CENTERED)
     if PRELOAD >= 3:
         acc = _add_piece(acc, w_2, x_ND, s_xn, o_n, m_n, o_b, 2, D, r_D, nw_D, rstd, BLOCK_D, NORM,
-                             ZERO_CENTERED)
+                         ZERO_CENTERED)
     if PRELOAD >= 4:
         acc = _add_piece(acc, w_3, x_ND, s_xn, o_n, m_n, o_b, 3, D, r_D, nw_D, rstd, BLOCK_D, NORM,
-                             ZERO_CENTERED)
+                         ZERO_CENTERED)
     for d0 in tl.range(PRELOAD * BLOCK_D, D, BLOCK_D, num_stages=STAGES):
         o_d = d0 + tl.arange(0, BLOCK_D)
         m_d = o_d < D
@@ -297,7 +297,8 @@ def gemv_into(x_ND, w_OD, y_NO, *, blocks=None, stages: int = STAGES, num_warps:
     if D == 0:
         y_NO.zero_()
         return
-    if N == 1 and D <= ROW_MAX_D and blocks is None and (row is True or (row is None and takes_row_kernel(x_ND, w_OD))):
+    if N == 1 and D <= ROW_MAX_D and blocks is None and (
+            row is True or (row is None and takes_row_kernel(x_ND, w_OD))):
         bo, bd, programs, rounds = row_launch(O, D, _num_sms(x_ND.device))
         _gemv_row_kernel[(programs,)](x_ND, w_OD, y_NO, O, D, w_OD.stride(0), rounds, *nargs, BLOCK_O=bo,
                                       BLOCK_D=bd, num_warps=ROW_WARPS, **nflags, **pdl_launch(x_ND.device, "gemv"))
@@ -432,6 +433,10 @@ def _add_norm_linear_into(x_1D, y_1D, nw, eps, zero_centered, w_OD):
     s = x_1D.new_empty(0) if y_1D is None else torch.empty_like(x_1D)
     h = torch.empty_like(x_1D)
     out = x_1D.new_empty(1, w_OD.shape[0])
+    if w_OD.shape[0] == 0:  # no product to carry the norm: the norm kernel writes s and h
+        from hybridlm.ops.triton.norm import _norm_into
+        h = _norm_into(x_1D, nw, eps, zero_centered, None, 0, residual=y_1D, s=None if y_1D is None else s)
+        return s, h, out
     norm = (y_1D, nw, None if y_1D is None else s, h, eps, zero_centered)
     if takes_row_kernel(x_1D, w_OD) or NORM_LAUNCH is None:  # the default launch of either kernel
         gemv_into(x_1D, w_OD, out, norm=norm)
