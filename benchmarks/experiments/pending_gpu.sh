@@ -11,8 +11,8 @@
 # and locking calls out for ~10 minutes: put the most important part first.
 # (the device tool: PYTHONPATH=src, plus fla 0.6.0's wheels for the `kernels` part)
 # Next, in this order (after the second 2026-12-06 session: MoE's input norm inside its stacked product by
-# default, 4k batch-1 compiled 70.5-70.9% of the bound on one H100 start and 69.9-70.0% on another; the 128k
-# rows and docs/profile's plot rerun with it): on an H200 `half` then `kernels` (the float16 WY inverse is
+# default, 4k batch-1 compiled 69.9-71.3% of the bound in nine rows on three H100 starts, median 70.5%; the
+# 128k rows and docs/profile's plot rerun with it): on an H200 `half` then `kernels` (the float16 WY inverse is
 # untimed there); the fused MoE kernel at 512 experts; `gemv` against cuBLAS with the new kernel arguments.
 # Parts:
 #   h100run      docs/profile's H100 run (compiled 4k batch-1 row, 128k vs the twin, transformers, the plot) and

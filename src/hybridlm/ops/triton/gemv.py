@@ -81,11 +81,12 @@ PRELOAD = int(_PRELOAD_ENV)
 # kernel's products (at batch 1 MoE's stack of router and shared expert, 1,064 x 2,048: 133 programs). The
 # wide input stacks (12,352 and 9,216 rows) keep the add + norm kernel before the block kernel: there every
 # one of its 1,544+ programs would read the whole row and wait for its sum before using its preloaded
-# weights. H100, compiled 4k batch-1 step, one call (second 12-06 session): no fusion 288.9 / 288.8
+# weights. H100, compiled 4k batch-1 step, first call (second 12-06 session): no fusion 288.9 / 288.8
 # tokens/s; MoE's stack only 292.5; the block kernel too at BLOCK_O 4 / 8 and 3 stages 286.7-286.9 /
 # 286.6, at 8 and 1 stage 279.2; then, alternated, 288.4-288.6 without against 292.2-292.3 with it, and on
-# another H100 start 284.8-284.9 against 288.5-288.8 (+1.3% on both). HYBRIDLM_NORM_LAUNCH="BO,STAGES"
-# (BO 1-16, STAGES 1-4) puts it into the block kernel too, launched so, for measurements.
+# other H100 starts 284.8-284.9 against 288.5-288.8 and 288.6 against 292.0-292.4 (+1.2-1.3% on each).
+# HYBRIDLM_NORM_LAUNCH="BO,STAGES" (BO 1-16, STAGES 1-4) puts it into the block kernel too, launched so, for
+# measurements.
 NORM_LAUNCH: tuple[int, int] | None = None
 _NORM_LAUNCH_ENV = os.environ.get("HYBRIDLM_NORM_LAUNCH", "row-only")
 if _NORM_LAUNCH_ENV != "row-only":
