@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +16,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative RMS error of a against b (b the reference)."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def python_with_env(code: str, name: str, value: str | None) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` in a fresh interpreter with environment variable ``name`` set to ``value``
+    (removed when None): switches read once at import are tested this way."""
+    env = {k: v for k, v in os.environ.items() if k != name}
+    if value is not None:
+        env[name] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 
 def assert_close(a, b, dtype=torch.float64, what="output"):

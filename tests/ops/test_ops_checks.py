@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ops_testing import delta_inputs
+from ops_testing import delta_inputs, python_with_env
 
 from hybridlm.ops import (
     delta_rule,
@@ -134,14 +134,6 @@ def test_env_switch_reads_0_1_and_the_default_and_refuses_the_rest(default, monk
 
 @pytest.mark.parametrize("value, want", [(None, True), ("0", False), ("1", True)])
 def test_the_greedy_kernel_switch_is_on_unless_turned_off(value, want):
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_GREEDY_KERNEL"}
-    if value is not None:
-        env["HYBRIDLM_GREEDY_KERNEL"] = value
-    run = subprocess.run([sys.executable, "-c", "import hybridlm.generation as g; print(g.GREEDY_KERNEL)"],
-                         env=env, capture_output=True, text=True)
+    run = python_with_env("import hybridlm.generation as g; print(g.GREEDY_KERNEL)", "HYBRIDLM_GREEDY_KERNEL", value)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == [str(want)]

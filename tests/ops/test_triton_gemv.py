@@ -16,7 +16,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
-from ops_testing import rel_err  # noqa: E402
+from ops_testing import python_with_env, rel_err  # noqa: E402
 
 from hybridlm.ops.triton.gemv import (MAX_ROWS, NORM_MAX_D, add_rms_norm_linear, decode_linear, gemv_into,  # noqa: E402
                                       pick_blocks, row_launch)
@@ -135,11 +135,7 @@ def test_a_bad_hybridlm_pdl_value_is_refused_by_name():
 
 @pytest.mark.parametrize("value", ["1", "2", "4", "5"])
 def test_the_preload_is_read_from_the_environment_and_a_bad_one_refused(value):
-    import subprocess
-    import sys
-
-    run = subprocess.run([sys.executable, "-c", "from hybridlm.ops.triton import gemv; print(gemv.PRELOAD)"],
-                         env=dict(os.environ, HYBRIDLM_GEMV_PRELOAD=value), capture_output=True, text=True)
+    run = python_with_env("from hybridlm.ops.triton import gemv; print(gemv.PRELOAD)", "HYBRIDLM_GEMV_PRELOAD", value)
     if value == "5":
         assert run.returncode != 0 and "HYBRIDLM_GEMV_PRELOAD must be 0, 1, 2, 3 or 4" in run.stderr
         assert "'5'" in run.stderr
@@ -268,14 +264,8 @@ def test_packed_projections_route_through_the_kernel(monkeypatch):
 @pytest.mark.parametrize("value, want", [(None, "None"), ("row-only", "None"), ("4,3", "(4, 3)"), ("8,1", "(8, 1)"),
                                          ("3,3", None), ("8", None), ("8,5", None), ("a,b", None)])
 def test_the_norm_launch_is_read_from_the_environment_and_a_bad_one_refused(value, want):
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "HYBRIDLM_NORM_LAUNCH"}
-    if value is not None:
-        env["HYBRIDLM_NORM_LAUNCH"] = value
-    run = subprocess.run([sys.executable, "-c", "from hybridlm.ops.triton import gemv; print(gemv.NORM_LAUNCH)"],
-                         env=env, capture_output=True, text=True)
+    run = python_with_env("from hybridlm.ops.triton import gemv; print(gemv.NORM_LAUNCH)", "HYBRIDLM_NORM_LAUNCH",
+                          value)
     if want is None:
         assert run.returncode != 0 and "HYBRIDLM_NORM_LAUNCH must be 'row-only'" in run.stderr
         assert repr(value) in run.stderr

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from hybridlm.layers.packing import norm_project_for
 from hybridlm.ops._checks import inference_kernel, pdl_on
 from hybridlm.ops._inductor import fallbacks_registered
-from hybridlm.layers.packing import norm_project_for
 
 
 class RMSNorm(nn.Module):
@@ -80,7 +80,6 @@ class RMSNorm(nn.Module):
             return kernel(x, y, self.weight, self.eps, self.zero_centered)
         s = x + y
         return s, self(s)
-
 
     def project(self, x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

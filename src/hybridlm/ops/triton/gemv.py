@@ -431,13 +431,14 @@ def add_rms_norm_linear(x: torch.Tensor, y: torch.Tensor | None, norm_weight: to
 
 def _add_norm_linear_into(x_1D, y_1D, nw, eps, zero_centered, w_OD):
     """Launch on validated arguments; s is an empty [0] tensor without y (custom ops return no aliases)."""
+    out = x_1D.new_empty(1, w_OD.shape[0])
+    if w_OD.shape[0] == 0:  # no product to carry the norm: the norm kernel makes s and h
+        from hybridlm.ops.triton.norm import add_rms_norm_rows, rms_norm_rows
+        if y_1D is None:
+            return x_1D.new_empty(0), rms_norm_rows(x_1D, nw, eps, zero_centered), out
+        return *add_rms_norm_rows(x_1D, y_1D, nw, eps, zero_centered), out
     s = x_1D.new_empty(0) if y_1D is None else torch.empty_like(x_1D)
     h = torch.empty_like(x_1D)
-    out = x_1D.new_empty(1, w_OD.shape[0])
-    if w_OD.shape[0] == 0:  # no product to carry the norm: the norm kernel writes s and h
-        from hybridlm.ops.triton.norm import _norm_into
-        h = _norm_into(x_1D, nw, eps, zero_centered, None, 0, residual=y_1D, s=None if y_1D is None else s)
-        return s, h, out
     norm = (y_1D, nw, None if y_1D is None else s, h, eps, zero_centered)
     if takes_row_kernel(x_1D, w_OD) or NORM_LAUNCH is None:  # the default launch of either kernel
         gemv_into(x_1D, w_OD, out, norm=norm)
